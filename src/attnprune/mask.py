@@ -1,0 +1,309 @@
+"""``PruneMask``: one static keep-mask per attention site, its metadata and its file format.
+
+A mask is made by ``attnprune.make_mask`` (see ``policies.py``). Per site it holds either a token
+keep tensor bool [H, q_len, k_len] or a block keep tensor bool [H, ceil(q_len/b), ceil(k_len/b)]
+(``True`` = computed). ``q_len``/``k_len`` are the calibrated token lengths.
+
+File format: safetensors; tensor ``keep.<i>`` is site ``i``'s keep tensor; the safetensors
+metadata key ``"attnprune"`` holds a JSON header (``format = "attnprune.mask"``, version, site
+infos, policy, sparsities, per-tensor checksums). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_path
+from .errors import CorruptFileError, InvalidArgumentError, LengthError, MaskMismatchError
+from .sites import SiteInfo
+
+FORMAT = "attnprune.mask"
+VERSION = 1
+_CACHE_SIZE = 32
+
+
+class SiteMask:
+    """The mask of one site, as backends see it.
+
+    info: the site's ``SiteInfo``. block: ``None`` (token level) or the block size b.
+    q_len, k_len: calibrated token lengths.
+    keep: bool [H, q_len, k_len] (token level) or [H, ceil(q_len/b), ceil(k_len/b)] (block level).
+    """
+
+    def __init__(self, info: SiteInfo, q_len: int, k_len: int, *, keep: torch.Tensor,
+                 block: int | None = None):
+        self.info, self.q_len, self.k_len, self.block = info, int(q_len), int(k_len), block
+        h = info.num_heads
+        want = (h, q_len, k_len) if block is None else (h, -(-q_len // block), -(-k_len // block))
+        if keep.dtype != torch.bool or tuple(keep.shape) != want:
+            raise InvalidArgumentError(
+                f"site {info.name!r}: keep tensor must be bool {list(want)}, got {keep.dtype} {list(keep.shape)}")
+        self._keep = keep
+        self._cache: dict = {}
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """The stored keep tensor (token or block level)."""
+        return self._keep
+
+    @property
+    def keep_blocks(self) -> torch.Tensor | None:
+        """bool [H, Qb, Kb] when block-level, else ``None``."""
+        return self._keep if self.block is not None else None
+
+    def _check_region(self, lq: int, lk: int, q_offset: int, beyond: str) -> bool:
+        """True if the region lies inside the calibrated lengths; raises on bad arguments."""
+        if beyond not in ("error", "dense"):
+            raise InvalidArgumentError(f"beyond must be 'error' or 'dense', got {beyond!r}")
+        if lq < 0 or lk < 0 or q_offset < 0:
+            raise InvalidArgumentError(f"bad region: lq={lq}, lk={lk}, q_offset={q_offset}")
+        inside = q_offset + lq <= self.q_len and lk <= self.k_len
+        if not inside and beyond == "error":
+            raise LengthError(
+                f"site {self.name!r}: input needs {q_offset + lq} query x {lk} key positions, but the "
+                f"mask was calibrated for {self.q_len} x {self.k_len}; observe with longer sequences, "
+                f"or pass beyond='dense' to compute attention densely outside the calibrated region")
+        return inside
+
+    def _cached(self, key, fn):
+        if key not in self._cache:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def keep_tokens(self, lq: int, lk: int, *, device=None, q_offset: int = 0,
+                    beyond: str = "error") -> torch.Tensor:
+        """bool [H, lq, lk]: queries ``q_offset .. q_offset+lq-1`` against keys ``0 .. lk-1``.
+
+        Outside the calibrated ``q_len x k_len`` region: ``beyond="error"`` raises ``LengthError``,
+        ``beyond="dense"`` keeps everything there. Cached; do not modify the result in place.
+        """
+        self._check_region(lq, lk, q_offset, beyond)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return self._cached(("tok", lq, lk, str(dev), q_offset, beyond),
+                            lambda: self._tokens(lq, lk, q_offset).to(dev))
+
+    def _tokens(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:
+        out = torch.ones(self.info.num_heads, lq, lk, dtype=torch.bool)
+        nq = max(0, min(q_offset + lq, self.q_len) - q_offset)
+        nk = min(lk, self.k_len)
+        if nq and nk:
+            if self.block is None:
+                part = self._keep[:, q_offset:q_offset + nq, :nk]
+            else:
+                rows = torch.arange(q_offset, q_offset + nq) // self.block
+                cols = torch.arange(nk) // self.block
+                part = self._keep[:, rows][:, :, cols]
+            out[:, :nq, :nk] = part
+        return out
+
+    def _blocks(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:
+        b = self.block
+        qb0, nqb, nkb = q_offset // b, -(-lq // b), -(-lk // b)
+        out = torch.ones(self.info.num_heads, nqb, nkb, dtype=torch.bool)
+        have_q = max(0, min(nqb, self._keep.shape[1] - qb0))
+        have_k = min(nkb, self._keep.shape[2])
+        out[:, :have_q, :have_k] = self._keep[:, qb0:qb0 + have_q, :have_k]
+        return out
+
+    def layout(self, lq: int, lk: int, block: tuple[int, int] = (64, 64), *, device=None,
+               q_offset: int = 0, beyond: str = "error"):
+        """``kernels.BlockLayout`` for queries ``q_offset..q_offset+lq-1`` x keys ``0..lk-1``.
+
+        block: the kernel's tile ``(bq, bk)``. A block-level mask with ``b == bq == bk`` and
+        ``q_offset % b == 0`` is handed over block by block; otherwise the token mask is tiled.
+        Same ``beyond`` rule as ``keep_tokens``. Cached.
+        """
+        from .kernels import BlockLayout  # written by the kernels engineer
+
+        bq, bk = int(block[0]), int(block[1])
+        self._check_region(lq, lk, q_offset, beyond)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+
+        def build():
+            if self.block is not None and bq == bk == self.block and q_offset % bq == 0:
+                return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset).to(dev), block=(bq, bk))
+            return BlockLayout.from_tokens(self.keep_tokens(lq, lk, device=dev, q_offset=q_offset,
+                                                            beyond=beyond), block=(bq, bk))
+
+        return self._cached(("layout", lq, lk, bq, bk, str(dev), q_offset, beyond), build)
+
+    def __repr__(self) -> str:
+        level = "token" if self.block is None else f"block={self.block}"
+        return f"SiteMask({self.name!r}, {self.info.kind}, heads={self.info.num_heads}, " \
+               f"{self.q_len}x{self.k_len}, {level})"
+
+
+class PruneMask:
+    """Static keep-masks for every attention site of a model, plus metadata.
+
+    ``mask.sites``: site names in model order. ``mask[site]``: bool [H, q_len, k_len] (token level;
+    block masks expanded). ``mask.site(name)``: the ``SiteMask``. ``mask.meta``: a JSON-able dict
+    with ``model`` (name, num_sites, sites), ``policy``, ``seed``, ``block``, ``target_sparsity``,
+    ``sparsity`` (achieved, attendable entries), ``data`` (calibration description) and per site
+    ``sites[name]``: q_len, k_len, target_sparsity, sparsity, paper_sparsity (causal zeros counted
+    as pruned), kept_entries, attendable_entries.
+    """
+
+    def __init__(self, site_masks: list[SiteMask], meta: dict):
+        self._sites = {m.name: m for m in site_masks}
+        if len(self._sites) != len(site_masks):
+            raise InvalidArgumentError("duplicate site names in mask")
+        self.meta = meta
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    @property
+    def infos(self) -> dict[str, SiteInfo]:
+        return {n: m.info for n, m in self._sites.items()}
+
+    @property
+    def block(self) -> int | None:
+        return self.meta.get("block")
+
+    @property
+    def policy(self) -> str:
+        return self.meta.get("policy", "")
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all attendable entries of all sites."""
+        return float(self.meta.get("sparsity", 0.0))
+
+    def site(self, name: str) -> SiteMask:
+        try:
+            return self._sites[name]
+        except KeyError:
+            raise MaskMismatchError(f"the mask has no site {name!r}; its sites: {_short(self.sites)}") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        m = self.site(name)
+        return m.keep_tokens(m.q_len, m.k_len)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sites
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def check_model(self, infos: dict[str, SiteInfo]) -> None:
+        """Raise ``MaskMismatchError`` unless ``infos`` has the same site names and head counts."""
+        mine, theirs = self.infos, dict(infos)
+        missing = [n for n in mine if n not in theirs]
+        extra = [n for n in theirs if n not in mine]
+        problems = []
+        if missing:
+            problems.append(f"sites in the mask but not in the model: {_short(missing)}")
+        if extra:
+            problems.append(f"sites in the model but not in the mask: {_short(extra)}")
+        heads = [f"{n} (mask {mine[n].num_heads}, model {theirs[n].num_heads})"
+                 for n in mine if n in theirs and mine[n].num_heads != theirs[n].num_heads]
+        if heads:
+            problems.append(f"head counts differ: {_short(heads)}")
+        if problems:
+            name = self.meta.get("model", {}).get("name") or "another model"
+            raise MaskMismatchError(f"this mask was made for {name} and does not fit the model: "
+                                    + "; ".join(problems))
+
+    # -------------------------------------------------------------------------------- file I/O
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the mask to ``path`` (safetensors + JSON header), atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {f"keep.{i}": m.keep.contiguous().cpu() for i, m in enumerate(self._sites.values())}
+        header = {
+            "format": FORMAT, "version": VERSION, "meta": self.meta,
+            "sites": [{"info": m.info.to_dict(), "q_len": m.q_len, "k_len": m.k_len, "block": m.block,
+                       "checksum": _checksum(tensors[f"keep.{i}"])}
+                      for i, m in enumerate(self._sites.values())],
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"attnprune": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruneMask":
+        """Read a mask written by ``save``; ``CorruptFileError`` if it is not a valid mask file."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidArgumentError(f"{p}: no such mask file")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                raw = (f.metadata() or {}).get("attnprune")
+                if raw is None:
+                    raise CorruptFileError(f"{p}: not an attnprune mask file (no attnprune header)")
+                header = json.loads(raw)
+                if header.get("format") != FORMAT:
+                    raise CorruptFileError(f"{p}: not an attnprune mask file (format "
+                                           f"{header.get('format')!r}, expected {FORMAT!r})")
+                if header.get("version") != VERSION:
+                    raise CorruptFileError(f"{p}: unsupported mask file version {header.get('version')!r}")
+                masks = []
+                for i, s in enumerate(header["sites"]):
+                    keep = f.get_tensor(f"keep.{i}")
+                    if _checksum(keep) != s["checksum"]:
+                        raise CorruptFileError(f"{p}: checksum mismatch for site {s['info']['name']!r}")
+                    masks.append(SiteMask(SiteInfo.from_dict(s["info"]), s["q_len"], s["k_len"],
+                                          keep=keep, block=s["block"]))
+                return cls(masks, header["meta"])
+        except CorruptFileError:
+            raise
+        except Exception as e:  # safetensors / json / missing keys / bad shapes
+            raise CorruptFileError(f"{p}: truncated or corrupted mask file ({type(e).__name__}: {e}); "
+                                   f"make it again with `attnprune mask`") from None
+
+    # -------------------------------------------------------------------------------- display
+    def summary(self) -> str:
+        """A readable table: one row per site with its kind, heads, lengths and sparsities."""
+        m = self.meta
+        level = "token" if self.block is None else f"{self.block}x{self.block} blocks"
+        lines = [
+            f"attnprune mask: model {m.get('model', {}).get('name') or '?'}, {len(self)} sites, "
+            f"policy {m.get('policy')}, {level}",
+            f"target sparsity {m.get('target_sparsity', 0):.4f}, achieved {self.sparsity:.4f} "
+            f"(attendable entries); calibration: {m.get('data', {}).get('description') or '?'} "
+            f"({m.get('data', {}).get('num_sequences', 0)} sequences)",
+        ]
+        rows = [("site", "kind", "heads", "q x k", "target", "sparsity", "paper", "kept")]
+        for name, sm in self._sites.items():
+            s = m.get("sites", {}).get(name, {})
+            rows.append((name, sm.info.kind, str(sm.info.num_heads), f"{sm.q_len}x{sm.k_len}",
+                         f"{s.get('target_sparsity', 0):.4f}", f"{s.get('sparsity', 0):.4f}",
+                         f"{s.get('paper_sparsity', 0):.4f}",
+                         f"{s.get('kept_entries', 0)}/{s.get('attendable_entries', 0)}"))
+        return "\n".join(lines + [""] + _table(rows))
+
+    def __repr__(self) -> str:
+        return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
+               f"sparsity={self.sparsity:.4f})"
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _short(items: list[str], n: int = 5) -> str:
+    head = ", ".join(items[:n])
+    return head + (f" ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]

@@ -1,0 +1,294 @@
+"""Mask policies: which attention entries (or blocks) to keep, given observed mean probabilities.
+
+``make_mask(stats, sparsity, policy=..., block=...)`` turns ``AttentionStats`` into a ``PruneMask``.
+
+How selection works (all policies)
+----------------------------------
+Each site is cut into *units*: token entries, or ``b x b`` blocks when ``block=b`` (or when the
+stats were accumulated at granularity ``g > 1`` and ``block`` is left out: then ``b = g``).
+Every unit has
+
+* a **score**: its attention mass, the sum of the mean probabilities of the token entries in it
+  (for a token unit, simply its mean probability);
+* a **weight**: the number of *attendable* token entries in it. An entry is attendable when it was
+  observed at least once (``stats.mean`` is not NaN); causal-future entries never are. At
+  granularity ``g > 1`` the weight of an observed ``g x g`` block is its geometric number of
+  entries inside the observed lengths (under causality only ``key <= query``).
+
+Sparsity is counted over attendable token entries: ``1 - kept weight / total weight``. A policy
+keeps ``N - floor(sparsity * N)`` of the ``N`` attendable entries of its pool (for blocks: whole
+blocks, greedily in order, until at least that many entries are kept, so the achieved sparsity is
+at most the target and is exactly what a block kernel skips).
+
+Ordering: units with a higher score first; ties broken by position (lower head, then query, then
+key index first), so results are deterministic. ``random`` orders units by a seeded random draw.
+
+Row guarantee: every query row (token row, or block row) of a head that has any attendable unit
+keeps at least one: its highest-scoring unit (the first one on ties); under ``random`` a uniformly
+random attendable unit of the row. These are kept first and count towards the budget; only if
+there are more such rows than the budget allows does a site keep more than asked.
+
+Policies (registry ``POLICIES``)
+--------------------------------
+* ``layer``: the paper's rule: one threshold per site, pooled over its heads and positions.
+* ``head``: one threshold per head of each site.
+* ``global``: one threshold for the whole model (all sites pooled).
+* ``random``: the paper's control: per site as many kept entries as ``layer`` keeps, placed
+  uniformly at random among attendable units (seeded by ``seed``).
+
+Entries that are not attendable are never kept (``False``) in token-level masks; at run time
+causality is applied by the backend anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import InvalidArgumentError
+from .registry import Registry
+
+
+@dataclass
+class Units:
+    """The selection units of one site.
+
+    score: float64 [H, R, C], attention mass per unit, NaN where nothing is attendable.
+    weight: float64 [H, R, C], attendable token entries per unit (0 where none).
+    """
+
+    site: str
+    score: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def attendable(self) -> torch.Tensor:
+        return self.weight > 0
+
+
+# A policy maps (units of every site, sparsity, generator) to bool keep tensors [H, R, C], one per site.
+Policy = Callable[[list[Units], float, torch.Generator], list[torch.Tensor]]
+POLICIES: Registry[Policy] = Registry("policy")
+
+
+def budget(total: float, sparsity: float) -> float:
+    """Attendable entries to keep out of ``total``: ``total - floor(sparsity * total)``."""
+    return total - math.floor(sparsity * total + 1e-9)
+
+
+def row_best(u: Units) -> torch.Tensor:
+    """bool [H, R, C]: the highest-scoring attendable unit of every row that has one (first on ties)."""
+    att = u.attendable
+    score = torch.where(att, u.score, torch.full_like(u.score, -math.inf))
+    return _one_per_row(score, att)
+
+
+def row_random(u: Units, gen: torch.Generator) -> torch.Tensor:
+    """bool [H, R, C]: one uniformly random attendable unit per row that has one."""
+    att = u.attendable
+    draw = torch.rand(u.score.shape, generator=gen, dtype=torch.float64)
+    return _one_per_row(torch.where(att, draw, torch.full_like(draw, -1.0)), att)
+
+
+def _one_per_row(score: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    forced = torch.zeros_like(att)
+    if score.numel() == 0:
+        return forced
+    arg = score.argmax(dim=-1, keepdim=True)  # first maximum on ties
+    forced.scatter_(-1, arg, att.any(dim=-1, keepdim=True))
+    return forced
+
+
+def select(key: torch.Tensor, weight: torch.Tensor, forced: torch.Tensor, target: float) -> torch.Tensor:
+    """Keep units in descending ``key`` order until their weight reaches ``target``.
+
+    key, weight, forced: flat tensors [N]; units with ``weight == 0`` are never kept, ``forced``
+    ones always (first). Ties in ``key`` go to the lower index. Returns bool [N].
+    """
+    keep = torch.zeros(weight.shape, dtype=torch.bool)
+    idx = (weight > 0).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return keep
+    k = torch.where(forced[idx], torch.full_like(key[idx], math.inf), key[idx])
+    order = idx[torch.argsort(k, descending=True, stable=True)]
+    cum = torch.cumsum(weight[order], 0)
+    n = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).item()) + 1
+    n = max(min(n, order.numel()), int(forced[idx].sum()))
+    keep[order[:n]] = True
+    return keep
+
+
+def _layer_one(u: Units, sparsity: float) -> torch.Tensor:
+    target = budget(float(u.weight.sum()), sparsity)
+    return select(u.score.flatten(), u.weight.flatten(), row_best(u).flatten(), target).view(u.score.shape)
+
+
+@POLICIES.register("layer")
+def layer_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """One threshold per site over all its heads and positions (the paper's rule)."""
+    return [_layer_one(u, sparsity) for u in units]
+
+
+@POLICIES.register("head")
+def head_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """One threshold per head: every head keeps the same fraction of its attendable entries."""
+    out = []
+    for u in units:
+        forced = row_best(u)
+        keep = torch.zeros(u.score.shape, dtype=torch.bool)
+        for h in range(u.score.shape[0]):
+            target = budget(float(u.weight[h].sum()), sparsity)
+            keep[h] = select(u.score[h].flatten(), u.weight[h].flatten(), forced[h].flatten(),
+                             target).view(u.score.shape[1:])
+        out.append(keep)
+    return out
+
+
+@POLICIES.register("global")
+def global_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """One threshold for the whole model: all sites' units pooled."""
+    if not units:
+        return []
+    key = torch.cat([u.score.flatten() for u in units])
+    weight = torch.cat([u.weight.flatten() for u in units])
+    forced = torch.cat([row_best(u).flatten() for u in units])
+    keep = select(key, weight, forced, budget(float(weight.sum()), sparsity))
+    return [part.view(u.score.shape) for part, u in zip(keep.split([u.score.numel() for u in units]), units)]
+
+
+@POLICIES.register("random")
+def random_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """The paper's control: per site the weight ``layer`` keeps, placed uniformly at random."""
+    out = []
+    for u in units:
+        target = float(u.weight[_layer_one(u, sparsity)].sum())
+        forced = row_random(u, gen)
+        draw = torch.rand(u.score.shape, generator=gen, dtype=torch.float64)
+        out.append(select(draw.flatten(), u.weight.flatten(), forced.flatten(), target).view(u.score.shape))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# From stats to units
+
+
+def geometric_weight(kind: str, q_len: int, k_len: int, g: int) -> torch.Tensor:
+    """float64 [ceil(q_len/g), ceil(k_len/g)]: token entries of each g x g block inside the lengths.
+
+    Under ``kind == "causal"`` only entries with ``key <= query + (k_len - q_len)`` count.
+    """
+    qb, kb = -(-q_len // g), -(-k_len // g)
+    col0 = torch.arange(kb, dtype=torch.float64) * g
+    width = torch.clamp(k_len - col0, max=g)  # [Kb]
+    if kind != "causal":
+        height = torch.clamp(q_len - torch.arange(qb, dtype=torch.float64) * g, max=g)
+        return height[:, None] * width[None, :]
+    rows = torch.arange(q_len, dtype=torch.float64) + (k_len - q_len)  # last visible key per row
+    per_row = torch.minimum(torch.clamp(rows[:, None] - col0[None, :] + 1, min=0), width[None, :])
+    per_row = torch.nn.functional.pad(per_row, (0, 0, 0, qb * g - q_len))
+    return per_row.view(qb, g, kb).sum(1)
+
+
+def _pool(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Sum [H, R, C] over r x r groups -> [H, ceil(R/r), ceil(C/r)] (zero padding)."""
+    if r == 1:
+        return x
+    h, rr, cc = x.shape
+    x = torch.nn.functional.pad(x, (0, -cc % r, 0, -rr % r))
+    return x.view(h, x.shape[1] // r, r, x.shape[2] // r, r).sum((2, 4))
+
+
+def site_units(stats, site: str, block: int | None) -> Units:
+    """Selection units of ``site``: tokens (``block`` None, token stats) or ``block x block`` blocks."""
+    g = stats.granularity
+    mean = stats.mean(site).to(torch.float64)  # [H, Qg, Kg], NaN where never observed
+    observed = ~torch.isnan(mean)
+    if g == 1:
+        weight = observed.to(torch.float64)
+    else:
+        info = stats.infos[site]
+        geo = geometric_weight(info.kind, stats.q_len(site), stats.k_len(site), g)
+        geo = geo[: mean.shape[1], : mean.shape[2]]
+        weight = torch.where(observed, geo.expand_as(mean), torch.zeros_like(mean))
+    mass = torch.nan_to_num(mean, nan=0.0) * weight
+    r = 1 if block is None else block // g
+    mass, weight = _pool(mass, r), _pool(weight, r)
+    score = torch.where(weight > 0, mass, torch.full_like(mass, math.nan))
+    return Units(site, score, weight)
+
+
+def resolve_block(granularity: int, block: int | None) -> int | None:
+    """The mask's block size: ``block``, or the stats' granularity when that is > 1."""
+    if block is None:
+        return granularity if granularity > 1 else None
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise InvalidArgumentError(f"block must be a positive integer, got {block!r}")
+    if block % granularity:
+        raise InvalidArgumentError(
+            f"block={block} is not a multiple of the stats granularity {granularity}; "
+            f"use a block size divisible by {granularity} or observe at a finer granularity")
+    return block
+
+
+def check_sparsity(sparsity) -> float:
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise InvalidArgumentError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | None = None,
+              seed: int = 0):
+    """Derive a ``PruneMask`` from observed attention.
+
+    stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
+    sparsity: fraction of attendable entries to prune, in [0, 1).
+    policy: ``"layer"`` (paper), ``"head"``, ``"global"`` or ``"random"`` (see module docs).
+    block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
+        default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
+    seed: seeds ``random``.
+
+    Returns a ``PruneMask`` whose site ``s`` keeps bool [H, q_len, k_len] (token level) or
+    [H, ceil(q_len/b), ceil(k_len/b)] (block level), with target and achieved sparsity recorded.
+    """
+    from .mask import PruneMask, SiteMask
+
+    s = check_sparsity(sparsity)
+    fn = POLICIES.get(policy)
+    b = resolve_block(stats.granularity, block)
+    units = [site_units(stats, site, b) for site in stats.sites]
+    gen = torch.Generator().manual_seed(int(seed))
+    keeps = fn(units, s, gen)
+
+    site_masks, site_meta = [], {}
+    for u, keep in zip(units, keeps):
+        info = stats.infos[u.site]
+        q_len, k_len = stats.q_len(u.site), stats.k_len(u.site)
+        total = float(u.weight.sum())
+        kept = float(u.weight[keep].sum())
+        site_meta[u.site] = {
+            "q_len": q_len, "k_len": k_len, "target_sparsity": s,
+            "sparsity": 1.0 - kept / total if total else 0.0,
+            "paper_sparsity": 1.0 - kept / (info.num_heads * q_len * k_len) if q_len * k_len else 0.0,
+            "kept_entries": int(kept), "attendable_entries": int(total),
+            "kept_units": int(keep.sum()), "units": int(keep.numel()),
+        }
+        site_masks.append(SiteMask(info, q_len, k_len, keep=keep.contiguous(), block=b))
+    total = sum(m["attendable_entries"] for m in site_meta.values())
+    kept = sum(m["kept_entries"] for m in site_meta.values())
+    meta = {
+        "model": {"name": getattr(stats, "model_name", "") or "", "num_sites": len(site_masks),
+                  "sites": [stats.infos[name].to_dict() for name in stats.sites]},
+        "policy": policy, "seed": int(seed), "block": b, "stats_granularity": stats.granularity,
+        "target_sparsity": s, "sparsity": 1.0 - kept / total if total else 0.0,
+        "data": {"description": getattr(stats, "description", "") or "",
+                 "num_sequences": int(getattr(stats, "num_sequences", 0) or 0)},
+        "sites": site_meta,
+    }
+    return PruneMask(site_masks, meta)
