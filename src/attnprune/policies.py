@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import EmptyDatasetError, InvalidArgumentError
 from .registry import Registry
 
 
@@ -204,6 +204,8 @@ def _pool(x: torch.Tensor, r: int) -> torch.Tensor:
 def site_units(stats, site: str, block: int | None) -> Units:
     """Selection units of ``site``: tokens (``block`` None, token stats) or ``block x block`` blocks."""
     g = stats.granularity
+    if hasattr(stats, "observed") and not stats.observed(site):
+        raise EmptyDatasetError(f"site {site!r} was never observed; the stats hold no attention for it")
     mean = stats.mean(site).to(torch.float64)  # [H, Qg, Kg], NaN where never observed
     observed = ~torch.isnan(mean)
     if g == 1:
