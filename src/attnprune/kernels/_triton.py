@@ -1,0 +1,308 @@
+"""Triton kernels for block-sparse attention (forward, dq, dk/dv). Host code is in attention.py.
+
+Conventions shared by all three kernels:
+* scores are kept in the log2 domain: ``s = (q . k) * scale * log2(e)``, ``p = exp2(s - lse2)``;
+* ``LSE`` holds ``lse2 = m + log2(l)`` per query row, ``+inf`` for a row with no kept key
+  (so that its probabilities, and therefore its gradients, are exactly zero);
+* every (head, query block) list has its unmasked ("clean") blocks first: those run with no
+  per-element masking; the rest ("masked") apply key bounds, causality and the packed bitmask;
+* a layout block (BQ x BK) may be split into several kernel tiles (BLOCK_M x BLOCK_N).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KPM, BITS,
+    FPTR, FCLEAN, FCOL, FCODE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    skpb,
+    Hq, G, LH, Lq, Lk, Qb, qk_scale, q_offset,
+    BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    qb = (pid_m * BLOCK_M) // BQ
+    r = (h % LH) * Qb + qb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    offs_nb = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Lq
+    rows_in_block = offs_m - qb * BQ
+
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    kpm_base = KPM + b.to(tl.int64) * skpb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    start = tl.load(FPTR + r)
+    end = tl.load(FPTR + r + 1)
+    mid = start + tl.load(FCLEAN + r)
+
+    # ---- blocks kept entirely, inside the key range, off the causal diagonal: no masking
+    for e in range(start, mid):
+        kb = tl.load(FCOL + e)
+        for s in tl.static_range(BK // BLOCK_N):
+            offs_n = kb * BK + s * BLOCK_N + offs_nb
+            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd)
+            qk = tl.dot(q, k) * qk_scale
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n) != 0
+                qk = tl.where(kp[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    # ---- blocks that need a per-element mask
+    for e in range(mid, end):
+        kb = tl.load(FCOL + e)
+        code = tl.load(FCODE + e)
+        for s in tl.static_range(BK // BLOCK_N):
+            cols_in_block = s * BLOCK_N + offs_nb
+            offs_n = kb * BK + cols_in_block
+            col_ok = offs_n < Lk
+            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
+            qk = tl.dot(q, k) * qk_scale
+            ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
+                ok = ok & kp[None, :]
+            words = tl.load(
+                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+                other=-1,
+            )
+            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KPM, BITS,
+    FPTR, FCLEAN, FCOL, FCODE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    skpb,
+    Hq, G, LH, Lq, Lk, Qb, qk_scale, sm_scale, q_offset,
+    BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    qb = (pid_m * BLOCK_M) // BQ
+    r = (h % LH) * Qb + qb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    offs_nb = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < Lq
+    rows_in_block = offs_m - qb * BQ
+
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    kpm_base = KPM + b.to(tl.int64) * skpb
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+
+    start = tl.load(FPTR + r)
+    end = tl.load(FPTR + r + 1)
+    mid = start + tl.load(FCLEAN + r)
+    for e in range(start, mid):
+        kb = tl.load(FCOL + e)
+        for s in tl.static_range(BK // BLOCK_N):
+            offs_n = kb * BK + s * BLOCK_N + offs_nb
+            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
+            vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
+            qk = tl.dot(q, kT) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n) != 0
+                p = tl.where(kp[None, :], p, 0.0)
+            dp = tl.dot(do, vT)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    for e in range(mid, end):
+        kb = tl.load(FCOL + e)
+        code = tl.load(FCODE + e)
+        for s in tl.static_range(BK // BLOCK_N):
+            cols_in_block = s * BLOCK_N + offs_nb
+            offs_n = kb * BK + cols_in_block
+            col_ok = offs_n < Lk
+            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd, mask=col_ok[None, :], other=0.0)
+            qk = tl.dot(q, kT) * qk_scale
+            ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+            if HAS_KPM:
+                kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
+                ok = ok & kp[None, :]
+            words = tl.load(
+                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+                other=-1,
+            )
+            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+            p = tl.where(ok, tl.math.exp2(qk - lse[:, None]), 0.0)
+            dp = tl.dot(do, vT)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV_, LSE, DELTA, KPM, BITS,
+    BPTR, BCLEAN, BROW, BCODE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    skpb,
+    Hq, Hkv, G, LH, Lq, Lk, Kb, qk_scale, sm_scale, q_offset,
+    BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    kb = (pid_n * BLOCK_N) // BK
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    offs_mb = tl.arange(0, BLOCK_M)
+    col_ok = offs_n < Lk
+    cols_in_block = offs_n - kb * BK
+
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=col_ok[:, None], other=0.0)
+    if HAS_KPM:
+        kp = tl.load(KPM + b.to(tl.int64) * skpb + offs_n, mask=col_ok, other=0) != 0
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+
+    for g in range(0, G):
+        h = hk * G + g
+        c = (h % LH) * Kb + kb
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        stat_base = (b * Hq + h).to(tl.int64) * Lq
+        start = tl.load(BPTR + c)
+        end = tl.load(BPTR + c + 1)
+        mid = start + tl.load(BCLEAN + c)
+        for e in range(start, mid):
+            qb = tl.load(BROW + e)
+            for s in tl.static_range(BQ // BLOCK_M):
+                offs_m = qb * BQ + s * BLOCK_M + offs_mb
+                row_ok = offs_m < Lq
+                qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+                qkT = tl.dot(k, qT) * qk_scale
+                pT = tl.math.exp2(qkT - lse[None, :])
+                if HAS_KPM:
+                    pT = tl.where(kp[:, None], pT, 0.0)
+                dv += tl.dot(pT.to(do.dtype), do)
+                dpT = tl.dot(v, tl.trans(do))
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        for e in range(mid, end):
+            qb = tl.load(BROW + e)
+            code = tl.load(BCODE + e)
+            for s in tl.static_range(BQ // BLOCK_M):
+                rows_in_block = s * BLOCK_M + offs_mb
+                offs_m = qb * BQ + rows_in_block
+                row_ok = offs_m < Lq
+                qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+                qkT = tl.dot(k, qT) * qk_scale
+                ok = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (offs_n[:, None] <= offs_m[None, :] + q_offset)
+                if HAS_KPM:
+                    ok = ok & kp[:, None]
+                words = tl.load(
+                    BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
+                    mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
+                    other=-1,
+                )
+                ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
+                pT = tl.where(ok, tl.math.exp2(qkT - lse[None, :]), 0.0)
+                dv += tl.dot(pT.to(do.dtype), do)
+                dpT = tl.dot(v, tl.trans(do))
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV_ + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None])

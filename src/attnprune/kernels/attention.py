@@ -1,0 +1,258 @@
+"""``sparse_attention``: block-sparse attention with Triton forward and backward kernels.
+
+Only the blocks a :class:`~attnprune.kernels.BlockLayout` keeps are computed (forward, ``dq`` and
+``dk``/``dv``); there is no dense fallback. Semantics, for query ``i`` and key ``j`` of head ``h``::
+
+    allowed(i, j) = layout keeps (h, i, j)            # block flag, and the bitmask for partial blocks
+                    and (not causal or j <= i + q_offset)
+                    and key_padding[b, j]             # when given
+    out[i] = softmax over allowed j of (q_i . k_j * scale) applied to v
+
+A query row with no allowed key returns zeros, and its gradients (to q, and from it to k and v)
+are exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgumentError, MissingDependencyError
+from .layout import BlockLayout, LayoutPlan
+
+__all__ = ["sparse_attention", "KernelConfig", "CONFIGS", "get_config"]
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel (``block_m`` x ``block_n`` tiles)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Measured table (see BENCHMARKS.md / bench/gpu_check.py): key (pass, head_dim) with pass in
+# "fwd", "dq", "dkdv". For dkdv, block_m is the query tile and block_n the key tile. Entries are
+# clipped to the layout's block size. Anything missing falls back to "default".
+CONFIGS: dict[tuple[str, int | str], KernelConfig] = {
+    ("fwd", "default"): KernelConfig(128, 64, 4, 3),
+    ("fwd", 128): KernelConfig(128, 64, 8, 3),
+    ("fwd", 256): KernelConfig(64, 32, 8, 2),
+    ("dq", "default"): KernelConfig(128, 64, 4, 3),
+    ("dq", 128): KernelConfig(128, 64, 8, 2),
+    ("dq", 256): KernelConfig(64, 32, 8, 1),
+    ("dkdv", "default"): KernelConfig(64, 128, 4, 3),
+    ("dkdv", 128): KernelConfig(64, 128, 8, 2),
+    ("dkdv", 256): KernelConfig(32, 64, 8, 1),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def get_config(kind: str, head_dim: int, block: tuple[int, int]) -> KernelConfig:
+    """The launch configuration for pass ``kind`` at ``head_dim``, fitted into layout ``block``."""
+    bq, bk = block
+    if _interpreting():
+        return KernelConfig(bq, bk, 4, 1)
+    cfg = CONFIGS.get((kind, head_dim)) or CONFIGS[(kind, "default")]
+    return KernelConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages)
+
+
+def _kernels():
+    try:
+        from . import _triton
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise MissingDependencyError(
+            "the triton backend needs the 'triton' package: pip install 'attnprune[kernels]'"
+        ) from e
+    return _triton
+
+
+def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
+    if layout.device == device:
+        return layout
+    key = ("device", str(device))
+    moved = layout._cache.get(key)
+    if moved is None:
+        moved = layout.to(device)
+        layout._cache[key] = moved
+    return moved
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
+                q_offset: int, configs):
+        tk = _kernels()
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+        bq, bk = layout.block
+        o = torch.empty(B, Hq, Lq, DV, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+        has_kpm = kpm is not None
+        kpm_t = kpm if has_kpm else torch.empty(1, dtype=torch.int8, device=q.device)
+        nw = (bk + 31) // 32
+        bits = layout.bits if layout.num_partial else torch.full((1,), -1, dtype=torch.int32, device=q.device)
+        cfg = configs.get("fwd") or get_config("fwd", D, layout.block)
+        grid = (triton_cdiv(Lq, cfg.block_m), B * Hq)
+        tk._fwd_kernel[grid](
+            q, k, v, o, lse, kpm_t, bits,
+            plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            kpm_t.stride(0) if has_kpm else 0,
+            Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
+            BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
+            CAUSAL=causal, HAS_KPM=has_kpm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
+        ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
+        ctx.has_kpm, ctx.configs = has_kpm, configs
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        tk = _kernels()
+        q, k, v, o, lse, kpm_t, bits = ctx.saved_tensors
+        layout, plan = ctx.layout, ctx.plan
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+        bq, bk = layout.block
+        nw = (bk + 31) // 32
+        do = do.contiguous() if do.stride(-1) != 1 else do
+        delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Hq, Lq]
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        kpm_s = kpm_t.stride(0) if ctx.has_kpm else 0
+        common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=ctx.causal, HAS_KPM=ctx.has_kpm)
+        qk_scale = ctx.scale * _LOG2E
+
+        cfg = ctx.configs.get("dq") or get_config("dq", D, layout.block)
+        tk._dq_kernel[(triton_cdiv(Lq, cfg.block_m), B * Hq)](
+            q, k, v, do, dq, lse, delta, kpm_t, bits,
+            plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_s,
+            Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, qk_scale, ctx.scale, ctx.q_offset,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **common,
+        )
+        cfg = ctx.configs.get("dkdv") or get_config("dkdv", D, layout.block)
+        tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
+            q, k, v, do, dk, dv, lse, delta, kpm_t, bits,
+            plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
+            Hq, Hkv, Hq // Hkv, layout.num_heads, Lq, Lk, layout.k_blocks, qk_scale, ctx.scale, ctx.q_offset,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **common,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_dim(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    q_offset: int = 0,
+    configs: dict | None = None,
+) -> torch.Tensor:
+    """Attention computed only on the blocks ``layout`` keeps (Triton kernels, differentiable).
+
+    Args:
+        q: ``[batch, q_heads, Lq, d]``.
+        k: ``[batch, kv_heads, Lk, d]``; ``q_heads`` must be a multiple of ``kv_heads`` (GQA).
+        v: ``[batch, kv_heads, Lk, dv]``.
+        layout: :class:`BlockLayout` with ``num_heads`` equal to ``q_heads`` (or 1, shared by all
+            heads), covering at least ``Lq`` x ``Lk`` tokens.
+        causal: query ``i`` sees key ``j`` only if ``j <= i + q_offset`` (``q_offset=0`` is
+            SDPA's top-left alignment; a KV-cache decode step uses ``Lk - Lq``).
+        scale: score scale, default ``1 / sqrt(d)``.
+        key_padding: bool ``[batch, Lk]`` (True = real key, may be attended), or int ``[batch]``
+            of per-sequence key lengths (keys ``0..len-1`` are real).
+        configs: optional ``{"fwd"|"dq"|"dkdv": KernelConfig}`` overriding the tuned table.
+
+    Returns:
+        ``[batch, q_heads, Lq, dv]`` in ``q``'s dtype. A query row with no allowed key is zero and
+        gets zero gradient.
+
+    Supported: fp16, bf16 and fp32 (fp32 matmuls use TF32 on GPUs); any head dim up to 256
+    (padded to a power of two internally). On the CPU the kernels run only under Triton's
+    interpreter (``TRITON_INTERPRET=1``, for tests).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Lk or Dk != D:
+        raise InvalidArgumentError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if Hq % Hkv:
+        raise InvalidArgumentError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if layout.num_heads not in (1, Hq):
+        raise InvalidArgumentError(
+            f"layout has {layout.num_heads} heads but q has {Hq}; build it with one entry per query head"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgumentError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if max(D, v.shape[3]) > 256:
+        raise InvalidArgumentError(f"head dim {max(D, v.shape[3])} > 256 is not supported by the kernels")
+    if q.device.type != "cuda" and not _interpreting():
+        raise InvalidArgumentError(
+            f"sparse_attention runs on CUDA tensors (got {q.device}); on the CPU use backend='reference' "
+            "or set TRITON_INTERPRET=1 before importing triton (slow, for tests)"
+        )
+    if Lq == 0 or Lk == 0 or B == 0:
+        return q.new_zeros(B, Hq, Lq, v.shape[3])
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    kpm = None
+    if key_padding is not None:
+        kp = key_padding.to(q.device)
+        if kp.dtype == torch.bool:
+            if kp.shape != (B, Lk):
+                raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
+            kpm = kp.to(torch.int8).contiguous()
+        else:
+            if kp.shape != (B,):
+                raise InvalidArgumentError(f"key lengths must be [batch] = {(B,)}, got {tuple(kp.shape)}")
+            kpm = (torch.arange(Lk, device=q.device)[None, :] < kp[:, None]).to(torch.int8).contiguous()
+
+    layout = _layout_on(layout, q.device)
+    plan = layout.plan(Lq, Lk, causal, q_offset)
+
+    dv_orig = v.shape[3]
+    dp, dvp = _pow2_dim(D), _pow2_dim(dv_orig)
+    if dp != D:
+        q = torch.nn.functional.pad(q, (0, dp - D))
+        k = torch.nn.functional.pad(k, (0, dp - D))
+    if dvp != dv_orig:
+        v = torch.nn.functional.pad(v, (0, dvp - dv_orig))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {})
+    if dvp != dv_orig:
+        out = out[..., :dv_orig]
+    return out
