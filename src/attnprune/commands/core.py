@@ -1,0 +1,160 @@
+"""CLI subcommands ``observe``, ``mask`` and ``info``.
+
+    attnprune observe --model tiny-gpt2 --data random --num-seqs 16 --seq-len 64 -o stats.safetensors
+    attnprune mask stats.safetensors --sparsity 0.9 --policy layer [--block 64] -o mask.safetensors
+    attnprune info mask.safetensors        # or a stats file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..errors import CorruptFileError, InvalidArgumentError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("observe", help="record a model's mean attention on a dataset",
+                       description="Run a model over a dataset and save its mean attention probabilities.")
+    p.add_argument("--model", required=True, help="model spec: tiny-gpt2, tiny-llama, tiny-bert, tiny-bart, "
+                   "tiny-sdpa, hf:/path/to/dir, ...")
+    p.add_argument("--data", default="random", help="data source (default: random token ids)")
+    p.add_argument("--num-seqs", type=int, default=16, help="number of sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=64, help="sequence length in tokens (default 64)")
+    p.add_argument("--min-len", type=int, default=None,
+                   help="random data: draw lengths in [min-len, seq-len] (padding); default all seq-len")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--granularity", type=int, default=1, help="accumulate g x g blocks (default 1: tokens)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
+    p.set_defaults(func=cmd_observe)
+
+    p = sub.add_parser("mask", help="derive a pruning mask from observed attention",
+                       description="Keep the strongest attention entries of a stats file as a static mask.")
+    p.add_argument("stats", help="stats file written by `attnprune observe`")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
+    p.add_argument("--policy", default="layer", help="layer (paper), head, global or random (default layer)")
+    p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    p.add_argument("-o", "--output", required=True, help="mask file to write (.safetensors)")
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("info", help="summarise a stats or mask file")
+    p.add_argument("file", help="a stats or mask file")
+    p.set_defaults(func=cmd_info)
+
+
+def _batches(args, loaded):
+    """The observation batches and a description of them."""
+    if args.data == "random":
+        from ..data.random import RandomTokens
+
+        if loaded.vocab_size < 1:
+            raise InvalidArgumentError(f"model {args.model!r} has no known vocabulary size for random data")
+        if args.seq_len > loaded.max_length:
+            raise InvalidArgumentError(f"--seq-len {args.seq_len} exceeds the model's maximum length "
+                                       f"{loaded.max_length}")
+        pad = getattr(getattr(loaded.model, "config", None), "pad_token_id", None)
+        data = RandomTokens(loaded.vocab_size, args.num_seqs, args.seq_len, args.batch_size, seed=args.seed,
+                            min_len=args.min_len, pad_id=pad if isinstance(pad, int) else 0,
+                            low=min(3, loaded.vocab_size - 1))
+        return data, data.describe()
+    return _source_batches(args, loaded)
+
+
+def _source_batches(args, loaded):
+    """Batches from a data source registered by ``attnprune.data`` (see ``data/__init__.py``)."""
+    try:
+        from .. import data as data_mod
+        sources = data_mod.SOURCES
+    except (ImportError, AttributeError):
+        raise InvalidArgumentError(f"unknown data source {args.data!r}; only 'random' is available") from None
+    name, _, arg = args.data.partition(":")
+    build = sources.get(name)
+    batches = build(arg or None, loaded, num_seqs=args.num_seqs, seq_len=args.seq_len,
+                    batch_size=args.batch_size, seed=args.seed)
+    return batches, getattr(batches, "description", None) or args.data
+
+
+def cmd_observe(args) -> int:
+    from ..models import load_model
+    from ..observe import observe
+
+    if Path(args.output).is_dir():
+        raise InvalidArgumentError(f"output {args.output!r} is a directory")
+    loaded = load_model(args.model)
+    batches, description = _batches(args, loaded)
+    stats = observe(loaded.model, batches, granularity=args.granularity, progress=not args.quiet)
+    stats.model_name = stats.model_name or loaded.name
+    stats.description = stats.description or description
+    stats.save(args.output)
+    print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_sequences} sequences, "
+          f"granularity {stats.granularity}")
+    return 0
+
+
+def cmd_mask(args) -> int:
+    from ..policies import make_mask
+    from ..stats import AttentionStats
+
+    if Path(args.output).is_dir():
+        raise InvalidArgumentError(f"output {args.output!r} is a directory")
+    stats = AttentionStats.load(args.stats)
+    mask = make_mask(stats, args.sparsity, policy=args.policy, block=args.block, seed=args.seed)
+    mask.save(args.output)
+    print(f"wrote {args.output}")
+    print(mask.summary())
+    return 0
+
+
+def cmd_info(args) -> int:
+    kind = file_format(args.file)
+    if kind == "attnprune.mask":
+        from ..mask import PruneMask
+
+        print(PruneMask.load(args.file).summary())
+    else:
+        from ..stats import AttentionStats
+
+        print(stats_summary(AttentionStats.load(args.file)))
+    return 0
+
+
+def file_format(path) -> str:
+    """The ``format`` field of an attnprune file's header; ``CorruptFileError`` if there is none."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgumentError(f"{p}: no such file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            fmt = json.loads((f.metadata() or {})["attnprune"])["format"]
+    except Exception:
+        raise CorruptFileError(f"{p}: truncated, corrupted or not an attnprune stats or mask file") from None
+    if fmt not in ("attnprune.mask", "attnprune.stats"):
+        raise CorruptFileError(f"{p}: unknown attnprune file format {fmt!r}")
+    return fmt
+
+
+def stats_summary(stats) -> str:
+    """A readable table of an ``AttentionStats``: per site kind, heads, lengths and observed entries."""
+    lines = [f"attnprune stats: model {stats.model_name or '?'}, {len(stats.sites)} sites, "
+             f"granularity {stats.granularity}, {stats.num_sequences} sequences",
+             f"data: {stats.description or '?'}", ""]
+    rows = [("site", "kind", "heads", "kv", "q x k", "observed", "max mean")]
+    for site in stats.sites:
+        info = stats.infos[site]
+        if hasattr(stats, "observed") and not stats.observed(site):
+            rows.append((site, info.kind, str(info.num_heads), str(info.num_kv_heads), "-", "0", "-"))
+            continue
+        mean = stats.mean(site)
+        seen = ~mean.isnan()
+        mx = float(mean[seen].max()) if seen.any() else math.nan
+        rows.append((site, info.kind, str(info.num_heads), str(info.num_kv_heads),
+                     f"{stats.q_len(site)}x{stats.k_len(site)}", f"{float(seen.float().mean()):.3f}", f"{mx:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join(lines + [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
