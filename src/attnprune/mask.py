@@ -132,7 +132,8 @@ class SiteMask:
 
         def build():
             if self.block is not None and bq == bk == self.block and q_offset % bq == 0:
-                return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset).to(dev), block=(bq, bk))
+                return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset).to(dev), block=(bq, bk),
+                                              q_len=lq, k_len=lk)
             return BlockLayout.from_tokens(self.keep_tokens(lq, lk, device=dev, q_offset=q_offset,
                                                             beyond=beyond), block=(bq, bk))
 

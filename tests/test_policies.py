@@ -1,0 +1,246 @@
+"""Mask policies on stats with known means (hand-checkable cases)."""
+
+import math
+
+import pytest
+import torch
+
+from attnprune.errors import InvalidArgumentError
+from attnprune.policies import geometric_weight, make_mask
+from attnprune.sites import SiteInfo
+from attnprune.stats import AttentionStats
+
+NAN = float("nan")
+
+
+def stats_of(means: dict, kinds: dict | None = None, granularity: int = 1) -> AttentionStats:
+    """AttentionStats whose mean(site) is exactly ``means[site]`` ([H, Q, K], NaN = never observed)."""
+    kinds = kinds or {}
+    infos = [SiteInfo(n, kinds.get(n, "self"), m.shape[0], m.shape[0]) for n, m in means.items()]
+    st = AttentionStats(infos, granularity=granularity, model_name="test", description="hand-made")
+    for n, m in means.items():
+        m = torch.as_tensor(m, dtype=torch.float64)
+        seen = ~torch.isnan(m[0])
+        st.add(n, torch.nan_to_num(m) * seen, seen.double())
+    return st
+
+
+def one(means, sparsity, **kw):
+    kind = kw.pop("kind", "self")
+    st = stats_of({"s": torch.as_tensor(means, dtype=torch.float64)}, {"s": kind})
+    m = make_mask(st, sparsity, **kw)
+    return m, m["s"]
+
+
+def causal_means(L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(2, L, L, generator=g, dtype=torch.float64)
+    return torch.where(torch.ones(L, L).tril().bool(), m, torch.tensor(NAN, dtype=torch.float64))
+
+
+# ---- layer (paper) ---------------------------------------------------------------------------
+
+def test_layer_keeps_top_entries_pooled_over_heads():
+    means = [[[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]]
+    m, keep = one(means, 0.5)
+    assert keep.tolist() == [[[True, True, False, False], [False, False, True, True]]]
+    assert m.meta["sites"]["s"]["sparsity"] == pytest.approx(0.5)
+    _, keep = one(means, 0.75)
+    assert keep.tolist() == [[[True, False, False, False], [False, False, False, True]]]
+
+
+def test_row_guarantee_overrides_budget():
+    # 0.875 of 8 entries would keep 1, but each of the 2 rows keeps its best key.
+    m, keep = one([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]], 0.875)
+    assert keep.tolist() == [[[True, False, False, False], [False, False, False, True]]]
+    assert m.meta["sites"]["s"]["sparsity"] == pytest.approx(0.75)
+    assert m.meta["sites"]["s"]["target_sparsity"] == pytest.approx(0.875)
+
+
+def test_every_row_keeps_at_least_one_even_when_weak():
+    g = torch.Generator().manual_seed(1)
+    means = torch.rand(3, 16, 16, generator=g, dtype=torch.float64)
+    means[1, 5] *= 1e-6  # a row much weaker than everything else
+    for policy in ("layer", "head", "global", "random"):
+        _, keep = one(means, 0.99, policy=policy)
+        assert keep.any(-1).all(), policy
+
+
+def test_exact_count_and_threshold():
+    g = torch.Generator().manual_seed(2)
+    means = torch.rand(2, 6, 6, generator=g, dtype=torch.float64)
+    m, keep = one(means, 0.5)
+    assert int(keep.sum()) == 36  # 72 attendable entries, half pruned
+    # Threshold: apart from each row's forced best key, every kept entry beats every pruned one.
+    forced = torch.zeros_like(keep)
+    forced.scatter_(-1, means.argmax(-1, keepdim=True), True)
+    assert means[keep & ~forced].min() > means[~keep].max()
+
+
+def test_ties_are_broken_by_position():
+    means = [[[0.25] * 4, [0.25] * 4]]
+    _, keep = one(means, 0.5)
+    # rows' first keys are forced, then the lowest flat indices: (0, 1), (0, 2)
+    assert keep.tolist() == [[[True, True, True, False], [True, False, False, False]]]
+    _, again = one(means, 0.5)
+    assert torch.equal(keep, again)
+
+
+def test_zero_sparsity_keeps_every_attendable_entry():
+    means = causal_means(7)
+    m, keep = one(means, 0.0, kind="causal")
+    assert torch.equal(keep, ~means.isnan())
+    assert m.meta["sites"]["s"]["sparsity"] == 0.0
+
+
+# ---- causal / unobserved entries --------------------------------------------------------------
+
+def test_causal_future_is_not_counted():
+    means = torch.full((1, 4, 4), NAN, dtype=torch.float64)
+    rows = [[1.0], [0.6, 0.4], [0.5, 0.3, 0.2], [0.4, 0.35, 0.15, 0.1]]
+    for i, r in enumerate(rows):
+        means[0, i, : len(r)] = torch.tensor(r)
+    m, keep = one(means, 0.5, kind="causal")
+    # 10 attendable entries, keep 5: the 4 row bests (column 0) and then (1, 1) = 0.4
+    want = torch.zeros(1, 4, 4, dtype=torch.bool)
+    want[0, :, 0] = True
+    want[0, 1, 1] = True
+    assert torch.equal(keep, want)
+    s = m.meta["sites"]["s"]
+    assert s["sparsity"] == pytest.approx(0.5)
+    assert s["attendable_entries"] == 10 and s["kept_entries"] == 5
+    assert s["paper_sparsity"] == pytest.approx(1 - 5 / 16)
+
+
+def test_never_observed_entries_are_never_kept():
+    means = torch.rand(2, 5, 5, dtype=torch.float64)
+    means[:, 3:, 2:] = NAN
+    for policy in ("layer", "head", "global", "random"):
+        m, keep = one(means, 0.3, policy=policy)
+        assert not keep[:, 3:, 2:].any()
+        assert m.meta["sites"]["s"]["attendable_entries"] == 2 * (25 - 6)
+
+
+# ---- head / global / random -------------------------------------------------------------------
+
+def test_head_policy_prunes_each_head_equally():
+    strong = [[0.9, 0.8, 0.7, 0.6]] * 2
+    weak = [[0.4, 0.3, 0.2, 0.1]] * 2
+    _, layer = one([strong, weak], 0.5, policy="layer")
+    _, head = one([strong, weak], 0.5, policy="head")
+    # layer: 8 kept = rows' bests (col 0 of both heads) + strong head's columns 1 and 2
+    assert layer[0].sum() == 6 and layer[1].sum() == 2
+    assert layer[0, :, :3].all() and layer[1, :, 0].all()
+    # head: 4 of 8 per head, columns 0 and 1
+    assert head[:, :, :2].all() and not head[:, :, 2:].any()
+
+
+def test_global_policy_pools_sites():
+    g = torch.Generator().manual_seed(3)
+    big = 0.5 + 0.5 * torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
+    small = 0.1 * torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
+    st = stats_of({"big": big, "small": small})
+    glob = make_mask(st, 0.5, policy="global")
+    lay = make_mask(st, 0.5, policy="layer")
+    assert int(glob["big"].sum() + glob["small"].sum()) == 32  # half of 64 over the model
+    assert int(glob["small"].sum()) == 8  # only the rows' forced bests survive
+    assert int(glob["big"].sum()) == 24
+    assert int(lay["big"].sum()) == 16 and int(lay["small"].sum()) == 16
+    assert glob.meta["sparsity"] == pytest.approx(0.5)
+
+
+def test_random_keeps_same_count_as_layer_but_elsewhere():
+    g = torch.Generator().manual_seed(4)
+    st = stats_of({"a": causal_means(12, 5), "b": torch.rand(2, 12, 9, generator=g, dtype=torch.float64)},
+                  {"a": "causal"})
+    lay = make_mask(st, 0.8, policy="layer")
+    r0 = make_mask(st, 0.8, policy="random", seed=0)
+    r0b = make_mask(st, 0.8, policy="random", seed=0)
+    r1 = make_mask(st, 0.8, policy="random", seed=1)
+    for site in ("a", "b"):
+        assert int(r0[site].sum()) == int(lay[site].sum())
+        assert not torch.equal(r0[site], lay[site])
+        assert torch.equal(r0[site], r0b[site])
+        assert r0[site].any(-1).all()
+    assert not torch.equal(r0["b"], r1["b"])
+    assert not (r0["a"] & st.mean("a").isnan()).any()  # nothing in the causal future
+
+
+# ---- blocks ----------------------------------------------------------------------------------
+
+def _blocky(values, b):
+    """Token means [1, 2b, 2b] constant on b x b blocks with the given [2, 2] values."""
+    return torch.tensor(values, dtype=torch.float64).repeat_interleave(b, 0).repeat_interleave(b, 1)[None]
+
+
+def test_block_selection_by_mass():
+    means = _blocky([[0.4, 0.1], [0.05, 0.45]], 2)
+    m, keep = one(means, 0.5, block=2)
+    assert m.site("s").keep_blocks.tolist() == [[[True, False], [False, True]]]
+    assert m.meta["sites"]["s"]["sparsity"] == pytest.approx(0.5)
+    assert torch.equal(keep, _blocky([[1, 0], [0, 1]], 2).bool())
+    m, _ = one(means, 0.25, block=2)
+    assert m.site("s").keep_blocks.tolist() == [[[True, True], [False, True]]]
+
+
+def test_block_sparsity_counts_attendable_entries_in_kept_blocks():
+    means = torch.full((1, 4, 4), NAN, dtype=torch.float64)
+    tri = torch.ones(4, 4).tril().bool()
+    means[0][tri] = 0.1
+    means[0, 2:, :2] = 0.3  # block (1, 0) has more mass than the diagonal block (1, 1)
+    m, _ = one(means, 0.5, kind="causal", block=2)
+    # blocks (0,0): 3 entries, (1,0): 4, (1,1): 3. Row guarantee keeps (0,0) and (1,0): 7 of 10.
+    assert m.site("s").keep_blocks.tolist() == [[[True, False], [True, False]]]
+    s = m.meta["sites"]["s"]
+    assert (s["kept_entries"], s["attendable_entries"]) == (7, 10)
+    assert s["sparsity"] == pytest.approx(0.3)
+    assert s["paper_sparsity"] == pytest.approx(1 - 7 / 16)
+
+
+def test_block_stats_give_same_mask_as_token_stats():
+    g = torch.Generator().manual_seed(6)
+    tok = torch.rand(2, 8, 8, generator=g, dtype=torch.float64)
+    coarse = tok.view(2, 4, 2, 4, 2).mean((2, 4))  # per-entry mean of each 2x2 block
+    st_tok = stats_of({"s": tok})
+    infos = [SiteInfo("s", "self", 2, 2)]
+    st_blk = AttentionStats(infos, granularity=2)
+    st_blk.add("s", coarse * 4, torch.full((4, 4), 4.0), q_len=8, k_len=8)
+    for block in (2, 4):
+        a = make_mask(st_tok, 0.6, block=block).site("s").keep_blocks
+        b = make_mask(st_blk, 0.6, block=block).site("s").keep_blocks
+        assert torch.equal(a, b), block
+    assert make_mask(st_blk, 0.6).block == 2  # default block = granularity
+    with pytest.raises(InvalidArgumentError, match="multiple"):
+        make_mask(st_blk, 0.6, block=3)
+
+
+@pytest.mark.parametrize("kind,q,k,g", [("causal", 4, 4, 2), ("causal", 5, 5, 2), ("self", 7, 5, 3),
+                                        ("cross", 3, 10, 4), ("causal", 9, 9, 4)])
+def test_geometric_weight_matches_brute_force(kind, q, k, g):
+    tok = torch.ones(q, k)
+    if kind == "causal":
+        tok = tok.tril()
+    qb, kb = math.ceil(q / g), math.ceil(k / g)
+    want = torch.zeros(qb, kb, dtype=torch.float64)
+    for i in range(q):
+        for j in range(k):
+            want[i // g, j // g] += tok[i, j]
+    assert torch.equal(geometric_weight(kind, q, k, g), want)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "lots", None])
+def test_sparsity_out_of_range(bad):
+    st = stats_of({"s": torch.rand(1, 3, 3, dtype=torch.float64)})
+    with pytest.raises(InvalidArgumentError, match="sparsity"):
+        make_mask(st, bad)
+
+
+def test_unknown_policy_and_bad_block():
+    st = stats_of({"s": torch.rand(1, 3, 3, dtype=torch.float64)})
+    with pytest.raises(InvalidArgumentError, match="layer"):
+        make_mask(st, 0.5, policy="nope")
+    for bad in (0, -2, 1.5):
+        with pytest.raises(InvalidArgumentError, match="block"):
+            make_mask(st, 0.5, block=bad)
