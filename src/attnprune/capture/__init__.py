@@ -1,0 +1,211 @@
+"""Finding and hooking attention sites: one interception mechanism shared by ``observe`` and ``apply``.
+
+Two paths, chosen per attention call, invisible to callers:
+
+* Hugging Face ``transformers`` models: a function registered in ``transformers.AttentionInterface``
+  (and a boolean mask builder in ``AttentionMaskInterface``) under the name ``"attnprune"``; every
+  config of the model is switched to it while intercepting and restored afterwards (``hf.py``).
+* Anything else: a ``TorchFunctionMode`` active during the model's forward that catches
+  ``F.scaled_dot_product_attention`` (and ``F.multi_head_attention_forward``, which
+  ``nn.MultiheadAttention`` uses, forced onto its SDPA path) (``sdpa.py``).
+
+Site names are module paths (``model.layers.3.self_attn``); the innermost module whose forward is
+running owns an SDPA call. A module calling attention several times in one forward gets ``name#1``,
+``name#2`` ... for its later calls.
+
+Site kind (first call decides): ``cross`` when the module has ``is_cross_attention=True``, or a
+path component is a known cross-attention name (``encoder_attn``, ``crossattention``,
+``cross_attn``, ``cross_attention``, ``EncDecAttention``, ``src_attn``, ``multihead_attn`` inside an
+``nn.TransformerDecoderLayer``); else ``causal`` when the call is causal (SDPA ``is_causal=True``, a
+Hugging Face module with ``is_causal=True``, or an explicit mask that hides every key to the right
+of the diagonal); else ``cross`` when ``Lq != Lk`` (no KV cache can be told apart here); else ``self``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import NoAttentionSitesError
+from ..sites import SiteInfo
+
+CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention",
+               "enc_dec_attn", "src_attn")
+
+
+@dataclass
+class AttentionCall:
+    """One attention computation, as seen by a handler.
+
+    q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]`` (``Hq`` a multiple of ``Hkv``).
+    attn_mask: None, a bool tensor (True = may attend) or an additive float tensor, broadcastable
+        to ``[B, Hq, Lq, Lk]``.
+    is_causal: SDPA's flag (top-left aligned causal mask on top of ``attn_mask``).
+    scale: softmax scale (None: ``1/sqrt(D)``); dropout_p: attention dropout probability.
+    q_valid: ``[B, Lq]`` bool, False for padded queries, when known (filled by ``observe``).
+    kind: ``"self"``, ``"causal"`` or ``"cross"``; info: the site's ``SiteInfo``.
+    """
+
+    site: str
+    module: nn.Module | None
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    scale: float | None
+    dropout_p: float
+    kind: str
+    info: SiteInfo
+    q_valid: torch.Tensor | None = None
+
+
+Handler = Callable[[AttentionCall], "torch.Tensor | None"]
+
+
+def allowed_entries(mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int,
+                    device=None) -> torch.Tensor | None:
+    """Bool ``[..., Lq, Lk]`` of entries a call may attend to (None: all). Float masks count an
+    entry as masked when it is below half the dtype's most negative value (``-inf`` or ``finfo.min``)."""
+    allowed = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+    if is_causal:
+        tril = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+        allowed = tril if allowed is None else allowed & tril
+    return allowed
+
+
+def _looks_causal(mask: torch.Tensor | None, lq: int, lk: int) -> bool:
+    """True when an explicit mask hides every key right of the (bottom-right aligned) diagonal."""
+    if mask is None or lq < 2:
+        return False
+    allowed = allowed_entries(mask, False, lq, lk)
+    future = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).triu(lk - lq + 1)
+    return not bool((allowed.expand(*allowed.shape[:-2], lq, lk) & future).any())
+
+
+def site_kind(name: str, module: nn.Module | None, parent: nn.Module | None, causal: bool,
+              lq: int, lk: int) -> str:
+    """The site kind rule of this module's docstring."""
+    if module is not None and getattr(module, "is_cross_attention", False) is True:
+        return "cross"
+    parts = [p.lower() for p in name.split("#")[0].split(".")]
+    if any(p in CROSS_NAMES for p in parts):
+        return "cross"
+    if parts[-1] == "multihead_attn" and isinstance(parent, nn.TransformerDecoderLayer):
+        return "cross"
+    if causal:
+        return "causal"
+    return "cross" if lq != lk else "self"
+
+
+class Interceptor:
+    """Hooks on every module of ``model`` that name attention calls and route them to ``handler``."""
+
+    def __init__(self, model: nn.Module, handler: Handler):
+        from .sdpa import SDPAMode
+
+        self.model, self.handler = model, handler
+        self.names = {m: n for n, m in model.named_modules()}
+        self.parents = {c: m for m in model.modules() for c in m.children()}
+        self.stack: list[nn.Module] = []
+        self.counts: dict[nn.Module, int] = {}
+        self.infos: dict[str, SiteInfo] = {}
+        self.calls = 0
+        self.forwards = 0
+        self.hf_depth = 0  # >0 while the HF path runs an attention function (SDPA path stays out)
+        self.mode = SDPAMode(self)
+        self._handles = []
+        self._hf = None
+
+    # ---- installation ----------------------------------------------------------------------
+    def install(self) -> None:
+        from . import hf
+
+        for m in self.model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post, always_call=True))
+        self._hf = hf.switch(self.model, self)
+
+    def remove(self) -> None:
+        from . import hf
+
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._hf is not None:
+            hf.restore(self._hf)
+            self._hf = None
+
+    def _pre(self, module, args):
+        if module is self.model:
+            if not self.stack:
+                self.forwards += 1
+                self.mode.__enter__()
+        self.stack.append(module)
+        self.counts[module] = 0
+
+    def _post(self, module, args, output):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+        if module is self.model and not self.stack:
+            self.mode.__exit__(None, None, None)
+        return None
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def dispatch(self, module: nn.Module | None, q, k, v, attn_mask, is_causal, scale, dropout_p,
+                 causal_hint: bool):
+        """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
+        owner = module if module is not None else (self.stack[-1] if self.stack else None)
+        base = self.names.get(owner, type(owner).__name__ if owner is not None else "<root>")
+        idx = self.counts.get(owner, 0)
+        self.counts[owner] = idx + 1
+        name = base if idx == 0 else f"{base}#{idx}"
+        info = self.infos.get(name)
+        lq, lk = q.shape[-2], k.shape[-2]
+        if info is None:
+            causal = bool(is_causal) or causal_hint or _looks_causal(attn_mask, lq, lk)
+            kind = site_kind(name, owner, self.parents.get(owner), causal, lq, lk)
+            info = SiteInfo(name, kind, int(q.shape[1]), int(k.shape[1]))
+            self.infos[name] = info
+        self.calls += 1
+        call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
+                             info.kind, info)
+        return self.handler(call)
+
+    def check_found(self) -> None:
+        """Raise ``NoAttentionSitesError`` when the model ran but no attention call was seen."""
+        if self.forwards and not self.calls:
+            raise NoAttentionSitesError(
+                f"no attention site found in {type(self.model).__name__}: attnprune sees attention computed "
+                "through transformers' AttentionInterface or torch.nn.functional.scaled_dot_product_attention "
+                "(and nn.MultiheadAttention); a hand-written softmax(q @ k.T) cannot be intercepted")
+
+
+@contextlib.contextmanager
+def intercept(model: nn.Module, handler: Handler) -> Iterator[Interceptor]:
+    """Route every attention call of ``model`` to ``handler`` while the context is open.
+
+    ``handler(call: AttentionCall)`` returns the attention output ``[B, Hq, Lq, Dv]`` to use instead
+    of the model's computation, or None to run the original. Hooks and the Hugging Face attention
+    implementation are restored on exit. If the model ran inside the context and no attention call
+    was seen, ``NoAttentionSitesError`` is raised on exit.
+    """
+    it = Interceptor(model, handler)
+    it.install()
+    try:
+        yield it
+    finally:
+        it.remove()
+    it.check_found()
+
+
+__all__ = ["AttentionCall", "Interceptor", "intercept", "allowed_entries", "site_kind"]

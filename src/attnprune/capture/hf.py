@@ -1,0 +1,118 @@
+"""Hugging Face capture path: an attention function registered in ``transformers.AttentionInterface``.
+
+Every ``PretrainedConfig`` reachable from the model (``module.config`` and their sub-configs) has its
+attention implementation switched to ``"attnprune"`` while intercepting and restored afterwards.
+Masks for it are built by transformers' ``sdpa_mask`` (registered in ``AttentionMaskInterface``):
+boolean (True = attend) or None together with the module's ``is_causal``. When the handler returns
+None, transformers' ``sdpa_attention_forward`` runs, so the model computes exactly what its ``"sdpa"``
+implementation computes, whatever implementation it was configured with. Models whose classes do not
+use ``AttentionInterface`` (transformers' ``_can_set_attn_implementation()`` is False) are left alone
+and captured by the generic SDPA path when they call ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+NAME = "attnprune"
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      position_bias=None, **kwargs):
+    """The registered function: same signature and result as transformers' ``sdpa_attention_forward``.
+
+    query: ``[B, Hq, Lq, D]``; key/value: ``[B, Hkv, Lk, D]``; returns (``[B, Lq, Hq, Dv]``, None).
+    """
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+
+    it = _ACTIVE.get(module)
+    if it is None:  # a module of a model no longer intercepted, or not part of the intercepted model
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    for bad in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(bad) is not None:
+            raise UnsupportedModelError(f"{type(module).__name__}: attention with {bad!r} is not supported")
+    module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    lq, lk = query.shape[2], key.shape[2]
+    causal = bool(lq > 1 and attention_mask is None and module_causal)
+    k, v = key, value
+    if causal and lk > lq:  # empty static cache prefill, as sdpa_attention_forward does
+        k, v = key[:, :, :lq], value[:, :, :lq]
+        if position_bias is not None:
+            position_bias = position_bias[..., :lq]
+    mask = attention_mask
+    if position_bias is not None:
+        mask = create_position_bias_mask(position_bias, attention_mask, causal, query, k)
+        causal = False
+    it.hf_depth += 1
+    try:
+        out = it.dispatch(module, query, k, v, mask, causal, scaling, dropout,
+                          bool(getattr(module, "is_causal", False)) or bool(is_causal))
+        if out is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, position_bias=position_bias,
+                                          **kwargs)
+    finally:
+        it.hf_depth -= 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _configs(model: nn.Module) -> list:
+    from transformers import PretrainedConfig
+
+    seen, out = set(), []
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        c = todo.pop()
+        if not isinstance(c, PretrainedConfig) or id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        todo.extend(getattr(c, k, None) for k in getattr(c, "sub_configs", {}) or {})
+    return out
+
+
+def switch(model: nn.Module, interceptor) -> list | None:
+    """Point every config of a transformers model at ``"attnprune"``; returns what ``restore`` needs."""
+    if "transformers" not in sys.modules:  # nothing can be a transformers model
+        return None
+    from transformers import PreTrainedModel
+
+    pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if not pretrained or not all(type(m)._can_set_attn_implementation() for m in pretrained):
+        return None
+    _register()
+    saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
+    for c, _ in saved:
+        c._attn_implementation_internal = NAME
+    mods = [m for m in model.modules()]
+    for m in mods:
+        _ACTIVE[m] = interceptor
+    return [saved, mods]
+
+
+def restore(state) -> None:
+    saved, mods = state
+    for c, impl in saved:
+        c._attn_implementation_internal = impl
+    for m in mods:
+        _ACTIVE.pop(m, None)

@@ -1,0 +1,151 @@
+"""Tiny random-initialised models for tests (no downloads: every model is built from a config)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 97
+
+
+def _seed(seed):
+    torch.manual_seed(seed)
+
+
+def bert(seed=0, **kw):
+    from transformers import BertConfig, BertModel
+
+    _seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, **kw)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def gpt2(seed=0, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def llama(seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bart(seed=0, **kw):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    _seed(seed)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=2, **kw)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def qkv_heads(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln(x)).split(d, dim=-1)
+        return [z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v)]
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.proj(y.transpose(1, 2).reshape(x.shape))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-style causal LM: attention through ``F.scaled_dot_product_attention(is_causal=True)``."""
+
+    def __init__(self, d=32, h=4, layers=2, seq=64):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, d)
+        self.wpe = nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(NanoBlock(d, h) for _ in range(layers))
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, input_ids):
+        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1]))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def nanogpt(seed=0):
+    _seed(seed)
+    return NanoGPT().eval()
+
+
+class MHAModel(nn.Module):
+    """Encoder with ``nn.MultiheadAttention`` self-attention taking a key padding mask."""
+
+    def __init__(self, d=32, h=4, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.attn = nn.ModuleList(nn.MultiheadAttention(d, h, batch_first=True) for _ in range(layers))
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        kpm = None if attention_mask is None else ~attention_mask.bool()
+        for a in self.attn:
+            y, _ = a(x, x, x, key_padding_mask=kpm)
+            x = x + y
+        return x
+
+
+def mha(seed=0):
+    _seed(seed)
+    return MHAModel().eval()
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        return self.lin(self.emb(input_ids))
+
+
+class ManualAttention(nn.Module):
+    """Attention written by hand (softmax of q @ k.T): invisible to both capture paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        return torch.softmax(x @ x.transpose(1, 2) / math.sqrt(8), -1) @ x
+
+
+def batch(lengths, total=None, seed=0, vocab=VOCAB, low=3):
+    """Right-padded ``{"input_ids", "attention_mask"}`` for sequences of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    total = total or max(lengths)
+    ids = torch.randint(low, vocab, (len(lengths), total), generator=g)
+    am = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+    ids = ids.masked_fill(am == 0, 1)
+    return {"input_ids": ids, "attention_mask": am}
