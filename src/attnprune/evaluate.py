@@ -1,0 +1,507 @@
+"""Quality metrics and quality-versus-sparsity sweeps.
+
+Metrics
+-------
+* ``perplexity(model, batches)``: causal language models. Token-weighted: the negative
+  log-likelihood is summed over every predicted token of every sequence and divided by the number
+  of predicted tokens (not averaged per batch), so batches of different sizes and padding do not
+  bias it. A token ``t`` is predicted from position ``t - 1``; it counts only when both positions are
+  real tokens (``attention_mask`` is 1) and its label is not ``-100``.
+* ``accuracy(model, batches)``: classifiers whose output is ``logits: [batch, classes]``.
+* ``train_classifier(encoder, batches)``: a linear head on mean-pooled encoder states (the encoder
+  frozen, or fine-tuned with ``finetune=True``), for encoders without a task head (MiniLM).
+
+Sweep
+-----
+``sweep(model, calib_batches, test_batches, task=...)`` measures the dense model, observes
+attention on the calibration batches once, and for every granularity (token level, or ``b x b``
+blocks), policy and sparsity builds a mask with ``make_mask`` and measures the model under
+``apply``. Calibration and test batches must not share a sequence (checked). Seeds are fixed: the
+random policy uses ``seed``, and the global torch RNG is seeded before every measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import EmptyDatasetError, InvalidArgumentError
+
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_POLICIES = ("layer", "head", "global", "random")
+TASK_METRICS = {"causal-lm": "perplexity", "classification": "accuracy"}
+HIGHER_IS_BETTER = {"perplexity": False, "accuracy": True}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _progress(it: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(it)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _model_inputs(batch: Any, drop: Sequence[str] = ("labels",)) -> dict:
+    """A batch (dict of model keyword arguments, or a tensor of input ids) as keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in drop}
+    raise InvalidArgumentError(
+        f"a batch must be a dict of model keyword arguments or a tensor of input ids, got {type(batch).__name__}")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a model output (a ``ModelOutput`` with ``.logits``, a tuple, or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InvalidArgumentError(f"cannot find logits in the model output ({type(out).__name__})")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class MetricResult:
+    """One measurement. ``value`` is the metric (perplexity or accuracy);
+    ``nll`` the mean negative log-likelihood per token (perplexity only); ``count`` the number of
+    predicted tokens or classified examples; ``correct`` (accuracy only)."""
+
+    metric: str
+    value: float
+    count: int
+    nll: float | None = None
+    correct: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of one batch.
+
+    logits: [batch, seq, vocab]; input_ids: [batch, seq]; attention_mask: [batch, seq] (1 = real
+    token) or None; labels: [batch, seq] (``-100`` = ignore; defaults to ``input_ids``).
+    Position ``t`` predicts token ``t + 1``; the pair counts when both positions are real tokens
+    and the label is not ``-100``. Returns ``(nll_sum, predicted_tokens)``, summed in float64.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise InvalidArgumentError(
+            f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)} (want [batch, seq, vocab])")
+    target = (labels if labels is not None else input_ids)[:, 1:]
+    valid = target != -100
+    if attention_mask is not None:
+        am = attention_mask.bool()
+        valid = valid & am[:, 1:] & am[:, :-1]
+    pred = logits[:, :-1][valid].double()          # [n, vocab]
+    if pred.shape[0] == 0:
+        return 0.0, 0
+    nll = F.cross_entropy(pred, target[valid].long(), reduction="sum")
+    return float(nll), int(valid.sum())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable, *, progress: bool = True, desc: str = "perplexity") -> MetricResult:
+    """Token-weighted perplexity of a causal LM: ``exp(sum of NLL / number of predicted tokens)``.
+
+    batches: dicts with ``input_ids: [batch, seq]`` and optionally ``attention_mask: [batch, seq]``
+    and ``labels: [batch, seq]`` (``-100`` ignored), or tensors of input ids ``[batch, seq]``.
+    The model must return logits ``[batch, seq, vocab]`` (or an output with ``.logits``).
+    Raises ``EmptyDatasetError`` when no token is predicted.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    t0 = time.perf_counter()
+    total, n = 0.0, 0
+    try:
+        for batch in _progress(batches, progress, desc):
+            kw = _to(_model_inputs(batch, drop=("labels",)), device)
+            labels = batch.get("labels") if isinstance(batch, Mapping) else None
+            logits = _logits(model(**kw))
+            s, c = token_nll(logits, kw["input_ids"], kw.get("attention_mask"),
+                             labels.to(device) if labels is not None else None)
+            total += s
+            n += c
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise EmptyDatasetError("perplexity: the batches held no predicted token (empty data, or all padding)")
+    nll = total / n
+    return MetricResult("perplexity", math.exp(nll), n, nll=nll, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable, *, progress: bool = True, desc: str = "accuracy") -> MetricResult:
+    """Classification accuracy: the share of examples whose highest logit is their label.
+
+    batches: dicts of model keyword arguments plus ``labels: [batch]`` (int class ids; ``-100``
+    ignored). The model must return logits ``[batch, classes]`` (or an output with ``.logits``).
+    Raises ``EmptyDatasetError`` when no example is labelled.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    t0 = time.perf_counter()
+    correct, n = 0, 0
+    try:
+        for batch in _progress(batches, progress, desc):
+            if not isinstance(batch, Mapping) or "labels" not in batch:
+                raise InvalidArgumentError("accuracy: every batch must be a dict with 'labels'")
+            labels = batch["labels"].to(device).long().view(-1)
+            logits = _logits(model(**_to(_model_inputs(batch), device)))
+            if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+                raise InvalidArgumentError(
+                    f"accuracy: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} "
+                    "(want [batch, classes])")
+            ok = labels != -100
+            correct += int((logits.argmax(-1)[ok] == labels[ok]).sum())
+            n += int(ok.sum())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise EmptyDatasetError("accuracy: the batches held no labelled example")
+    return MetricResult("accuracy", correct / n, n, correct=correct, seconds=time.perf_counter() - t0)
+
+
+METRICS: dict[str, Callable[..., MetricResult]] = {"perplexity": perplexity, "accuracy": accuracy}
+
+
+# --------------------------------------------------------------------------------------------
+# classification head for encoders
+# --------------------------------------------------------------------------------------------
+
+def _hidden_states(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise InvalidArgumentError(f"cannot find hidden states in the encoder output ({type(out).__name__})")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden: [batch, seq, dim]`` over real tokens (``attention_mask: [batch, seq]``) -> [batch, dim]."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class EncoderClassifier(nn.Module):
+    """An encoder (``BertModel``-like: returns ``last_hidden_state: [batch, seq, dim]``) plus mean
+    pooling and a linear head. ``forward(input_ids, attention_mask, ...) -> logits [batch, classes]``.
+
+    Attention sites stay those of ``self.encoder``: observe and apply masks on ``clf.encoder``
+    (or on ``clf``; site names then carry the ``encoder.`` prefix).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, num_labels)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """Pooled features [batch, dim]."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return mean_pool(_hidden_states(out), attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask, **kw))
+
+
+def _hidden_size(encoder: nn.Module) -> int:
+    cfg = getattr(encoder, "config", None)
+    for name in ("hidden_size", "d_model", "dim"):
+        if cfg is not None and getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise InvalidArgumentError("train_classifier: cannot tell the encoder's hidden size; pass hidden_size=")
+
+
+def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels: int = 2,
+                     hidden_size: int | None = None, finetune: bool = False, epochs: int | None = None,
+                     lr: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
+                     progress: bool = True) -> EncoderClassifier:
+    """Train a linear classification head on an encoder (optionally fine-tuning the encoder too).
+
+    batches: a re-iterable sequence of dicts with ``input_ids: [batch, seq]``,
+    ``attention_mask: [batch, seq]`` and ``labels: [batch]``.
+    Head only (default): the encoder's pooled features are computed once (no grad), then the head
+    is trained full-batch with L-BFGS on the cross-entropy (``epochs``: L-BFGS iterations, default
+    200). ``finetune=True``: encoder and head are trained together with AdamW for ``epochs``
+    passes over the batches (default 1, ``lr`` default 2e-5, the head starting from the
+    head-only solution). Returns the classifier in eval mode. Deterministic for a given ``seed``.
+    """
+    if not batches:
+        raise EmptyDatasetError("train_classifier: no training batches")
+    torch.manual_seed(seed)
+    hidden_size = hidden_size or _hidden_size(encoder)
+    clf = EncoderClassifier(encoder, hidden_size, num_labels)
+    clf.eval()
+    device = _device_of(encoder)
+    clf.head.to(device)
+    feats, labels = [], []
+    with torch.no_grad():
+        for b in _progress(batches, progress, "features"):
+            kw = _to(_model_inputs(b), device)
+            feats.append(clf.features(**kw).float())
+            labels.append(b["labels"].to(device).long().view(-1))
+    x, y = torch.cat(feats), torch.cat(labels)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    # train on standardised features, then fold the standardisation into the head
+    lin = nn.Linear(x.shape[1], num_labels).to(device)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=lr or 1.0, max_iter=epochs or 200,
+                            line_search_fn="strong_wolfe")
+    xs = (x - mu) / sd
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(xs), y) + weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        clf.head.weight.copy_(lin.weight / sd)
+        clf.head.bias.copy_(lin.bias - (lin.weight / sd) @ mu)
+    if finetune:
+        clf.train()
+        opt2 = torch.optim.AdamW(clf.parameters(), lr=lr or 2e-5, weight_decay=0.01)
+        for ep in range(epochs or 1):
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + ep))
+            for i in _progress(order.tolist(), progress, f"fine-tune {ep + 1}"):
+                b = batches[i]
+                loss = F.cross_entropy(clf(**_to(_model_inputs(b), device)), b["labels"].to(device).long().view(-1))
+                opt2.zero_grad()
+                loss.backward()
+                opt2.step()
+        clf.eval()
+    return clf
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+# --------------------------------------------------------------------------------------------
+
+def _row_hashes(batches: Iterable) -> set[str]:
+    out = set()
+    for b in batches:
+        ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
+        am = None if isinstance(b, torch.Tensor) else b.get("attention_mask")
+        for r in range(ids.shape[0]):
+            row = ids[r] if am is None else ids[r][am[r].bool()]
+            out.add(hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest())
+    return out
+
+
+def check_disjoint(calib: Iterable, test: Iterable) -> None:
+    """Raise ``InvalidArgumentError`` if a calibration sequence also appears in the test batches
+    (compared on the unpadded token ids of every row)."""
+    shared = _row_hashes(calib) & _row_hashes(test)
+    if shared:
+        raise InvalidArgumentError(
+            f"{len(shared)} sequence(s) appear in both the calibration and the test data; "
+            "calibrate and evaluate on disjoint splits")
+
+
+def kept_mass(stats, mask) -> dict[str, float]:
+    """Share of the observed attention mass each site keeps under ``mask``.
+
+    For every site: ``sum(mean * keep) / sum(mean)`` over observed entries, where ``mean`` is
+    ``stats.mean(site): [H, Q, K]`` at token level and ``keep`` is ``mask[site]`` cropped to it.
+    Token-level stats are needed (block-level stats are expanded to their blocks' mean).
+    """
+    out = {}
+    for site in mask.sites:
+        mean = stats.mean(site).double()
+        if stats.granularity > 1:
+            g = stats.granularity
+            mean = mean.repeat_interleave(g, 1).repeat_interleave(g, 2)
+            mean = mean[:, :stats.q_len(site), :stats.k_len(site)]
+        keep = mask[site]
+        q, k = min(mean.shape[1], keep.shape[1]), min(mean.shape[2], keep.shape[2])
+        mean, keep = mean[:, :q, :k], keep[:, :q, :k]
+        m = torch.nan_to_num(mean, nan=0.0)
+        tot = float(m.sum())
+        out[site] = float((m * keep).sum()) / tot if tot > 0 else float("nan")
+    return out
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs. ``blocks``: ``None`` for token level, an int ``b`` for ``b x b`` blocks."""
+
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    blocks: tuple[int | None, ...] = (None, 16)
+    seed: int = 0
+    backend: str = "reference"
+    beyond: str = "error"
+
+    def __post_init__(self):
+        for s in self.sparsities:
+            if not 0.0 <= float(s) < 1.0:
+                raise InvalidArgumentError(f"sparsity {s} is outside [0, 1)")
+        for b in self.blocks:
+            if b is not None and int(b) < 1:
+                raise InvalidArgumentError(f"block size {b} must be a positive integer (or None for token level)")
+
+
+@dataclass
+class SweepResult:
+    """Every number of a sweep. ``runs``: one dict per (granularity, policy, sparsity) with keys
+    ``block``, ``policy``, ``sparsity`` (target), ``achieved`` (attendable convention),
+    ``achieved_paper`` (causal zeros counted, when the mask reports it), ``value``, ``delta``
+    (value - dense value), ``kept_mass`` (per site), ``mean_kept_mass``, ``seconds``."""
+
+    model: str
+    task: str
+    metric: str
+    dense: dict
+    runs: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return HIGHER_IS_BETTER[self.metric]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["higher_is_better"] = self.higher_is_better
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepResult":
+        d = {k: v for k, v in d.items() if k in {f for f in cls.__dataclass_fields__}}
+        return cls(**d)
+
+
+def _achieved(mask) -> tuple[float | None, float | None]:
+    """(attendable sparsity, paper-convention sparsity) over the whole mask, from its metadata.
+
+    The paper's convention counts causal-future entries as pruned; per site it is
+    ``meta["sites"][site]["paper_sparsity"]``, pooled here over sites by entry counts."""
+    meta = getattr(mask, "meta", {}) or {}
+    a = meta.get("sparsity")
+    kept, total = 0.0, 0.0
+    for s in (meta.get("sites") or {}).values():
+        ps, k = s.get("paper_sparsity"), s.get("kept_entries")
+        if ps is None or k is None or ps >= 1.0:
+            continue
+        kept += k
+        total += k / (1.0 - ps)
+    p = 1.0 - kept / total if total > 0 else None
+    return (float(a) if a is not None else None, p)
+
+
+def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, task: str = "causal-lm",
+          config: SweepConfig | None = None, stats=None, observe_model: nn.Module | None = None,
+          model_name: str = "", data_info: dict | None = None, progress: bool = True,
+          on_run: Callable[[dict], None] | None = None):
+    """Quality versus sparsity: dense baseline, then masks over blocks x policies x sparsities.
+
+    model: what is measured (returns logits); observe_model: the module to observe and mask
+        (default ``model``; e.g. ``clf.encoder`` for an ``EncoderClassifier``).
+    calib_batches / test_batches: re-iterable sequences of batches (dicts of model keyword
+        arguments; ``labels: [batch]`` for classification), disjoint (checked).
+    task: ``"causal-lm"`` (perplexity) or ``"classification"`` (accuracy).
+    stats: an ``AttentionStats`` already observed on ``calib_batches`` (skips observation).
+    on_run: called with every run's dict as soon as it is measured (e.g. to print it).
+    Returns ``(SweepResult, AttentionStats, masks)`` where ``masks`` maps
+    ``(block, policy, sparsity)`` to the ``PruneMask`` used.
+    """
+    import attnprune
+
+    if task not in TASK_METRICS:
+        raise InvalidArgumentError(f"unknown task {task!r}; known: {', '.join(TASK_METRICS)}")
+    config = config or SweepConfig()
+    metric = TASK_METRICS[task]
+    measure = METRICS[metric]
+    target = observe_model if observe_model is not None else model
+    if not calib_batches:
+        raise EmptyDatasetError("sweep: no calibration batches")
+    if not test_batches:
+        raise EmptyDatasetError("sweep: no test batches")
+    check_disjoint(calib_batches, test_batches)
+    timings: dict[str, float] = {}
+
+    torch.manual_seed(config.seed)
+    dense = measure(model, test_batches, progress=progress, desc="dense")
+    timings["dense_eval_s"] = dense.seconds
+
+    if stats is None:
+        t0 = time.perf_counter()
+        obs_batches = [_model_inputs(b) for b in calib_batches]
+        stats = attnprune.observe(target, obs_batches, granularity=1, progress=progress)
+        timings["observe_s"] = time.perf_counter() - t0
+
+    result = SweepResult(model=model_name, task=task, metric=metric, dense=dense.to_dict(),
+                         config=asdict(config), data=dict(data_info or {}), timings=timings)
+    masks: dict = {}
+    combos = [(b, p, s) for b in config.blocks for p in config.policies for s in config.sparsities]
+    t_masks, t_evals = 0.0, 0.0
+    for block, policy, sp in _progress(combos, progress, "sweep"):
+        t0 = time.perf_counter()
+        mask = attnprune.make_mask(stats, float(sp), policy=policy, block=block, seed=config.seed)
+        t_masks += time.perf_counter() - t0
+        masks[(block, policy, float(sp))] = mask
+        torch.manual_seed(config.seed)
+        with attnprune.apply(target, mask, backend=config.backend, beyond=config.beyond):
+            r = measure(model, test_batches, progress=progress,
+                        desc=f"{policy} {sp:g}" + (f" b{block}" if block else ""))
+        t_evals += r.seconds
+        achieved, paper = _achieved(mask)
+        km = kept_mass(stats, mask)
+        finite = [v for v in km.values() if not math.isnan(v)]
+        run = {
+            "block": block, "policy": policy, "sparsity": float(sp),
+            "achieved": achieved, "achieved_paper": paper,
+            "value": r.value, "delta": r.value - dense.value,
+            "nll": r.nll, "count": r.count, "correct": r.correct,
+            "kept_mass": km, "mean_kept_mass": sum(finite) / len(finite) if finite else None,
+            "seconds": r.seconds,
+        }
+        result.runs.append(run)
+        if on_run is not None:
+            on_run(run)
+    timings["make_mask_s"] = t_masks
+    timings["masked_eval_s"] = t_evals
+    return result, stats, masks
