@@ -244,3 +244,27 @@ def test_unknown_policy_and_bad_block():
     for bad in (0, -2, 1.5):
         with pytest.raises(InvalidArgumentError, match="block"):
             make_mask(st, 0.5, block=bad)
+
+
+def test_causal_block_stats_weigh_blocks_by_their_entries():
+    # granularity-2 stats of a causal 7x7 site must select the same blocks as its token stats
+    for seed in range(5):
+        tok = causal_means(7, seed)
+        seen = ~tok[0].isnan()
+        pad = lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1))
+        sums = pad(torch.nan_to_num(tok)).view(2, 4, 2, 4, 2).sum((2, 4))
+        counts = pad(seen.double()).view(4, 2, 4, 2).sum((1, 3))
+        st_blk = AttentionStats([SiteInfo("s", "causal", 2, 2)], granularity=2)
+        st_blk.add("s", sums, counts, q_len=7, k_len=7)
+        st_tok = stats_of({"s": tok}, {"s": "causal"})
+        for s in (0.3, 0.6):
+            a, b = make_mask(st_tok, s, block=2), make_mask(st_blk, s, block=2)
+            assert torch.equal(a.site("s").keep_blocks, b.site("s").keep_blocks), (seed, s)
+            assert a.meta["sites"]["s"]["kept_entries"] == b.meta["sites"]["s"]["kept_entries"]
+
+
+def test_never_prunes_more_than_asked():
+    # 10 entries at 0.77: floor(7.7) = 7 pruned, 3 kept (rounding would prune 8)
+    m, keep = one([[[0.1 * i for i in range(10)]]], 0.77)
+    assert int(keep.sum()) == 3 and keep[0, 0, 7:].all()
+    assert m.meta["sites"]["s"]["sparsity"] == pytest.approx(0.7)
