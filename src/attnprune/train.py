@@ -526,10 +526,10 @@ def _mask_fingerprint(mask: Any) -> str | None:
         return None
     h = hashlib.sha256()
     for s in mask.sites:
-        keep = mask[s]
-        h.update(s.encode())
-        h.update(str(tuple(keep.shape)).encode())
-        h.update(np.packbits(keep.detach().cpu().numpy().astype(bool)).tobytes())
+        sm = mask.site(s)
+        keep = sm.keep.detach().cpu().contiguous()
+        h.update(f"{s}:{sm.block}:{sm.q_len}:{sm.k_len}:{tuple(keep.shape)};".encode())
+        h.update(np.packbits(keep.numpy().astype(bool)).tobytes())
     return h.hexdigest()[:16]
 
 

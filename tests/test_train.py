@@ -1,0 +1,240 @@
+"""Tests of attnprune.train: exact resume, data order, masking during training, DDP, bad input.
+
+Everything runs on tiny random models on the CPU. Transformers is imported inside tests only, so
+the DDP worker processes (which import this module) start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnprune.errors import AttnPruneError, CorruptFileError, InvalidArgumentError
+from attnprune.train import (BatchPlan, CheckpointError, TrainConfig, collate, finetune,
+                             latest_checkpoint, list_checkpoints, lr_factor)
+
+VOCAB = 128
+
+
+def _gpt2(dropout: float = 0.1):
+    """Tiny GPT-2 (dropout on, so resuming must restore the RNG), fixed seed."""
+    from attnprune.models import load_model
+
+    model = load_model("tiny-gpt2").model
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    return model
+
+
+def _sdpa():
+    from attnprune.models import load_model
+
+    return load_model("tiny-sdpa").model
+
+
+def _lm_data(n: int = 48, seed: int = 1, ragged: bool = False) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(6, 17, (1,), generator=g)) if ragged else 16
+        out.append(torch.randint(3, VOCAB, (length,), generator=g))
+    return out
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"weights differ at {k}"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"weights differ at {k}")
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=8, lr=3e-3, batch_size=3, grad_accum=2, warmup_steps=2, checkpoint_every=3,
+                progress=False, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------ data plan
+
+def test_plan_is_split_invariant_and_disjoint():
+    """A step's examples do not depend on how the global batch is split over ranks/accumulation."""
+    n = 50
+    one = BatchPlan(n, batch_size=8, grad_accum=1, world_size=1, seed=3)
+    acc = BatchPlan(n, batch_size=2, grad_accum=2, world_size=2, seed=3)
+    for step in range(one.steps_per_epoch * 2 + 1):  # crosses two epoch boundaries
+        whole = one.micro_batches(step, 0)[0]
+        parts = [acc.micro_batches(step, r) for r in range(2)]
+        flat = [i for r in range(2) for mb in parts[r] for i in mb]
+        assert sorted(flat) == sorted(whole)
+        assert len(set(flat)) == len(flat)  # ranks' shards are disjoint
+    # epochs differ in order but each covers distinct examples
+    e0 = [i for s in range(one.steps_per_epoch) for i in one.micro_batches(s, 0)[0]]
+    e1 = [i for s in range(one.steps_per_epoch, 2 * one.steps_per_epoch) for i in one.micro_batches(s, 0)[0]]
+    assert len(set(e0)) == len(e0) and e0 != e1
+
+
+def test_collate_pads_and_masks_labels():
+    ex = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    b = collate(ex, [0, 1], "causal-lm", pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [[5, 6, 7], [8, 9, -100]]
+    c = collate([{"input_ids": [1, 2], "labels": 1}, {"input_ids": [3], "labels": 0}], [0, 1], "classification")
+    assert c["labels"].tolist() == [1, 0]
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=10, warmup_steps=2, schedule="linear")
+    assert [round(lr_factor(s, cfg), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    """Stop after 5 of 8 steps, resume: same final weights, same batches, metrics once per step."""
+    model = _gpt2()
+    seen_full: list[list[int]] = []
+    res = finetune(model, _lm_data(), out_dir=tmp_path / "full", config=_cfg(),
+                   callbacks=[lambda i: seen_full.append(i.example_ids)])
+    assert res.finished and res.step == 8
+    full = _weights(model)
+
+    model2 = _gpt2()
+    seen: list[list[int]] = []
+    r1 = finetune(model2, _lm_data(), out_dir=tmp_path / "cut", config=_cfg(max_steps_this_run=5),
+                  callbacks=[lambda i: seen.append(i.example_ids)])
+    assert not r1.finished and r1.step == 5 and r1.weights is None
+    assert r1.checkpoint.name == "step-00000005.pt"
+    torch.manual_seed(1234)  # as in a fresh process: the RNG state must come from the checkpoint
+    model3 = _gpt2()  # a fresh process would rebuild the model: its weights come from the checkpoint
+    r2 = finetune(model3, _lm_data(), out_dir=tmp_path / "cut", config=_cfg(), resume=True,
+                  callbacks=[lambda i: seen.append(i.example_ids)])
+    assert r2.finished and r2.step == 8 and len(r2.history) == 3
+    assert seen == seen_full
+    _assert_same_weights(_weights(model3), full)
+    assert _metric_steps(tmp_path / "cut") == list(range(1, 9))
+    losses_full = [json.loads(x)["loss"] for x in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    losses_cut = [json.loads(x)["loss"] for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert losses_full == losses_cut
+    # the comparison is sensitive: another seed gives other weights
+    model4 = _gpt2()
+    finetune(model4, _lm_data(), out_dir=tmp_path / "other", config=_cfg(seed=6))
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(model4).values(), full.values()))
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_resumes_from_last_checkpoint(tmp_path):
+    """A crash at step 5 (checkpoints every 2) loses step 5; resuming redoes it from step 4."""
+    model = _gpt2()
+    seen_full: list[list[int]] = []
+    finetune(model, _lm_data(ragged=True), out_dir=tmp_path / "full", config=_cfg(checkpoint_every=2),
+             callbacks=[lambda i: seen_full.append(i.example_ids)])
+    full = _weights(model)
+
+    def crash(info):
+        if info.step == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        finetune(_gpt2(), _lm_data(ragged=True), out_dir=tmp_path / "cut",
+                 config=_cfg(checkpoint_every=2), callbacks=[crash])
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2, 4]  # keep_checkpoints=2
+    assert _metric_steps(tmp_path / "cut") == [1, 2, 3, 4, 5]
+    seen: list[list[int]] = []
+    torch.manual_seed(1234)  # as in a fresh process
+    model2 = _gpt2()
+    finetune(model2, _lm_data(ragged=True), out_dir=tmp_path / "cut", config=_cfg(checkpoint_every=2),
+             resume=True, callbacks=[lambda i: seen.append(i.example_ids)])
+    assert seen == seen_full[4:]  # steps 5..8: nothing lost, nothing repeated
+    _assert_same_weights(_weights(model2), full)
+    assert _metric_steps(tmp_path / "cut") == list(range(1, 9))  # the lost step-5 line was dropped
+    assert (tmp_path / "cut/model.safetensors").is_file()
+    assert json.loads((tmp_path / "cut/summary.json").read_text())["finished"] is True
+
+
+def test_training_reduces_loss_and_saves_loadable_weights(tmp_path):
+    from safetensors.torch import load_model
+
+    model = _sdpa()
+    data = [torch.arange(3, 19) % 11 + 3 for _ in range(16)]  # one repeated sequence: learnable
+    res = finetune(model, data, out_dir=tmp_path, config=TrainConfig(steps=30, lr=1e-2, batch_size=4,
+                                                                      progress=False))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    fresh = _sdpa()
+    load_model(fresh, str(res.weights))
+    _assert_same_weights(_weights(fresh), _weights(model))
+
+
+def test_classification(tmp_path):
+    from attnprune.models import load_model
+
+    model = load_model("tiny-bert").model
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(32):
+        label = i % 2
+        ids = torch.randint(10, 60, (8,), generator=g) + 60 * label  # token range gives the label away
+        data.append({"input_ids": ids, "labels": label})
+    finetune(model, data, task="classification", out_dir=tmp_path,
+             config=TrainConfig(steps=25, lr=5e-3, batch_size=8, progress=False))
+    model.eval()
+    batch = collate(data, list(range(32)), "classification")
+    with torch.no_grad():
+        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    assert (pred == batch["labels"]).float().mean() >= 0.9
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(), resume=True)
+    assert issubclass(CheckpointError, AttnPruneError)
+
+
+def test_existing_run_needs_resume_and_same_settings(tmp_path):
+    finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(max_steps_this_run=2))
+    with pytest.raises(CheckpointError, match="--resume"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg())
+    with pytest.raises(CheckpointError, match="lr"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(lr=1e-4), resume=True)
+    with pytest.raises(CheckpointError, match="different model"):
+        finetune(_gpt2(), _lm_data(), out_dir=tmp_path, config=_cfg(), resume=True)
+
+
+def test_corrupt_checkpoint(tmp_path):
+    finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(max_steps_this_run=3))
+    ck = latest_checkpoint(tmp_path)
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(CorruptFileError, match="cannot be read"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(), resume=True)
+
+
+def test_bad_config_and_data(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="lr"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=TrainConfig(lr=-1.0))
+    with pytest.raises(InvalidArgumentError, match="fewer than one global batch"):
+        finetune(_sdpa(), _lm_data(n=4), out_dir=tmp_path, config=TrainConfig(batch_size=8))
+    with pytest.raises(InvalidArgumentError, match="task"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, task="seq2seq")
+    assert not (tmp_path / "checkpoints").exists()
