@@ -1,0 +1,50 @@
+"""Backends: how masked attention is computed for one site. A small registry of functions::
+
+    backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+            q_offset=0, beyond="error") -> Tensor[B, Hq, Lq, Dv]
+
+q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; ``site_mask``: the site's
+``SiteMask``. ``attn_mask``: None, bool (True = may attend) or additive float, broadcastable to
+``[B, Hq, Lq, Lk]``. ``is_causal``: key ``j`` is visible to query ``i`` only if ``j <= i + q_offset``.
+``q_offset``: position of the first query in mask coordinates (``Lk - Lq`` for causal sites with a
+KV cache). Pruned entries get exactly ``-inf`` before the softmax; a row with nothing left is 0.
+
+``"reference"`` (dense, any device) is always registered; ``"triton"`` and ``"flex"`` are imported
+on first use (they need a CUDA GPU and Triton / FlexAttention).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MissingDependencyError
+from ..registry import Registry
+
+_LAZY = {"triton": "attnprune.backends.triton", "flex": "attnprune.backends.flex"}
+
+
+class _BackendRegistry(Registry):
+    """A ``Registry`` that imports the optional backend modules the first time they are asked for."""
+
+    def get(self, name: str):
+        if name not in self and name in _LAZY:
+            try:
+                importlib.import_module(_LAZY[name])
+            except ImportError as e:
+                raise MissingDependencyError(
+                    f"backend {name!r} cannot be loaded ({e}); it needs a CUDA GPU with Triton "
+                    f"(pip install 'attnprune[kernels]'); use backend='reference' meanwhile") from None
+        return super().get(name)
+
+    def names(self) -> list[str]:
+        return sorted(set(super().names()) | set(_LAZY))
+
+    def __iter__(self):
+        return iter(self.names())
+
+
+BACKENDS: Registry = _BackendRegistry("backend")
+
+from .reference import reference_backend  # noqa: E402  (registers "reference")
+
+__all__ = ["BACKENDS", "reference_backend"]

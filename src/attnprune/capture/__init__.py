@@ -123,6 +123,8 @@ class Interceptor:
         self.forwards = 0
         self.hf_depth = 0  # >0 while the HF path runs an attention function (SDPA path stays out)
         self.mode = SDPAMode(self)
+        self.after_forward: Callable[[dict], None] | None = None  # called after a successful model forward
+        self._root_kwargs: dict = {}
         self._handles = []
         self._hf = None
 
@@ -133,6 +135,8 @@ class Interceptor:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, always_call=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_done))
         self._hf = hf.switch(self.model, self)
 
     def remove(self) -> None:
@@ -152,6 +156,16 @@ class Interceptor:
                 self.mode.__enter__()
         self.stack.append(module)
         self.counts[module] = 0
+
+    def _root_pre(self, module, args, kwargs):
+        if len(self.stack) == 1:
+            self._root_kwargs = kwargs
+        return None
+
+    def _root_done(self, module, args, output):
+        if not self.stack and self.after_forward is not None:
+            self.after_forward(self._root_kwargs)
+        return None
 
     def _post(self, module, args, output):
         if self.stack and self.stack[-1] is module:

@@ -1,0 +1,107 @@
+"""apply / attach / detach: run a model with attention computed only where a PruneMask keeps it."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator
+
+from torch import nn
+
+from .backends import BACKENDS
+from .capture import AttentionCall, Interceptor
+from .errors import InvalidArgumentError, MaskMismatchError
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+
+
+class _Patch:
+    """The handler installed on a model: looks up the site's mask and calls the backend."""
+
+    def __init__(self, model: nn.Module, mask, backend: str, beyond: str):
+        self.mask, self.beyond, self.backend_name = mask, beyond, backend
+        self.backend = BACKENDS.get(backend)
+        self.checked = False
+        self.interceptor = Interceptor(model, self)
+        self.interceptor.after_forward = self.after_forward
+
+    def __call__(self, call: AttentionCall):
+        if call.site not in self.mask:
+            raise MaskMismatchError(
+                f"the model has an attention site {call.site!r} ({call.kind}, {call.info.num_heads} heads) "
+                f"that the mask does not know; the mask's sites: {', '.join(self.mask.sites[:5])}"
+                f"{' ...' if len(self.mask.sites) > 5 else ''}. Make the mask from this model's stats")
+        sm = self.mask.site(call.site)
+        if sm.info.num_heads != call.info.num_heads:
+            raise MaskMismatchError(f"site {call.site!r}: the mask has {sm.info.num_heads} heads, the model "
+                                    f"{call.info.num_heads}; the mask was made for another model")
+        lq, lk = call.q.shape[2], call.k.shape[2]
+        # SDPA's own is_causal is top-left aligned (query i sees keys <= i): offset 0 keeps it so.
+        q_offset = lk - lq if (call.kind == "causal" and not call.is_causal and lk > lq) else 0
+        return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
+                            scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=self.beyond)
+
+    def after_forward(self, kwargs: dict) -> None:
+        it = self.interceptor
+        it.check_found()
+        partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values"))
+        if not self.checked and not partial:
+            self.mask.check_model(it.infos)
+            self.checked = True
+
+
+def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> nn.Module:
+    """Patch ``model`` in place so that every attention site computes only the entries ``mask`` keeps.
+
+    Args:
+        model: the model the mask was made for (same site names and head counts).
+        mask: a ``PruneMask``.
+        backend: ``"reference"`` (dense masked, any device), ``"triton"`` or ``"flex"`` (CUDA).
+        beyond: inputs longer than the calibrated lengths raise ``LengthError`` (``"error"``) or run
+            densely outside the calibrated region (``"dense"``); shorter inputs use the top-left part.
+
+    Works in training (gradients flow through the kept entries). The first full forward checks the
+    mask against the model (``MaskMismatchError`` naming the differing sites or head counts); a
+    model site unknown to the mask is an error on every call. Undo with :func:`detach`.
+    Returns ``model``.
+    """
+    if beyond not in ("error", "dense"):
+        raise InvalidArgumentError(f"beyond must be 'error' or 'dense', got {beyond!r}")
+    if model in _ATTACHED:
+        raise InvalidArgumentError("a mask is already attached to this model; detach(model) first")
+    for attr in ("sites", "site", "check_model"):
+        if not hasattr(mask, attr):
+            raise InvalidArgumentError(f"mask must be a PruneMask, got {type(mask).__name__}")
+    patch = _Patch(model, mask, backend, beyond)
+    patch.interceptor.install()
+    _ATTACHED[model] = patch
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove what :func:`attach` installed; the model computes dense attention again. Returns ``model``."""
+    patch = _ATTACHED.pop(model, None)
+    if patch is None:
+        raise InvalidArgumentError("no mask is attached to this model")
+    patch.interceptor.remove()
+    return model
+
+
+def attached(model: nn.Module):
+    """The ``PruneMask`` attached to ``model``, or None."""
+    patch = _ATTACHED.get(model)
+    return None if patch is None else patch.mask
+
+
+@contextlib.contextmanager
+def apply(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> Iterator[nn.Module]:
+    """Context manager form of :func:`attach` / :func:`detach`::
+
+        with attnprune.apply(model, mask):
+            logits = model(**batch).logits
+    """
+    attach(model, mask, backend=backend, beyond=beyond)
+    try:
+        yield model
+    finally:
+        detach(model)

@@ -1,0 +1,54 @@
+"""``backend="reference"``: dense masked attention on any device, exact and differentiable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MaskMismatchError
+from . import BACKENDS
+
+
+@BACKENDS.register("reference")
+def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+                      q_offset=0, beyond="error"):
+    """Masked softmax attention computed densely.
+
+    q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` -> ``[B, Hq, Lq, Dv]``.
+    Kept entries are ``site_mask.keep_tokens(Lq, Lk, q_offset=q_offset, beyond=beyond)`` intersected
+    with ``attn_mask`` (bool) and causality (``j <= i + q_offset``); an additive float ``attn_mask`` is
+    added to the scores. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
+    are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
+    Half-precision inputs are computed in float32 and cast back.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise MaskMismatchError(f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    keep = site_mask.keep_tokens(Lq, Lk, device=q.device, q_offset=q_offset, beyond=beyond)
+    if keep.shape[0] != Hq:
+        raise MaskMismatchError(f"site {site_mask.info.name!r}: the mask has {keep.shape[0]} heads, "
+                                f"the model {Hq}")
+    dt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    allowed = keep[None]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            scores = scores + attn_mask.to(dt)
+    if is_causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= i + q_offset)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    alive = (scores > float("-inf")).any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return (probs @ v.to(dt)).to(q.dtype)
