@@ -121,17 +121,22 @@ class SiteMask:
         """``kernels.BlockLayout`` for queries ``q_offset..q_offset+lq-1`` x keys ``0..lk-1``.
 
         block: the kernel's tile ``(bq, bk)``. A block-level mask with ``b == bq == bk`` and
-        ``q_offset % b == 0`` is handed over block by block; otherwise the token mask is tiled.
+        ``q_offset % b == 0`` is handed over block by block (``from_blocks``); otherwise (or when a
+        block straddles the calibrated edge under ``beyond="dense"``) the token mask is tiled.
         Same ``beyond`` rule as ``keep_tokens``. Cached.
         """
         from .kernels import BlockLayout  # written by the kernels engineer
 
         bq, bk = int(block[0]), int(block[1])
-        self._check_region(lq, lk, q_offset, beyond)
+        inside = self._check_region(lq, lk, q_offset, beyond)
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        b = self.block
+        # whole stored blocks can be handed over unless a block straddles the calibrated edge
+        by_block = (b is not None and bq == bk == b and q_offset % b == 0
+                    and (inside or (self.q_len % b == 0 and self.k_len % b == 0)))
 
         def build():
-            if self.block is not None and bq == bk == self.block and q_offset % bq == 0:
+            if by_block:
                 return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset).to(dev), block=(bq, bk),
                                               q_len=lq, k_len=lk)
             return BlockLayout.from_tokens(self.keep_tokens(lq, lk, device=dev, q_offset=q_offset,
