@@ -1,0 +1,192 @@
+"""``backend="triton"`` and ``backend="flex"`` on real ``SiteMask`` objects, against a float64 reference.
+
+Without a GPU the Triton kernels run under the interpreter and FlexAttention runs eagerly (forward
+only: PyTorch has no CPU FlexAttention backward); shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from attnprune.backends.triton import kernel_block, split_attn_mask, triton_backend  # noqa: E402
+from attnprune.errors import LengthError  # noqa: E402
+from attnprune.kernels import BlockLayout  # noqa: E402
+from attnprune.mask import SiteMask  # noqa: E402
+from attnprune.sites import SiteInfo  # noqa: E402
+
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = 5e-3 if HAS_CUDA else 1e-5
+
+
+def ref_attention(q, k, v, allowed, scale=None):
+    """float64; allowed bool broadcastable to [B, Hq, Lq, Lk]; empty rows -> 0."""
+    G = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(G, 1)
+    v = v.double().repeat_interleave(G, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_site(kind, H, Hkv, lq, lk, block=None, p=0.6):
+    info = SiteInfo(f"layers.0.{kind}", kind, H, Hkv)
+    if block is None:
+        keep = torch.rand(H, lq, lk) < p
+    else:
+        keep = torch.rand(H, -(-lq // block), -(-lk // block)) < p
+    return SiteMask(info, lq, lk, keep=keep, block=block)
+
+
+def hf_mask(B, Lq, Lk, lens, causal=True, dtype=torch.float32):
+    """HF-style additive [B, 1, Lq, Lk] mask: 0 where allowed, finfo.min elsewhere (right padding)."""
+    j = torch.arange(Lk)
+    allowed = (j[None, :] < torch.as_tensor(lens)[:, None])[:, None, None, :].expand(B, 1, Lq, Lk)
+    if causal:
+        allowed = allowed & (j[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq))
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype), allowed
+
+
+def test_split_attn_mask():
+    B, Lq, Lk = 2, 6, 9
+    assert split_attn_mask(None, B, Lq, Lk, True, 3) == (None, True, 3)
+    kp = torch.rand(B, Lk) < 0.7
+    got = split_attn_mask(kp[:, None, None, :], B, Lq, Lk, False, 0)
+    assert torch.equal(got[0], kp) and got[1] is False
+    add, allowed = hf_mask(B, Lq, Lk, [9, 5])
+    kpm, causal, off = split_attn_mask(add, B, Lq, Lk, False, 0)
+    assert causal and off == Lk - Lq
+    assert torch.equal(kpm, torch.arange(Lk)[None] < torch.tensor([9, 5])[:, None])
+    bias = torch.randn(B, 1, Lq, Lk)
+    assert split_attn_mask(bias, B, Lq, Lk, False, 0) is None
+    weird = torch.rand(B, 1, Lq, Lk) < 0.5
+    assert split_attn_mask(weird, B, Lq, Lk, False, 0) is None
+
+
+def test_kernel_block_choice():
+    assert kernel_block(make_site("self", 1, 1, 64, 64, block=32), 64, 64) == (32, 32)
+    assert kernel_block(make_site("self", 1, 1, 64, 64), 64, 64) == (64, 64)
+
+
+@pytest.mark.parametrize("kind", ["self", "causal"])
+def test_triton_backend_token_mask(kind):
+    B, H, Hkv, L, D = 2, 4, 2, 40, 16
+    sm = make_site(kind, H, Hkv, L, L)
+    q = torch.randn(B, H, L, D, device=DEV, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, device=DEV, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, device=DEV, requires_grad=True)
+    causal = kind == "causal"
+    out = triton_backend(q, k, v, sm, is_causal=causal)
+    allowed = sm.keep.to(DEV)[None]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
+    ref = ref_attention(q, k, v, allowed)
+    assert rel(out, ref) < TOL
+    go = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), go)
+    gr = torch.autograd.grad(ref, (q, k, v), go.double())
+    for a, b in zip(g, gr):
+        assert rel(a, b) < 2 * TOL
+
+
+def test_triton_backend_block_mask_with_hf_padding_mask():
+    B, H, L, D = 2, 2, 48, 16
+    sm = make_site("causal", H, H, L, L, block=16, p=0.7)
+    q, k, v = (torch.randn(B, H, L, D, device=DEV) for _ in range(3))
+    add, allowed = hf_mask(B, L, L, [48, 30])
+    out = triton_backend(q, k, v, sm, attn_mask=add.to(DEV))
+    tok = sm.keep_tokens(L, L, device=DEV)
+    ref = ref_attention(q, k, v, tok[None] & allowed.to(DEV))
+    assert rel(out, ref) < TOL
+
+
+def test_triton_backend_kv_cache_offset():
+    B, H, Lq, Lk, D = 1, 2, 5, 37, 16
+    sm = make_site("causal", H, H, 64, 64)
+    q = torch.randn(B, H, Lq, D, device=DEV)
+    k, v = (torch.randn(B, H, Lk, D, device=DEV) for _ in range(2))
+    out = triton_backend(q, k, v, sm, is_causal=True, q_offset=Lk - Lq)
+    tok = sm.keep_tokens(Lq, Lk, device=DEV, q_offset=Lk - Lq)
+    j, i = torch.arange(Lk, device=DEV), torch.arange(Lq, device=DEV)
+    ref = ref_attention(q, k, v, (tok & (j[None] <= i[:, None] + Lk - Lq))[None])
+    assert rel(out, ref) < TOL
+
+
+def test_triton_backend_beyond():
+    sm = make_site("self", 1, 1, 32, 32)
+    q = torch.randn(1, 1, 40, 16, device=DEV)
+    with pytest.raises(LengthError):
+        triton_backend(q, q, q, sm)
+    out = triton_backend(q, q, q, sm, beyond="dense")
+    ref = ref_attention(q, q, q, sm.keep_tokens(40, 40, device=DEV, beyond="dense")[None])
+    assert rel(out, ref) < TOL
+
+
+def test_triton_backend_falls_back_on_bias():
+    from attnprune import backends
+
+    if not hasattr(backends, "BACKENDS") or "reference" not in backends.BACKENDS:
+        pytest.skip("reference backend not registered yet")
+    sm = make_site("self", 2, 2, 24, 24)
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEV) for _ in range(3))
+    bias = torch.randn(1, 1, 24, 24, device=DEV)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = triton_backend(q, k, v, sm, attn_mask=bias)
+    assert any("reference" in str(x.message) for x in w)
+    assert out.shape == q.shape
+
+
+def _flex_or_skip():
+    try:
+        from attnprune.backends.flex import flex_sparse_attention
+
+        lay = BlockLayout.from_blocks(torch.ones(1, 1, 1, dtype=torch.bool, device=DEV), (128, 128))
+        x = torch.randn(1, 1, 8, 16, device=DEV)
+        flex_sparse_attention(x, x, x, lay)
+    except Exception as e:  # flex may be unavailable on this torch/device
+        pytest.skip(f"FlexAttention does not run here: {type(e).__name__}: {str(e)[:120]}")
+    return flex_sparse_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_matches_reference(causal):
+    flex_sparse_attention = _flex_or_skip()
+    B, H, Hkv, L, D = 1, 2, 1, 200, 16
+    tok = torch.rand(H, L, L, device=DEV) < 0.5
+    tok[:, :, :128] &= torch.rand(H, 1, 1, device=DEV) < 2  # keep some structure
+    tok[0, 128:, 128:] = True  # one fully kept block (a Flex "full" block)
+    tok[1, :128, 128:] = False  # one empty block
+    lay = BlockLayout.from_tokens(tok, (128, 128))
+    grad = HAS_CUDA
+    q = torch.randn(B, H, L, D, device=DEV, requires_grad=grad)
+    k = torch.randn(B, Hkv, L, D, device=DEV, requires_grad=grad)
+    v = torch.randn(B, Hkv, L, D, device=DEV, requires_grad=grad)
+    kp = torch.arange(L, device=DEV)[None] < 190
+    out = flex_sparse_attention(q, k, v, lay, causal=causal, key_padding=kp)
+    allowed = tok[None] & kp[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
+    ref = ref_attention(q, k, v, allowed)
+    assert rel(out, ref) < TOL
+    if grad:
+        go = torch.randn_like(out)
+        g = torch.autograd.grad(out, (q, k, v), go)
+        gr = torch.autograd.grad(ref, (q, k, v), go.double())
+        for a, b in zip(g, gr):
+            assert rel(a, b) < 2 * TOL
