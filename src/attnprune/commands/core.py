@@ -56,6 +56,8 @@ def _batches(args, loaded):
         if args.seq_len > loaded.max_length:
             raise InvalidArgumentError(f"--seq-len {args.seq_len} exceeds the model's maximum length "
                                        f"{loaded.max_length}")
+        if args.min_len is not None and args.min_len < args.seq_len and loaded.extra.get("padding") is False:
+            raise InvalidArgumentError(f"model {args.model!r} does not support padding; drop --min-len")
         pad = getattr(getattr(loaded.model, "config", None), "pad_token_id", None)
         data = RandomTokens(loaded.vocab_size, args.num_seqs, args.seq_len, args.batch_size, seed=args.seed,
                             min_len=args.min_len, pad_id=pad if isinstance(pad, int) else 0,
@@ -65,17 +67,25 @@ def _batches(args, loaded):
 
 
 def _source_batches(args, loaded):
-    """Batches from a data source registered by ``attnprune.data`` (see ``data/__init__.py``)."""
-    try:
-        from .. import data as data_mod
-        sources = data_mod.SOURCES
-    except (ImportError, AttributeError):
-        raise InvalidArgumentError(f"unknown data source {args.data!r}; only 'random' is available") from None
-    name, _, arg = args.data.partition(":")
-    build = sources.get(name)
-    batches = build(arg or None, loaded, num_seqs=args.num_seqs, seq_len=args.seq_len,
-                    batch_size=args.batch_size, seed=args.seed)
-    return batches, getattr(batches, "description", None) or args.data
+    """Batches from a dataset of ``attnprune.data`` (its calibration split, or its first split)."""
+    from .. import data
+
+    ds = data.load_dataset(args.data)
+    split = "calibration" if "calibration" in ds.splits else next(iter(ds.splits))
+    records = ds[split]
+    if ds.kind == "tokens":
+        batches = data.lm_batches(records, None, seq_len=args.seq_len, batch_size=args.batch_size,
+                                  max_sequences=args.num_seqs)
+    elif loaded.tokenizer is None:
+        raise InvalidArgumentError(f"model {args.model!r} has no tokenizer, so it cannot read the text "
+                                   f"data {args.data!r}; use --data random")
+    elif loaded.task == "classification" and ds.kind == "labelled":
+        batches = data.classification_batches(records[: args.num_seqs], loaded.tokenizer,
+                                              batch_size=args.batch_size, max_length=args.seq_len)
+    else:
+        batches = data.lm_batches(ds.texts(split), loaded.tokenizer, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, max_sequences=args.num_seqs)
+    return batches, ds.describe(split)
 
 
 def cmd_observe(args) -> int:
@@ -86,9 +96,9 @@ def cmd_observe(args) -> int:
         raise InvalidArgumentError(f"output {args.output!r} is a directory")
     loaded = load_model(args.model)
     batches, description = _batches(args, loaded)
-    stats = observe(loaded.model, batches, granularity=args.granularity, progress=not args.quiet)
-    stats.model_name = stats.model_name or loaded.name
-    stats.description = stats.description or description
+    stats = observe(loaded.model, batches, granularity=args.granularity, progress=not args.quiet,
+                    description=description)
+    stats.model_name = loaded.name or stats.model_name
     stats.save(args.output)
     print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_sequences} sequences, "
           f"granularity {stats.granularity}")

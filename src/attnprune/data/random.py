@@ -57,3 +57,29 @@ class RandomTokens:
 def random_batches(vocab_size: int, num_seqs: int, seq_len: int, batch_size: int = 8, **kw) -> RandomTokens:
     """Shorthand for ``RandomTokens(...)``."""
     return RandomTokens(vocab_size, num_seqs, seq_len, batch_size, **kw)
+
+
+def _register() -> None:
+    """Register the ``random`` data source (a ``"tokens"`` Dataset) in ``attnprune.data.SOURCES``."""
+    from . import SOURCES, Dataset
+
+    @SOURCES.register("random")
+    def random_source(arg: str | None = None, *, vocab_size: int = 128, num_seqs: int = 16, seq_len: int = 64,
+                      min_len: int | None = None, seed: int = 0, **_ignored) -> Dataset:
+        """Random token sequences: splits calibration / train / test (``num_seqs`` each, own seeds).
+
+        ``arg`` may give the vocabulary size (``random:1000``). Records: ``{"input_ids": list[int]}``
+        (unpadded; lengths in ``[min_len, seq_len]``).
+        """
+        vocab = int(arg) if arg else vocab_size
+        splits = {}
+        for i, split in enumerate(("calibration", "train", "test")):
+            records = []
+            for batch in RandomTokens(vocab, num_seqs, seq_len, num_seqs, seed=seed + 1000 * i, min_len=min_len):
+                for ids, m in zip(batch["input_ids"], batch["attention_mask"]):
+                    records.append({"input_ids": ids[m.bool()].tolist()})
+            splits[split] = records
+        return Dataset("random", "tokens", splits, {"vocab_size": vocab, "seed": seed, "seq_len": seq_len})
+
+
+_register()
