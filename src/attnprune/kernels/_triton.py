@@ -73,7 +73,7 @@ def _fwd_kernel(
             p = tl.math.exp2(qk - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
     # ---- blocks that need a per-element mask
@@ -105,7 +105,7 @@ def _fwd_kernel(
             p = tl.math.exp2(qk - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
     empty = l_i == 0.0
@@ -175,7 +175,7 @@ def _dq_kernel(
                 p = tl.where(kp[None, :], p, 0.0)
             dp = tl.dot(do, vT)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     for e in range(mid, end):
         kb = tl.load(FCOL + e)
         code = tl.load(FCODE + e)
@@ -201,7 +201,7 @@ def _dq_kernel(
             p = tl.where(ok, tl.math.exp2(qk - lse[:, None]), 0.0)
             dp = tl.dot(do, vT)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -268,10 +268,10 @@ def _dkdv_kernel(
                 pT = tl.math.exp2(qkT - lse[None, :])
                 if HAS_KPM:
                     pT = tl.where(kp[:, None], pT, 0.0)
-                dv += tl.dot(pT.to(do.dtype), do)
+                dv = tl.dot(pT.to(do.dtype), do, dv)
                 dpT = tl.dot(v, tl.trans(do))
                 dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
         for e in range(mid, end):
             qb = tl.load(BROW + e)
             code = tl.load(BCODE + e)
@@ -296,10 +296,10 @@ def _dkdv_kernel(
                 )
                 ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
                 pT = tl.where(ok, tl.math.exp2(qkT - lse[None, :]), 0.0)
-                dv += tl.dot(pT.to(do.dtype), do)
+                dv = tl.dot(pT.to(do.dtype), do, dv)
                 dpT = tl.dot(v, tl.trans(do))
                 dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
 
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,

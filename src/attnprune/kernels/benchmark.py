@@ -1,0 +1,252 @@
+"""Side-by-side attention timings: SDPA (cuDNN, flash), FlexAttention and ``sparse_attention``.
+
+Used by ``attnprune bench`` and ``bench/gpu_check.py``. Every configuration builds one random
+block layout (128 x 128 blocks, a given fraction of blocks kept per head, the same for every
+implementation that can use it), times forward and forward+backward with CUDA events (median of
+``triton.testing.do_bench``), and reports the time and the effective throughput: FLOPs of the
+kept (and causally allowed) entries over the time, for every implementation. Dense kernels do
+all the work whatever the density, so their effective throughput falls with density.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .attention import sparse_attention
+from .layout import BlockLayout
+
+IMPLS = ("cudnn", "flash", "flex", "ours")
+BLOCK = 128
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark configuration (query heads = kv heads = ``heads``)."""
+
+    head_dim: int
+    length: int
+    density: float
+    causal: bool
+    batch: int
+    heads: int = 16
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class BenchRow:
+    config: BenchConfig
+    mode: str  # "fwd" or "fwd+bwd"
+    impl: str
+    ms: float | None
+    tflops: float | None  # effective: kept FLOPs / time
+    kept_fraction: float  # allowed (i, j) entries / all Lq*Lk (causal and block mask included)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def default_batch(length: int, heads: int = 16, tokens: int = 32768) -> int:
+    """Batch so that batch * length ~ ``tokens`` (16 heads x 32k tokens fills an H100/H200)."""
+    return max(1, tokens // length)
+
+
+def random_block_layout(heads: int, length: int, density: float, *, causal: bool, block: int = BLOCK,
+                        seed: int = 0, device="cuda") -> BlockLayout:
+    """``density`` of the (causally reachable) 128 x 128 blocks kept per head; the diagonal is kept."""
+    nb = -(-length // block)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(heads, nb, nb, generator=g) < density
+    if density >= 1.0:
+        keep[:] = True
+    keep |= torch.eye(nb, dtype=torch.bool)[None]  # no empty rows
+    if causal:
+        keep &= torch.ones(nb, nb, dtype=torch.bool).tril()
+    return BlockLayout.from_blocks(keep.to(device), (block, block))
+
+
+def kept_entries(layout: BlockLayout, length: int, causal: bool) -> int:
+    """Number of (head, i, j) entries computed by an exact sparse kernel (per batch element)."""
+    bm = layout.block_mask().to(torch.int64)
+    b = layout.block[0]
+    nb = layout.q_blocks
+    sizes = torch.full((nb,), b, dtype=torch.int64)
+    sizes[-1] = length - b * (nb - 1)
+    area = sizes[:, None] * sizes[None, :]
+    if causal:
+        diag = sizes * (sizes + 1) // 2
+        area = area.tril(-1) + torch.diag(diag)
+    return int((bm.cpu() * area[None]).sum())
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+
+    def f(q, k, v, causal):
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return f
+
+
+def _impl_fn(impl: str, layout: BlockLayout, causal: bool, length: int, configs=None):
+    if impl in ("cudnn", "flash"):
+        f = _sdpa(impl)
+        return lambda q, k, v: f(q, k, v, causal)
+    if impl == "flex":
+        from ..backends.flex import _flex, flex_block_mask
+
+        bm = flex_block_mask(layout, length, length, causal=causal)
+        fx = _flex(torch.device("cuda"))
+        return lambda q, k, v: fx(q, k, v, block_mask=bm)
+    if impl == "ours":
+        return lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal, configs=configs)
+    raise ValueError(impl)
+
+
+def time_fn(fn, q, k, v, mode: str, *, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn(q, k, v)`` (``mode="fwd"``) or of it plus ``backward``."""
+    import triton
+
+    if mode == "fwd":
+        with torch.no_grad():
+            return float(triton.testing.do_bench(lambda: fn(q, k, v), warmup=warmup, rep=rep, return_mode="median"))
+    do = torch.randn_like(q)
+
+    def step():
+        out = fn(q, k, v)
+        out.backward(do)
+
+    return float(triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=[q, k, v], return_mode="median"))
+
+
+def matmul_ceiling(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Measured dense bf16 matrix-multiply rate (TFLOP/s) on random data."""
+    import triton
+
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense_cache: dict | None = None,
+               configs=None, log=print) -> list[BenchRow]:
+    """Time every implementation on one configuration; returns one row per (mode, impl)."""
+    dtype = getattr(torch, cfg.dtype)
+    L, H, B, D = cfg.length, cfg.heads, cfg.batch, cfg.head_dim
+    layout = random_block_layout(H, L, cfg.density, causal=cfg.causal, seed=hash((L, D, cfg.density)) % 2**31)
+    kept = kept_entries(layout, L, cfg.causal)
+    kept_frac = kept / (H * L * L)
+    flops_fwd = 4.0 * B * kept * D
+    rows: list[BenchRow] = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    for mode in modes:
+        flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+        for impl in impls:
+            dense = impl in ("cudnn", "flash")
+            key = (impl, mode, L, D, B, H, cfg.causal)
+            note = ""
+            if dense and dense_cache is not None and key in dense_cache:
+                ms = dense_cache[key]
+                note = "dense: timed once per shape"
+            else:
+                try:
+                    t0 = time.time()
+                    fn = _impl_fn(impl, layout, cfg.causal, L, configs)
+                    ms = time_fn(fn, q, k, v, mode)
+                    note = f"first call + timing {time.time() - t0:.1f}s"
+                except Exception as e:  # a backend missing on this stack is reported, not fatal
+                    ms, note = None, f"{type(e).__name__}: {str(e)[:200]}"
+                if dense and dense_cache is not None and ms is not None:
+                    dense_cache[key] = ms
+            tf = flops / (ms * 1e-3) / 1e12 if ms else None
+            rows.append(BenchRow(cfg, mode, impl, ms, tf, kept_frac, note))
+            log(f"  d={D} L={L} dens={cfg.density} causal={cfg.causal} {mode:8s} {impl:6s} "
+                f"{'-' if ms is None else f'{ms:8.3f} ms'} {'' if tf is None else f'{tf:6.1f} TFLOP/s'} {note[:80]}")
+    return rows
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(card=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def rows_to_json(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (d, L, causal, density, mode): ms of each implementation, ours' effective
+    TFLOP/s and its speed-ups over cuDNN and Flex."""
+    groups: dict = {}
+    for r in rows:
+        c = r["config"]
+        key = (c["head_dim"], c["length"], c["causal"], c["density"], r["mode"])
+        groups.setdefault(key, {"batch": c["batch"], "kept": r["kept_fraction"]})[r["impl"]] = r
+    head = ("| d | L | batch | causal | block density | kept entries | mode | cuDNN ms | flash ms | Flex ms | ours ms "
+            "| ours TFLOP/s (eff.) | Flex TFLOP/s (eff.) | ours vs cuDNN | ours vs Flex |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ms(g, i):
+        r = g.get(i)
+        return f"{r['ms']:.3f}" if r and r["ms"] else "—"
+
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], -k[3], k[4])):
+        d, L, causal, dens, mode = key
+        g = groups[key]
+        ours = g.get("ours", {}).get("ms")
+        cud = g.get("cudnn", {}).get("ms")
+        flex = g.get("flex", {}).get("ms")
+        sp = lambda a: f"{a / ours:.2f}x" if a and ours else "—"  # noqa: E731
+        tf = lambda i: (f"{g[i]['tflops']:.0f}" if g.get(i) and g[i].get("tflops") else "—")  # noqa: E731
+        lines.append(
+            f"| {d} | {L // 1024}k | {g['batch']} | {'yes' if causal else 'no'} | {dens:g} | {g['kept']:.3f} | {mode} | "
+            f"{ms(g, 'cudnn')} | {ms(g, 'flash')} | {ms(g, 'flex')} | {ms(g, 'ours')} | {tf('ours')} | {tf('flex')} | "
+            f"{sp(cud)} | {sp(flex)} |"
+        )
+    return "\n".join(lines)
+
+
+def run_grid(head_dims=(64, 128), lengths=(4096, 16384, 32768), densities=(1.0, 0.5, 0.1),
+             causals=(False, True), modes=("fwd", "fwd+bwd"), impls=IMPLS, heads=16, tokens=32768,
+             configs=None, log=print) -> list[dict]:
+    """The issue-3 grid; returns JSON-able rows."""
+    rows: list[BenchRow] = []
+    dense_cache: dict = {}
+    for d in head_dims:
+        for L in lengths:
+            for causal in causals:
+                for dens in densities:
+                    cfg = BenchConfig(d, L, dens, causal, default_batch(L, heads, tokens), heads)
+                    rows += run_config(cfg, impls=impls, modes=modes, dense_cache=dense_cache, configs=configs,
+                                       log=log)
+                    torch.cuda.empty_cache()
+    return rows_to_json(rows)
+
+
+def save(path, payload: dict) -> None:
+    from .._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+
+
+__all__ = ["BenchConfig", "BenchRow", "run_config", "run_grid", "matmul_ceiling", "environment", "markdown_table",
+           "random_block_layout", "kept_entries", "default_batch", "time_fn", "save", "IMPLS"]
