@@ -1,0 +1,228 @@
+"""CLI observe / mask / info end to end on tiny models, bad input, random data, model loaders."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnprune.cli import main
+from attnprune.mask import PruneMask
+from attnprune.sites import SiteInfo
+from attnprune.stats import AttentionStats
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_clean_error(rc, err, *words):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture()
+def stats_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    st = AttentionStats([SiteInfo("l0", "causal", 2, 2), SiteInfo("l1", "self", 3, 1)],
+                        model_name="toy", description="built in a test")
+    tri = torch.ones(16, 16).tril()
+    st.add("l0", torch.rand(2, 16, 16, generator=g) * tri, tri)
+    st.add("l1", torch.rand(3, 16, 16, generator=g), torch.ones(16, 16))
+    st.num_sequences = 1
+    path = tmp_path / "stats.safetensors"
+    st.save(path)
+    return path
+
+
+# ---- mask / info on stats built here -----------------------------------------------------------
+
+def test_mask_and_info(capsys, tmp_path, stats_file):
+    out_path = tmp_path / "out" / "mask.safetensors"
+    rc, out, _ = run(capsys, "mask", stats_file, "--sparsity", "0.75", "--policy", "head", "-o", out_path)
+    assert rc == 0 and "l0" in out and "l1" in out
+    m = PruneMask.load(out_path)
+    assert m.policy == "head" and m.sites == ["l0", "l1"]
+    # l1: 3 heads x 256 entries, every head keeps 256 - floor(0.75 * 256) = 64
+    assert m["l1"].sum((1, 2)).tolist() == [64, 64, 64]
+    assert m.meta["sites"]["l0"]["attendable_entries"] == 2 * 136
+    rc, out, _ = run(capsys, "info", out_path)
+    assert rc == 0 and "policy head" in out and "0.7500" in out and "toy" in out
+    rc, out, _ = run(capsys, "info", stats_file)
+    assert rc == 0 and "granularity 1" in out and "built in a test" in out and "l1" in out
+
+
+def test_mask_blocks(capsys, tmp_path, stats_file):
+    out_path = tmp_path / "m.safetensors"
+    rc, out, _ = run(capsys, "mask", stats_file, "--sparsity", "0.5", "--block", "4", "-o", out_path)
+    assert rc == 0 and "4x4 blocks" in out
+    m = PruneMask.load(out_path)
+    assert m.block == 4 and m.site("l1").keep_blocks.shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--sparsity", "1.5"], ["sparsity", "[0, 1)"]),
+    (["--sparsity", "-0.1"], ["sparsity"]),
+    (["--sparsity", "0.5", "--policy", "best"], ["policy", "'best'", "layer"]),
+    (["--sparsity", "0.5", "--block", "0"], ["block"]),
+])
+def test_mask_bad_arguments(capsys, tmp_path, stats_file, args, words):
+    out_path = tmp_path / "m.safetensors"
+    rc, out, err = run(capsys, "mask", stats_file, *args, "-o", out_path)
+    assert_clean_error(rc, err, *words)
+    assert sorted(os.listdir(tmp_path)) == ["stats.safetensors"]
+
+
+def test_bad_files(capsys, tmp_path, stats_file):
+    out_path = tmp_path / "m.safetensors"
+    rc, _, err = run(capsys, "mask", tmp_path / "missing.safetensors", "--sparsity", "0.5", "-o", out_path)
+    assert_clean_error(rc, err, "missing.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(stats_file.read_bytes()[:200])
+    rc, _, err = run(capsys, "mask", cut, "--sparsity", "0.5", "-o", out_path)
+    assert_clean_error(rc, err, "cut.safetensors")
+    rc, _, err = run(capsys, "info", cut)
+    assert_clean_error(rc, err, "cut.safetensors")
+    rc, _, err = run(capsys, "info", tmp_path / "nothing.safetensors")
+    assert_clean_error(rc, err, "nothing.safetensors")
+    assert not out_path.exists()
+
+
+def test_existing_output_survives_failure(capsys, tmp_path, stats_file):
+    out_path = tmp_path / "m.safetensors"
+    assert run(capsys, "mask", stats_file, "--sparsity", "0.5", "-o", out_path)[0] == 0
+    before = out_path.read_bytes()
+    rc, _, err = run(capsys, "mask", stats_file, "--sparsity", "2", "-o", out_path)
+    assert_clean_error(rc, err)
+    assert out_path.read_bytes() == before
+
+
+def test_real_process_exit_status(tmp_path):
+    out_path = tmp_path / "m.safetensors"
+    p = subprocess.run([sys.executable, "-m", "attnprune", "mask", str(tmp_path / "nope.safetensors"),
+                        "--sparsity", "0.5", "-o", str(out_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert not out_path.exists()
+
+
+# ---- observe end to end ----------------------------------------------------------------------
+
+pytest.importorskip("transformers")
+
+MODELS = {  # model -> (sites, kinds present, heads, kv heads)
+    "tiny-gpt2": (2, {"causal"}, 4, 4),
+    "tiny-llama": (2, {"causal"}, 4, 2),
+    "tiny-bert": (2, {"self"}, 4, 4),
+    "tiny-bart": (6, {"self", "causal", "cross"}, 4, 4),
+    "tiny-sdpa": (2, {"causal"}, 4, 4),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_observe_mask_info_end_to_end(capsys, tmp_path, model):
+    stats_path, mask_path = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
+    rc, out, err = run(capsys, "--quiet", "observe", "--model", model, "--num-seqs", 3, "--seq-len", 12,
+                       "--batch-size", 2, "-o", stats_path)
+    assert rc == 0, err
+    assert "%|" not in err  # --quiet: no progress bar
+    st = AttentionStats.load(stats_path)
+    n, kinds, heads, kv = MODELS[model]
+    assert len(st.sites) == n and {i.kind for i in st.infos.values()} == kinds
+    assert {i.num_heads for i in st.infos.values()} == {heads}
+    assert {i.num_kv_heads for i in st.infos.values()} == {kv}
+    assert st.num_sequences == 3 and "random tokens" in st.description
+    rc, out, err = run(capsys, "mask", stats_path, "--sparsity", "0.6", "-o", mask_path)
+    assert rc == 0, err
+    m = PruneMask.load(mask_path)
+    m.check_model(st.infos)
+    assert m.meta["data"]["description"] == st.description
+    for site in m.sites:
+        assert m[site].shape == (heads, 12, 12)
+        assert m.meta["sites"][site]["sparsity"] <= 0.6 + 1e-9
+        assert m[site].any(-1).all()  # every row keeps a key (all rows observed)
+    rc, out, _ = run(capsys, "info", mask_path)
+    assert rc == 0 and all(s in out for s in m.sites)
+
+
+def test_observe_padding_and_granularity(capsys, tmp_path):
+    path = tmp_path / "s.safetensors"
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", "tiny-llama", "--num-seqs", 4, "--seq-len", 16,
+                     "--min-len", 5, "--granularity", 4, "-o", path)
+    assert rc == 0, err
+    st = AttentionStats.load(path)
+    assert st.granularity == 4
+    rc, out, err = run(capsys, "mask", path, "--sparsity", "0.5", "--block", "8", "-o", tmp_path / "m.safetensors")
+    assert rc == 0, err
+    assert PruneMask.load(tmp_path / "m.safetensors").block == 8
+    rc, _, err = run(capsys, "mask", path, "--sparsity", "0.5", "--block", "6", "-o", tmp_path / "x.safetensors")
+    assert_clean_error(rc, err, "granularity 4")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "tiny-nothing"], ["model", "tiny-nothing", "tiny-gpt2"]),
+    (["--model", "tiny-gpt2", "--seq-len", "4000"], ["4000"]),
+    (["--model", "tiny-gpt2", "--num-seqs", "0"], ["num_seqs"]),
+    (["--model", "tiny-gpt2", "--granularity", "0"], ["granularity"]),
+    (["--model", "tiny-gpt2", "--data", "nosuchdata"], ["nosuchdata"]),
+    (["--model", "tiny-sdpa", "--min-len", "3"], ["padding"]),
+    (["--model", "hf:/nonexistent/dir"], ["/nonexistent/dir"]),
+])
+def test_observe_bad_input(capsys, tmp_path, args, words):
+    path = tmp_path / "s.safetensors"
+    # argparse keeps the last value of a repeated option, so ``args`` override these defaults
+    rc, _, err = run(capsys, "--quiet", "observe", "--num-seqs", 2, "--seq-len", 8, *args, "-o", path)
+    assert_clean_error(rc, err, *words)
+    assert os.listdir(tmp_path) == []
+
+
+def test_hf_directory(capsys, tmp_path):
+    from attnprune.models import load_model
+
+    ref = load_model("tiny-llama")
+    ref.model.save_pretrained(tmp_path / "llama")
+    loaded = load_model(f"hf:{tmp_path / 'llama'}")
+    assert loaded.task == "causal-lm" and loaded.vocab_size == ref.vocab_size and loaded.tokenizer is None
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, ref.model(input_ids=ids).logits)
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", f"hf:{tmp_path / 'llama'}", "--num-seqs", 2,
+                     "--seq-len", 8, "-o", tmp_path / "s.safetensors")
+    assert rc == 0, err
+    assert len(AttentionStats.load(tmp_path / "s.safetensors").sites) == 2
+
+
+def test_tiny_models_are_deterministic():
+    from attnprune.models import load_model
+
+    a, b = load_model("tiny-gpt2").model, load_model("tiny-gpt2").model
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+# ---- random data -------------------------------------------------------------------------------
+
+def test_random_tokens():
+    from attnprune.data.random import RandomTokens
+
+    data = RandomTokens(50, num_seqs=7, seq_len=10, batch_size=3, seed=1, min_len=4, pad_id=0)
+    batches = list(data)
+    assert len(batches) == len(data) == 3
+    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 1]
+    for b in batches:
+        ids, mask = b["input_ids"], b["attention_mask"]
+        lens = mask.sum(1)
+        assert ((lens >= 4) & (lens <= 10)).all() and ids.shape[1] == int(lens.max())
+        assert (mask[:, :-1] >= mask[:, 1:]).all()  # right padding
+        assert (ids[mask == 0] == 0).all() and ((ids[mask == 1] >= 3) & (ids[mask == 1] < 50)).all()
+    again = list(data)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
+    other = list(RandomTokens(50, num_seqs=7, seq_len=10, batch_size=3, seed=2, min_len=4))
+    assert not torch.equal(other[0]["input_ids"], batches[0]["input_ids"])
