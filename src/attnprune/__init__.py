@@ -1,0 +1,41 @@
+"""attnprune: data-informed static attention sparsity (Attention Pruning) for PyTorch models.
+
+The public API:
+
+- ``observe(model, batches, *, granularity=1, progress=True) -> AttentionStats``
+- ``make_mask(stats, sparsity, *, policy="layer", block=None, seed=0) -> PruneMask``
+- ``apply(model, mask, *, backend="reference", beyond="error")`` (context manager),
+  ``attach(model, mask, ...)`` / ``detach(model)`` (permanent)
+- ``AttentionStats``, ``PruneMask``, ``SiteInfo`` and the ``AttnPruneError`` family.
+
+Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
+"""
+
+from .apply import apply, attach, detach
+from .errors import (
+    AttnPruneError,
+    CorruptFileError,
+    EmptyDatasetError,
+    InvalidArgumentError,
+    LengthError,
+    MaskMismatchError,
+    MissingDependencyError,
+    NoAttentionSitesError,
+    NonFiniteAttentionError,
+    UnsupportedModelError,
+)
+from .mask import PruneMask
+from .observe import observe
+from .policies import make_mask
+from .sites import SiteInfo
+from .stats import AttentionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "observe", "make_mask", "apply", "attach", "detach",
+    "AttentionStats", "PruneMask", "SiteInfo",
+    "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
+    "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",
+    "UnsupportedModelError",
+]
