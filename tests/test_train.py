@@ -50,8 +50,22 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _without_key_bias(w: dict) -> dict:
+    """tiny-sdpa weights with the key bias (``qkv.bias[32:64]``) zeroed. Its true gradient is 0
+    (softmax ignores a per-row constant), so AdamW turns float round-off there into full-size
+    steps: across summation orders it is noise, not a difference in training."""
+    w = dict(w)
+    for k in w:
+        if k.endswith("qkv.bias"):
+            w[k] = w[k].clone()
+            w[k][32:64] = 0
+    return w
+
+
 def _assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
     assert a.keys() == b.keys()
+    if not exact:
+        a, b = _without_key_bias(a), _without_key_bias(b)
     for k in a:
         if exact:
             assert torch.equal(a[k], b[k]), f"weights differ at {k}"
@@ -238,3 +252,155 @@ def test_bad_config_and_data(tmp_path):
     with pytest.raises(InvalidArgumentError, match="task"):
         finetune(_sdpa(), _lm_data(), out_dir=tmp_path, task="seq2seq")
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------ the mask
+
+def _observed_mask(model, data, sparsity: float, policy: str = "layer"):
+    from attnprune.observe import observe
+    from attnprune.policies import make_mask
+
+    stats = observe(model, [torch.stack(data[:8])], progress=False)
+    return make_mask(stats, sparsity, policy=policy)
+
+
+def _diagonal_mask(model, length: int = 16):
+    """Every query keeps only its own key: any cross-position dependence must vanish."""
+    from attnprune.mask import PruneMask, SiteMask
+    from attnprune.observe import observe
+
+    stats = observe(model, [torch.randint(3, VOCAB, (2, length))], progress=False)
+    eye = torch.eye(length, dtype=torch.bool)
+    sites = [SiteMask(info, length, length, keep=eye.expand(info.num_heads, -1, -1).clone())
+             for info in stats.infos.values()]
+    return PruneMask(sites, {"model": {"name": "diagonal-test"}})
+
+
+def test_mask_attached_during_training_prunes_attention(tmp_path):
+    """Inside the training loop, pruned keys get no gradient (exactly zero); after it, they do."""
+    model = _gpt2()
+    mask = _diagonal_mask(model)
+    ids = torch.randint(3, VOCAB, (2, 16))
+    checked = []
+
+    def grad_to_other_positions() -> torch.Tensor:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        (g,) = torch.autograd.grad(logits[:, -1].sum(), embeds)  # no .grad on parameters
+        return g[:, :-1].abs().max()
+
+    def check(info):
+        assert model.training  # a real training-mode forward, dropout on
+        checked.append(float(grad_to_other_positions()))
+
+    finetune(model, _lm_data(), mask=mask, out_dir=tmp_path, callbacks=[check],
+             config=_cfg(steps=2, checkpoint_every=0))
+    assert checked == [0.0, 0.0]
+    assert float(grad_to_other_positions()) > 0  # the mask was detached at the end
+
+
+class _HandMaskedBlock(torch.nn.Module):
+    """Same parameters as tiny-sdpa's block, attention computed by an explicit masked softmax."""
+
+    keep: torch.Tensor  # bool [H, L, L]
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        allowed = self.keep[:, :n, :n] & torch.ones(n, n, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + self.proj((probs @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.ln2(x))
+
+
+def test_masked_finetune_equals_hand_masked_training(tmp_path):
+    """Fine-tuning with the mask attached gives the weights of training a hand-masked model."""
+    data = _lm_data(ragged=True)
+    model = _sdpa()
+    mask = _observed_mask(model, [d[:6] for d in data], 0.6)
+    assert mask.sparsity > 0.4
+    # calibrated on 6 tokens: longer sequences use the 6x6 mask top-left and run dense beyond it
+    cfg = _cfg(steps=4, checkpoint_every=0, beyond="dense")
+    finetune(model, data, mask=mask, out_dir=tmp_path / "ap", config=cfg)
+
+    hand = _sdpa()
+    for blk, site in zip(hand.blocks, mask.sites):
+        blk.__class__ = _HandMaskedBlock
+        keep = torch.ones(4, 16, 16, dtype=torch.bool)
+        keep[:, :6, :6] = mask[site]
+        blk.keep = keep
+    finetune(hand, data, out_dir=tmp_path / "hand", config=cfg)
+    _assert_same_weights(_weights(model), _weights(hand), exact=False, atol=1e-5)
+    dense = _sdpa()
+    finetune(dense, data, out_dir=tmp_path / "dense", config=cfg)
+    diff = max(float((a - b).abs().max()) for a, b in zip(_weights(dense).values(), _weights(model).values()))
+    assert diff > 1e-3  # the mask changed the training
+
+
+def test_mask_for_another_model_and_resume_with_other_mask(tmp_path):
+    from attnprune.errors import MaskMismatchError
+
+    data = _lm_data()
+    gpt2_mask = _diagonal_mask(_gpt2())
+    with pytest.raises(MaskMismatchError):
+        finetune(_sdpa(), data, mask=gpt2_mask, out_dir=tmp_path, config=_cfg())
+    assert not tmp_path.joinpath("checkpoints").exists() and not tmp_path.joinpath("metrics.jsonl").exists()
+    model = _sdpa()
+    finetune(model, data, mask=_observed_mask(model, data, 0.5), out_dir=tmp_path, config=_cfg(max_steps_this_run=2))
+    with pytest.raises(CheckpointError, match="different mask"):
+        finetune(_sdpa(), data, mask=_observed_mask(model, data, 0.7), out_dir=tmp_path, config=_cfg(), resume=True)
+    with pytest.raises(CheckpointError, match="mask"):
+        finetune(_sdpa(), data, out_dir=tmp_path, config=_cfg(), resume=True)
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+def _ddp_worker(rank: int, world: int, init_file: str, mask_path: str, out: str, stop_at: int):
+    import torch.distributed as dist
+
+    from attnprune.mask import PruneMask
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        mask = PruneMask.load(mask_path)
+        seen = []
+        cfg = _cfg(batch_size=2, grad_accum=2, beyond="dense", max_steps_this_run=stop_at)
+        finetune(_sdpa(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
+                 callbacks=[lambda i: seen.append(i.example_ids)])
+        torch.manual_seed(99 + rank)
+        cfg.max_steps_this_run = None
+        finetune(_sdpa(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg, resume=True,
+                 callbacks=[lambda i: seen.append(i.example_ids)])
+        Path(out, f"seen{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    """Two gloo ranks (batch 2 each, accumulation 2, interrupted and resumed) = one process, batch 4."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    data = _lm_data(ragged=True)
+    model = _sdpa()
+    mask = _observed_mask(model, [d[:6] for d in data], 0.6)
+    mask.save(tmp_path / "mask.safetensors")
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "mask.safetensors"), str(out), 3),
+             nprocs=2, join=True)
+
+    seen_single = []
+    finetune(model, data, mask=mask, out_dir=tmp_path / "single",
+             config=_cfg(batch_size=4, grad_accum=2, beyond="dense"),
+             callbacks=[lambda i: seen_single.append(i.example_ids)])
+    ddp = load_file(str(out / "model.safetensors"))
+    _assert_same_weights({k: ddp[k] for k in _weights(model)}, _weights(model), exact=False, atol=2e-6)
+    seen = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
+    for step in range(8):
+        a, b = seen[0][step], seen[1][step]
+        assert not set(a) & set(b)  # disjoint shards
+        assert sorted(a + b) == sorted(seen_single[step])  # together: the single process's batch
+    assert _metric_steps(out) == list(range(1, 9))  # rank 0 alone logged, once per step
+    assert [s for s, _ in list_checkpoints(out)] == [6, 8]

@@ -646,10 +646,6 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
     examples = _as_sequence(examples)
     plan = BatchPlan(len(examples), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                      world_size=world, seed=cfg.seed, shuffle=cfg.shuffle)
-    # a mask made for another model fails here, before anything is written
-    if mask is not None and hasattr(mask, "check_model"):
-        _check_mask(model, mask)
-
     model_fp = _model_fingerprint(model)
     mask_fp = _mask_fingerprint(mask)
     ckpts = list_checkpoints(out_dir)
@@ -668,6 +664,23 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
 
     was_training = model.training
     model.to(device)
+    stack = contextlib.ExitStack()
+    try:
+        # attached for the whole run; a mask for another model or too-long data fails here,
+        # before anything is written
+        stack.enter_context(_mask_context(model, mask, cfg))
+        if mask is not None:
+            _preflight(model, examples, plan, cfg, task, device)
+        return _run(model, examples, mask, task, out_dir, cfg, ckpt, start_step, plan, rank, world,
+                    device, model_fp, mask_fp, callbacks, extra_meta, was_training)
+    finally:
+        stack.close()
+
+
+def _run(model, examples, mask, task, out_dir: Path, cfg: TrainConfig, ckpt, start_step: int,
+         plan: BatchPlan, rank: int, world: int, device: torch.device, model_fp: str,
+         mask_fp: str | None, callbacks, extra_meta, was_training: bool) -> TrainResult:
+    resuming = ckpt is not None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -688,7 +701,7 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         # drop metric lines of steps after the checkpoint: they will be redone
-        rows = [r for r in _read_metrics(metrics_path) if int(r.get("step", 0)) <= start_step] if resume else []
+        rows = [r for r in _read_metrics(metrics_path) if int(r.get("step", 0)) <= start_step] if resuming else []
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     _barrier(world)
 
@@ -716,36 +729,33 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
     t0 = time.perf_counter()
     step = start_step
     model.train()
+    log_f = open(metrics_path, "a") if rank == 0 else None
     try:
-        with _mask_context(model, mask, cfg):
-            log_f = open(metrics_path, "a") if rank == 0 else None
-            try:
-                while step < end_step:
-                    info = _train_step(train_model, model, examples, plan, step, rank, world, cfg, task,
-                                       optimizer, scheduler, device, autocast)
-                    step += 1
-                    last_loss = info.loss
-                    history.append(info)
-                    if log_f is not None and (step % cfg.log_every == 0 or step == end_step):
-                        row = {"step": step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
-                               "targets": info.tokens, "epoch": info.epoch,
-                               "examples_seen": step * plan.global_batch,
-                               "elapsed_s": round(time.perf_counter() - t0, 3),
-                               "masked": mask is not None, "bf16": bf16}
-                        log_f.write(json.dumps(row) + "\n")
-                        log_f.flush()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
-                    for cb in callbacks:
-                        cb(info)
-                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end_step:
-                        last_ckpt = _save_checkpoint(out_dir, model, optimizer, scheduler, plan, step, cfg,
-                                                     rank, world, model_fp, mask_fp)
-            finally:
-                if log_f is not None:
-                    log_f.close()
+        while step < end_step:
+            info = _train_step(train_model, model, examples, plan, step, rank, world, cfg, task,
+                               optimizer, scheduler, device, autocast)
+            step += 1
+            last_loss = info.loss
+            history.append(info)
+            if log_f is not None and (step % cfg.log_every == 0 or step == end_step):
+                row = {"step": step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
+                       "targets": info.tokens, "epoch": info.epoch,
+                       "examples_seen": step * plan.global_batch,
+                       "elapsed_s": round(time.perf_counter() - t0, 3),
+                       "masked": mask is not None, "bf16": bf16}
+                log_f.write(json.dumps(row) + "\n")
+                log_f.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
+            for cb in callbacks:
+                cb(info)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end_step:
+                last_ckpt = _save_checkpoint(out_dir, model, optimizer, scheduler, plan, step, cfg,
+                                             rank, world, model_fp, mask_fp)
     finally:
+        if log_f is not None:
+            log_f.close()
         if bar is not None:
             bar.close()
         model.train(was_training)
@@ -772,13 +782,21 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
                        metrics=metrics_path if rank == 0 else None, weights=weights, history=history)
 
 
-def _check_mask(model: torch.nn.Module, mask: Any) -> None:
-    """Check the mask's sites against the model's, when the core exposes a way to list them."""
+def _preflight(model: torch.nn.Module, examples: Sequence, plan: BatchPlan, cfg: TrainConfig, task: str,
+               device: torch.device) -> None:
+    """One no-grad forward (eval mode, one example of the longest the first step uses) with the
+    mask attached, so that a mask made for another model, or sequences longer than the mask's
+    calibrated length, fail before anything is written."""
+    ids = [i for mb in plan.micro_batches(0, 0) for i in mb]
+    longest = max(ids, key=lambda i: int(torch.as_tensor(_example_dict(examples[i], i, task)["input_ids"]).numel()))
+    batch = {k: v.to(device) for k, v in collate(examples, [longest], task, cfg.pad_id).items()}
+    was = model.training
+    model.eval()
     try:
-        from .apply import model_sites  # type: ignore[attr-defined]
-    except ImportError:
-        return  # apply() checks the mask itself when attaching
-    mask.check_model(model_sites(model))
+        with torch.no_grad():
+            model(**_forward_kwargs(model, batch, task))
+    finally:
+        model.train(was)
 
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, world: int, model_fp: str, mask_fp: str | None,
