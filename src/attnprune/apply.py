@@ -44,7 +44,7 @@ class _Patch:
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
         it.check_found()
-        partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values"))
+        partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values", "cache"))
         if not self.checked and not partial:
             self.mask.check_model(it.infos)
             self.checked = True
