@@ -154,6 +154,6 @@ def build(path: Path | None = None) -> Dataset:
 
 
 @SOURCES.register("austen")
-def load(arg: str | None = None, *, refresh: bool = False) -> Dataset:
+def load(arg: str | None = None, *, refresh: bool = False, **_ignored) -> Dataset:
     """The ``austen`` source: cached ``build()`` (``refresh=True`` rebuilds)."""
     return cached(f"austen-v{VERSION}", build, refresh=refresh)
