@@ -1,0 +1,58 @@
+"""Two-process gloo observation reduces to the same statistics as one process on all the data."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import tiny_models as tm
+from attnprune.observe import observe
+from attnprune.stats import AttentionStats
+
+
+def _data():
+    """Batches of different lengths; the ranks' longest sequences differ (the reduce must grow them)."""
+    return [tm.batch([6, 3], 6, seed=0), tm.batch([4], 4, seed=1), tm.batch([9, 2, 5], 9, seed=2)]
+
+
+def _shard(rank):
+    return [b for i, b in enumerate(_data()) if i % 2 == rank]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for g in (1, 4):
+            stats = observe(tm.mha(), _shard(rank), granularity=g, progress=False)
+            stats.all_reduce()
+            stats.save(os.path.join(out_dir, f"g{g}rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_process_gloo_equals_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for g, rank in [(1, 0), (1, 1), (4, 0), (4, 1)]:
+        single = observe(tm.mha(), _data(), granularity=g, progress=False)
+        got = AttentionStats.load(tmp_path / f"g{g}rank{rank}.safetensors")
+        assert got.sites == single.sites and got.num_sequences == single.num_sequences == 6
+        for s in single.sites:
+            assert (got.q_len(s), got.k_len(s)) == (single.q_len(s), single.k_len(s)) == (9, 9)
+            assert torch.equal(got.count(s), single.count(s))
+            torch.testing.assert_close(got.sum(s), single.sum(s), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(got.mean(s), single.mean(s), equal_nan=True)
+    # the shards alone differ from the whole (the comparison above can fail)
+    part = observe(tm.mha(), _shard(1), progress=False)
+    assert part.q_len(single.sites[0]) == 4
