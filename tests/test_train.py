@@ -404,3 +404,43 @@ def test_ddp_two_processes_equal_one(tmp_path):
         assert sorted(a + b) == sorted(seen_single[step])  # together: the single process's batch
     assert _metric_steps(out) == list(range(1, 9))  # rank 0 alone logged, once per step
     assert [s for s, _ in list_checkpoints(out)] == [6, 8]
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_stop_resume_and_errors(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from attnprune.cli import main
+
+    base = ["--quiet", "finetune", "--model", "tiny-sdpa", "--data", "random", "--seq-len", "16",
+            "--max-examples", "24", "--steps", "4", "--lr", "1e-3", "--batch-size", "4"]
+    assert main(["--quiet", "observe", "--model", "tiny-sdpa", "--num-seqs", "4", "--seq-len", "16",
+                 "-o", str(tmp_path / "stats.safetensors")]) == 0
+    assert main(["mask", str(tmp_path / "stats.safetensors"), "--sparsity", "0.7",
+                 "-o", str(tmp_path / "mask.safetensors")]) == 0
+    mask = ["--mask", str(tmp_path / "mask.safetensors")]
+    assert main(base + mask + ["--out", str(tmp_path / "full")]) == 0
+    assert main(base + mask + ["--out", str(tmp_path / "cut"), "--max-steps-this-run", "2"]) == 0
+    assert not (tmp_path / "cut/model.safetensors").exists()
+    assert main(base + mask + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "cut/summary.json").read_text())
+    assert summary["masked"] and summary["model"] == "tiny-sdpa" and summary["finished"]
+    capsys.readouterr()
+
+    def fails(argv, match):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and match in err and "Traceback" not in err
+
+    fails(base + ["--mask", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")], "no such mask file")
+    fails(base + mask + ["--out", str(tmp_path / "none"), "--resume"], "no checkpoint")
+    fails(base + mask + ["--out", str(tmp_path / "full")], "already holds checkpoints")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a mask")
+    fails(base + ["--mask", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "y")], "corrupt")
+    other = ["--quiet", "finetune", "--model", "tiny-llama", "--data", "random", "--seq-len", "16",
+             "--steps", "2", "--out", str(tmp_path / "z")]
+    fails(other + mask, "mask does not know")
+    assert not (tmp_path / "z").exists()

@@ -15,6 +15,7 @@ from .errors import AttnPruneError
 
 COMMAND_MODULES = [
     "attnprune.commands.core",  # observe, mask, info
+    "attnprune.commands.finetune",  # finetune
 ]
 
 
