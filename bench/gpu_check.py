@@ -24,10 +24,11 @@ import torch  # noqa: E402
 from attnprune.kernels import KernelConfig  # noqa: E402
 from attnprune.kernels import benchmark as bm  # noqa: E402
 
-FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 3),
-       (128, 32, 4, 3)]
-DQ = [(128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
-DKDV = [(64, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
+T = True
+FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3, T), (128, 128, 8, 3, T),
+       (128, 128, 8, 2, T), (64, 64, 4, 3, T), (128, 64, 4, 3, T)]
+DQ = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)]
+DKDV = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
 
 
 def parse_grid(spec: str) -> dict:
@@ -152,6 +153,9 @@ def main():
                                                               dense_cache=dense_cache))
                         save()
                         torch.cuda.empty_cache()
+        from attnprune.backends import flex as flexmod
+
+        result["flex_options"] = {str(k): v for k, v in flexmod._OPTIONS.items()}
         table = bm.markdown_table(rows)
         result["table"] = table
         save()

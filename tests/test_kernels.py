@@ -215,6 +215,15 @@ def test_block_layout_split_into_smaller_tiles_shared_heads():
     run_case(1, Hq, Hkv, Lq, Lk, D, lay, tok, configs=cfg, causal=True)
 
 
+def test_forward_tma_descriptors_gqa_batch():
+    # K/V tiles of unmasked blocks through TMA descriptors over the [B*Hkv*Lk, D] view
+    Hq, Hkv, L, D = 4, 2, 48, 16
+    tok = random_tokens(Hq, L, L, (16, 16), density=0.7)
+    lay = BlockLayout.from_tokens(tok, (16, 16))
+    cfg = {"fwd": KernelConfig(16, 16, 4, 1, True)}
+    run_case(2, Hq, Hkv, L, L, D, lay, tok, configs=cfg, causal=True)
+
+
 def test_empty_rows_are_zero_with_zero_grad():
     Hq, Lq, Lk, D = 2, 40, 40, 16
     tok = random_tokens(Hq, Lq, Lk, (16, 16), density=0.9)

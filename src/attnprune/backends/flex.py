@@ -78,14 +78,16 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, *, causal: bool = Fal
                                                             device=dev)
     shared = H == 1
     kp = key_padding
+    has_bits = layout.num_partial > 0
 
     def mask_mod(b, h, q_idx, kv_idx):
-        hh = h * 0 if shared else h
-        code = codes[hh, q_idx // bq, kv_idx // bk]
-        word = bits[torch.clamp(code, min=0), q_idx % bq, (kv_idx % bk) // 32]
-        bit = (word >> (kv_idx % 32)) & 1
-        ok = (code == -1) | ((code >= 0) & (bit == 1))
-        ok = ok & (kv_idx < lk)
+        ok = kv_idx < lk
+        if has_bits:  # partly kept blocks: read the packed bitmask (full blocks never call mask_mod)
+            hh = h * 0 if shared else h
+            code = codes[hh, q_idx // bq, kv_idx // bk]
+            word = bits[torch.clamp(code, min=0), q_idx % bq, (kv_idx % bk) // 32]
+            bit = (word >> (kv_idx % 32)) & 1
+            ok = ok & ((code == -1) | ((code >= 0) & (bit == 1)))
         if causal:
             ok = ok & (kv_idx <= q_idx + q_offset)
         if kp is not None:
@@ -100,19 +102,40 @@ def flex_block_mask(layout: BlockLayout, lq: int, lk: int, *, causal: bool = Fal
     return bm
 
 
+# Per head dim: kernel options that compiled. Some Flex default tile configurations ask for more
+# shared memory than the card has with certain torch/triton versions; then smaller tiles are used.
+_OPTIONS: dict[int, dict | None] = {}
+SMALL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
+
+
 def flex_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=None, key_padding=None,
-                          q_offset=0):
+                          q_offset=0, kernel_options=None):
     """Same contract as :func:`attnprune.kernels.sparse_attention`, computed by FlexAttention.
 
     q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``. Rows with no kept key are 0.
+    ``kernel_options``: passed to ``flex_attention``; by default Flex's own choice, or smaller
+    tiles if that fails to compile for this head dim.
     """
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     if key_padding is not None and key_padding.dtype != torch.bool:
         key_padding = torch.arange(Lk, device=q.device)[None, :] < key_padding.to(q.device)[:, None]
     bm = flex_block_mask(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
-    out = _flex(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out
+    fx = _flex(q.device)
+    gqa = q.shape[1] != k.shape[1]
+    d = q.shape[-1]
+    if kernel_options is not None or q.device.type != "cuda":
+        return fx(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    if d not in _OPTIONS:
+        try:
+            out = fx(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+            _OPTIONS[d] = None
+            return out
+        except Exception as e:  # noqa: BLE001 - inductor wraps the resource error
+            if "resource" not in str(e).lower():
+                raise
+            _OPTIONS[d] = dict(SMALL_OPTIONS)
+    return fx(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=_OPTIONS[d])
 
 
 def flex_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KPM, BITS,
+    Q, K, V, O, LSE, KPM, BITS, KD, VD,
     FPTR, FCLEAN, FCOL, FCODE,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -26,8 +26,9 @@ def _fwd_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    SPLIT: tl.constexpr = BK // BLOCK_N
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -35,6 +36,7 @@ def _fwd_kernel(
     hk = h // G
     qb = (pid_m * BLOCK_M) // BQ
     r = (h % LH) * Qb + qb
+    kv_row0 = (b * (Hq // G) + hk) * Lk  # row of this (batch, kv head) in the [B*Hkv*Lk, D] view
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -58,55 +60,66 @@ def _fwd_kernel(
     mid = start + tl.load(FCLEAN + r)
 
     # ---- blocks kept entirely, inside the key range, off the causal diagonal: no masking
-    for e in range(start, mid):
+    for t in range(start * SPLIT, mid * SPLIT):
+        e = t // SPLIT
+        s = t % SPLIT
         kb = tl.load(FCOL + e)
-        for s in tl.static_range(BK // BLOCK_N):
-            offs_n = kb * BK + s * BLOCK_N + offs_nb
+        offs_n = kb * BK + s * BLOCK_N + offs_nb
+        if USE_TMA:
+            n0 = kv_row0 + kb * BK + s * BLOCK_N
+            k = KD.load([n0, 0])
+            v = VD.load([n0, 0])
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+        else:
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd)
             qk = tl.dot(q, k) * qk_scale
-            if HAS_KPM:
-                kp = tl.load(kpm_base + offs_n) != 0
-                qk = tl.where(kp[None, :], qk, float("-inf"))
+        if HAS_KPM:
+            kp = tl.load(kpm_base + offs_n) != 0
+            qk = tl.where(kp[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
 
     # ---- blocks that need a per-element mask
-    for e in range(mid, end):
+    for t in range(mid * SPLIT, end * SPLIT):
+        e = t // SPLIT
+        s = t % SPLIT
         kb = tl.load(FCOL + e)
         code = tl.load(FCODE + e)
-        for s in tl.static_range(BK // BLOCK_N):
-            cols_in_block = s * BLOCK_N + offs_nb
-            offs_n = kb * BK + cols_in_block
-            col_ok = offs_n < Lk
-            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
-            qk = tl.dot(q, k) * qk_scale
-            ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
-            if HAS_KPM:
-                kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
-                ok = ok & kp[None, :]
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+        cols_in_block = s * BLOCK_N + offs_nb
+        offs_n = kb * BK + cols_in_block
+        col_ok = offs_n < Lk
+        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_KPM:
+            kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
+            ok = ok & kp[None, :]
+        words = tl.load(
+            BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+            mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+            other=-1,
+        )
+        ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -133,6 +146,7 @@ def _dq_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
+    SPLIT: tl.constexpr = BK // BLOCK_N
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -162,46 +176,48 @@ def _dq_kernel(
     start = tl.load(FPTR + r)
     end = tl.load(FPTR + r + 1)
     mid = start + tl.load(FCLEAN + r)
-    for e in range(start, mid):
+    for t in range(start * SPLIT, mid * SPLIT):
+        e = t // SPLIT
+        s = t % SPLIT
         kb = tl.load(FCOL + e)
-        for s in tl.static_range(BK // BLOCK_N):
-            offs_n = kb * BK + s * BLOCK_N + offs_nb
-            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
-            vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
-            qk = tl.dot(q, kT) * qk_scale
-            p = tl.math.exp2(qk - lse[:, None])
-            if HAS_KPM:
-                kp = tl.load(kpm_base + offs_n) != 0
-                p = tl.where(kp[None, :], p, 0.0)
-            dp = tl.dot(do, vT)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
-    for e in range(mid, end):
+        offs_n = kb * BK + s * BLOCK_N + offs_nb
+        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
+        vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
+        qk = tl.dot(q, kT) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if HAS_KPM:
+            kp = tl.load(kpm_base + offs_n) != 0
+            p = tl.where(kp[None, :], p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    for t in range(mid * SPLIT, end * SPLIT):
+        e = t // SPLIT
+        s = t % SPLIT
         kb = tl.load(FCOL + e)
         code = tl.load(FCODE + e)
-        for s in tl.static_range(BK // BLOCK_N):
-            cols_in_block = s * BLOCK_N + offs_nb
-            offs_n = kb * BK + cols_in_block
-            col_ok = offs_n < Lk
-            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
-            vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd, mask=col_ok[None, :], other=0.0)
-            qk = tl.dot(q, kT) * qk_scale
-            ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
-            if HAS_KPM:
-                kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
-                ok = ok & kp[None, :]
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
-            p = tl.where(ok, tl.math.exp2(qk - lse[:, None]), 0.0)
-            dp = tl.dot(do, vT)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        cols_in_block = s * BLOCK_N + offs_nb
+        offs_n = kb * BK + cols_in_block
+        col_ok = offs_n < Lk
+        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd, mask=col_ok[None, :], other=0.0)
+        qk = tl.dot(q, kT) * qk_scale
+        ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_KPM:
+            kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
+            ok = ok & kp[None, :]
+        words = tl.load(
+            BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+            mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+            other=-1,
+        )
+        ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+        p = tl.where(ok, tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -224,6 +240,7 @@ def _dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
+    SPLIT: tl.constexpr = BQ // BLOCK_M
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -255,51 +272,53 @@ def _dkdv_kernel(
         start = tl.load(BPTR + c)
         end = tl.load(BPTR + c + 1)
         mid = start + tl.load(BCLEAN + c)
-        for e in range(start, mid):
+        for t in range(start * SPLIT, mid * SPLIT):
+            e = t // SPLIT
+            s = t % SPLIT
             qb = tl.load(BROW + e)
-            for s in tl.static_range(BQ // BLOCK_M):
-                offs_m = qb * BQ + s * BLOCK_M + offs_mb
-                row_ok = offs_m < Lq
-                qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
-                lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
-                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-                qkT = tl.dot(k, qT) * qk_scale
-                pT = tl.math.exp2(qkT - lse[None, :])
-                if HAS_KPM:
-                    pT = tl.where(kp[:, None], pT, 0.0)
-                dv = tl.dot(pT.to(do.dtype), do, dv)
-                dpT = tl.dot(v, tl.trans(do))
-                dsT = pT * (dpT - delta[None, :])
-                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
-        for e in range(mid, end):
+            offs_m = qb * BQ + s * BLOCK_M + offs_mb
+            row_ok = offs_m < Lq
+            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+            qkT = tl.dot(k, qT) * qk_scale
+            pT = tl.math.exp2(qkT - lse[None, :])
+            if HAS_KPM:
+                pT = tl.where(kp[:, None], pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+        for t in range(mid * SPLIT, end * SPLIT):
+            e = t // SPLIT
+            s = t % SPLIT
             qb = tl.load(BROW + e)
             code = tl.load(BCODE + e)
-            for s in tl.static_range(BQ // BLOCK_M):
-                rows_in_block = s * BLOCK_M + offs_mb
-                offs_m = qb * BQ + rows_in_block
-                row_ok = offs_m < Lq
-                qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
-                lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
-                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-                qkT = tl.dot(k, qT) * qk_scale
-                ok = col_ok[:, None] & row_ok[None, :]
-                if CAUSAL:
-                    ok = ok & (offs_n[:, None] <= offs_m[None, :] + q_offset)
-                if HAS_KPM:
-                    ok = ok & kp[:, None]
-                words = tl.load(
-                    BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
-                    mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
-                    other=-1,
-                )
-                ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
-                pT = tl.where(ok, tl.math.exp2(qkT - lse[None, :]), 0.0)
-                dv = tl.dot(pT.to(do.dtype), do, dv)
-                dpT = tl.dot(v, tl.trans(do))
-                dsT = pT * (dpT - delta[None, :])
-                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+            rows_in_block = s * BLOCK_M + offs_mb
+            offs_m = qb * BQ + rows_in_block
+            row_ok = offs_m < Lq
+            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+            qkT = tl.dot(k, qT) * qk_scale
+            ok = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :] + q_offset)
+            if HAS_KPM:
+                ok = ok & kp[:, None]
+            words = tl.load(
+                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
+                mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
+                other=-1,
+            )
+            ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
+            pT = tl.where(ok, tl.math.exp2(qkT - lse[None, :]), 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
 
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,

@@ -36,6 +36,7 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False  # forward only: K/V tiles of unmasked blocks through TMA descriptors (Hopper+)
 
 
 # Measured table (see BENCHMARKS.md / bench/gpu_check.py): key (pass, head_dim) with pass in
@@ -104,14 +105,22 @@ class _SparseAttention(torch.autograd.Function):
         bits = layout.bits if layout.num_partial else torch.full((1,), -1, dtype=torch.int32, device=q.device)
         cfg = configs.get("fwd") or get_config("fwd", D, layout.block)
         grid = (triton_cdiv(Lq, cfg.block_m), B * Hq)
+        use_tma = bool(cfg.tma) and k.is_contiguous() and v.is_contiguous()
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            kd = TensorDescriptor.from_tensor(k.view(B * Hkv * Lk, D), [cfg.block_n, D])
+            vd = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, DV), [cfg.block_n, DV])
+        else:
+            kd, vd = k, v
         tk._fwd_kernel[grid](
-            q, k, v, o, lse, kpm_t, bits,
+            q, k, v, o, lse, kpm_t, bits, kd, vd,
             plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             kpm_t.stride(0) if has_kpm else 0,
             Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
             BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
-            CAUSAL=causal, HAS_KPM=has_kpm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            CAUSAL=causal, HAS_KPM=has_kpm, USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset

@@ -99,11 +99,9 @@ def _impl_fn(impl: str, layout: BlockLayout, causal: bool, length: int, configs=
         f = _sdpa(impl)
         return lambda q, k, v: f(q, k, v, causal)
     if impl == "flex":
-        from ..backends.flex import _flex, flex_block_mask
+        from ..backends.flex import flex_sparse_attention
 
-        bm = flex_block_mask(layout, length, length, causal=causal)
-        fx = _flex(torch.device("cuda"))
-        return lambda q, k, v: fx(q, k, v, block_mask=bm)
+        return lambda q, k, v: flex_sparse_attention(q, k, v, layout, causal=causal)
     if impl == "ours":
         return lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal, configs=configs)
     raise ValueError(impl)
