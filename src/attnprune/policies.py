@@ -56,8 +56,9 @@ from .registry import Registry
 class Units:
     """The selection units of one site.
 
-    score: float64 [H, R, C], attention mass per unit, NaN where nothing is attendable.
-    weight: float64 [H, R, C], attendable token entries per unit (0 where none).
+    score: float [H, R, C], attention mass per unit, NaN where nothing is attendable.
+    weight: float [H, R, C], attendable token entries per unit (0 where none).
+    (float32 for token units, float64 for blocks; sums are taken in float64.)
     """
 
     site: str
@@ -112,17 +113,43 @@ def select(key: torch.Tensor, weight: torch.Tensor, forced: torch.Tensor, target
     idx = (weight > 0).nonzero().squeeze(1)
     if idx.numel() == 0:
         return keep
-    k = torch.where(forced[idx], torch.full_like(key[idx], math.inf), key[idx])
-    order = idx[torch.argsort(k, descending=True, stable=True)]
-    cum = torch.cumsum(weight[order], 0)
+    k = key[idx]
+    f = forced[idx]
+    k = torch.where(f, torch.full_like(k, math.inf), k)
+    n_forced = int(f.sum())
+    w = weight[idx]
+    if bool((w == 1).all()):  # token units: a k-th value threshold, no full sort
+        n = max(min(math.ceil(target - 1e-9), k.numel()), n_forced)
+        return _top_n(keep, idx, k, n)
+    order = torch.argsort(k, descending=True, stable=True)
+    cum = torch.cumsum(w[order].to(torch.float64), 0)
     n = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).item()) + 1
-    n = max(min(n, order.numel()), int(forced[idx].sum()))
-    keep[order[:n]] = True
+    n = max(min(n, order.numel()), n_forced)
+    keep[idx[order[:n]]] = True
     return keep
 
 
+def _top_n(keep: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+    """Set ``keep[idx[i]]`` for the ``n`` largest ``k[i]`` (ties: lower ``i`` first)."""
+    if n >= k.numel():
+        keep[idx] = True
+        return keep
+    if n <= 0:
+        return keep
+    thr = torch.kthvalue(k, k.numel() - n + 1).values  # the n-th largest value
+    sel = k > thr
+    ties = (k == thr).nonzero().squeeze(1)[: n - int(sel.sum())]
+    sel[ties] = True
+    keep[idx[sel]] = True
+    return keep
+
+
+def _total(weight: torch.Tensor) -> float:
+    return float(weight.sum(dtype=torch.float64))
+
+
 def _layer_one(u: Units, sparsity: float) -> torch.Tensor:
-    target = budget(float(u.weight.sum()), sparsity)
+    target = budget(_total(u.weight), sparsity)
     return select(u.score.flatten(), u.weight.flatten(), row_best(u).flatten(), target).view(u.score.shape)
 
 
@@ -140,7 +167,7 @@ def head_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> li
         forced = row_best(u)
         keep = torch.zeros(u.score.shape, dtype=torch.bool)
         for h in range(u.score.shape[0]):
-            target = budget(float(u.weight[h].sum()), sparsity)
+            target = budget(_total(u.weight[h]), sparsity)
             keep[h] = select(u.score[h].flatten(), u.weight[h].flatten(), forced[h].flatten(),
                              target).view(u.score.shape[1:])
         out.append(keep)
@@ -155,7 +182,7 @@ def global_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> 
     key = torch.cat([u.score.flatten() for u in units])
     weight = torch.cat([u.weight.flatten() for u in units])
     forced = torch.cat([row_best(u).flatten() for u in units])
-    keep = select(key, weight, forced, budget(float(weight.sum()), sparsity))
+    keep = select(key, weight, forced, budget(_total(weight), sparsity))
     return [part.view(u.score.shape) for part, u in zip(keep.split([u.score.numel() for u in units]), units)]
 
 
@@ -164,7 +191,7 @@ def random_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> 
     """The paper's control: per site the weight ``layer`` keeps, placed uniformly at random."""
     out = []
     for u in units:
-        target = float(u.weight[_layer_one(u, sparsity)].sum())
+        target = _total(u.weight[_layer_one(u, sparsity)])
         forced = row_random(u, gen)
         draw = torch.rand(u.score.shape, generator=gen, dtype=torch.float64)
         out.append(select(draw.flatten(), u.weight.flatten(), forced.flatten(), target).view(u.score.shape))
@@ -206,8 +233,11 @@ def site_units(stats, site: str, block: int | None) -> Units:
     g = stats.granularity
     if hasattr(stats, "observed") and not stats.observed(site):
         raise EmptyDatasetError(f"site {site!r} was never observed; the stats hold no attention for it")
-    mean = stats.mean(site).to(torch.float64)  # [H, Qg, Kg], NaN where never observed
+    mean = stats.mean(site)  # [H, Qg, Kg], NaN where never observed
     observed = ~torch.isnan(mean)
+    if g == 1 and block is None:  # token units: score = mean, weight 1 where observed
+        return Units(site, mean, observed.to(mean.dtype))
+    mean = mean.to(torch.float64)
     if g == 1:
         weight = observed.to(torch.float64)
     else:
@@ -272,8 +302,8 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     for u, keep in zip(units, keeps):
         info = stats.infos[u.site]
         q_len, k_len = stats.q_len(u.site), stats.k_len(u.site)
-        total = float(u.weight.sum())
-        kept = float(u.weight[keep].sum())
+        total = _total(u.weight)
+        kept = _total(u.weight[keep])
         site_meta[u.site] = {
             "q_len": q_len, "k_len": k_len, "target_sparsity": s,
             "sparsity": 1.0 - kept / total if total else 0.0,
