@@ -204,6 +204,22 @@ def test_kv_cache_decoding_uses_offset_rows():
     torch.testing.assert_close(step.logits[:, -1], full[:, 5], atol=2e-6, rtol=1e-5)
 
 
+def test_encoder_decoder_incremental_decoding_with_cross_attention():
+    model = tm.bart()
+    b = tm.batch([5, 3], seed=7)
+    dec = torch.randint(3, tm.VOCAB, (2, 4), generator=torch.Generator().manual_seed(7))
+    mask = build_mask(model_infos(model, dict(b, decoder_input_ids=dec)), 5, density=0.5, seed=7,
+                      lens={"model.decoder.layers.0.self_attn": (4, 4), "model.decoder.layers.0.encoder_attn": (4, 5)})
+    with torch.no_grad(), apply(model, mask):
+        full = model(**b, decoder_input_ids=dec).logits
+        enc = model.get_encoder()(**b)
+        pre = model(encoder_outputs=enc, attention_mask=b["attention_mask"], decoder_input_ids=dec[:, :3],
+                    use_cache=True)
+        step = model(encoder_outputs=enc, attention_mask=b["attention_mask"], decoder_input_ids=dec[:, 3:],
+                     cache=pre.past_key_values, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], full[:, 3], atol=2e-6, rtol=1e-5)
+
+
 def test_shorter_inputs_use_top_left_and_longer_need_dense():
     model = tm.nanogpt()
     mask = build_mask(model_infos(model, {"input_ids": torch.zeros(1, 6, dtype=torch.long)}), 6,

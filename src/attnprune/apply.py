@@ -22,6 +22,7 @@ class _Patch:
         self.mask, self.beyond, self.backend_name = mask, beyond, backend
         self.backend = BACKENDS.get(backend)
         self.checked = False
+        self.decoder_offset = 0  # query offset of the last causal site: cross sites' queries sit there too
         self.interceptor = Interceptor(model, self)
         self.interceptor.after_forward = self.after_forward
 
@@ -38,11 +39,16 @@ class _Patch:
         lq, lk = call.q.shape[2], call.k.shape[2]
         # SDPA's own is_causal is top-left aligned (query i sees keys <= i): offset 0 keeps it so.
         q_offset = lk - lq if (call.kind == "causal" and not call.is_causal and lk > lq) else 0
+        if call.kind == "causal":
+            self.decoder_offset = q_offset
+        elif call.kind == "cross":  # incremental decoding: cross-attention queries follow the decoder's
+            q_offset = self.decoder_offset
         return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                             scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=self.beyond)
 
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
+        self.decoder_offset = 0
         it.check_found()
         partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values", "cache"))
         if not self.checked and not partial:
