@@ -116,7 +116,7 @@ class SiteMask:
         out[:, :have_q, :have_k] = self._keep[:, qb0:qb0 + have_q, :have_k]
         return out
 
-    def layout(self, lq: int, lk: int, block: tuple[int, int] = (64, 64), *, device=None,
+    def layout(self, lq: int, lk: int, block: int | tuple[int, int] = (64, 64), *, device=None,
                q_offset: int = 0, beyond: str = "error"):
         """``kernels.BlockLayout`` for queries ``q_offset..q_offset+lq-1`` x keys ``0..lk-1``.
 
@@ -127,7 +127,7 @@ class SiteMask:
         """
         from .kernels import BlockLayout  # written by the kernels engineer
 
-        bq, bk = int(block[0]), int(block[1])
+        bq, bk = (int(block), int(block)) if isinstance(block, int) else (int(block[0]), int(block[1]))
         inside = self._check_region(lq, lk, q_offset, beyond)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         b = self.block
