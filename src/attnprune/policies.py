@@ -20,13 +20,16 @@ keeps ``N - floor(sparsity * N)`` of the ``N`` attendable entries of its pool (f
 blocks, greedily in order, until at least that many entries are kept, so the achieved sparsity is
 at most the target and is exactly what a block kernel skips).
 
-Ordering: units with a higher score first; ties broken by position (lower head, then query, then
-key index first), so results are deterministic. ``random`` orders units by a seeded random draw.
+Ordering: units with a higher score first; ties broken by position (earlier site under ``global``,
+then lower head, query, key index first), so results are deterministic. ``random`` orders units by a seeded random draw.
 
 Row guarantee: every query row (token row, or block row) of a head that has any attendable unit
 keeps at least one: its highest-scoring unit (the first one on ties); under ``random`` a uniformly
 random attendable unit of the row. These are kept first and count towards the budget; only if
-there are more such rows than the budget allows does a site keep more than asked.
+there are more such rows than the budget allows does a site keep more than asked. At block level
+the guarantee is per block row; since a causal block row's kept block is on or below the diagonal,
+every observed token row in it still has a kept attendable key. (A block row needs a block, so at
+short lengths high block sparsities can be out of reach; the achieved value is reported.)
 
 Policies (registry ``POLICIES``)
 --------------------------------
@@ -36,8 +39,8 @@ Policies (registry ``POLICIES``)
 * ``random``: the paper's control: per site as many kept entries as ``layer`` keeps, placed
   uniformly at random among attendable units (seeded by ``seed``).
 
-Entries that are not attendable are never kept (``False``) in token-level masks; at run time
-causality is applied by the backend anyway.
+Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
+keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
 """
 
 from __future__ import annotations
