@@ -196,7 +196,7 @@ class PruneMask:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         m = self.site(name)
-        return m.keep_tokens(m.q_len, m.k_len)
+        return m._tokens(m.q_len, m.k_len, 0)  # a fresh tensor, not cached
 
     def __contains__(self, name: object) -> bool:
         return name in self._sites
