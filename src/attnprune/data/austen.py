@@ -42,13 +42,16 @@ FRACTIONS = {"train": 0.8, "calibration": 0.1, "test": 0.1}
 VERSION = 1  # bump when the split rule or record format changes (renames the cache file)
 
 
+# Where an installed R package would be (used when the cache holds no unpacked copy).
+SYSTEM_DIRS = [
+    Path("/usr/lib/R/site-library/janeaustenr/data"),
+    Path("/usr/local/lib/R/site-library/janeaustenr/data"),
+]
+
+
 def data_dir() -> Path:
     """The janeaustenr ``data`` folder: unpacked under the cache, or an installed R package."""
-    candidates = [
-        cache_dir() / "debs" / DEB / "usr/lib/R/site-library/janeaustenr/data",
-        Path("/usr/lib/R/site-library/janeaustenr/data"),
-        Path("/usr/local/lib/R/site-library/janeaustenr/data"),
-    ]
+    candidates = [cache_dir() / "debs" / DEB / "usr/lib/R/site-library/janeaustenr/data", *SYSTEM_DIRS]
     for c in candidates:
         if (c / "Rdata.rdx").exists() and (c / "Rdata.rdb").exists():
             return c
