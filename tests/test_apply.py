@@ -363,3 +363,40 @@ def test_reference_half_precision_and_length_rules():
     torch.testing.assert_close(reference_backend(q, q, q, _site(2, 2, 2), beyond="dense").float(),
                                F.scaled_dot_product_attention(q, q, q).float(), atol=1e-2, rtol=1e-2)
     assert math.isfinite(1.0)
+
+
+class CheckpointedNano(tm.NanoGPT):
+    def forward(self, input_ids):
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1]))
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False)
+        return self.head(x)
+
+
+def test_activation_checkpointing_recomputes_with_the_mask():
+    torch.manual_seed(0)
+    model = CheckpointedNano().train()
+    ids = torch.randint(0, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(8))
+    mask = build_mask(model_infos(model, {"input_ids": ids}), 6, density=0.3, seed=8)
+    with apply(model, mask):
+        model(ids).square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    nano_hand(model, ids, mask).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_observe_or_apply_twice_on_one_model_is_refused():
+    from attnprune.observe import observe
+
+    model = tm.nanogpt()
+    mask = build_mask(model_infos(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}), 4)
+    with apply(model, mask):
+        with pytest.raises(InvalidArgumentError, match="already intercepted"):
+            observe(model, [torch.zeros(1, 4, dtype=torch.long)], progress=False)
+        with pytest.raises(InvalidArgumentError, match="already intercepted"):
+            attach(model.blocks[0], mask)
+    observe(model, [torch.zeros(1, 4, dtype=torch.long)], progress=False)  # free again

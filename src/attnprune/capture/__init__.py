@@ -24,15 +24,17 @@ of the diagonal); else ``cross`` when ``Lq != Lk`` (no KV cache can be told apar
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import NoAttentionSitesError
+from ..errors import InvalidArgumentError, NoAttentionSitesError
 from ..sites import SiteInfo
 
+_BUSY: "weakref.WeakKeyDictionary[nn.Module, Interceptor]" = weakref.WeakKeyDictionary()
 CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention",
                "enc_dec_attn", "src_attn")
 
@@ -132,7 +134,14 @@ class Interceptor:
     def install(self) -> None:
         from . import hf
 
-        for m in self.model.modules():
+        mods = list(self.model.modules())
+        if any(m in _BUSY for m in mods):
+            raise InvalidArgumentError(
+                f"{type(self.model).__name__} (or a module inside it) is already intercepted, e.g. a mask is "
+                "attached to it: detach it before observing or applying again")
+        for m in mods:
+            _BUSY[m] = self
+        for m in mods:
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -145,15 +154,23 @@ class Interceptor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m in self.model.modules():
+            if _BUSY.get(m) is self:
+                del _BUSY[m]
+        if self.stack:  # removed in the middle of a forward
+            self.stack.clear()
+            self.mode.__exit__(None, None, None)
         if self._hf is not None:
             hf.restore(self._hf)
             self._hf = None
 
     def _pre(self, module, args):
-        if module is self.model:
-            if not self.stack:
+        # The SDPA mode is on while any forward of the model runs: the model itself, a submodule
+        # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
+        if not self.stack:
+            self.mode.__enter__()
+            if module is self.model:
                 self.forwards += 1
-                self.mode.__enter__()
         self.stack.append(module)
         self.counts[module] = 0
 
@@ -170,8 +187,8 @@ class Interceptor:
     def _post(self, module, args, output):
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
-        if module is self.model and not self.stack:
-            self.mode.__exit__(None, None, None)
+            if not self.stack:
+                self.mode.__exit__(None, None, None)
         return None
 
     # ---- dispatch --------------------------------------------------------------------------
