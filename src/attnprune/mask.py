@@ -4,7 +4,8 @@ A mask is made by ``attnprune.make_mask`` (see ``policies.py``). Per site it hol
 keep tensor bool [H, q_len, k_len] or a block keep tensor bool [H, ceil(q_len/b), ceil(k_len/b)]
 (``True`` = computed). ``q_len``/``k_len`` are the calibrated token lengths.
 
-File format: safetensors; tensor ``keep.<i>`` is site ``i``'s keep tensor; the safetensors
+File format: safetensors; tensor ``keep.<i>`` is site ``i``'s keep tensor, bit-packed (uint8,
+8 entries a byte, row-major; its shape is in the header); the safetensors
 metadata key ``"attnprune"`` holds a JSON header (``format = "attnprune.mask"``, version, site
 infos, policy, sparsities, per-tensor checksums). Files are written atomically.
 """
@@ -16,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._io import atomic_path
@@ -231,11 +233,11 @@ class PruneMask:
         """Write the mask to ``path`` (safetensors + JSON header), atomically."""
         from safetensors.torch import save_file
 
-        tensors = {f"keep.{i}": m.keep.contiguous().cpu() for i, m in enumerate(self._sites.values())}
+        tensors = {f"keep.{i}": _pack(m.keep) for i, m in enumerate(self._sites.values())}
         header = {
             "format": FORMAT, "version": VERSION, "meta": self.meta,
             "sites": [{"info": m.info.to_dict(), "q_len": m.q_len, "k_len": m.k_len, "block": m.block,
-                       "checksum": _checksum(tensors[f"keep.{i}"])}
+                       "shape": list(m.keep.shape), "checksum": _checksum(tensors[f"keep.{i}"])}
                       for i, m in enumerate(self._sites.values())],
         }
         with atomic_path(path) as tmp:
@@ -262,9 +264,10 @@ class PruneMask:
                     raise CorruptFileError(f"{p}: unsupported mask file version {header.get('version')!r}")
                 masks = []
                 for i, s in enumerate(header["sites"]):
-                    keep = f.get_tensor(f"keep.{i}")
-                    if _checksum(keep) != s["checksum"]:
+                    packed = f.get_tensor(f"keep.{i}")
+                    if _checksum(packed) != s["checksum"]:
                         raise CorruptFileError(f"{p}: checksum mismatch for site {s['info']['name']!r}")
+                    keep = _unpack(packed, s["shape"])
                     masks.append(SiteMask(SiteInfo.from_dict(s["info"]), s["q_len"], s["k_len"],
                                           keep=keep, block=s["block"]))
                 return cls(masks, header["meta"])
@@ -298,6 +301,18 @@ class PruneMask:
     def __repr__(self) -> str:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
+
+
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    """bool [...] -> uint8 [ceil(numel / 8)], 8 entries per byte (row-major, big-endian bits)."""
+    return torch.from_numpy(np.packbits(keep.detach().cpu().contiguous().numpy().reshape(-1)))
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-n // 8):
+        raise ValueError(f"packed keep tensor has {packed.numel()} {packed.dtype} values for shape {shape}")
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool).reshape(shape))
 
 
 def _checksum(t: torch.Tensor) -> str:
