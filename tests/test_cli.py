@@ -183,6 +183,21 @@ def test_observe_bad_input(capsys, tmp_path, args, words):
     assert os.listdir(tmp_path) == []
 
 
+def test_observe_from_data_source(capsys, tmp_path):
+    path = tmp_path / "s.safetensors"
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", "tiny-gpt2", "--data", "random:60", "--num-seqs", 3,
+                     "--seq-len", 10, "-o", path)
+    assert rc == 0, err
+    st = AttentionStats.load(path)
+    assert st.num_sequences == 3 and st.q_len(st.sites[0]) == 10 and "random" in st.description
+    text = tmp_path / "t.txt"
+    text.write_text("some words\n\nmore words\n\nand more\n")
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", "tiny-gpt2", "--data", f"text:{text}",
+                     "-o", tmp_path / "x.safetensors")
+    assert_clean_error(rc, err)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_hf_directory(capsys, tmp_path):
     from attnprune.models import load_model
 

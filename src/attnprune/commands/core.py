@@ -70,7 +70,10 @@ def _source_batches(args, loaded):
     """Batches from a dataset of ``attnprune.data`` (its calibration split, or its first split)."""
     from .. import data
 
-    ds = data.load_dataset(args.data)
+    opts = {}
+    if args.data.partition(":")[0] == "random":  # random:<vocab>
+        opts = dict(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=args.seed)
+    ds = data.load_dataset(args.data, **opts)
     split = "calibration" if "calibration" in ds.splits else next(iter(ds.splits))
     records = ds[split]
     if ds.kind == "tokens":
