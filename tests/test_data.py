@@ -98,6 +98,18 @@ def test_lm_batches_fixed_length_and_order():
         D.lm_batches(recs, None, seq_len=4)
 
 
+@pytest.mark.parametrize("separator", ["newline", "eos", "none"])
+def test_lm_batches_limit_is_prefix(separator):
+    tok = CharTokenizer()
+    recs = [{"text": f"paragraph {i} " + "x" * (i % 7)} for i in range(300)]
+    full = torch.cat([b["input_ids"] for b in D.lm_batches(recs, tok, seq_len=16, separator=separator)])
+    few = torch.cat([b["input_ids"] for b in D.lm_batches(recs, tok, seq_len=16, max_sequences=5,
+                                                          separator=separator, batch_size=2)])
+    assert few.shape == (5, 16) and torch.equal(few, full[:5])
+    toks = [{"input_ids": list(range(i, i + 7))} for i in range(50)]
+    assert D.token_stream(toks, max_tokens=10).tolist() == list(range(7)) + [1, 2, 3]
+
+
 def test_lm_batches_token_records():
     recs = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6, 7, 8]}]
     b = D.lm_batches(recs, None, seq_len=4)

@@ -55,6 +55,16 @@ def test_smollm2_loss_on_austen(smol):
     assert 5 < ppl < 200, ppl
 
 
+def test_smollm2_batches_limit_is_prefix(smol):
+    from attnprune.data import lm_batches, load_dataset
+
+    test = load_dataset("austen")["test"]
+    full = torch.cat([b["input_ids"] for b in lm_batches(test, smol.tokenizer, seq_len=256, batch_size=64)])
+    few = torch.cat([b["input_ids"] for b in lm_batches(test, smol.tokenizer, seq_len=256, max_sequences=6)])
+    assert full.shape[0] > 300  # ~95k tokens in the test split
+    assert torch.equal(few, full[:6])
+
+
 def test_smollm2_greedy_continuation(smol):
     tok = smol.tokenizer
     ids = tok("The capital of France is", return_tensors="pt").input_ids

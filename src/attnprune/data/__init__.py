@@ -232,37 +232,58 @@ def _eos_id(tokenizer: Any) -> int | None:
 
 
 def token_stream(records: Iterable[dict] | Iterable[str], tokenizer: Any = None, *,
-                 separator: str = "newline", key: str = "text") -> torch.Tensor:
+                 separator: str = "newline", key: str = "text", max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize texts and join them into one id sequence: ``LongTensor[N]``.
 
     records: strings, text records (``key``), or ``{"input_ids": [...]}`` records (no tokenizer).
     separator: ``"newline"`` (default) joins the texts with a blank line and tokenizes the whole as
     one text (natural for prose: paragraphs stay paragraphs), ``"eos"`` puts the tokenizer's EOS id
     between separately tokenized texts (for unrelated documents), ``"none"`` concatenates the ids.
+    max_tokens: stop after this many ids (the result is the start of the full stream; only as many
+    texts as needed are tokenized, so a few sequences from a large split are quick).
     No BOS is added (the SmolLM2 tokenizer does not add one either).
     """
-    ids: list[int] = []
     items = list(records)
     if not items:
         raise EmptyDatasetError("no records to tokenize")
     if isinstance(items[0], dict) and "input_ids" in items[0]:
+        ids: list[int] = []
         for r in items:
             ids.extend(int(i) for i in r["input_ids"])
-        return torch.tensor(ids, dtype=torch.long)
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        return torch.tensor(ids[:max_tokens], dtype=torch.long)
     if tokenizer is None:
         raise InvalidArgumentError("text records need a tokenizer")
-    texts = [t if isinstance(t, str) else t[key] for t in items]
-    if separator == "newline":
-        texts = ["\n\n".join(texts)]
-    elif separator not in ("eos", "none"):
+    if separator not in ("eos", "newline", "none"):
         raise InvalidArgumentError(f"separator must be 'eos', 'newline' or 'none', not {separator!r}")
+    texts = [t if isinstance(t, str) else t[key] for t in items]
     eos = _eos_id(tokenizer) if separator == "eos" else None
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for i, seq in enumerate(enc):
-        if i and eos is not None:
-            ids.append(eos)
-        ids.extend(seq)
-    return torch.tensor(ids, dtype=torch.long)
+
+    def encode(part: list[str]) -> list[int]:
+        if separator == "newline":
+            part = ["\n\n".join(part)]
+        out: list[int] = []
+        for i, seq in enumerate(tokenizer(part, add_special_tokens=False)["input_ids"]):
+            if i and eos is not None:
+                out.append(eos)
+            out.extend(seq)
+        return out
+
+    if max_tokens is None:
+        return torch.tensor(encode(texts), dtype=torch.long)
+    # Tokenize a growing prefix of the texts until it yields max_tokens ids with a margin (the
+    # last few ids of a prefix may merge differently with the text that follows it).
+    margin = 16
+    k, chars = 0, 0
+    while k < len(texts) and chars < 6 * (max_tokens + margin):
+        chars += len(texts[k]) + 2
+        k += 1
+    while True:
+        ids = encode(texts[:k])
+        if k >= len(texts) or len(ids) >= max_tokens + margin:
+            return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        k = min(len(texts), 2 * k)
 
 
 def chunk_tokens(ids: torch.Tensor, seq_len: int, *, max_sequences: int | None = None) -> torch.Tensor:
@@ -287,7 +308,10 @@ def lm_batches(records: Iterable[dict] | Iterable[str], tokenizer: Any = None, *
     windows are kept; the last batch may be smaller than ``batch_size``. Deterministic. Labels are
     the inputs (shift inside the model / metric), so none are added.
     """
-    rows = chunk_tokens(token_stream(records, tokenizer, separator=separator), seq_len,
+    if seq_len < 2:
+        raise InvalidArgumentError(f"seq_len must be at least 2, not {seq_len}")
+    limit = None if max_sequences is None else max_sequences * seq_len
+    rows = chunk_tokens(token_stream(records, tokenizer, separator=separator, max_tokens=limit), seq_len,
                         max_sequences=max_sequences)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be positive, not {batch_size}")
