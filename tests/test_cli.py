@@ -1,5 +1,6 @@
 """CLI observe / mask / info end to end on tiny models, bad input, random data, model loaders."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def test_real_process_exit_status(tmp_path):
 
 # ---- observe end to end ----------------------------------------------------------------------
 
-pytest.importorskip("transformers")
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
 MODELS = {  # model -> (sites, kinds present, heads, kv heads)
     "tiny-gpt2": (2, {"causal"}, 4, 4),
@@ -126,6 +127,7 @@ MODELS = {  # model -> (sites, kinds present, heads, kv heads)
 }
 
 
+@needs_hf
 @pytest.mark.parametrize("model", list(MODELS))
 def test_observe_mask_info_end_to_end(capsys, tmp_path, model):
     stats_path, mask_path = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
@@ -152,6 +154,7 @@ def test_observe_mask_info_end_to_end(capsys, tmp_path, model):
     assert rc == 0 and all(s in out for s in m.sites)
 
 
+@needs_hf
 def test_observe_padding_and_granularity(capsys, tmp_path):
     path = tmp_path / "s.safetensors"
     rc, _, err = run(capsys, "--quiet", "observe", "--model", "tiny-llama", "--num-seqs", 4, "--seq-len", 16,
@@ -166,6 +169,7 @@ def test_observe_padding_and_granularity(capsys, tmp_path):
     assert_clean_error(rc, err, "granularity 4")
 
 
+@needs_hf
 @pytest.mark.parametrize("args,words", [
     (["--model", "tiny-nothing"], ["model", "tiny-nothing", "tiny-gpt2"]),
     (["--model", "tiny-gpt2", "--seq-len", "4000"], ["4000"]),
@@ -183,6 +187,7 @@ def test_observe_bad_input(capsys, tmp_path, args, words):
     assert os.listdir(tmp_path) == []
 
 
+@needs_hf
 def test_observe_from_data_source(capsys, tmp_path):
     path = tmp_path / "s.safetensors"
     rc, _, err = run(capsys, "--quiet", "observe", "--model", "tiny-gpt2", "--data", "random:60", "--num-seqs", 3,
@@ -198,6 +203,7 @@ def test_observe_from_data_source(capsys, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@needs_hf
 def test_hf_directory(capsys, tmp_path):
     from attnprune.models import load_model
 
@@ -214,6 +220,7 @@ def test_hf_directory(capsys, tmp_path):
     assert len(AttentionStats.load(tmp_path / "s.safetensors").sites) == 2
 
 
+@needs_hf
 def test_tiny_models_are_deterministic():
     from attnprune.models import load_model
 
