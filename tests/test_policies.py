@@ -75,6 +75,9 @@ def test_exact_count_and_threshold():
     forced = torch.zeros_like(keep)
     forced.scatter_(-1, means.argmax(-1, keepdim=True), True)
     assert means[keep & ~forced].min() > means[~keep].max()
+    thr = m.meta["sites"]["s"]["threshold"]  # the best pruned mean (stats hold float32 means)
+    assert thr == pytest.approx(float(means[~keep].max()))
+    assert keep[means.float() > thr].all()
 
 
 def test_ties_are_broken_by_position():

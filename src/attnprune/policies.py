@@ -307,12 +307,15 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
         q_len, k_len = stats.q_len(u.site), stats.k_len(u.site)
         total = _total(u.weight)
         kept = _total(u.weight[keep])
+        pruned = u.score[u.attendable & ~keep]
         site_meta[u.site] = {
             "q_len": q_len, "k_len": k_len, "target_sparsity": s,
             "sparsity": 1.0 - kept / total if total else 0.0,
             "paper_sparsity": 1.0 - kept / (info.num_heads * q_len * k_len) if q_len * k_len else 0.0,
             "kept_entries": int(kept), "attendable_entries": int(total),
             "kept_units": int(keep.sum()), "units": int(keep.numel()),
+            # every unit scoring above this was kept (layer / head / global); None if nothing was pruned
+            "threshold": float(pruned.max()) if pruned.numel() else None,
         }
         site_masks.append(SiteMask(info, q_len, k_len, keep=keep.contiguous(), block=b))
     total = sum(m["attendable_entries"] for m in site_meta.values())
