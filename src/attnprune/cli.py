@@ -16,6 +16,8 @@ from .errors import AttnPruneError
 COMMAND_MODULES = [
     "attnprune.commands.core",  # observe, mask, info
     "attnprune.commands.finetune",  # finetune
+    "attnprune.commands.eval",  # eval
+    "attnprune.commands.demo",  # demo
 ]
 
 

@@ -340,26 +340,36 @@ def check_disjoint(calib: Iterable, test: Iterable) -> None:
             "calibrate and evaluate on disjoint splits")
 
 
-def kept_mass(stats, mask) -> dict[str, float]:
-    """Share of the observed attention mass each site keeps under ``mask``.
-
-    For every site: ``sum(mean * keep) / sum(mean)`` over observed entries, where ``mean`` is
-    ``stats.mean(site): [H, Q, K]`` at token level and ``keep`` is ``mask[site]`` cropped to it.
-    Token-level stats are needed (block-level stats are expanded to their blocks' mean).
-    """
+def _token_means(stats) -> dict[str, torch.Tensor]:
+    """Per site: ``stats.mean(site)`` at token level with NaN (never observed) as 0, float32 [H, Q, K]."""
     out = {}
-    for site in mask.sites:
-        mean = stats.mean(site).double()
+    for site in stats.sites:
+        mean = stats.mean(site).float()
         if stats.granularity > 1:
             g = stats.granularity
             mean = mean.repeat_interleave(g, 1).repeat_interleave(g, 2)
             mean = mean[:, :stats.q_len(site), :stats.k_len(site)]
+        out[site] = torch.nan_to_num(mean, nan=0.0)
+    return out
+
+
+def kept_mass(stats, mask, *, means: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Share of the observed attention mass each site keeps under ``mask``.
+
+    For every site: ``sum(mean * keep) / sum(mean)`` over observed entries, where ``mean`` is
+    ``stats.mean(site): [H, Q, K]`` at token level and ``keep`` is ``mask[site]`` cropped to it.
+    Block-level stats are expanded to their blocks' mean. ``means``: the token-level means,
+    precomputed (``_token_means(stats)``) when called for many masks.
+    """
+    means = means if means is not None else _token_means(stats)
+    out = {}
+    for site in mask.sites:
+        m = means[site]
         keep = mask[site]
-        q, k = min(mean.shape[1], keep.shape[1]), min(mean.shape[2], keep.shape[2])
-        mean, keep = mean[:, :q, :k], keep[:, :q, :k]
-        m = torch.nan_to_num(mean, nan=0.0)
-        tot = float(m.sum())
-        out[site] = float((m * keep).sum()) / tot if tot > 0 else float("nan")
+        q, k = min(m.shape[1], keep.shape[1]), min(m.shape[2], keep.shape[2])
+        m, keep = m[:, :q, :k], keep[:, :q, :k]
+        tot = float(m.sum(dtype=torch.float64))
+        out[site] = float((m * keep).sum(dtype=torch.float64)) / tot if tot > 0 else float("nan")
     return out
 
 
@@ -434,8 +444,8 @@ def _achieved(mask) -> tuple[float | None, float | None]:
 
 def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, task: str = "causal-lm",
           config: SweepConfig | None = None, stats=None, observe_model: nn.Module | None = None,
-          model_name: str = "", data_info: dict | None = None, progress: bool = True,
-          on_run: Callable[[dict], None] | None = None):
+          model_name: str = "", data_info: dict | None = None, description: str = "",
+          progress: bool = True, on_run: Callable[[dict], None] | None = None):
     """Quality versus sparsity: dense baseline, then masks over blocks x policies x sparsities.
 
     model: what is measured (returns logits); observe_model: the module to observe and mask
@@ -444,11 +454,14 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
         arguments; ``labels: [batch]`` for classification), disjoint (checked).
     task: ``"causal-lm"`` (perplexity) or ``"classification"`` (accuracy).
     stats: an ``AttentionStats`` already observed on ``calib_batches`` (skips observation).
+    description: what the calibration data is (stored in the stats and masks).
     on_run: called with every run's dict as soon as it is measured (e.g. to print it).
     Returns ``(SweepResult, AttentionStats, masks)`` where ``masks`` maps
     ``(block, policy, sparsity)`` to the ``PruneMask`` used.
     """
-    import attnprune
+    from .apply import apply
+    from .observe import observe
+    from .policies import make_mask
 
     if task not in TASK_METRICS:
         raise InvalidArgumentError(f"unknown task {task!r}; known: {', '.join(TASK_METRICS)}")
@@ -470,26 +483,28 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     if stats is None:
         t0 = time.perf_counter()
         obs_batches = [_model_inputs(b) for b in calib_batches]
-        stats = attnprune.observe(target, obs_batches, granularity=1, progress=progress)
+        stats = observe(target, obs_batches, granularity=1, progress=progress,
+                                  description=description)
         timings["observe_s"] = time.perf_counter() - t0
 
     result = SweepResult(model=model_name, task=task, metric=metric, dense=dense.to_dict(),
                          config=asdict(config), data=dict(data_info or {}), timings=timings)
     masks: dict = {}
+    means = _token_means(stats)
     combos = [(b, p, s) for b in config.blocks for p in config.policies for s in config.sparsities]
     t_masks, t_evals = 0.0, 0.0
     for block, policy, sp in _progress(combos, progress, "sweep"):
         t0 = time.perf_counter()
-        mask = attnprune.make_mask(stats, float(sp), policy=policy, block=block, seed=config.seed)
+        mask = make_mask(stats, float(sp), policy=policy, block=block, seed=config.seed)
         t_masks += time.perf_counter() - t0
         masks[(block, policy, float(sp))] = mask
         torch.manual_seed(config.seed)
-        with attnprune.apply(target, mask, backend=config.backend, beyond=config.beyond):
+        with apply(target, mask, backend=config.backend, beyond=config.beyond):
             r = measure(model, test_batches, progress=progress,
                         desc=f"{policy} {sp:g}" + (f" b{block}" if block else ""))
         t_evals += r.seconds
         achieved, paper = _achieved(mask)
-        km = kept_mass(stats, mask)
+        km = kept_mass(stats, mask, means=means)
         finite = [v for v in km.values() if not math.isnan(v)]
         run = {
             "block": block, "policy": policy, "sparsity": float(sp),
