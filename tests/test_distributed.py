@@ -9,7 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tiny_models as tm
+from attnprune.errors import MaskMismatchError
 from attnprune.observe import observe
+from attnprune.sites import SiteInfo
 from attnprune.stats import AttentionStats
 
 
@@ -31,6 +33,11 @@ def _worker(rank, world, port, out_dir):
             stats = observe(tm.mha(), _shard(rank), granularity=g, progress=False)
             stats.all_reduce()
             stats.save(os.path.join(out_dir, f"g{g}rank{rank}.safetensors"))
+        other = AttentionStats([SiteInfo("x", "self", 2 + rank, 2)])  # different models on the ranks
+        try:
+            other.all_reduce()
+        except MaskMismatchError as e:
+            open(os.path.join(out_dir, f"mismatch{rank}"), "w").write(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -53,6 +60,8 @@ def test_two_process_gloo_equals_one_process(tmp_path):
             assert torch.equal(got.count(s), single.count(s))
             torch.testing.assert_close(got.sum(s), single.sum(s), atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(got.mean(s), single.mean(s), equal_nan=True)
+    for rank in (0, 1):
+        assert "different sites" in (tmp_path / f"mismatch{rank}").read_text()
     # the shards alone differ from the whole (the comparison above can fail)
     part = observe(tm.mha(), _shard(1), progress=False)
     assert part.q_len(single.sites[0]) == 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Iterable
 
 import torch
@@ -196,15 +197,17 @@ class AttentionStats:
         if dist.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
         n = len(self._infos)
-        shapes = torch.zeros(n + 1, 4, dtype=torch.int64, device=dev)
-        shapes[n, 0] = n
+        code = zlib.crc32(json.dumps([i.to_dict() for i in self._infos.values()] + [self.granularity]).encode())
+        ident = torch.tensor([code, -code], dtype=torch.int64, device=dev)
+        dist.all_reduce(ident, op=dist.ReduceOp.MAX, group=group)
+        if int(ident[0]) != code or int(ident[1]) != -code:
+            raise MaskMismatchError("all_reduce: the processes hold different sites or granularities "
+                                    "(observe the same model on every rank)")
+        shapes = torch.zeros(max(n, 1), 4, dtype=torch.int64, device=dev)
         for i, site in enumerate(self._infos):
             if site in self._sum:
                 shapes[i] = torch.tensor([*self._sum[site].shape[1:], *self._len[site]])
-        check = shapes[n, 0].clone()
         dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
-        if int(shapes[n, 0]) != int(check):
-            raise MaskMismatchError("all_reduce: processes hold different numbers of sites")
         seqs = torch.tensor([self.num_sequences], dtype=torch.float64, device=dev)
         dist.all_reduce(seqs, group=group)
         self.num_sequences = int(seqs.item())
