@@ -224,6 +224,17 @@ def test_forward_tma_descriptors_gqa_batch():
     run_case(2, Hq, Hkv, L, L, D, lay, tok, configs=cfg, causal=True)
 
 
+def test_block_layout_odd_lengths_no_bitmasks():
+    # block-level layout (no packed bitmasks): boundary and causal masking still exact
+    Hq, Hkv, Lq, Lk, D = 2, 1, 37, 45, 16
+    keep = (torch.rand(Hq, 3, 3) < 0.7).to(DEV)
+    lay = BlockLayout.from_blocks(keep, (16, 16))
+    assert lay.num_partial == 0
+    tok = lay.to_dense(Lq, Lk)
+    run_case(2, Hq, Hkv, Lq, Lk, D, lay, tok, causal=True, q_offset=Lk - Lq)
+    run_case(2, Hq, Hkv, Lq, Lk, D, lay, tok, key_padding=torch.tensor([45, 20], device=DEV))
+
+
 def test_empty_rows_are_zero_with_zero_grad():
     Hq, Lq, Lk, D = 2, 40, 40, 16
     tok = random_tokens(Hq, Lq, Lk, (16, 16), density=0.9)
@@ -243,7 +254,7 @@ def test_head_dim_not_power_of_two_and_dv():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="head dims 64/128 at block 64 are GPU-sized")
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_real_sizes(D, causal):
     Hq, Hkv, L = 4, 2, 1000

@@ -26,10 +26,13 @@ def _fwd_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
-    pid_m = tl.program_id(0)
+    if CAUSAL:  # later query tiles see more keys: start them first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -69,20 +72,21 @@ def _fwd_kernel(
             n0 = kv_row0 + kb * BK + s * BLOCK_N
             k = KD.load([n0, 0])
             v = VD.load([n0, 0])
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            qk = tl.dot(q, tl.trans(k))
         else:
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd)
-            qk = tl.dot(q, k) * qk_scale
+            qk = tl.dot(q, k)
         if HAS_KPM:
             kp = tl.load(kpm_base + offs_n) != 0
-            qk = tl.where(kp[None, :], qk, float("-inf"))
+            qk = tl.where(kp[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:  # every entry kept: rows never all -inf (qk_scale > 0 is checked on the host)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -100,18 +104,19 @@ def _fwd_kernel(
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
         qk = tl.dot(q, k) * qk_scale
-        ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+        ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
         if HAS_KPM:
             kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
             ok = ok & kp[None, :]
-        words = tl.load(
-            BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-            mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-            other=-1,
-        )
-        ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+        if HAS_BITS:
+            words = tl.load(
+                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+                other=-1,
+            )
+            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -144,10 +149,13 @@ def _dq_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
-    pid_m = tl.program_id(0)
+    if CAUSAL:  # later query tiles see more keys: start them first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -183,8 +191,8 @@ def _dq_kernel(
         offs_n = kb * BK + s * BLOCK_N + offs_nb
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
         vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
-        qk = tl.dot(q, kT) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
+        qk = tl.dot(q, kT)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if HAS_KPM:
             kp = tl.load(kpm_base + offs_n) != 0
             p = tl.where(kp[None, :], p, 0.0)
@@ -201,20 +209,21 @@ def _dq_kernel(
         col_ok = offs_n < Lk
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
         vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd, mask=col_ok[None, :], other=0.0)
-        qk = tl.dot(q, kT) * qk_scale
-        ok = col_ok[None, :] & (rows_in_block[:, None] >= 0)
+        qk = tl.dot(q, kT)
+        ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
         if HAS_KPM:
             kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
             ok = ok & kp[None, :]
-        words = tl.load(
-            BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-            mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-            other=-1,
-        )
-        ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
-        p = tl.where(ok, tl.math.exp2(qk - lse[:, None]), 0.0)
+        if HAS_BITS:
+            words = tl.load(
+                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
+                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
+                other=-1,
+            )
+            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+        p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
@@ -238,7 +247,7 @@ def _dkdv_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BQ // BLOCK_M
     pid_n = tl.program_id(0)
@@ -282,8 +291,8 @@ def _dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, qT) * qk_scale
-            pT = tl.math.exp2(qkT - lse[None, :])
+            qkT = tl.dot(k, qT)
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             if HAS_KPM:
                 pT = tl.where(kp[:, None], pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv)
@@ -302,19 +311,20 @@ def _dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, qT) * qk_scale
+            qkT = tl.dot(k, qT)
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + q_offset)
             if HAS_KPM:
                 ok = ok & kp[:, None]
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
-                mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
-            pT = tl.where(ok, tl.math.exp2(qkT - lse[None, :]), 0.0)
+            if HAS_BITS:
+                words = tl.load(
+                    BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
+                    mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
+                    other=-1,
+                )
+                ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
+            pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
@@ -325,3 +335,21 @@ def _dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV_ + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Lq,
+                  BLOCK_M: tl.constexpr, DV: tl.constexpr):
+    # delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]  (fp32), one read of O and dO
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DV)
+    ok = offs_m < Lq
+    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                 mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)

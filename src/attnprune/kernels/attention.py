@@ -42,16 +42,21 @@ class KernelConfig:
 # Measured table (see BENCHMARKS.md / bench/gpu_check.py): key (pass, head_dim) with pass in
 # "fwd", "dq", "dkdv". For dkdv, block_m is the query tile and block_n the key tile. Entries are
 # clipped to the layout's block size. Anything missing falls back to "default".
+# Measured on an H200 (torch 2.11, triton 3.6), bf16, 16k tokens, 50% block density, 128x128 layout
+# blocks (bench/gpu_check.py --sweep, 2026-11-28); d=32 and d=256 are untuned guesses.
 CONFIGS: dict[tuple[str, int | str], KernelConfig] = {
     ("fwd", "default"): KernelConfig(128, 64, 4, 3),
-    ("fwd", 128): KernelConfig(128, 64, 8, 3),
-    ("fwd", 256): KernelConfig(64, 32, 8, 2),
-    ("dq", "default"): KernelConfig(128, 64, 4, 3),
+    ("fwd", 64): KernelConfig(128, 64, 4, 3, True),
+    ("fwd", 128): KernelConfig(128, 128, 8, 3, True),
+    ("fwd", 256): KernelConfig(64, 64, 8, 2),
+    ("dq", "default"): KernelConfig(64, 64, 4, 3),
+    ("dq", 64): KernelConfig(64, 64, 4, 3),
     ("dq", 128): KernelConfig(128, 64, 8, 2),
-    ("dq", 256): KernelConfig(64, 32, 8, 1),
-    ("dkdv", "default"): KernelConfig(64, 128, 4, 3),
-    ("dkdv", 128): KernelConfig(64, 128, 8, 2),
-    ("dkdv", 256): KernelConfig(32, 64, 8, 1),
+    ("dq", 256): KernelConfig(64, 32, 8, 2),
+    ("dkdv", "default"): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 64): KernelConfig(32, 128, 4, 3),
+    ("dkdv", 128): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 256): KernelConfig(32, 64, 8, 2),
 }
 
 
@@ -120,7 +125,7 @@ class _SparseAttention(torch.autograd.Function):
             kpm_t.stride(0) if has_kpm else 0,
             Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
             BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
-            CAUSAL=causal, HAS_KPM=has_kpm, USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            CAUSAL=causal, HAS_KPM=has_kpm, HAS_BITS=layout.num_partial > 0, USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
@@ -137,12 +142,15 @@ class _SparseAttention(torch.autograd.Function):
         bq, bk = layout.block
         nw = (bk + 31) // 32
         do = do.contiguous() if do.stride(-1) != 1 else do
-        delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Hq, Lq]
+        delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+        tk._delta_kernel[(triton_cdiv(Lq, 64), B * Hq)](
+            o, do, delta, *o.stride(), *do.stride(), Hq, Lq, BLOCK_M=64, DV=DV, num_warps=4)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         kpm_s = kpm_t.stride(0) if ctx.has_kpm else 0
-        common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=ctx.causal, HAS_KPM=ctx.has_kpm)
+        common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=ctx.causal, HAS_KPM=ctx.has_kpm,
+                      HAS_BITS=layout.num_partial > 0)
         qk_scale = ctx.scale * _LOG2E
 
         cfg = ctx.configs.get("dq") or get_config("dq", D, layout.block)
@@ -235,6 +243,8 @@ def sparse_attention(
     if Lq == 0 or Lk == 0 or B == 0:
         return q.new_zeros(B, Hq, Lq, v.shape[3])
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not scale > 0:
+        raise InvalidArgumentError(f"scale must be positive, got {scale}")
 
     kpm = None
     if key_padding is not None:
