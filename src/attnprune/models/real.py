@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -107,12 +108,26 @@ def convert_smollm2(gguf: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "attnprune.json").write_text(json.dumps(_stamp(gguf)))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # ``out`` exists: a stale copy, or another process finished first
+            if _is_fresh(out, gguf):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = out.with_name(f".{out.name}.old.{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_fresh(cache: Path, gguf: Path) -> bool:
+    try:
+        return json.loads((cache / "attnprune.json").read_text()) == _stamp(gguf)
+    except (OSError, ValueError):
+        return False
 
 
 def _check_common() -> None:
@@ -132,21 +147,17 @@ def load_smollm2(arg: str | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = _smollm2_cache()
-    stamp_file = cache / "attnprune.json"
     if arg == "gguf":
         _require("gguf", why="loading a GGUF file")
         _require("accelerate", why="loading a GGUF file")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     else:
-        fresh = False
-        try:
-            fresh = json.loads(stamp_file.read_text()) == _stamp(gguf)
-        except (OSError, ValueError):
-            pass
-        if not fresh:
+        if not _is_fresh(cache, gguf):
             _require("gguf", why="converting the SmolLM2 GGUF file")
             _require("accelerate", why="converting the SmolLM2 GGUF file")
+            print(f"attnprune: converting {gguf.name} to float32 in {cache} (once; about a minute)",
+                  file=sys.stderr)
             convert_smollm2(gguf, cache)
         try:
             tok = AutoTokenizer.from_pretrained(cache, local_files_only=True)
