@@ -96,6 +96,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tests", action="store_true")
+    ap.add_argument("--tests-timeout", type=float, default=300)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-d", default="64,128")
     ap.add_argument("--grid", default=None, help="grid spec, see parse_grid; omitted: no grid")
@@ -115,8 +116,9 @@ def main():
     if args.tests:
         t0 = time.time()
         env = dict(os.environ, PYTHONPATH="src")
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                            "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env)
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "-rA",
+                            "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
+                           timeout=args.tests_timeout)
         with open(os.path.join(args.out, "tests.log"), "w") as f:
             f.write(p.stdout + p.stderr)
         result["tests"] = {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-3000:], "s": time.time() - t0}

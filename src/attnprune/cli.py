@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "attnprune.commands.finetune",  # finetune
     "attnprune.commands.eval",  # eval
     "attnprune.commands.demo",  # demo
+    "attnprune.commands.bench",  # bench (GPU)
 ]
 
 
