@@ -47,7 +47,7 @@ def inputs(name, lens=(6, 4), total=6, seed=0):
     b = tm.batch(list(lens), total, seed=seed)
     if name == "nanogpt":
         return {"input_ids": b["input_ids"]}
-    if name == "bart":
+    if name in ("bart", "t5"):
         d = tm.batch([n - 1 for n in lens], total - 1, seed=seed + 1)
         b["decoder_input_ids"], b["decoder_attention_mask"] = d["input_ids"], d["attention_mask"]
     return b
@@ -118,7 +118,7 @@ def mha_hand(model, ids, am, mask):
 
 # ---- tests -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "bart", "nanogpt", "mha"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "bart", "t5", "nanogpt", "mha"])
 def test_all_true_mask_leaves_outputs_unchanged(name):
     model = getattr(tm, name)()
     b = inputs(name)

@@ -95,9 +95,9 @@ def test_decoder_and_encoder_models_match_eager_probabilities(name, left, g):
     assert stats.num_sequences == 6
 
 
-@pytest.mark.parametrize("g", [1, 2])
-def test_encoder_decoder_cross_attention(g):
-    model = _eager(tm.bart())
+@pytest.mark.parametrize("name,g", [("bart", 1), ("bart", 2), ("t5", 1)])
+def test_encoder_decoder_cross_attention(name, g):
+    model = _eager(getattr(tm, name)())
     batches = []
     for k, (lens, total) in enumerate(BATCHES):
         b = tm.batch(lens, total, seed=k)

@@ -54,6 +54,15 @@ def bart(seed=0, **kw):
     return BartForConditionalGeneration(cfg).eval()
 
 
+def t5(seed=0, **kw):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, **kw)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
 class NanoBlock(nn.Module):
     def __init__(self, d, h):
         super().__init__()
