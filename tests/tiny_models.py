@@ -93,7 +93,7 @@ class NanoGPT(nn.Module):
         self.head = nn.Linear(d, VOCAB)
 
     def forward(self, input_ids):
-        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1]))
+        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
         for b in self.blocks:
             x = b(x)
         return self.head(x)
