@@ -20,11 +20,23 @@ Loading, by spec (the text after ``name:`` is the source's argument)::
     ds["test"]                                # list of records
     ds.texts("calibration"), ds.labels("test")
 
+Built-in corpora (fixed splits, no randomness; details in each module's docstring):
+
+=============  ========  ==========================================  ====================================
+source         kind      splits (records)                            from
+=============  ========  ==========================================  ====================================
+austen         text      train 8449, calibration 918, test 931       Debian r-cran-janeaustenr
+                         paragraphs (574k / 74k / 69k words)
+sentiment      labelled  train 7566, calibration 1000, test 2000     PyPI vaderSentiment 3.3.2 sdist
+bible-en-es    parallel  train 28052, valid 1513, test 1512 verses   Debian sword-text-web, -sparv
+=============  ========  ==========================================  ====================================
+
 Batching, for a Hugging Face tokenizer (or none, for ``"tokens"`` records)::
 
     batches = lm_batches(ds["calibration"], tok, seq_len=256, batch_size=4, max_sequences=16)
     # -> list of {"input_ids": LongTensor[B, seq_len]}: the split's texts joined by blank lines,
-    #    tokenized, cut into non-overlapping windows; the ragged tail is dropped.
+    #    tokenized, cut into non-overlapping windows; the ragged tail is dropped. With
+    #    max_sequences only as much text as needed is tokenized.
     batches = classification_batches(ds["test"], tok, batch_size=32, max_length=128)
     # -> list of {"input_ids": [B, L], "attention_mask": [B, L], "labels": [B]} (+ token_type_ids
     #    for BERT tokenizers), padded to the longest in the batch, or to ``max_length`` with
