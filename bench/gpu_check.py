@@ -116,7 +116,7 @@ def main():
     if args.tests:
         t0 = time.time()
         env = dict(os.environ, PYTHONPATH="src")
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "-rA",
+        p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
                             "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
                            timeout=args.tests_timeout)
         with open(os.path.join(args.out, "tests.log"), "w") as f:
