@@ -116,9 +116,12 @@ def main():
     if args.tests:
         t0 = time.time()
         env = dict(os.environ, PYTHONPATH="src")
-        p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                            "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
-                           timeout=args.tests_timeout)
+        try:
+            p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                                "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
+                               timeout=args.tests_timeout)
+        except subprocess.TimeoutExpired as e:
+            p = subprocess.CompletedProcess(e.cmd, -9, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "TIMEOUT")
         with open(os.path.join(args.out, "tests.log"), "w") as f:
             f.write(p.stdout + p.stderr)
         result["tests"] = {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-3000:], "s": time.time() - t0}
