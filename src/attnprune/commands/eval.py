@@ -55,9 +55,12 @@ def _log(msg: str, progress: bool = True) -> None:
     print(msg, flush=True)
 
 
-def run_eval(s: EvalSettings, *, log=_log) -> dict:
+def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     """Load model and data, run the sweep, write the report. Returns the files written
-    (``report.md``, ``results.json``, plots, ``stats.safetensors``) plus ``"result"``, ``"seconds"``."""
+    (``report.md``, ``results.json``, plots, ``stats.safetensors``) plus ``"result"``, ``"seconds"``.
+
+    loaded / dataset: an already loaded ``LoadedModel`` / ``Dataset`` to use instead of
+    ``s.model`` / ``s.data`` (the model is not modified: masks are applied only inside the sweep)."""
     import torch
 
     from .. import data as D
@@ -70,10 +73,10 @@ def run_eval(s: EvalSettings, *, log=_log) -> dict:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     t0 = time.perf_counter()
-    lm = load_model(s.model)
+    lm = loaded if loaded is not None else load_model(s.model)
     log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    ds = D.load_dataset(s.data)
+    ds = dataset if dataset is not None else D.load_dataset(s.data)
     log(f"loaded data {ds.describe()} in {time.perf_counter() - t0:.1f} s")
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=tuple(s.policies), blocks=tuple(s.blocks),
                          seed=s.seed, backend=s.backend, beyond=s.beyond)

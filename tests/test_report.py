@@ -1,0 +1,112 @@
+"""Report files: Markdown, JSON with every number, PNG plots; atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attnprune import report
+from attnprune.evaluate import SweepResult
+
+
+def _result(metric="perplexity"):
+    runs = []
+    for block in (None, 4):
+        for policy in ("layer", "random"):
+            for sp in (0.5, 0.9):
+                v = (10.0 + sp * (1 if policy == "layer" else 7) + (0.25 if block else 0.0)) if metric == "perplexity" \
+                    else (0.9 - sp * (0.05 if policy == "layer" else 0.3))
+                runs.append({"block": block, "policy": policy, "sparsity": sp, "achieved": sp - 0.001,
+                             "achieved_paper": (1 + sp) / 2, "value": v,
+                             "delta": v - (10.0 if metric == "perplexity" else 0.9),
+                             "kept_mass": {"l.0.attn": 1 - sp / 2, "l.1.attn": float("nan")},
+                             "mean_kept_mass": 1 - sp / 2, "seconds": 1.5})
+    dense = {"metric": metric, "value": 10.0 if metric == "perplexity" else 0.9, "count": 123}
+    return SweepResult(model="toy", task="causal-lm" if metric == "perplexity" else "classification",
+                       metric=metric, dense=dense, runs=runs, config={"seed": 0}, data={"source": "unit"},
+                       timings={"observe_s": 2.0})
+
+
+class _Stats:
+    granularity = 1
+    sites = ["l.0.attn", "l.1.attn", "l.2.attn"]
+
+    def mean(self, site):
+        m = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(len(site))).tril()
+        m = m / m.sum(-1, keepdim=True)
+        return m.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("nan"))
+
+
+def test_write_report_files_and_numbers(tmp_path):
+    r = _result()
+    files = report.write_report(r, tmp_path / "out", stats=_Stats(), title="unit")
+    for key in ("json", "markdown", "quality_plot", "kept_mass_plot"):
+        assert files[key].is_file() and files[key].stat().st_size > 0
+    assert len(files["heatmaps"]) == 1 and files["heatmaps"][0].name == "attention_heatmaps.png"
+    for p in (files["quality_plot"], files["kept_mass_plot"], files["heatmaps"][0]):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing temporary left behind
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    doc = json.loads(files["json"].read_text())  # strict JSON: NaN became null
+    assert doc["dense"]["value"] == 10.0 and doc["metric"] == "perplexity" and doc["higher_is_better"] is False
+    assert len(doc["runs"]) == 8
+    for a, b in zip(doc["runs"], r.runs):
+        assert a["value"] == b["value"] and a["block"] == b["block"] and a["policy"] == b["policy"]
+        assert a["kept_mass"]["l.1.attn"] is None
+    assert doc["env"]["torch"] == torch.__version__ and doc["env"]["cpu_count"]
+    md = files["markdown"].read_text()
+    assert md.startswith("# unit")
+    assert "**Dense: 10.000**" in md and "## token level" in md and "## 4x4 blocks" in md
+    # the layer row of the token table: sparsity 0.5 -> 10.5 (+0.5), 0.9 -> 10.9 (+0.9)
+    assert "| layer | 10.500 (+0.500) | 10.900 (+0.900) |" in md
+    assert "| random | 13.500 (+3.500) | 16.300 (+6.300) |" in md
+    assert "![quality_vs_sparsity.png](quality_vs_sparsity.png)" in md
+
+
+def test_accuracy_formatting_and_many_sites(tmp_path):
+    class ManySites(_Stats):
+        sites = [f"l.{i}.attn" for i in range(5)]
+
+    files = report.write_report(_result("accuracy"), tmp_path, stats=ManySites())
+    md = files["markdown"].read_text()
+    assert "**Dense: 90.00%**" in md
+    assert "| layer | 87.50% (-2.50) | 85.50% (-4.50) |" in md
+    files = report.write_report(_result("accuracy"), tmp_path / "b", stats=ManySites(), plots=True)
+    paths = report.plot_heatmaps(ManySites(), tmp_path / "h.png", max_rows=2)
+    assert [p.name for p in paths] == ["h.png", "h_2.png", "h_3.png"]
+
+
+def test_without_matplotlib_tables_still_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_plt", lambda: None)
+    files = report.write_report(_result(), tmp_path, stats=_Stats())
+    assert "quality_plot" not in files and not list(tmp_path.glob("*.png"))
+    assert "plots skipped" in files["markdown"].read_text()
+
+
+def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
+    files = report.write_report(_result(), tmp_path, plots=False)
+    before = files["json"].read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "markdown", boom)
+    r = _result()
+    r.dense["value"] = 99.0
+    with pytest.raises(RuntimeError):
+        report.write_report(r, tmp_path, plots=False)
+    # the JSON was rewritten atomically before the failure; report.md is untouched and whole
+    assert json.loads(files["json"].read_text())["dense"]["value"] == 99.0
+    assert json.loads(before)["dense"]["value"] == 10.0
+    assert files["markdown"].read_text().startswith("# attnprune evaluation")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_pool_ignores_unobserved():
+    m = torch.tensor([[[1.0, float("nan")], [0.5, 0.5]]])
+    p = report._pool(m, 1)
+    assert p.shape == (1, 1, 1) and p.item() == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert math.isnan(report._pool(torch.full((1, 2, 2), float("nan")), 1).item())
