@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Recovery experiment (issue 5): SmolLM2-135M on Jane Austen, masks at 80/90/95% sparsity.
+#
+# Perplexity on the Austen test split
+#   - before fine-tuning: dense, AP mask (layer policy), random mask (same kept count per layer);
+#   - after K steps of masked fine-tuning (AP mask, and random mask), evaluated with that mask;
+#   - after the same K steps of dense fine-tuning (the fair control: how much of the gain is just
+#     adapting to Austen), evaluated dense and with the AP mask applied afterwards (prune after
+#     fine-tuning).
+# All runs start from the same pretrained weights, see the same training sequences in the same order
+# (train split), and the mask is observed on the calibration split; calibration, train and test
+# never overlap.
+#
+# Usage: bash scripts/recovery.sh [--steps K] [--seq-len L] [--batch-size B] [--lr LR] [--calib N]
+#                                 [--test N] [--sparsities 0.8 0.9 0.95] [--out runs/recovery]
+# Defaults are sized for a 2-core CPU (about 15 minutes on an idle one); on a GPU use larger ones.
+# Writes OUT/results.json, OUT/recovery.md (the table) and OUT/runs/<run>/metrics.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] && . .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec python - "$@" <<'PY'
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from attnprune import data as D
+from attnprune._io import write_text_atomic
+from attnprune.apply import apply
+from attnprune.evaluate import perplexity
+from attnprune.models import load_model
+from attnprune.observe import observe
+from attnprune.policies import make_mask
+from attnprune.train import TrainConfig, finetune
+
+p = argparse.ArgumentParser(prog="scripts/recovery.sh")
+p.add_argument("--steps", type=int, default=8, help="K: fine-tuning steps per run")
+p.add_argument("--seq-len", type=int, default=64)
+p.add_argument("--batch-size", type=int, default=4)
+p.add_argument("--lr", type=float, default=2e-4)
+p.add_argument("--schedule", default="constant")
+p.add_argument("--calib", type=int, default=32, help="calibration sequences for observe")
+p.add_argument("--test", type=int, default=16, help="test sequences for perplexity")
+p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--out", default="runs/recovery")
+p.add_argument("--quiet", action="store_true")
+a = p.parse_args()
+out = Path(a.out)
+t_start = time.perf_counter()
+log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
+
+lm = load_model("smollm2")
+model, tok, L = lm.model, lm.tokenizer, a.seq_len
+ds = D.load_dataset("austen")
+
+
+def windows(split: str, n: int) -> torch.Tensor:
+    """The first n windows of L tokens of a split (tokenizing only as many records as needed)."""
+    recs, take = ds[split], 64
+    while True:
+        ids = D.token_stream(recs[:take], tok)
+        if ids.numel() >= n * L or take >= len(recs):
+            return D.chunk_tokens(ids, L, max_sequences=n)
+        take *= 2
+
+
+n_train = a.steps * a.batch_size
+calib, test, train = windows("calibration", a.calib), windows("test", a.test), windows("train", n_train)
+if train.shape[0] < n_train:
+    raise SystemExit(f"the train split gives only {train.shape[0]} windows; need {n_train}")
+batches = lambda rows: [{"input_ids": rows[i:i + 8]} for i in range(0, rows.shape[0], 8)]
+log(f"data: {calib.shape[0]} calibration, {train.shape[0]} train, {test.shape[0]} test sequences of {L} tokens")
+
+orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
+stats = observe(model, batches(calib), progress=not a.quiet, description=ds.describe("calibration"))
+masks = {(s, pol): make_mask(stats, s, policy=pol, seed=a.seed) for s in a.sparsities for pol in ("layer", "random")}
+log("observed and built masks: " + ", ".join(f"{pol}@{s}: {m.sparsity:.3f}" for (s, pol), m in masks.items()))
+
+
+def ppl(mask=None) -> float:
+    if mask is None:
+        return perplexity(model, batches(test), progress=False).value
+    with apply(model, mask):
+        return perplexity(model, batches(test), progress=False).value
+
+
+def train_run(name: str, mask=None) -> dict:
+    model.load_state_dict(orig)
+    cfg = TrainConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
+                      final_checkpoint=False, save_weights=False, progress=not a.quiet)
+    t0 = time.perf_counter()
+    r = finetune(model, train, mask=mask, out_dir=out / "runs" / name, config=cfg)
+    return {"train_s": round(time.perf_counter() - t0, 1), "first_loss": r.history[0].loss, "last_loss": r.last_loss}
+
+
+res = {"dense": {"before": ppl()}}
+log(f"dense before: {res['dense']['before']:.3f}")
+for (s, pol), m in masks.items():
+    res[f"{pol}@{s}"] = {"sparsity": s, "policy": pol, "achieved": m.sparsity, "before": ppl(m)}
+    log(f"{pol}@{s} before: {res[f'{pol}@{s}']['before']:.3f}")
+
+res["dense"]["train"] = train_run("dense")
+res["dense"]["after_dense_ft"] = ppl()
+log(f"dense after {a.steps} dense steps: {res['dense']['after_dense_ft']:.3f}")
+for s in a.sparsities:  # fine-tune dense, then prune: the AP mask on the dense-fine-tuned weights
+    res[f"layer@{s}"]["dense_ft_then_mask"] = ppl(masks[(s, "layer")])
+for (s, pol), m in masks.items():
+    res[f"{pol}@{s}"]["train"] = train_run(f"{pol}-{s}", m)
+    res[f"{pol}@{s}"]["after_masked_ft"] = ppl(m)
+    log(f"{pol}@{s} after {a.steps} masked steps: {res[f'{pol}@{s}']['after_masked_ft']:.3f}")
+
+import transformers
+
+meta = {
+    "command": "bash scripts/recovery.sh " + " ".join(os.sys.argv[1:]),
+    "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+    "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    if os.path.exists("/proc/cpuinfo") else "?",
+    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+    "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
+    "lr": a.lr, "schedule": a.schedule, "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
+    "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
+    "seconds": round(time.perf_counter() - t_start, 1),
+}
+rows = ["| sparsity | mask | achieved | before FT | after K masked FT | dense FT, then this mask |",
+        "|---|---|---|---|---|---|",
+        f"| 0 | dense | 0 | {res['dense']['before']:.2f} | {res['dense']['after_dense_ft']:.2f} (K dense steps) | |"]
+for s in a.sparsities:
+    for pol in ("layer", "random"):
+        r = res[f"{pol}@{s}"]
+        then = f"{r['dense_ft_then_mask']:.2f}" if "dense_ft_then_mask" in r else ""
+        rows.append(f"| {s:g} | {'AP (layer)' if pol == 'layer' else 'random'} | {r['achieved']:.3f} | "
+                    f"{r['before']:.2f} | {r['after_masked_ft']:.2f} | {then} |")
+table = "\n".join(rows)
+write_text_atomic(out / "results.json", json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
+write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g}\n\n"
+                  + table + "\n\n```\n" + json.dumps(meta, indent=2) + "\n```\n")
+print(table)
+log(f"wrote {out / 'results.json'} and {out / 'recovery.md'}")
+PY
