@@ -397,3 +397,21 @@ def test_observe_or_apply_twice_on_one_model_is_refused():
         with pytest.raises(InvalidArgumentError, match="already intercepted"):
             attach(model.blocks[0], mask)
     observe(model, [torch.zeros(1, 4, dtype=torch.long)], progress=False)  # free again
+
+
+def test_padding_past_the_calibrated_length_is_not_an_error():
+    model = tm.llama()
+    calib = tm.batch([6, 4], 6, seed=9)
+    from attnprune.observe import observe
+    from attnprune.policies import make_mask
+
+    mask = make_mask(observe(model, [calib], progress=False), 0.5)
+    assert mask.site("model.layers.0.self_attn").q_len == 6
+    wide = {k: torch.nn.functional.pad(v, (0, 3)) for k, v in calib.items()}  # padded to 9
+    with torch.no_grad(), apply(model, mask):
+        a = model(**calib).logits
+        b = model(**wide).logits
+        with pytest.raises(LengthError):
+            model(**tm.batch([7, 4], 9, seed=9))  # a real 7th token is beyond the calibration
+    real = calib["attention_mask"].bool()
+    torch.testing.assert_close(b[:, :6][real], a[real], atol=2e-6, rtol=1e-5)

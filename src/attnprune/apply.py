@@ -9,7 +9,7 @@ from typing import Iterator
 from torch import nn
 
 from .backends import BACKENDS
-from .capture import AttentionCall, Interceptor
+from .capture import AttentionCall, Interceptor, allowed_entries
 from .errors import InvalidArgumentError, MaskMismatchError
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
@@ -43,8 +43,11 @@ class _Patch:
             self.decoder_offset = q_offset
         elif call.kind == "cross":  # incremental decoding: cross-attention queries follow the decoder's
             q_offset = self.decoder_offset
+        beyond = self.beyond
+        if beyond == "error" and (q_offset + lq > sm.q_len or lk > sm.k_len) and _padding_only(call, sm, q_offset):
+            beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
         return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
-                            scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=self.beyond)
+                            scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=beyond)
 
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
@@ -56,6 +59,23 @@ class _Patch:
             self.checked = True
 
 
+def _padding_only(call: AttentionCall, sm, q_offset: int) -> bool:
+    """True when every key (and, for self-attention, query) position beyond the calibrated lengths is
+    padding: no query of any sequence may attend to it. Batches padded past the longest observed
+    sequence then run without ``LengthError``."""
+    lq, lk = call.q.shape[2], call.k.shape[2]
+    allowed = allowed_entries(call.attn_mask, call.is_causal, lq, lk, device=call.q.device)
+    if allowed is None:
+        return False
+    used = allowed.reshape(-1, *allowed.shape[-2:]).any(dim=-2).any(dim=0)  # [Lk]: keys anyone may see
+    if bool(used[sm.k_len:].any()):
+        return False
+    if q_offset + lq <= sm.q_len:
+        return True
+    # queries past the calibrated length: fine only if they are padded tokens of a self-attention site
+    return call.kind != "cross" and lq == lk and q_offset == 0 and not bool(used[sm.q_len:].any())
+
+
 def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> nn.Module:
     """Patch ``model`` in place so that every attention site computes only the entries ``mask`` keeps.
 
@@ -65,6 +85,8 @@ def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = 
         backend: ``"reference"`` (dense masked, any device), ``"triton"`` or ``"flex"`` (CUDA).
         beyond: inputs longer than the calibrated lengths raise ``LengthError`` (``"error"``) or run
             densely outside the calibrated region (``"dense"``); shorter inputs use the top-left part.
+            Positions past the calibrated lengths that are only padding (no query may attend to
+            them, by the call's attention mask) are not "longer": they run without error.
 
     Works in training (gradients flow through the kept entries). The first full forward checks the
     mask against the model (``MaskMismatchError`` naming the differing sites or head counts); a
