@@ -674,17 +674,13 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
 
     was_training = model.training
     model.to(device)
-    stack = contextlib.ExitStack()
-    try:
-        # attached for the whole run; a mask for another model or too-long data fails here,
-        # before anything is written
-        stack.enter_context(_mask_context(model, mask, cfg))
+    # attached for the whole run; a mask for another model or too-long data fails in the
+    # preflight forward, before anything is written
+    with _mask_context(model, mask, cfg):
         if mask is not None:
             _preflight(model, examples, plan, cfg, task, device)
         return _run(model, examples, mask, task, out_dir, cfg, ckpt, start_step, plan, rank, world,
                     device, model_fp, mask_fp, callbacks, extra_meta, was_training)
-    finally:
-        stack.close()
 
 
 def _run(model, examples, mask, task, out_dir: Path, cfg: TrainConfig, ckpt, start_step: int,
