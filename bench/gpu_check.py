@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--grid", default=None, help="grid spec, see parse_grid; omitted: no grid")
     ap.add_argument("--configs", default=None, help='JSON {"128": {"fwd": [bm,bn,w,s], ...}} to use in the grid')
     ap.add_argument("--name", default="gpu_check")
+    ap.add_argument("--ab", action="store_true", help="d=128 backward variants; the best is used in the grid")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.json")
@@ -133,14 +134,39 @@ def main():
     if args.sweep:
         sweep(result, save, d_list=tuple(int(x) for x in args.sweep_d.split(",")))
         print("best configs", result.get("best"))
+    if args.ab:
+        # d=128 backward: scale folded into the exponent (FMA) vs multiplied first; two dkdv tiles
+        from attnprune.kernels import CONFIGS, sparse_attention
+
+        L, d = 16384, 128
+        lay = bm.random_block_layout(16, L, 0.5, causal=False, seed=1)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2, 16, L, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for _ in range(3))
+        ab = result.setdefault("ab", [])
+        for pre in (False, True):
+            for dk in ((64, 64, 4, 3), (64, 128, 8, 3)):
+                cfgs = {"dq": KernelConfig(128, 64, 8, 2, False, pre), "dkdv": KernelConfig(*dk, False, pre)}
+                ms = bm.time_fn(lambda q, k, v: sparse_attention(q, k, v, lay, configs=cfgs), q, k, v, "fwd+bwd")
+                ab.append({"prescale": pre, "dkdv": dk, "ms": ms})
+                print("AB", pre, dk, ms)
+                save()
+        best = min(ab, key=lambda r: r["ms"])
+        CONFIGS[("dq", 128)] = KernelConfig(128, 64, 8, 2, False, best["prescale"])
+        CONFIGS[("dkdv", 128)] = KernelConfig(*best["dkdv"], False, best["prescale"])
+        print("AB best", best)
+        del q, k, v
+        torch.cuda.empty_cache()
     if args.grid is not None:
         from attnprune.kernels import CONFIGS
 
-        if args.configs:
+        if args.ab:
+            pass
+        elif args.configs:
             for d, kinds in json.loads(args.configs).items():
                 for kind, c in kinds.items():
                     CONFIGS[(kind, int(d))] = KernelConfig(*c)
-        elif result.get("best"):
+        elif result.get("best"):  # from --sweep
             for d, kinds in result["best"].items():
                 for kind, c in kinds.items():
                     CONFIGS[(kind, int(d))] = KernelConfig(*c)

@@ -213,6 +213,8 @@ def test_block_layout_split_into_smaller_tiles_shared_heads():
     cfg = {"fwd": KernelConfig(16, 16), "dq": KernelConfig(16, 16), "dkdv": KernelConfig(16, 16)}
     run_case(1, Hq, Hkv, Lq, Lk, D, lay, tok, configs=cfg)
     run_case(1, Hq, Hkv, Lq, Lk, D, lay, tok, configs=cfg, causal=True)
+    pre = KernelConfig(16, 16, 4, 1, False, True)  # scores scaled before exp2 in the backward
+    run_case(1, Hq, Hkv, Lq, Lk, D, lay, tok, configs={**cfg, "dq": pre, "dkdv": pre}, causal=True)
 
 
 def test_forward_tma_descriptors_gqa_batch():

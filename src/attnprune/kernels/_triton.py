@@ -149,7 +149,7 @@ def _dq_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -191,8 +191,12 @@ def _dq_kernel(
         offs_n = kb * BK + s * BLOCK_N + offs_nb
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
         vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
-        qk = tl.dot(q, kT)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if PRESCALE:  # scale the scores first (separate multiply), or fold it into the exponent
+            qk = tl.dot(q, kT) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+        else:
+            qk = tl.dot(q, kT)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if HAS_KPM:
             kp = tl.load(kpm_base + offs_n) != 0
             p = tl.where(kp[None, :], p, 0.0)
@@ -247,7 +251,7 @@ def _dkdv_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BQ // BLOCK_M
     pid_n = tl.program_id(0)
@@ -291,8 +295,12 @@ def _dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, qT)
-            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+            if PRESCALE:
+                qkT = tl.dot(k, qT) * qk_scale
+                pT = tl.math.exp2(qkT - lse[None, :])
+            else:
+                qkT = tl.dot(k, qT)
+                pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             if HAS_KPM:
                 pT = tl.where(kp[:, None], pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv)

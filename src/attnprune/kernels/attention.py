@@ -37,6 +37,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False  # forward only: K/V tiles of unmasked blocks through TMA descriptors (Hopper+)
+    prescale: bool = False  # dq/dkdv only: multiply scores by the scale before exp2 instead of an FMA inside
 
 
 # Measured table (see BENCHMARKS.md / bench/gpu_check.py): key (pass, head_dim) with pass in
@@ -70,7 +71,8 @@ def get_config(kind: str, head_dim: int, block: tuple[int, int]) -> KernelConfig
     if _interpreting():
         return KernelConfig(bq, bk, 4, 1)
     cfg = CONFIGS.get((kind, head_dim)) or CONFIGS[(kind, "default")]
-    return KernelConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages)
+    return KernelConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages, cfg.tma,
+                        cfg.prescale)
 
 
 def _kernels():
@@ -160,7 +162,7 @@ class _SparseAttention(torch.autograd.Function):
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_s,
             Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, qk_scale, ctx.scale, ctx.q_offset,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **common,
+            PRESCALE=cfg.prescale, **common,
         )
         cfg = ctx.configs.get("dkdv") or get_config("dkdv", D, layout.block)
         tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
@@ -169,7 +171,7 @@ class _SparseAttention(torch.autograd.Function):
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
             Hq, Hkv, Hq // Hkv, layout.num_heads, Lq, Lk, layout.k_blocks, qk_scale, ctx.scale, ctx.q_offset,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **common,
+            PRESCALE=cfg.prescale, **common,
         )
         return dq, dk, dv, None, None, None, None, None, None, None
 
