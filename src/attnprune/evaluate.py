@@ -445,7 +445,8 @@ def _achieved(mask) -> tuple[float | None, float | None]:
 def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, task: str = "causal-lm",
           config: SweepConfig | None = None, stats=None, observe_model: nn.Module | None = None,
           model_name: str = "", data_info: dict | None = None, description: str = "",
-          progress: bool = True, on_run: Callable[[dict], None] | None = None):
+          progress: bool = True, on_run: Callable[[dict], None] | None = None,
+          on_stats: Callable[[Any], None] | None = None):
     """Quality versus sparsity: dense baseline, then masks over blocks x policies x sparsities.
 
     model: what is measured (returns logits); observe_model: the module to observe and mask
@@ -456,6 +457,7 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     stats: an ``AttentionStats`` already observed on ``calib_batches`` (skips observation).
     description: what the calibration data is (stored in the stats and masks).
     on_run: called with every run's dict as soon as it is measured (e.g. to print it).
+    on_stats: called with the ``AttentionStats`` right after observation (e.g. to save them).
     Returns ``(SweepResult, AttentionStats, masks)`` where ``masks`` maps
     ``(block, policy, sparsity)`` to the ``PruneMask`` used.
     """
@@ -486,6 +488,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
         stats = observe(target, obs_batches, granularity=1, progress=progress,
                                   description=description)
         timings["observe_s"] = time.perf_counter() - t0
+        if on_stats is not None:
+            on_stats(stats)
 
     result = SweepResult(model=model_name, task=task, metric=metric, dense=dense.to_dict(),
                          config=asdict(config), data=dict(data_info or {}), timings=timings)

@@ -128,15 +128,21 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         ach = "-" if r["achieved"] is None else f"{r['achieved']:.3f}"
         log(f"  {lvl:9s} {r['policy']:7s} sparsity {r['sparsity']:<5g} (achieved {ach}): {v}")
 
+    stats_path = out / "stats.safetensors"
+
+    def on_stats(st) -> None:
+        st.save(stats_path)
+        log(f"observed {len(st.sites)} attention sites on {st.num_sequences} calibration sequences; "
+            f"stats saved to {stats_path} (reuse with --stats)")
+
     result, stats, _ = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
-                             data_info=info, progress=s.progress, on_run=on_run,
+                             data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
                              description=ds.describe(s.calib_split))
     result.timings.update(timings)
     dense = result.dense["value"]
     log(f"dense {result.metric}: " + (f"{100 * dense:.2f}%" if task == "classification" else f"{dense:.3f}"))
-    t0 = time.perf_counter()
-    stats_path = out / "stats.safetensors"
-    stats.save(stats_path)
+    if s.stats:
+        stats_path = Path(s.stats)
     result.timings["total_s"] = time.perf_counter() - t_start
     files = write_report(result, out, stats=stats if s.heatmaps else None,
                          title=s.title or f"{lm.name} on {ds.name}: {result.metric} vs attention sparsity")
