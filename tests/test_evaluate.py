@@ -264,3 +264,33 @@ def test_sweep_classification_on_tiny_bert():
         assert 0.0 <= r["value"] <= 1.0
         if r["sparsity"] == 0.0:
             assert r["value"] == result.dense["value"]
+
+
+def test_eval_cli_on_tiny_model(tmp_path, capsys):
+    import json
+
+    from attnprune.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--seq-len", "16", "--calib", "4",
+               "--test", "2", "--batch-size", "2", "--sparsities", "0.5", "--policies", "layer", "random",
+               "--blocks", "token", "--no-heatmaps", "-o", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed and str(out / "results.json") in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["layer", "random"]
+    assert doc["data"]["calibration_sequences"] == 4 and doc["data"]["test_sequences"] == 2
+    assert (out / "stats.safetensors").is_file() and not list(out.glob("attention_heatmaps*.png"))
+    # stats reused: same numbers without observing again
+    rc = main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--seq-len", "16", "--calib", "4",
+               "--test", "2", "--batch-size", "2", "--sparsities", "0.5", "--policies", "layer", "--blocks", "token",
+               "--no-heatmaps", "--stats", str(out / "stats.safetensors"), "-o", str(tmp_path / "ev2")])
+    assert rc == 0
+    doc2 = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert "observe_s" not in doc2["timings"]
+    assert doc2["runs"][0]["value"] == doc["runs"][0]["value"]
+    # bad input: one error line, status 2
+    assert main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--sparsities", "1.5",
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "error:" in capsys.readouterr().err
