@@ -52,11 +52,11 @@ CONFIGS: dict[tuple[str, int | str], KernelConfig] = {
     ("fwd", 256): KernelConfig(64, 64, 8, 2),
     ("dq", "default"): KernelConfig(64, 64, 4, 3),
     ("dq", 64): KernelConfig(64, 64, 4, 3),
-    ("dq", 128): KernelConfig(128, 64, 8, 2),
+    ("dq", 128): KernelConfig(128, 64, 8, 2, False, True),
     ("dq", 256): KernelConfig(64, 32, 8, 2),
     ("dkdv", "default"): KernelConfig(64, 64, 4, 3),
     ("dkdv", 64): KernelConfig(32, 128, 4, 3),
-    ("dkdv", 128): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 128): KernelConfig(64, 128, 8, 3, False, True),  # A/B rerun, bench/results/h200_ab128_*.json
     ("dkdv", 256): KernelConfig(32, 64, 8, 2),
 }
 
