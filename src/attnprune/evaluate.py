@@ -446,7 +446,7 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
           config: SweepConfig | None = None, stats=None, observe_model: nn.Module | None = None,
           model_name: str = "", data_info: dict | None = None, description: str = "",
           progress: bool = True, on_run: Callable[[dict], None] | None = None,
-          on_stats: Callable[[Any], None] | None = None):
+          on_stats: Callable[[Any], None] | None = None, on_dense: Callable[[MetricResult], None] | None = None):
     """Quality versus sparsity: dense baseline, then masks over blocks x policies x sparsities.
 
     model: what is measured (returns logits); observe_model: the module to observe and mask
@@ -458,6 +458,7 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     description: what the calibration data is (stored in the stats and masks).
     on_run: called with every run's dict as soon as it is measured (e.g. to print it).
     on_stats: called with the ``AttentionStats`` right after observation (e.g. to save them).
+    on_dense: called with the dense ``MetricResult`` as soon as it is measured.
     Returns ``(SweepResult, AttentionStats, masks)`` where ``masks`` maps
     ``(block, policy, sparsity)`` to the ``PruneMask`` used.
     """
@@ -481,6 +482,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     torch.manual_seed(config.seed)
     dense = measure(model, test_batches, progress=progress, desc="dense")
     timings["dense_eval_s"] = dense.seconds
+    if on_dense is not None:
+        on_dense(dense)
 
     if stats is None:
         t0 = time.perf_counter()

@@ -135,12 +135,15 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         log(f"observed {len(st.sites)} attention sites on {st.num_sequences} calibration sequences; "
             f"stats saved to {stats_path} (reuse with --stats)")
 
+    def on_dense(d) -> None:
+        v = f"{100 * d.value:.2f}%" if task == "classification" else f"{d.value:.3f}"
+        log(f"dense {d.metric}: {v} ({d.count} {'examples' if task == 'classification' else 'predicted tokens'}, "
+            f"{d.seconds:.1f} s)")
+
     result, stats, _ = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
                              data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
-                             description=ds.describe(s.calib_split))
+                             on_dense=on_dense, description=ds.describe(s.calib_split))
     result.timings.update(timings)
-    dense = result.dense["value"]
-    log(f"dense {result.metric}: " + (f"{100 * dense:.2f}%" if task == "classification" else f"{dense:.3f}"))
     if s.stats:
         stats_path = Path(s.stats)
     result.timings["total_s"] = time.perf_counter() - t_start
