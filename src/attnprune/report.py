@@ -197,6 +197,7 @@ def plot_quality(result, path: str | os.PathLike) -> Path:
     axes[0][0].set_ylabel("perplexity (log scale)" if metric == "perplexity" else "accuracy (%)")
     axes[0][-1].legend()
     fig.suptitle(f"{r.get('model') or 'model'}: {metric} vs attention sparsity")
+    fig.tight_layout()
     return _save(fig, Path(path))
 
 

@@ -10,7 +10,7 @@ the GGUF weights once, ~40 s):
 
 * ``small``:   128-token sequences, 8 calibration / 4 test, sparsities 0.5 0.9, token level.
 * ``default``: 256-token sequences, 32 calibration / 16 test, sparsities 0.5 0.7 0.8 0.9 0.95,
-  token level and 16x16 blocks: about ten minutes or less.
+  token level: about ten minutes or less.
 * ``large``:   512-token sequences, 64 calibration / 32 test, all four policies, token level
   and 32x32 blocks (much longer).
 """
@@ -26,7 +26,7 @@ PRESETS = {
     "small": dict(seq_len=128, calib=8, test=4, batch_size=4, sparsities=(0.5, 0.9),
                   policies=("layer", "random"), blocks=(None,)),
     "default": dict(seq_len=256, calib=32, test=16, batch_size=4, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
-                    policies=("layer", "random"), blocks=(None, 16)),
+                    policies=("layer", "random"), blocks=(None,)),
     "large": dict(seq_len=512, calib=64, test=32, batch_size=2, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
                   policies=("layer", "head", "global", "random"), blocks=(None, 32)),
 }
