@@ -178,6 +178,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference", help="attention backend under the mask (default reference)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def register(sub) -> None:
