@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "attnprune.commands.eval",  # eval
     "attnprune.commands.demo",  # demo
     "attnprune.commands.bench",  # bench (GPU)
+    "attnprune.commands.translate",  # translate (translation experiment)
 ]
 
 
