@@ -583,8 +583,8 @@ def plot_patterns(stats, path: str | os.PathLike, size: int = 48) -> None:
                 continue
             img = rows[r].clamp(min=1e-4).numpy()
             im = ax.imshow(img, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis", interpolation="nearest")
-            ax.set_title(f"{TYPE_LABELS[t]}, " + (f"layer {r}" if r < len(rows) - 1 else "mean of layers"),
-                         fontsize=9)
+            short = {"encoder": "encoder self", "decoder": "decoder self", "cross": "cross"}[t]
+            ax.set_title(f"{short}, " + (f"layer {r}" if r < len(rows) - 1 else "mean"), fontsize=9)
             if r == layers:
                 ax.set_xlabel("key position"), ax.set_ylabel("query position")
     fig.colorbar(im, ax=axes, shrink=0.5, label="mean attention probability")
