@@ -116,7 +116,8 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     logits: [batch, seq, vocab]; input_ids: [batch, seq]; attention_mask: [batch, seq] (1 = real
     token) or None; labels: [batch, seq] (``-100`` = ignore; defaults to ``input_ids``).
     Position ``t`` predicts token ``t + 1``; the pair counts when both positions are real tokens
-    and the label is not ``-100``. Returns ``(nll_sum, predicted_tokens)``, summed in float64.
+    and the label is not ``-100``. Returns ``(nll_sum, predicted_tokens)``: each token's NLL in the
+    logits' precision (float32 or float64), the sum in float64.
     """
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise InvalidArgumentError(
@@ -126,11 +127,15 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     if attention_mask is not None:
         am = attention_mask.bool()
         valid = valid & am[:, 1:] & am[:, :-1]
-    pred = logits[:, :-1][valid].double()          # [n, vocab]
-    if pred.shape[0] == 0:
+    n = int(valid.sum())
+    if n == 0:
         return 0.0, 0
-    nll = F.cross_entropy(pred, target[valid].long(), reduction="sum")
-    return float(nll), int(valid.sum())
+    lg = logits[:, :-1]                                            # [batch, seq-1, vocab], a view
+    dt = torch.float64 if lg.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(lg.to(dt), dim=-1)                       # [batch, seq-1]
+    picked = lg.gather(-1, target.clamp_min(0).long().unsqueeze(-1)).squeeze(-1).to(dt)
+    nll = (lse - picked)[valid].double().sum()                     # per-token in float32, summed in float64
+    return float(nll), n
 
 
 @torch.no_grad()
