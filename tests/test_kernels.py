@@ -144,6 +144,37 @@ def test_layout_from_blocks_plan():
         lay.plan(81, 96)
 
 
+@pytest.mark.parametrize("causal,q_offset", [(False, 0), (True, 0), (True, 13)])
+def test_plan_against_brute_force(causal, q_offset):
+    H, Lq, Lk, bq, bk = 2, 70, 90, 16, 32
+    tok = random_tokens(H, Lq, Lk, (bq, bk), density=0.6, device="cpu")
+    lay = BlockLayout.from_tokens(tok, (bq, bk))
+    lq, lk = 61, 83  # shorter than the layout: trailing blocks partly or wholly unused
+    plan = lay.plan(lq, lk, causal, q_offset)
+    codes = lay.code_table()
+
+    def expected(h, qb, kb):
+        """None if dropped, else whether the block needs per-element masking."""
+        if codes[h, qb, kb] == -2 or qb * bq >= lq or kb * bk >= lk:
+            return None
+        if causal and kb * bk > min((qb + 1) * bq, lq) - 1 + q_offset:
+            return None
+        return bool(codes[h, qb, kb] >= 0 or (kb + 1) * bk > lk or (causal and (kb + 1) * bk - 1 > qb * bq + q_offset))
+
+    def check(ptr, nclean, inner, n_outer, n_inner, fwd):
+        for h in range(H):
+            for a in range(n_outer):
+                r = h * n_outer + a
+                got = inner[ptr[r]:ptr[r + 1]].tolist()
+                exp = {c: expected(h, a, c) if fwd else expected(h, c, a) for c in range(n_inner)}
+                clean = [c for c, m in exp.items() if m is False]
+                masked = [c for c, m in exp.items() if m is True]
+                assert got == clean + masked and int(nclean[r]) == len(clean)
+
+    check(plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, lay.q_blocks, lay.k_blocks, True)
+    check(plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, lay.k_blocks, lay.q_blocks, False)
+
+
 def test_layout_build_does_not_need_tokens():
     keep = torch.rand(4, 256, 256) < 0.1  # a 32k x 32k layout at 128x128 blocks
     lay = BlockLayout.from_blocks(keep, (128, 128))

@@ -37,13 +37,11 @@ def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
     pad = nw * 32 - bk
     if pad:
         blocks = torch.nn.functional.pad(blocks, (0, pad))
-    b = blocks.reshape(p, bq, nw, 32).to(torch.int64)
-    weights = torch.ones(32, dtype=torch.int64, device=blocks.device) << torch.arange(
-        32, device=blocks.device, dtype=torch.int64
-    )
-    words = (b * weights).sum(-1)  # [P, bq, nw] in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).contiguous()
+    b = blocks.reshape(p, bq, nw, 32)
+    words = torch.zeros(p, bq, nw, dtype=torch.int32, device=blocks.device)
+    for i in range(32):  # int32 shifts: bit 31 wraps to the sign bit, as intended
+        words |= b[..., i].to(torch.int32) << i
+    return words
 
 
 def _unpack_bits(words: torch.Tensor, bk: int) -> torch.Tensor:
@@ -174,19 +172,20 @@ class BlockLayout:
         h, lq, lk = keep.shape
         qb, kb = -(-lq // bq), -(-lk // bk)
         padded = torch.nn.functional.pad(keep, (0, kb * bk - lk, 0, qb * bq - lq))
-        blocks = padded.reshape(h, qb, bq, kb, bk).transpose(2, 3)  # [h, qb, kb, bq, bk]
-        counts = blocks.sum(dim=(-1, -2), dtype=torch.int32)
-        full_count = bq * bk
-        any_ = counts > 0
-        idx = any_.reshape(h * qb, kb).nonzero()
+        view = padded.view(h * qb, bq, kb, bk)  # no copy
+        counts = view.sum(dim=3, dtype=torch.int32).sum(dim=1)  # [h*qb, kb] kept tokens per block
+        idx = (counts > 0).nonzero()
         row = idx[:, 0].contiguous()
         col = idx[:, 1].to(torch.int32).contiguous()
-        partial = counts.reshape(h * qb, kb)[row, col.long()] < full_count
+        partial = counts[row, col.long()] < bq * bk
         code = torch.full_like(col, -1)
         npart = int(partial.sum())
         code[partial] = torch.arange(npart, dtype=torch.int32, device=keep.device)
-        pb = blocks.reshape(h * qb, kb, bq, bk)[row[partial], col[partial].long()]
-        bits = _pack_bits(pb)
+        rp, cp = row[partial], col[partial].long()
+        chunk = 4096  # blocks packed at a time: bounds the temporary memory
+        words = [_pack_bits(view[rp[i:i + chunk], :, cp[i:i + chunk], :]) for i in range(0, npart, chunk)]
+        bits = torch.cat(words) if words else torch.zeros(0, bq, (bk + 31) // 32, dtype=torch.int32,
+                                                           device=keep.device)
         return cls(h, qb, kb, (bq, bk), row, col, code, bits, lq, lk)
 
     # ------------------------------------------------------------------ queries
@@ -277,35 +276,50 @@ class BlockLayout:
                 "build the layout for the longer lengths"
             )
         dev = self.device
-        row, col, code = self.row, self.col.long(), self.code
-        qb = row % qb_n
-        keep = (qb * bq < lq) & (col * bk < lk)
+        # Work on the dense [H, Qb, Kb] table of codes (-2 pruned, -1 full, >=0 bitmask): the block
+        # grid, never tokens. nonzero() of it and of its transpose gives both orders without sorting.
+        table = self.code_table()
+        qb_i = torch.arange(qb_n, device=dev)[:, None]
+        kb_i = torch.arange(kb_n, device=dev)[None, :]
+        drop = (qb_i * bq >= lq) | (kb_i * bk >= lk)
         if causal:
-            last_q = torch.clamp((qb + 1) * bq, max=lq) - 1
-            keep &= col * bk <= last_q + q_offset
-        row, col, code, qb = row[keep], col[keep], code[keep], qb[keep]
-        h = row // qb_n
-        masked = (code >= 0) | ((col + 1) * bk > lk)
+            last_q = torch.clamp((qb_i + 1) * bq, max=lq) - 1
+            drop = drop | (kb_i * bk > last_q + q_offset)
+        table = table.masked_fill(drop[None], -2)
+        needs_mask = ((kb_i + 1) * bk > lk).expand(qb_n, kb_n)
         if causal:
-            masked |= (col + 1) * bk - 1 > qb * bq + q_offset
-        m = masked.long()
+            needs_mask = needs_mask | ((kb_i + 1) * bk - 1 > qb_i * bq + q_offset)
 
-        def csr(group: torch.Tensor, ngroups: int, inner: torch.Tensor, inner_n: int):
-            key = (group * 2 + m) * inner_n + inner
-            order = torch.sort(key, stable=True).indices
-            counts = torch.bincount(group, minlength=ngroups)
-            ptr = torch.zeros(ngroups + 1, dtype=torch.int64, device=dev)
+        def lists(tab: torch.Tensor, nmask: torch.Tensor):
+            """tab [H, A, C] -> CSR over (h, a) of c, clean entries first, each part in c order."""
+            h_, a_, c_ = tab.shape
+            idx = (tab >= -1).nonzero()  # sorted by (h, a, c)
+            hh, aa, cc = idx[:, 0], idx[:, 1], idx[:, 2]
+            code = tab[hh, aa, cc]
+            masked = (code >= 0) | nmask[aa, cc]
+            group = hh * a_ + aa
+            ng = h_ * a_
+            counts = torch.bincount(group, minlength=ng)
+            ptr = torch.zeros(ng + 1, dtype=torch.int64, device=dev)
             ptr[1:] = torch.cumsum(counts, 0)
-            nclean = torch.bincount(group[~masked], minlength=ngroups)
-            return ptr.to(torch.int32), nclean.to(torch.int32), order
+            clean = ~masked
+            nclean = torch.bincount(group[clean], minlength=ng)
+            nmasked = counts - nclean
+            cstart = torch.cumsum(nclean, 0) - nclean  # clean entries before each group
+            mstart = torch.cumsum(nmasked, 0) - nmasked
+            crank = torch.cumsum(clean.long(), 0) - 1 - cstart[group]
+            mrank = torch.cumsum(masked.long(), 0) - 1 - mstart[group]
+            pos = ptr[group] + torch.where(clean, crank, nclean[group] + mrank)
+            out_c = torch.empty_like(cc, dtype=torch.int32)
+            out_code = torch.empty_like(code)
+            out_c[pos] = cc.to(torch.int32)
+            out_code[pos] = code
+            return ptr.to(torch.int32), nclean.to(torch.int32), out_c, out_code
 
-        fptr, fclean, forder = csr(row, h_n * qb_n, col, kb_n)
-        bgroup = h * kb_n + col
-        bptr, bclean, border = csr(bgroup, h_n * kb_n, qb, qb_n)
+        fptr, fclean, fcol, fcode = lists(table, needs_mask)
+        bptr, bclean, brow, bcode = lists(table.transpose(1, 2), needs_mask.t())
         return LayoutPlan(
-            fwd_ptr=fptr, fwd_nclean=fclean,
-            fwd_col=col[forder].to(torch.int32).contiguous(), fwd_code=code[forder].contiguous(),
-            bwd_ptr=bptr, bwd_nclean=bclean,
-            bwd_row=qb[border].to(torch.int32).contiguous(), bwd_code=code[border].contiguous(),
-            nnz=int(col.numel()),
+            fwd_ptr=fptr, fwd_nclean=fclean, fwd_col=fcol, fwd_code=fcode.contiguous(),
+            bwd_ptr=bptr, bwd_nclean=bclean, bwd_row=brow, bwd_code=bcode.contiguous(),
+            nnz=int(fcol.numel()),
         )
