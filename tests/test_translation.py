@@ -71,6 +71,11 @@ def test_collate_shapes_and_labels(setup):
     assert b["labels"][0, n] == EOS and b["labels"][0, :n].tolist() == ex[0][1]
     assert (b["labels"][b["decoder_attention_mask"] == 0] == -100).all()
     assert (b["input_ids"][b["attention_mask"] == 0] == PAD).all()
+    same = collate(ex[:5], same_length=True)
+    assert same["input_ids"].shape == same["labels"].shape and same["input_ids"].shape[1] % 8 == 0
+    w = b["labels"].shape[1]
+    assert same["labels"].shape[1] >= w
+    assert torch.equal(same["labels"][:, :w], b["labels"]) and (same["labels"][:, w:] == -100).all()
 
 
 def test_bleu_hand_made_case():

@@ -209,8 +209,8 @@ def encode_pairs(tok, pairs: Sequence[dict], max_len: int) -> list[tuple[list[in
     return [(s.ids[: max_len - 1] + [EOS], t.ids[: max_len - 1]) for s, t in zip(src, tgt)]
 
 
-def _pad(seqs: list[list[int]], multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
+def _pad(seqs: list[list[int]], multiple: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(length, max(len(s) for s in seqs))
     n = -(-n // multiple) * multiple
     ids = torch.full((len(seqs), n), PAD, dtype=torch.long)
     am = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -220,13 +220,17 @@ def _pad(seqs: list[list[int]], multiple: int) -> tuple[torch.Tensor, torch.Tens
     return ids, am
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], *, pad_multiple: int = 8) -> dict:
+def collate(examples: Sequence[tuple[list[int], list[int]]], *, pad_multiple: int = 8,
+            same_length: bool = False) -> dict:
     """A training batch: ``input_ids``, ``attention_mask`` [B, Ls]; ``decoder_input_ids``,
     ``decoder_attention_mask``, ``labels`` [B, Lt] (``labels`` -100 on padding). Lengths are padded
-    up to a multiple of ``pad_multiple`` (fewer distinct shapes)."""
-    src, am = _pad([s for s, _ in examples], pad_multiple)
-    dec, dam = _pad([[BOS] + t for _, t in examples], pad_multiple)
-    lab, _ = _pad([t + [EOS] for _, t in examples], pad_multiple)
+    up to a multiple of ``pad_multiple``; with ``same_length`` both sides to the same length
+    (``Ls == Lt``). Both keep the number of distinct shapes small, so the masked attention's
+    per-shape keep tensors stay cached on the device."""
+    n = max(max(len(s), len(t) + 1) for s, t in examples) if same_length else 0
+    src, am = _pad([s for s, _ in examples], pad_multiple, n)
+    dec, dam = _pad([[BOS] + t for _, t in examples], pad_multiple, n)
+    lab, _ = _pad([t + [EOS] for _, t in examples], pad_multiple, n)
     lab = lab.masked_fill(dam == 0, -100)
     return {"input_ids": src, "attention_mask": am, "decoder_input_ids": dec,
             "decoder_attention_mask": dam, "labels": lab}
@@ -256,7 +260,7 @@ def _batches(examples, batch_size: int, seed: int) -> Iterator[dict]:
     epoch = 0
     while True:
         for ids in batch_order(examples, batch_size, seed, epoch):
-            yield collate([examples[i] for i in ids])
+            yield collate([examples[i] for i in ids], same_length=True)
         epoch += 1
 
 
