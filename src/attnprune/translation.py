@@ -144,7 +144,7 @@ PRESETS: dict[str, TranslationConfig] = {
     "gpu": TranslationConfig(vocab_size=8000, d_model=256, layers=3, heads=4, ffn_dim=1024, max_len=128,
                              train_steps=2200, batch_size=256, lr=1e-3, warmup_steps=300,
                              observe_examples=None, observe_batch_size=256, retrain_steps=400,
-                             retrain_lr=5e-4, retrain_warmup=25, eval_batch_size=768, time_budget_s=450),
+                             retrain_lr=5e-4, retrain_warmup=25, eval_batch_size=768, time_budget_s=420),
 }
 
 

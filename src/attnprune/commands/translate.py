@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training pairs")
     p.add_argument("--max-test-examples", type=int, default=None, help="score only the first N test pairs")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; lowers the retraining steps so the run fits (0: off; gpu preset: 450)")
+                   help="seconds; lowers the retraining steps so the run fits (0: off; gpu preset: 420)")
     p.add_argument("--no-zero-shot", action="store_true", help="skip BLEU of each mask before retraining")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if present)")
