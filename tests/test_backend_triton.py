@@ -193,7 +193,7 @@ def test_flex_matches_reference(causal):
 
 
 # ----------------------------------------------------------------------------- end to end through apply()
-def _random_mask(infos, L, density=0.6, seed=0):
+def _random_mask(infos, L, density=0.4, seed=0):
     from attnprune.mask import PruneMask
 
     g = torch.Generator().manual_seed(seed)
@@ -237,8 +237,10 @@ def _compare_backends(model, batch, L, tol):
     assert not [x for x in w if "reference backend" in str(x.message)], "triton backend fell back"
     with torch.no_grad():
         dense = _logits(model(**batch))
-    assert rel(out, ref) < tol, rel(out, ref)
-    assert rel(dense, ref) > 10 * tol  # the mask changes the model's output
+    err, effect = rel(out, ref), rel(dense, ref)
+    assert err < tol, err
+    # the comparison is not vacuous: the mask moves the output far more than the backends differ
+    assert effect > 1e-3 and effect > 5 * err, (effect, err)
 
 
 def test_apply_triton_matches_reference_nanogpt():
