@@ -766,11 +766,13 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
     save()
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    # observe on training pairs (teacher forcing), fixed order
+    # observe on training pairs (teacher forcing)
     t = time.perf_counter()
     n_obs = min(cfg.observe_examples or len(train_ex), len(train_ex))
     rng = random.Random(cfg.seed + 1)
-    obs_idx = sorted(rng.sample(range(len(train_ex)), n_obs))
+    # sorted by length: little padding (the stats are sums, the order does not change them)
+    obs_idx = sorted(rng.sample(range(len(train_ex)), n_obs),
+                     key=lambda j: (len(train_ex[j][1]), len(train_ex[j][0])))
     obs_batches = []
     for i in range(0, n_obs, cfg.observe_batch_size):
         bt = collate([train_ex[j] for j in obs_idx[i:i + cfg.observe_batch_size]])
@@ -794,7 +796,8 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
     n_runs = len(cfg.sparsities) * len(cfg.types) * len(cfg.policies)
     if cfg.time_budget_s and k and n_runs:
         s_max, pol0 = max(cfg.sparsities), cfg.policies[0]
-        probe_mask = restrict_mask(attnprune.make_mask(stats, s_max, policy=pol0, seed=cfg.seed), ATTENTION_TYPES["all"])
+        probe_mask = restrict_mask(attnprune.make_mask(stats, s_max, policy=pol0, seed=cfg.seed),
+                                   ATTENTION_TYPES["all"])
         model.load_state_dict(dense_state)
         n_probe = min(k, 20)
         pr = train_model(model, train_ex, steps=n_probe, lr=cfg.retrain_lr, warmup=cfg.retrain_warmup,
