@@ -147,7 +147,7 @@ def test_run_experiment_writes_results(tmp_path):
     torch.set_num_threads(1)
     res = run_experiment(TINY, tmp_path, pairs=_splits(), progress=False, log=None)
     for name in ("results.json", "results.md", "attention_patterns.png", "attention_offsets.png", "bleu.png",
-                 "tokenizer.json"):
+                 "tokenizer.json", "stats.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["runs"]) == 2 * 2 * 2 and data["retrain_steps_used"] == 2
@@ -174,3 +174,8 @@ def test_cli_with_data_file(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert [(r["type"], r["policy"]) for r in data["runs"]] == [("all", "layer")]
     assert cli.main(["translate", "--data-file", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    for png in out.glob("*.png"):
+        png.unlink()
+    assert cli.main(["translate", "--plots-only", "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*.png")} == {"attention_patterns.png", "attention_offsets.png", "bleu.png"}
+    assert cli.main(["translate", "--plots-only", "--out", str(tmp_path / "empty")]) == 2

@@ -22,8 +22,9 @@ sparsities x 2 policies) fit into one GPU session. Training 24 models from scrat
 Outputs (``run_experiment(cfg, out_dir)``): ``results.json`` (rewritten after every run, so an
 interrupted experiment keeps what it finished), ``results.md``, ``attention_patterns.png``
 (mean attention per type and layer), ``attention_offsets.png`` (mean attention by key-query
-offset), ``bleu.png`` (BLEU versus sparsity per type), ``tokenizer.json`` and per-run logs.
-Weights are not written.
+offset), ``bleu.png`` (BLEU versus sparsity per type), ``stats.safetensors`` (the dense model's
+observed attention), ``tokenizer.json`` and per-run logs. Weights are not written. Without
+matplotlib the plots are skipped; :func:`write_plots` makes them later.
 """
 
 from __future__ import annotations
@@ -700,6 +701,33 @@ def _env(device: torch.device) -> dict:
     return env
 
 
+def _try_plots(fn, log) -> None:
+    try:
+        fn()
+    except MissingDependencyError as e:  # e.g. no matplotlib on the GPU machine: plot later with write_plots
+        log(f"plots skipped ({e}); make them later with `attnprune translate --plots-only --out DIR`")
+
+
+def write_plots(out_dir: str | os.PathLike) -> list[Path]:
+    """(Re)make the PNG plots of a finished or interrupted experiment from its ``stats.safetensors``
+    and ``results.json``. Returns the files written."""
+    from .stats import AttentionStats
+
+    out = Path(out_dir)
+    written = []
+    if (out / "stats.safetensors").is_file():
+        stats = AttentionStats.load(out / "stats.safetensors")
+        plot_patterns(stats, out / "attention_patterns.png")
+        plot_offsets(stats, out / "attention_offsets.png")
+        written += [out / "attention_patterns.png", out / "attention_offsets.png"]
+    if (out / "results.json").is_file():
+        plot_bleu(json.loads((out / "results.json").read_text()), out / "bleu.png")
+        written.append(out / "bleu.png")
+    if not written:
+        raise InvalidArgumentError(f"{out}: no stats.safetensors or results.json to plot from")
+    return written
+
+
 # ---------------------------------------------------------------------------------------------
 # the experiment
 
@@ -782,8 +810,9 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
                               description=f"bible-en-es train, {n_obs} pairs")
     results["data"]["observed"] = n_obs
     results["timings"]["observe_seconds"] = round(time.perf_counter() - t, 2)
-    plot_patterns(stats, out / "attention_patterns.png")
-    plot_offsets(stats, out / "attention_offsets.png")
+    stats.save(out / "stats.safetensors")
+    _try_plots(lambda: (plot_patterns(stats, out / "attention_patterns.png"),
+                        plot_offsets(stats, out / "attention_offsets.png")), log)
     prof = offset_profile(stats)
     results["attention_offsets"] = {"offsets": prof["offsets"].tolist(),
                                     **{k: [None if math.isnan(x) else x for x in prof[k].tolist()]
@@ -861,7 +890,7 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
                     f"-> {_fmt(run['bleu'])} ({run['seconds']:.0f} s)")
                 save()
     model.load_state_dict(dense_state)
-    plot_bleu(results, out / "bleu.png")
+    _try_plots(lambda: plot_bleu(results, out / "bleu.png"), log)
     save()
     log(f"done in {results['seconds_total']:.0f} s: {out / 'results.md'}")
     return results

@@ -52,13 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if present)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--plots-only", action="store_true",
+                   help="only (re)make the PNG plots of an existing --out folder (needs matplotlib)")
     p.set_defaults(func=cmd_translate)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     """Run the experiment with the preset and overrides given on the command line."""
-    from ..translation import PRESETS, run_experiment
+    from ..translation import PRESETS, run_experiment, write_plots
 
+    if args.plots_only:
+        for path in write_plots(args.out):
+            print(path)
+        return 0
     cfg = PRESETS[args.preset]
     overrides = {
         "train_steps": args.train_steps, "retrain_steps": args.retrain_steps, "batch_size": args.batch_size,
