@@ -345,7 +345,9 @@ def train_model(model, examples, *, steps: int, lr: float, warmup: int, batch_si
     try:
         with ctx:
             for step in bar:
-                batch = _to(next(data), device)
+                batch = next(data)
+                tokens += int(batch["decoder_attention_mask"].sum())  # on the CPU: no device sync
+                batch = _to(batch, device)
                 labels = batch.pop("labels")
                 with _autocast(cfg, device):
                     logits = model(**batch, use_cache=False).logits
@@ -356,7 +358,6 @@ def train_model(model, examples, *, steps: int, lr: float, warmup: int, batch_si
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
-                tokens += int(batch["decoder_attention_mask"].sum())
                 if step % 10 == 0 or step == steps - 1:
                     loss_val = loss.detach().item()
                     running = loss_val if running is None else 0.7 * running + 0.3 * loss_val
