@@ -147,7 +147,7 @@ def test_run_experiment_writes_results(tmp_path):
     torch.set_num_threads(1)
     res = run_experiment(TINY, tmp_path, pairs=_splits(), progress=False, log=None)
     for name in ("results.json", "results.md", "attention_patterns.png", "attention_offsets.png", "bleu.png",
-                 "tokenizer.json", "stats.safetensors"):
+                 "tokenizer.json", "stats.safetensors", "translations_dense.tsv"):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["runs"]) == 2 * 2 * 2 and data["retrain_steps_used"] == 2

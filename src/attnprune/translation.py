@@ -23,7 +23,8 @@ Outputs (``run_experiment(cfg, out_dir)``): ``results.json`` (rewritten after ev
 interrupted experiment keeps what it finished), ``results.md``, ``attention_patterns.png``
 (mean attention per type and layer), ``attention_offsets.png`` (mean attention by key-query
 offset), ``bleu.png`` (BLEU versus sparsity per type), ``stats.safetensors`` (the dense model's
-observed attention), ``tokenizer.json`` and per-run logs. Weights are not written. Without
+observed attention), ``translations_dense.tsv`` (ref, source, reference, dense model's greedy
+translation per test verse), ``tokenizer.json`` and per-run logs. Weights are not written. Without
 matplotlib the plots are skipped; :func:`write_plots` makes them later.
 """
 
@@ -788,8 +789,10 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
                      batch_size=cfg.batch_size, cfg=cfg, seed=cfg.seed, progress=progress, desc="dense",
                      log_path=logs / "dense.jsonl")
     t = time.perf_counter()
-    b, _ = evaluate_bleu(model, tok, test_pairs, test_src, cfg)
+    b, hyps = evaluate_bleu(model, tok, test_pairs, test_src, cfg)
     results["dense"] = {**tr, "bleu": b, "eval_seconds": round(time.perf_counter() - t, 2)}
+    write_text_atomic(out / "translations_dense.tsv", "".join(
+        f"{p['ref']}\t{p['source']}\t{p['target']}\t{h}\n".replace("\r", " ") for p, h in zip(test_pairs, hyps)))
     log(f"dense: {tr['steps']} steps in {tr['seconds']:.0f} s, loss {tr['final_loss']:.3f}, BLEU {b:.2f} "
         f"(eval {results['dense']['eval_seconds']:.1f} s)")
     save()
@@ -818,7 +821,7 @@ def run_experiment(cfg: TranslationConfig, out_dir: str | os.PathLike, *, data_f
     results["attention_offsets"] = {"offsets": prof["offsets"].tolist(),
                                     **{k: [None if math.isnan(x) else x for x in prof[k].tolist()]
                                        for k in ("encoder", "decoder", "cross")}}
-    log(f"observed {n_obs} training pairs ({results['timings']['observe_seconds']:.1f} s); plots written")
+    log(f"observed {n_obs} training pairs ({results['timings']['observe_seconds']:.1f} s)")
 
     # fit the retraining steps into the time budget (same number for every run)
     k = cfg.retrain_steps
