@@ -99,8 +99,8 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         if ds.kind != "labelled":
             raise InvalidArgumentError(f"{lm.name} is a classifier; dataset {ds.name!r} is {ds.kind!r}, not labelled")
         n_calib, n_test = s.calib or 1000, s.test or 1000
-        recs = {k: ds[sp][:n] for k, sp, n in (("train", s.train_split, s.train), ("calib", s.calib_split, n_calib),
-                                               ("test", s.test_split, n_test))}
+        recs = {k: _subset(ds[sp], n, s.seed + i) for i, (k, sp, n) in enumerate(
+            (("train", s.train_split, s.train), ("calib", s.calib_split, n_calib), ("test", s.test_split, n_test)))}
         bs = max(s.batch_size, 32)
         b = {k: D.classification_batches(v, lm.tokenizer, batch_size=bs, max_length=s.max_length)
              for k, v in recs.items()}
@@ -113,9 +113,11 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         timings["train_head_s"] = time.perf_counter() - t0
         log(f"trained a linear head{' and fine-tuned the encoder' if s.finetune else ''} on "
             f"{len(recs['train'])} {s.train_split} examples in {timings['train_head_s']:.1f} s")
-        info.update(max_length=s.max_length, train_examples=len(recs["train"]),
+        info.update(max_length=s.max_length, subset=f"seeded random subsets (seed {s.seed})",
+                    train_examples=len(recs["train"]),
                     calibration_examples=len(recs["calib"]), test_examples=len(recs["test"]),
-                    head="mean-pooled linear head" + (", encoder fine-tuned" if s.finetune else ", encoder frozen"))
+                    head="mean-pooled linear head" + (", encoder fine-tuned" if s.finetune else ", encoder frozen"),
+                    test_majority_class_share=round(_majority(recs["test"]), 4))
         task = "classification"
     else:
         raise InvalidArgumentError(f"eval handles causal-lm and classification models; {lm.name} is {lm.task}")
@@ -153,6 +155,26 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     files["result"] = result
     files["seconds"] = time.perf_counter() - t_start
     return files
+
+
+def _majority(records: list) -> float:
+    """Share of the most frequent label (the accuracy of always guessing it)."""
+    from collections import Counter
+
+    c = Counter(int(r["label"]) for r in records)
+    return max(c.values()) / max(1, len(records))
+
+
+def _subset(records: list, n: int | None, seed: int) -> list:
+    """``n`` records drawn without replacement by a seeded permutation (all when ``n`` is None or
+    at least the split's size), kept in their original order. A prefix would not do: a split's
+    record order can correlate with its labels (the sentiment splits are in id order)."""
+    import torch
+
+    if n is None or n >= len(records):
+        return list(records)
+    idx = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return [records[i] for i in idx.tolist()]
 
 
 def _block(v: str) -> int | None:
