@@ -294,3 +294,16 @@ def test_eval_cli_on_tiny_model(tmp_path, capsys):
     assert main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--sparsities", "1.5",
                  "-o", str(tmp_path / "bad")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_classification_subsets_are_seeded_random_not_prefixes():
+    from attnprune.commands.eval import _majority, _subset
+
+    recs = [{"label": int(i >= 50), "i": i} for i in range(100)]  # labels sorted, like an id-ordered split
+    a = _subset(recs, 20, 0)
+    assert a == _subset(recs, 20, 0) and a != _subset(recs, 20, 1)
+    idx = [r["i"] for r in a]
+    assert idx == sorted(idx) and len(set(idx)) == 20 and idx != list(range(20))
+    assert 0.2 < sum(r["label"] for r in a) / 20 < 0.8
+    assert _subset(recs, None, 0) == recs and _subset(recs, 500, 0) == recs
+    assert _majority(recs[:10]) == 1.0 and _majority(recs) == 0.5
