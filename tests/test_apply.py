@@ -415,3 +415,27 @@ def test_padding_past_the_calibrated_length_is_not_an_error():
             model(**tm.batch([7, 4], 9, seed=9))  # a real 7th token is beyond the calibration
     real = calib["attention_mask"].bool()
     torch.testing.assert_close(b[:, :6][real], a[real], atol=2e-6, rtol=1e-5)
+
+
+def test_padded_decoder_batch_applies_on_the_batch_it_was_observed_on():
+    # the decoder is padded past its longest real target: observation calibrates the shorter length,
+    # and cross-attention queries past it are only padding, so beyond="error" must not raise
+    from attnprune import make_mask, observe
+
+    model = tm.bart()
+    b = inputs("bart", lens=(6, 4), total=8)
+    stats = observe(model, [b], progress=False)
+    dec = "model.decoder.layers.0.encoder_attn"
+    assert stats.q_len(dec) < b["decoder_input_ids"].shape[1]
+    mask = make_mask(stats, 0.5)
+    with torch.no_grad():
+        with apply(model, mask):
+            got = model(**b).logits
+        with apply(model, mask, beyond="dense"):
+            want = model(**b).logits
+    real = b["decoder_attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real])
+    # a real decoder query past the calibrated length still raises
+    longer = dict(b, decoder_attention_mask=torch.ones_like(b["decoder_attention_mask"]))
+    with pytest.raises(LengthError), torch.no_grad(), apply(model, mask):
+        model(**longer)

@@ -23,6 +23,7 @@ class _Patch:
         self.backend = BACKENDS.get(backend)
         self.checked = False
         self.decoder_offset = 0  # query offset of the last causal site: cross sites' queries sit there too
+        self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
         self.interceptor = Interceptor(model, self)
         self.interceptor.after_forward = self.after_forward
 
@@ -44,7 +45,10 @@ class _Patch:
         elif call.kind == "cross":  # incremental decoding: cross-attention queries follow the decoder's
             q_offset = self.decoder_offset
         beyond = self.beyond
-        if beyond == "error" and (q_offset + lq > sm.q_len or lk > sm.k_len) and _padding_only(call, sm, q_offset):
+        outside = q_offset + lq > sm.q_len or lk > sm.k_len
+        if call.kind == "causal":
+            self.decoder_pad_from = _first_unused_key(call) if beyond == "error" and outside else None
+        if beyond == "error" and outside and _padding_only(call, sm, q_offset, self.decoder_pad_from):
             beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
         return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                             scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=beyond)
@@ -52,6 +56,7 @@ class _Patch:
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
         self.decoder_offset = 0
+        self.decoder_pad_from = None
         it.check_found()
         partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values", "cache"))
         if not self.checked and not partial:
@@ -59,21 +64,39 @@ class _Patch:
             self.checked = True
 
 
-def _padding_only(call: AttentionCall, sm, q_offset: int) -> bool:
-    """True when every key (and, for self-attention, query) position beyond the calibrated lengths is
-    padding: no query of any sequence may attend to it. Batches padded past the longest observed
-    sequence then run without ``LengthError``."""
+def _used_keys(call: AttentionCall) -> torch.Tensor | None:
+    """bool [Lk]: the keys some query of some sequence may attend to (None: no mask, all used)."""
     lq, lk = call.q.shape[2], call.k.shape[2]
     allowed = allowed_entries(call.attn_mask, call.is_causal, lq, lk, device=call.q.device)
     if allowed is None:
-        return False
-    used = allowed.reshape(-1, *allowed.shape[-2:]).any(dim=-2).any(dim=0)  # [Lk]: keys anyone may see
-    if bool(used[sm.k_len:].any()):
+        return None
+    return allowed.reshape(-1, *allowed.shape[-2:]).any(dim=-2).any(dim=0)
+
+
+def _first_unused_key(call: AttentionCall) -> int | None:
+    """For a self-attention call: the position from which on every key (so every query) is padding."""
+    used = _used_keys(call)
+    if used is None:
+        return None
+    idx = used.nonzero()
+    return int(idx[-1]) + 1 if len(idx) else 0
+
+
+def _padding_only(call: AttentionCall, sm, q_offset: int, decoder_pad_from: int | None = None) -> bool:
+    """True when every key (and query) position beyond the calibrated lengths is padding: no query of
+    any sequence may attend to it. Batches padded past the longest observed sequence then run without
+    ``LengthError``. Cross-attention queries are the decoder's: their padding is what the decoder's
+    causal self-attention site of the same forward found (``decoder_pad_from``)."""
+    lq, lk = call.q.shape[2], call.k.shape[2]
+    used = _used_keys(call)
+    if used is None or bool(used[sm.k_len:].any()):
         return False
     if q_offset + lq <= sm.q_len:
         return True
+    if call.kind == "cross":
+        return q_offset == 0 and decoder_pad_from is not None and decoder_pad_from <= sm.q_len
     # queries past the calibrated length: fine only if they are padded tokens of a self-attention site
-    return call.kind != "cross" and lq == lk and q_offset == 0 and not bool(used[sm.q_len:].any())
+    return lq == lk and q_offset == 0 and not bool(used[sm.q_len:].any())
 
 
 def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> nn.Module:
