@@ -13,7 +13,8 @@
 #
 # Usage: bash scripts/recovery.sh [--steps K] [--seq-len L] [--batch-size B] [--lr LR] [--calib N]
 #                                 [--test N] [--sparsities 0.8 0.9 0.95] [--out runs/recovery]
-# Defaults are sized for a 2-core CPU (about 15 minutes on an idle one); on a GPU use larger ones.
+# Defaults are sized for a 2-core CPU (K=8 steps of 4 x 64 tokens); on a GPU use larger ones.
+# Measured: 41 min wall on a 2-core CPU shared with other jobs (load ~7), see docs/recovery.md.
 # Writes OUT/results.json, OUT/recovery.md (the table) and OUT/runs/<run>/metrics.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +130,8 @@ meta = {
     "lr": a.lr, "schedule": a.schedule, "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
     "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
     "seconds": round(time.perf_counter() - t_start, 1),
+    "cpu_seconds": round(time.process_time(), 1),  # all threads of this process
+    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # others' load slows wall time
 }
 rows = ["| sparsity | mask | achieved | before FT | after K masked FT | dense FT, then this mask |",
         "|---|---|---|---|---|---|",
