@@ -463,3 +463,15 @@ def test_grad_accum_equals_big_batch_and_bf16_runs(tmp_path):
     finetune(c, data, out_dir=tmp_path / "c", config=_cfg(steps=1, batch_size=2, grad_accum=1, precision="bf16"))
     rows = [json.loads(x) for x in (tmp_path / "c/metrics.jsonl").read_text().splitlines()]
     assert all(r["bf16"] for r in rows) and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_too_long_example_anywhere_fails_before_training(tmp_path):
+    from attnprune.errors import LengthError
+
+    data = _lm_data()
+    model = _sdpa()
+    mask = _observed_mask(model, data, 0.5)  # calibrated on 16 tokens
+    data[-1] = torch.randint(3, VOCAB, (20,))  # one long example, not in the first batch
+    with pytest.raises(LengthError):
+        finetune(model, data, mask=mask, out_dir=tmp_path, config=_cfg(shuffle=False))
+    assert not tmp_path.joinpath("metrics.jsonl").exists()

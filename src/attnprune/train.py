@@ -678,7 +678,7 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
     # preflight forward, before anything is written
     with _mask_context(model, mask, cfg):
         if mask is not None:
-            _preflight(model, examples, plan, cfg, task, device)
+            _preflight(model, examples, cfg, task, device)
         return _run(model, examples, mask, task, out_dir, cfg, ckpt, start_step, plan, rank, world,
                     device, model_fp, mask_fp, callbacks, extra_meta, was_training)
 
@@ -789,13 +789,16 @@ def _run(model, examples, mask, task, out_dir: Path, cfg: TrainConfig, ckpt, sta
                        metrics=metrics_path if rank == 0 else None, weights=weights, history=history)
 
 
-def _preflight(model: torch.nn.Module, examples: Sequence, plan: BatchPlan, cfg: TrainConfig, task: str,
+def _preflight(model: torch.nn.Module, examples: Sequence, cfg: TrainConfig, task: str,
                device: torch.device) -> None:
-    """One no-grad forward (eval mode, one example of the longest the first step uses) with the
-    mask attached, so that a mask made for another model, or sequences longer than the mask's
-    calibrated length, fail before anything is written."""
-    ids = [i for mb in plan.micro_batches(0, 0) for i in mb]
-    longest = max(ids, key=lambda i: int(torch.as_tensor(_example_dict(examples[i], i, task)["input_ids"]).numel()))
+    """One no-grad forward (eval mode) of the longest training example with the mask attached, so
+    that a mask made for another model, or sequences longer than the mask's calibrated length, fail
+    before anything is written rather than in the middle of the run."""
+    if isinstance(examples, torch.Tensor):
+        longest = 0
+    else:
+        longest = max(range(len(examples)),
+                      key=lambda i: int(torch.as_tensor(_example_dict(examples[i], i, task)["input_ids"]).numel()))
     batch = {k: v.to(device) for k, v in collate(examples, [longest], task, cfg.pad_id).items()}
     was = model.training
     model.eval()
