@@ -190,12 +190,12 @@ def plot_quality(result, path: str | os.PathLike) -> Path:
                     marker=marker, color=color, label=p)
         ax.axhline(dense * (100 if metric == "accuracy" else 1), color="black", ls="--", lw=1, label="dense")
         ax.set_title(_level(block))
+        ax.legend(fontsize=8)
         ax.set_xlabel("achieved sparsity (% of attendable entries pruned)")
         ax.grid(alpha=0.3)
         if metric == "perplexity":
             ax.set_yscale("log")
     axes[0][0].set_ylabel("perplexity (log scale)" if metric == "perplexity" else "accuracy (%)")
-    axes[0][-1].legend()
     fig.suptitle(f"{r.get('model') or 'model'}: {metric} vs attention sparsity")
     fig.tight_layout()
     return _save(fig, Path(path))
