@@ -6,6 +6,8 @@ The public API:
 - ``make_mask(stats, sparsity, *, policy="layer", block=None, seed=0) -> PruneMask``
 - ``apply(model, mask, *, backend="reference", beyond="error")`` (context manager),
   ``attach(model, mask, ...)`` / ``detach(model)`` (permanent)
+- ``finetune(model, examples, *, mask, task, out_dir, config)`` with ``TrainConfig``: training with a mask
+  attached, checkpointed and resumable
 - ``AttentionStats``, ``PruneMask``, ``SiteInfo`` and the ``AttnPruneError`` family.
 
 Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
@@ -29,11 +31,12 @@ from .observe import observe
 from .policies import make_mask
 from .sites import SiteInfo
 from .stats import AttentionStats
+from .train import TrainConfig, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "observe", "make_mask", "apply", "attach", "detach",
+    "observe", "make_mask", "apply", "attach", "detach", "finetune", "TrainConfig",
     "AttentionStats", "PruneMask", "SiteInfo",
     "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
     "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",
