@@ -197,7 +197,8 @@ def test_sweep_on_tiny_llama():
     calib = _random_batches(lm.vocab_size, 3, 24, 0)
     test = _random_batches(lm.vocab_size, 2, 24, 1)
     cfg = SweepConfig(sparsities=(0.0, 0.5, 0.9), policies=("layer", "random"), blocks=(None, 8))
-    result, stats, masks = sweep(lm.model, calib, test, config=cfg, model_name=lm.name, progress=False)
+    result, stats, masks = sweep(lm.model, calib, test, config=cfg, model_name=lm.name, progress=False,
+                                 keep_masks=True)
     dense = perplexity(lm.model, test, progress=False)
     assert result.dense["value"] == dense.value
     assert len(result.runs) == 2 * 2 * 3

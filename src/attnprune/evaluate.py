@@ -451,7 +451,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
           config: SweepConfig | None = None, stats=None, observe_model: nn.Module | None = None,
           model_name: str = "", data_info: dict | None = None, description: str = "",
           progress: bool = True, on_run: Callable[[dict], None] | None = None,
-          on_stats: Callable[[Any], None] | None = None, on_dense: Callable[[MetricResult], None] | None = None):
+          on_stats: Callable[[Any], None] | None = None, on_dense: Callable[[MetricResult], None] | None = None,
+          keep_masks: bool = False):
     """Quality versus sparsity: dense baseline, then masks over blocks x policies x sparsities.
 
     model: what is measured (returns logits); observe_model: the module to observe and mask
@@ -464,8 +465,9 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     on_run: called with every run's dict as soon as it is measured (e.g. to print it).
     on_stats: called with the ``AttentionStats`` right after observation (e.g. to save them).
     on_dense: called with the dense ``MetricResult`` as soon as it is measured.
+    keep_masks: return every mask built (they can take much memory: one bool per head and entry).
     Returns ``(SweepResult, AttentionStats, masks)`` where ``masks`` maps
-    ``(block, policy, sparsity)`` to the ``PruneMask`` used.
+    ``(block, policy, sparsity)`` to the ``PruneMask`` used (empty unless ``keep_masks``).
     """
     from .apply import apply
     from .observe import observe
@@ -493,8 +495,7 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     if stats is None:
         t0 = time.perf_counter()
         obs_batches = [_model_inputs(b) for b in calib_batches]
-        stats = observe(target, obs_batches, granularity=1, progress=progress,
-                                  description=description)
+        stats = observe(target, obs_batches, granularity=1, progress=progress, description=description)
         timings["observe_s"] = time.perf_counter() - t0
         if on_stats is not None:
             on_stats(stats)
@@ -509,7 +510,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
         t0 = time.perf_counter()
         mask = make_mask(stats, float(sp), policy=policy, block=block, seed=config.seed)
         t_masks += time.perf_counter() - t0
-        masks[(block, policy, float(sp))] = mask
+        if keep_masks:
+            masks[(block, policy, float(sp))] = mask
         torch.manual_seed(config.seed)
         with apply(target, mask, backend=config.backend, beyond=config.beyond):
             r = measure(model, test_batches, progress=progress,
