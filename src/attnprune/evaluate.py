@@ -258,18 +258,17 @@ def _hidden_size(encoder: nn.Module) -> int:
 
 
 def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels: int = 2,
-                     hidden_size: int | None = None, finetune: bool = False, epochs: int | None = None,
-                     lr: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
+                     hidden_size: int | None = None, finetune: bool = False, epochs: int = 1,
+                     lr: float | None = None, head_iters: int = 200, weight_decay: float = 1e-4, seed: int = 0,
                      progress: bool = True) -> EncoderClassifier:
     """Train a linear classification head on an encoder (optionally fine-tuning the encoder too).
 
     batches: a re-iterable sequence of dicts with ``input_ids: [batch, seq]``,
     ``attention_mask: [batch, seq]`` and ``labels: [batch]``.
     Head only (default): the encoder's pooled features are computed once (no grad), then the head
-    is trained full-batch with L-BFGS on the cross-entropy (``epochs``: L-BFGS iterations, default
-    200). ``finetune=True``: encoder and head are trained together with AdamW for ``epochs``
-    passes over the batches (default 1, ``lr`` default 2e-5, the head starting from the
-    head-only solution). Returns the classifier in eval mode. Deterministic for a given ``seed``.
+    is trained full-batch with L-BFGS on the cross-entropy (``head_iters`` iterations, ``lr``
+    its step, default 1). ``finetune=True``: then encoder and head are trained together with AdamW
+    for ``epochs`` passes over the batches (``lr`` default 2e-5), starting from that head. Returns the classifier in eval mode. Deterministic for a given ``seed``.
     """
     if not batches:
         raise EmptyDatasetError("train_classifier: no training batches")
@@ -291,7 +290,7 @@ def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels:
     lin = nn.Linear(x.shape[1], num_labels).to(device)
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=lr or 1.0, max_iter=epochs or 200,
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0 if (finetune or lr is None) else lr, max_iter=head_iters,
                             line_search_fn="strong_wolfe")
     xs = (x - mu) / sd
 
@@ -308,7 +307,7 @@ def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels:
     if finetune:
         clf.train()
         opt2 = torch.optim.AdamW(clf.parameters(), lr=lr or 2e-5, weight_decay=0.01)
-        for ep in range(epochs or 1):
+        for ep in range(epochs):
             order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + ep))
             for i in _progress(order.tolist(), progress, f"fine-tune {ep + 1}"):
                 b = batches[i]

@@ -38,7 +38,8 @@ class EvalSettings:
     batch_size: int = 8
     max_length: int = 64
     finetune: bool = False
-    epochs: int | None = None
+    lr: float | None = None
+    epochs: int = 1
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     policies: tuple[str, ...] = DEFAULT_POLICIES
     blocks: tuple[int | None, ...] = (None, 16)
@@ -109,7 +110,7 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         num_labels = int(lm.extra.get("num_labels", 2))
         t0 = time.perf_counter()
         model = train_classifier(encoder, b["train"], num_labels=num_labels, finetune=s.finetune,
-                                 epochs=s.epochs, seed=s.seed, progress=s.progress)
+                                 epochs=s.epochs, lr=s.lr, seed=s.seed, progress=s.progress)
         timings["train_head_s"] = time.perf_counter() - t0
         log(f"trained a linear head{' and fine-tuned the encoder' if s.finetune else ''} on "
             f"{len(recs['train'])} {s.train_split} examples in {timings['train_head_s']:.1f} s")
@@ -217,8 +218,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8; classifiers at least 32)")
     p.add_argument("--max-length", type=int, default=64, help="classifier: max tokens per example (default 64)")
     p.add_argument("--finetune", action="store_true", help="classifier: fine-tune the encoder with the head")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="classifier: L-BFGS iterations for the head (default 200), or fine-tuning epochs (default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="classifier with --finetune: fine-tuning epochs (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="classifier with --finetune: AdamW learning rate (default 2e-5)")
     p.add_argument("--stats", default=None, help="reuse attention stats observed earlier on the calibration split")
     p.add_argument("--beyond", choices=("error", "dense"), default="error",
                    help="inputs longer than the calibrated length: error (default) or dense there")
@@ -235,7 +236,7 @@ def main(args) -> int:
         out=args.out or f"runs/eval-{args.model.replace(':', '-')}-{Path(args.data).name.replace(':', '-')}",
         calib_split=args.calib_split, train_split=args.train_split, test_split=args.test_split,
         seq_len=args.seq_len, calib=args.calib, test=args.test, train=args.train, batch_size=args.batch_size,
-        max_length=args.max_length, finetune=args.finetune, epochs=args.epochs,
+        max_length=args.max_length, finetune=args.finetune, epochs=args.epochs, lr=args.lr,
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), policies=tuple(args.policies or DEFAULT_POLICIES),
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
         beyond=args.beyond, stats=args.stats, heatmaps=not args.no_heatmaps,
