@@ -65,7 +65,7 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     import torch
 
     from .. import data as D
-    from ..evaluate import SweepResult, sweep, train_classifier
+    from ..evaluate import sweep, train_classifier
     from ..models import load_model
     from ..report import write_report
     from ..stats import AttentionStats
