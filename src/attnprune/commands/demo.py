@@ -12,8 +12,8 @@ the GGUF weights once, ~40 s); ``small`` took 24 s, ``default`` 3 minutes:
 * ``default``: 256-token sequences, 32 calibration / 16 test, sparsities 0.5 0.7 0.8 0.9 0.95,
   token level.
 * ``large``:   512-token sequences, 64 calibration / 32 test, all four policies, token level
-  and 32x32 blocks: roughly 1.5 hours on 2 cores, estimated (its dense evaluation took ~100 s and its
-  observation about 11 minutes; the 40 masked evaluations cost about as much as the dense one).
+  and 32x32 blocks: roughly an hour on 2 cores, estimated (observation took 8 minutes and a
+  masked evaluation about one; there are 40 of them).
 """
 
 from __future__ import annotations
