@@ -1,0 +1,356 @@
+"""Whole-model benchmark: prefill and one training step, dense SDPA versus synthetic AP-style masks.
+
+Used by ``attnprune bench --model ARCH``. The model is built from a config with random weights (no
+download). For every length it times, with batch ``batch``:
+
+* ``dense``: the model as built (``attn_implementation="sdpa"``);
+* ``no-attention``: every attention call replaced by a stand-in of (almost) no cost (the values,
+  repeated over query-head groups), so ``dense - no-attention`` is attention's time;
+* ``masked``, per sparsity: a synthetic block mask per site attached with ``attnprune.apply`` through
+  ``backend``. Each head keeps the diagonal block, its left neighbour (local band) and random
+  (causally reachable) blocks until ``1 - sparsity`` of the attendable blocks are kept.
+
+Modes: ``prefill`` (forward under ``no_grad``, no KV cache) and ``train`` (forward with the LM loss,
+backward, AdamW step). On CUDA the time is the median over ``reps`` runs after ``warmup``
+(synchronised wall clock) and the peak memory is ``torch.cuda.max_memory_allocated``; on CPU the
+time is wall clock and memory is reported as ``None`` ("n/a").
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .errors import InvalidArgumentError, MissingDependencyError
+from .mask import PruneMask, SiteMask
+from .policies import check_sparsity
+
+MODES = ("prefill", "train")
+
+
+# ---------------------------------------------------------------------------------- architectures
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("the whole-model benchmark needs 'transformers': pip install 'attnprune[hf]'") from None
+    return transformers
+
+
+def _smollm2(t, max_len: int):
+    cfg = t.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max(8192, max_len),
+                        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    return t.LlamaForCausalLM, cfg, "causal"
+
+
+def _minilm(t, max_len: int):
+    cfg = t.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                       intermediate_size=1536, max_position_embeddings=max(512, max_len))
+    return t.BertForMaskedLM, cfg, "encoder"
+
+
+def _tiny_llama(t, max_len: int):
+    cfg = t.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(128, max_len))
+    return t.LlamaForCausalLM, cfg, "causal"
+
+
+def _tiny_bert(t, max_len: int):
+    cfg = t.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=max(128, max_len))
+    return t.BertForMaskedLM, cfg, "encoder"
+
+
+ARCHS: dict[str, Callable] = {
+    "smollm2-arch": _smollm2,  # SmolLM2-135M: Llama, 30 layers, width 576, 9 heads / 3 kv heads
+    "minilm-arch": _minilm,  # MiniLM-L6: BERT, 6 layers, width 384, 12 heads
+    "tiny-llama-arch": _tiny_llama,  # for tests
+    "tiny-bert-arch": _tiny_bert,  # for tests
+}
+
+
+def build_model(arch: str, max_len: int, device, dtype):
+    if arch not in ARCHS:
+        raise InvalidArgumentError(f"unknown model architecture {arch!r}; known: {', '.join(ARCHS)}")
+    t = _transformers()
+    cls, cfg, kind = ARCHS[arch](t, max_len)
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(cfg)
+    model.to(device=device, dtype=dtype)
+    return model, cfg, kind
+
+
+# ---------------------------------------------------------------------------------- masks
+def discover_sites(model, vocab: int, device) -> dict:
+    """Site infos of ``model`` from one short forward (attention computed by the original path)."""
+    from .capture import intercept
+
+    ids = torch.randint(0, vocab, (1, 8), device=device)
+    with torch.no_grad(), intercept(model, lambda call: None) as it:
+        model(input_ids=ids)
+    return dict(it.infos)
+
+
+def synthetic_mask(infos: dict, length: int, sparsity: float, block: int, seed: int = 0) -> PruneMask:
+    """A block mask per site: diagonal + left neighbour + random blocks, ``1 - sparsity`` of the
+    attendable (causal: lower-triangular) blocks kept per head (at least the diagonal)."""
+    nb = -(-length // block)
+    g = torch.Generator().manual_seed(seed)
+    sites, kept_all, att_all, meta_sites = [], 0, 0, {}
+    for name, info in infos.items():
+        causal = info.kind == "causal"
+        att = torch.ones(nb, nb, dtype=torch.bool)
+        if causal:
+            att = att.tril()
+        n_att = int(att.sum())
+        target = max(nb, round((1.0 - sparsity) * n_att))
+        keep = torch.zeros(info.num_heads, nb, nb, dtype=torch.bool)
+        idx = torch.arange(nb)
+        keep[:, idx, idx] = True
+        if nb > 1:
+            keep[:, idx[1:], idx[:-1]] = True
+        for h in range(info.num_heads):
+            need = target - int(keep[h].sum())
+            if need > 0:
+                free = (att & ~keep[h]).flatten().nonzero().flatten()
+                pick = free[torch.randperm(len(free), generator=g)[:need]]
+                keep[h].view(-1)[pick] = True
+        kept = int(keep.sum())
+        sites.append(SiteMask(info, length, length, keep=keep, block=block))
+        meta_sites[name] = {"q_len": length, "k_len": length, "kept_blocks": kept,
+                            "attendable_blocks": n_att * info.num_heads,
+                            "sparsity": 1 - kept / (n_att * info.num_heads)}
+        kept_all += kept
+        att_all += n_att * info.num_heads
+    meta = {"model": {"name": "modelbench-synthetic", "num_sites": len(sites), "sites": list(infos)},
+            "policy": "synthetic-block", "seed": seed, "block": block, "target_sparsity": sparsity,
+            "sparsity": 1 - kept_all / max(1, att_all), "sites": meta_sites}
+    return PruneMask(sites, meta)
+
+
+def _no_attention(call):
+    """Stand-in for attention of (almost) no cost: the values, repeated over query-head groups."""
+    v = call.v
+    hq, hkv, lq = call.q.shape[1], v.shape[1], call.q.shape[2]
+    if hq != hkv:
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    return v[:, :, :lq] if v.shape[2] >= lq else v.new_zeros(v.shape[0], hq, lq, v.shape[3])
+
+
+# ---------------------------------------------------------------------------------- timing
+@dataclass
+class ModelBenchRow:
+    arch: str
+    length: int
+    batch: int
+    mode: str  # prefill or train
+    variant: str  # dense, no-attention, masked
+    backend: str  # sdpa, none, or the attnprune backend
+    sparsity: float | None  # target (masked rows)
+    achieved_sparsity: float | None
+    ms: float | None
+    peak_mib: float | None  # None on CPU (n/a)
+    attention_share: float | None = None  # (ms - no-attention ms) / ms
+    speedup_vs_dense: float | None = None
+    note: str = ""
+
+
+def _measure(fn, device, warmup: int, reps: int) -> tuple[float, float | None]:
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return statistics.median(times), peak
+
+
+def _runners(model, ids, kind: str):
+    def prefill():
+        with torch.no_grad():
+            if kind == "causal":
+                model(input_ids=ids, use_cache=False)
+            else:
+                model(input_ids=ids)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def train():
+        model.train()
+        try:
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            model.eval()
+
+    return {"prefill": prefill, "train": train}, opt
+
+
+def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MODES, batch: int = 1,
+        block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print) -> list[ModelBenchRow]:
+    """Run the grid; returns one row per (length, mode, variant[, sparsity])."""
+    from .apply import apply
+    from .capture import intercept
+
+    if arch not in ARCHS:
+        raise InvalidArgumentError(f"unknown model architecture {arch!r}; known: {', '.join(ARCHS)}")
+    sparsities = [check_sparsity(s) for s in sparsities]
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 1 for n in lengths):
+        raise InvalidArgumentError(f"lengths must be positive integers, got {lengths}")
+    for m in modes:
+        if m not in MODES:
+            raise InvalidArgumentError(f"unknown mode {m!r}: use {' and/or '.join(MODES)}")
+    if batch < 1 or block < 1 or reps < 1 or warmup < 0:
+        raise InvalidArgumentError("batch, block and reps must be >= 1, warmup >= 0")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from .backends import BACKENDS
+
+    BACKENDS.get(backend)  # MissingDependencyError early, before building anything
+    model, cfg, kind = build_model(arch, max(lengths), device, dtype)
+    model.eval()
+    infos = discover_sites(model, cfg.vocab_size, device)
+    rows: list[ModelBenchRow] = []
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=g).to(device)
+        masks = {s: synthetic_mask(infos, n, s, block, seed=n) for s in sparsities}
+        fns, opt = _runners(model, ids, kind)
+        for mode in modes:
+            fn = fns[mode]
+            base: dict[str, float | None] = {}
+
+            def one(variant, bk, ctx, s=None, achieved=None):
+                note = ""
+                try:
+                    if ctx is None:
+                        ms, peak = _measure(fn, device, warmup, reps)
+                    else:
+                        with ctx():
+                            ms, peak = _measure(fn, device, warmup, reps)
+                except torch.OutOfMemoryError:
+                    ms, peak, note = None, None, "out of memory"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    opt.zero_grad(set_to_none=True)
+                row = ModelBenchRow(arch, n, batch, mode, variant, bk, s, achieved, ms, peak, note=note)
+                rows.append(row)
+                log(f"{arch} L={n} {mode:7s} {variant:12s} {bk:9s} s={s} ms={_fmt(ms)} peak_MiB={_fmt(peak)} {note}")
+                return row
+
+            dense = one("dense", "sdpa", None)
+            noatt = one("no-attention", "none", lambda: intercept(model, _no_attention))
+            base["dense"], base["none"] = dense.ms, noatt.ms
+            for s in sparsities:
+                mk = masks[s]
+                one("masked", backend, lambda mk=mk: apply(model, mk, backend=backend), s, round(mk.sparsity, 4))
+            for r in rows:
+                if r.length == n and r.mode == mode and r.ms:
+                    if base["none"] is not None and r.variant != "no-attention":
+                        r.attention_share = round(max(0.0, (r.ms - base["none"]) / r.ms), 4)
+                    if base["dense"] is not None:
+                        r.speedup_vs_dense = round(base["dense"] / r.ms, 3)
+        del opt, fns
+    return rows
+
+
+# ---------------------------------------------------------------------------------- output
+def _fmt(x, nd=1) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def environment(device=None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = {"device": dev.type, "torch": torch.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if dev.type == "cuda":
+        env["card"] = torch.cuda.get_device_name(dev)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def markdown_table(rows: list[ModelBenchRow]) -> str:
+    head = ("| model | length | batch | mode | variant | backend | sparsity (achieved) | ms | peak MiB "
+            "| attention share | speedup vs dense |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        sp = "" if r.sparsity is None else f"{r.sparsity:g} ({r.achieved_sparsity:.3f})"
+        share = "" if r.attention_share is None else f"{100 * r.attention_share:.0f}%"
+        ms = _fmt(r.ms, 2) + (f" ({r.note})" if r.note else "")
+        lines.append(f"| {r.arch} | {r.length} | {r.batch} | {r.mode} | {r.variant} | {r.backend} | {sp} | {ms} "
+                     f"| {_fmt(r.peak_mib, 0)} | {share} | {'' if r.speedup_vs_dense is None else r.speedup_vs_dense} |")
+    return "\n".join(lines)
+
+
+def save(path, payload: dict) -> None:
+    from ._io import write_text_atomic
+
+    payload = dict(payload)
+    payload["rows"] = [asdict(r) if isinstance(r, ModelBenchRow) else r for r in payload.get("rows", [])]
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+
+
+def cmd(args) -> int:
+    """``attnprune bench --model ARCH``: parse the bench arguments and run the whole-model grid."""
+    from ._io import write_text_atomic
+
+    def floats(s):
+        try:
+            return [float(x) for x in s.split(",") if x]
+        except ValueError:
+            raise InvalidArgumentError(f"expected a comma list of numbers, got {s!r}") from None
+
+    def ints(s):
+        try:
+            return [int(x) for x in s.split(",") if x]
+        except ValueError:
+            raise InvalidArgumentError(f"expected a comma list of integers, got {s!r}") from None
+
+    if args.model not in ARCHS:
+        raise InvalidArgumentError(f"unknown model architecture {args.model!r}; known: {', '.join(ARCHS)}")
+    lengths = ints(args.lengths or "4096,8192,16384")
+    sparsities = floats(args.sparsities)
+    for s in sparsities:
+        check_sparsity(s)
+    modes = [m for m in args.model_modes.split(",") if m]
+    env = environment()
+    print(env)
+    rows = run(args.model, lengths, sparsities, backend=args.backend, modes=modes, batch=args.batch,
+               block=args.block, warmup=args.warmup, reps=args.reps)
+    table = markdown_table(rows)
+    save(args.output, {"env": env, "arch": args.model, "backend": args.backend, "block": args.block,
+                       "rows": rows, "table": table})
+    if args.markdown:
+        write_text_atomic(args.markdown, table + "\n")
+    print(table)
+    return 0
