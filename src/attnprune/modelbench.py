@@ -52,7 +52,8 @@ def _smollm2(t, max_len: int):
 
 def _minilm(t, max_len: int):
     cfg = t.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                       intermediate_size=1536, max_position_embeddings=max(512, max_len))
+                       intermediate_size=1536, max_position_embeddings=max(512, max_len),
+                       attention_probs_dropout_prob=0.0)  # the kernels have no dropout: keep both sides equal
     return t.BertForMaskedLM, cfg, "encoder"
 
 
@@ -64,7 +65,8 @@ def _tiny_llama(t, max_len: int):
 
 def _tiny_bert(t, max_len: int):
     cfg = t.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=max(128, max_len))
+                       intermediate_size=64, max_position_embeddings=max(128, max_len),
+                       attention_probs_dropout_prob=0.0)
     return t.BertForMaskedLM, cfg, "encoder"
 
 
