@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import EmptyDatasetError, InvalidArgumentError
@@ -86,15 +87,14 @@ def budget(total: float, sparsity: float) -> float:
 def row_best(u: Units) -> torch.Tensor:
     """bool [H, R, C]: the highest-scoring attendable unit of every row that has one (first on ties)."""
     att = u.attendable
-    score = torch.where(att, u.score, torch.full_like(u.score, -math.inf))
-    return _one_per_row(score, att)
+    return _one_per_row(u.score.masked_fill(~att, -math.inf), att)
 
 
 def row_random(u: Units, gen: torch.Generator) -> torch.Tensor:
     """bool [H, R, C]: one uniformly random attendable unit per row that has one."""
     att = u.attendable
     draw = torch.rand(u.score.shape, generator=gen, dtype=torch.float64)
-    return _one_per_row(torch.where(att, draw, torch.full_like(draw, -1.0)), att)
+    return _one_per_row(draw.masked_fill_(~att, -1.0), att)
 
 
 def _one_per_row(score: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -116,20 +116,24 @@ def select(key: torch.Tensor, weight: torch.Tensor, forced: torch.Tensor, target
     idx = (weight > 0).nonzero().squeeze(1)
     if idx.numel() == 0:
         return keep
-    k = key[idx]
+    k = key[idx]  # a fresh copy: safe to modify in place
     f = forced[idx]
-    k = torch.where(f, torch.full_like(k, math.inf), k)
+    k.masked_fill_(f, math.inf)
     n_forced = int(f.sum())
     w = weight[idx]
     if bool((w == 1).all()):  # token units: a k-th value threshold, no full sort
-        n = max(min(math.ceil(target - 1e-9), k.numel()), n_forced)
-        return _top_n(keep, idx, k, n)
+        return _top_n(keep, idx, k, _token_n(target, k.numel(), n_forced))
     order = torch.argsort(k, descending=True, stable=True)
     cum = torch.cumsum(w[order].to(torch.float64), 0)
     n = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).item()) + 1
     n = max(min(n, order.numel()), n_forced)
     keep[idx[order[:n]]] = True
     return keep
+
+
+def _token_n(target: float, n_attendable: int, n_forced: int) -> int:
+    """Token units kept by ``select``: ``target`` rounded up, within [n_forced, n_attendable]."""
+    return max(min(math.ceil(target - 1e-9), n_attendable), n_forced)
 
 
 def _top_n(keep: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,7 +143,7 @@ def _top_n(keep: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, n: int) -> to
         return keep
     if n <= 0:
         return keep
-    thr = torch.kthvalue(k, k.numel() - n + 1).values  # the n-th largest value
+    thr = _nth_largest(k, n)
     sel = k > thr
     ties = (k == thr).nonzero().squeeze(1)[: n - int(sel.sum())]
     sel[ties] = True
@@ -147,8 +151,28 @@ def _top_n(keep: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, n: int) -> to
     return keep
 
 
+def _nth_largest(k: torch.Tensor, n: int):
+    """The ``n``-th largest value of flat ``k`` (1 <= n <= k.numel()), as ``torch.kthvalue`` gives it.
+
+    On CPU float32/float64 without NaN, numpy's introselect (``np.partition``) finds the same
+    element several times faster than ``torch.kthvalue``; anything else goes to ``torch.kthvalue``.
+    """
+    pos = k.numel() - n  # 0-based position in ascending order
+    if (k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64) and k.is_contiguous()
+            and not bool(torch.isnan(k).any())):
+        a = k.numpy()
+        return torch.tensor(np.partition(a, pos)[pos], dtype=k.dtype)
+    return torch.kthvalue(k, pos + 1).values
+
+
 def _total(weight: torch.Tensor) -> float:
     return float(weight.sum(dtype=torch.float64))
+
+
+def _is_token(u: Units) -> bool:
+    """True when every attendable unit has weight 1 (``select`` then takes its token path)."""
+    w = u.weight
+    return bool(((w == 0) | (w == 1)).all()) and bool((w > 0).any())
 
 
 def _layer_one(u: Units, sparsity: float) -> torch.Tensor:
@@ -194,7 +218,16 @@ def random_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> 
     """The paper's control: per site the weight ``layer`` keeps, placed uniformly at random."""
     out = []
     for u in units:
-        target = _total(u.weight[_layer_one(u, sparsity)])
+        if _is_token(u):
+            # the weight ``layer`` keeps at token level, counted without running its selection:
+            # ``select`` keeps exactly ``_token_n`` weight-1 units, clipped to [0, attendable]
+            att = u.attendable
+            n_att = int(att.sum())
+            n_forced = int((row_best(u) & att).sum())
+            n = _token_n(budget(_total(u.weight), sparsity), n_att, n_forced)
+            target = float(min(max(n, 0), n_att))
+        else:
+            target = _total(u.weight[_layer_one(u, sparsity)])
         forced = row_random(u, gen)
         draw = torch.rand(u.score.shape, generator=gen, dtype=torch.float64)
         out.append(select(draw.flatten(), u.weight.flatten(), forced.flatten(), target).view(u.score.shape))
