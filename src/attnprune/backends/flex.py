@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MissingDependencyError
 from ..kernels import BlockLayout
-from .triton import _fallback, split_attn_mask
+from .triton import block_sparse_backend
 
 __all__ = ["flex_backend", "flex_block_mask", "flex_sparse_attention", "FLEX_BLOCK"]
 
@@ -138,25 +138,12 @@ def flex_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=N
     return fx(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=_OPTIONS[d])
 
 
-def flex_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                 q_offset=0, beyond="error"):
-    """Masked attention for one site with FlexAttention on the site's layout (128 x 128 blocks).
+flex_backend = block_sparse_backend(flex_sparse_attention, lambda site_mask, lq, lk: FLEX_BLOCK, "flex",
+                                    "FlexAttention here")
+flex_backend.__doc__ = """Masked attention for one site with FlexAttention on the site's layout (128 x 128 blocks).
 
-    q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.
-    """
-    kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-              q_offset=q_offset, beyond=beyond)
-    if dropout_p and torch.is_grad_enabled():
-        return _fallback(q, k, v, site_mask, "attention dropout is not supported by FlexAttention here", **kw)
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset)
-    if split is None:
-        return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", **kw)
-    key_padding, causal, offset = split
-    layout = site_mask.layout(Lq, Lk, FLEX_BLOCK, device=q.device, q_offset=q_offset, beyond=beyond)
-    return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding,
-                                 q_offset=offset)
+q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.
+"""
 
 
 try:  # register when the registry exists (backends/__init__.py, owned by core-capture)

@@ -15,7 +15,7 @@ import torch
 
 from ..kernels import sparse_attention
 
-__all__ = ["triton_backend", "split_attn_mask", "kernel_block"]
+__all__ = ["triton_backend", "block_sparse_backend", "split_attn_mask", "kernel_block"]
 
 _warned: set[str] = set()
 
@@ -68,38 +68,51 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     return None
 
 
-def _fallback(q, k, v, site_mask, why: str, **kw):
+def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
     from . import BACKENDS  # the registry lives in backends/__init__.py
 
     name = getattr(site_mask, "name", "?")
     if name not in _warned:
         _warned.add(name)
-        warnings.warn(f"site {name!r}: {why}; the triton backend hands this call to the reference backend",
+        warnings.warn(f"site {name!r}: {why}; the {backend} backend hands this call to the reference backend",
                       stacklevel=3)
     return BACKENDS.get("reference")(q, k, v, site_mask, **kw)
 
 
-def triton_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                   q_offset=0, beyond="error"):
-    """Masked attention for one site with the block-sparse kernels.
+def block_sparse_backend(kernel, block_for, name: str, what: str):
+    """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
+    the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
 
-    q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` on a CUDA device;
-    ``site_mask``: the site's ``SiteMask``. Returns ``[B, Hq, Lq, Dv]``. A row with no kept key is 0.
+    Calls the kernel cannot express (dropout while training; an ``attn_mask`` that is not key padding,
+    with or without causality) go to the reference backend, with one warning per site. ``what`` names
+    the kernel in that warning; ``name`` is the backend's registry name.
     """
-    kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-              q_offset=q_offset, beyond=beyond)
-    if dropout_p and torch.is_grad_enabled():
-        return _fallback(q, k, v, site_mask, "attention dropout is not supported by the kernels", **kw)
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset)
-    if split is None:
-        return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", **kw)
-    key_padding, causal, offset = split
-    layout = site_mask.layout(Lq, Lk, kernel_block(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
-                              beyond=beyond)
-    return sparse_attention(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding,
-                            q_offset=offset)
+
+    def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+                q_offset=0, beyond="error"):
+        kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                  q_offset=q_offset, beyond=beyond)
+        if dropout_p and torch.is_grad_enabled():
+            return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset)
+        if split is None:
+            return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
+        key_padding, causal, offset = split
+        layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
+                                  beyond=beyond)
+        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
+
+    return backend
+
+
+triton_backend = block_sparse_backend(sparse_attention, kernel_block, "triton", "the kernels")
+triton_backend.__doc__ = """Masked attention for one site with the block-sparse kernels.
+
+q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` on a CUDA device;
+``site_mask``: the site's ``SiteMask``. Returns ``[B, Hq, Lq, Dv]``. A row with no kept key is 0.
+"""
 
 
 try:  # register when the registry exists (backends/__init__.py, owned by core-capture)
