@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EmptyDatasetError, InvalidArgumentError
+from .policies import check_sparsity
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_POLICIES = ("layer", "head", "global", "random")
@@ -390,8 +391,7 @@ class SweepConfig:
 
     def __post_init__(self):
         for s in self.sparsities:
-            if not 0.0 <= float(s) < 1.0:
-                raise InvalidArgumentError(f"sparsity {s} is outside [0, 1)")
+            check_sparsity(s)
         for b in self.blocks:
             if b is not None and int(b) < 1:
                 raise InvalidArgumentError(f"block size {b} must be a positive integer (or None for token level)")
