@@ -1,0 +1,217 @@
+"""Check that data-parallel runs (torchrun, NCCL on GPUs / gloo on the CPU) match one process.
+
+    python scripts/ddp_check.py --model MODEL --data DATA --out DIR [--nproc 2] [--steps N] [--seq-len L]
+        [--batch-size B] [--num-seqs N] [--precision fp32] [--mask] [--backend reference]
+
+1. observe: ``attnprune observe`` has no data-parallel mode (it neither shards data nor all-reduces), so a
+   worker of this script (the CLI's own batches and ``observe``) is launched with torchrun; each rank takes
+   the batches ``i % world == rank``, then ``stats.all_reduce()``, rank 0 saves. The same worker in one
+   process on all batches is the reference: sums must agree to --stats-atol, counts (and lengths) exactly.
+2. finetune: ``torchrun -m attnprune finetune --batch-size B`` vs one process with ``--batch-size NPROC*B``
+   (train.BatchPlan gives both the same global batch, the same sequences). Compared: per-step losses of
+   metrics.jsonl (--loss-rtol; target counts exactly) and the final model.safetensors (L2 norm of the
+   difference at most --weight-rtol x L2 norm of the 1-process run's update; Adam makes single elements
+   noisy, so the max abs diff is reported, not tested). With --mask, a mask at sparsity 0.5
+   is made from the one-process stats (``attnprune mask``) and the pair is run again with it.
+   Models with dropout (tiny-gpt2: 0.1) cannot match: each rank seeds its own RNG; use tiny-llama.
+3. DIR/ddp_check.json and DIR/ddp_check.md (wall times, versions, devices, diffs, pass/fail);
+   exit status 1 when a comparison fails. Logs of every run: DIR/<run>.log.
+
+CPU smoke test (gloo):
+    .venv/bin/python scripts/ddp_check.py --model tiny-llama --data random --steps 4 --seq-len 32 \\
+        --batch-size 2 --num-seqs 16 --mask --out /tmp/ddp_check
+2-GPU machine (NCCL), from the repository root:
+    HF_HUB_OFFLINE=1 PYTHONPATH=src python scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \\
+        --batch-size 4 --steps 20 --num-seqs 64 --nproc 2 --precision fp32 --mask --out runs/ddp_check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def observe_worker(a) -> int:
+    """One rank of the observation (or the whole of it, when not under torchrun)."""
+    from attnprune.commands.core import _batches
+    from attnprune.models import load_model
+    from attnprune.observe import observe
+    from attnprune.train import init_distributed
+    import torch
+
+    rank, world = init_distributed()
+    loaded = load_model(a.model)
+    if torch.cuda.is_available():
+        loaded.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    ns = argparse.Namespace(model=a.model, data=a.data, num_seqs=a.num_seqs, seq_len=a.seq_len, min_len=None,
+                            batch_size=a.batch_size, seed=0)
+    batches, desc = _batches(ns, loaded)
+    mine = [b for i, b in enumerate(batches) if i % world == rank]
+    stats = observe(loaded.model, mine, progress=False, description=desc)
+    stats.model_name = loaded.name or stats.model_name
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        stats.all_reduce()
+    else:
+        backend = "none"
+    if rank == 0:
+        stats.save(a.output)
+        Path(a.output + ".json").write_text(json.dumps({"backend": backend, "world": world, "rank_batches": len(mine)}))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def launch(name: str, args: list[str], nproc: int, out: Path, timeout: float) -> float:
+    """Run ``python [-m torch.distributed.run ...] args`` with its output in out/name.log; wall seconds."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                              if nproc > 1 else []) + args
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    log = out / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=timeout).returncode
+    wall = time.perf_counter() - t0
+    print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.1f} s", flush=True)
+    if rc != 0:
+        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise SystemExit(f"run {name} failed; log: {log}")
+    return wall
+
+
+def compare_stats(a_path: Path, b_path: Path) -> dict:
+    from attnprune.stats import AttentionStats
+
+    a, b = AttentionStats.load(a_path), AttentionStats.load(b_path)
+    assert a.sites == b.sites, "different sites"
+    sd, same = 0.0, a.num_sequences == b.num_sequences
+    for s in a.sites:
+        if a.sum(s).shape != b.sum(s).shape:
+            return {"max_abs_diff_sum": float("inf"), "counts_identical": False}
+        sd = max(sd, float((a.sum(s) - b.sum(s)).abs().max()))
+        same = same and bool((a.count(s) == b.count(s)).all()) and (a.q_len(s), a.k_len(s)) == (b.q_len(s), b.k_len(s))
+    return {"max_abs_diff_sum": sd, "counts_identical": same, "num_sequences": [a.num_sequences, b.num_sequences]}
+
+
+def compare_runs(ddp: Path, one: Path, w0: dict) -> dict:
+    from safetensors.torch import load_file
+
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()] for d in (ddp, one)]
+    la, lb = ([r["loss"] for r in rs] for rs in rows)
+    wa, wb = load_file(str(ddp / "model.safetensors")), load_file(str(one / "model.safetensors"))
+    assert wa.keys() == wb.keys() and len(la) == len(lb), "different weights or step counts"
+    dw = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+    num = sum(float((wa[k].double() - wb[k].double()).pow(2).sum()) for k in wa) ** 0.5
+    den = sum(float(wb[k].double().pow(2).sum()) for k in wb) ** 0.5
+    upd = sum(float((wb[k].double() - w0[k].double()).pow(2).sum()) for k in wb if k in w0) ** 0.5
+    return {"losses_ddp": la, "losses_one": lb, "final_loss": la[-1],
+            "same_targets": [r["targets"] for r in rows[0]] == [r["targets"] for r in rows[1]],
+            "max_abs_diff_loss": max(abs(x - y) for x, y in zip(la, lb)),
+            "max_rel_diff_loss": max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)),
+            "max_abs_diff_weights": dw, "rel_l2_diff_weights": num / max(den, 1e-30),
+            "l2_update_1proc": upd, "rel_l2_diff_of_update": num / max(upd, 1e-30)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kw in [("--model", dict(required=True)), ("--data", dict(required=True)), ("--out", dict(required=True)),
+                     ("--nproc", dict(type=int, default=2)), ("--steps", dict(type=int, default=20)),
+                     ("--seq-len", dict(type=int, default=256)), ("--batch-size", dict(type=int, default=4)),
+                     ("--num-seqs", dict(type=int, default=64)), ("--lr", dict(default="5e-5")),
+                     ("--precision", dict(default="fp32", choices=("auto", "fp32", "bf16"))),
+                     ("--backend", dict(default="reference")), ("--mask", dict(action="store_true")),
+                     ("--stats-atol", dict(type=float, default=1e-4)), ("--loss-rtol", dict(type=float, default=1e-4)),
+                     ("--weight-rtol", dict(type=float, default=1e-3)), ("--timeout", dict(type=float, default=1800)),
+                     ("--observe-worker", dict(default=None, dest="output", help=argparse.SUPPRESS))]:
+        p.add_argument(flag, **kw)
+    a = p.parse_args()
+    if a.output:
+        return observe_worker(a)
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from attnprune.models import load_model
+
+    # initial weights, to size the fine-tuning update; also fails fast on a bad --model and fills any
+    # model cache (smollm2's float32 conversion) before the ranks start
+    w0 = {k: v.detach().clone() for k, v in load_model(a.model).model.state_dict().items()}
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    n = a.nproc
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    report = {"argv": sys.argv, "torch": torch.__version__, "devices": gpus or ["cpu"],
+              "backend": "nccl" if torch.cuda.is_available() else "gloo", "runs": {}, "checks": {},
+              "tolerances": {"stats_atol": a.stats_atol, "loss_rtol": a.loss_rtol, "weight_rtol": a.weight_rtol}}
+    runs, checks = report["runs"], report["checks"]
+    obs = ["scripts/ddp_check.py", "--model", a.model, "--data", a.data, "--seq-len", str(a.seq_len),
+           "--batch-size", str(a.batch_size), "--num-seqs", str(a.num_seqs), "--out", str(out)]
+    for name, k in (("observe_ddp", n), ("observe_1", 1)):
+        f = out / f"{name}.safetensors"
+        wall = launch(name, obs + ["--observe-worker", str(f)], k, out, a.timeout)
+        runs[name] = {"procs": k, "wall_s": wall, **json.loads(Path(str(f) + ".json").read_text())}
+    c = compare_stats(out / "observe_ddp.safetensors", out / "observe_1.safetensors")
+    c["pass"] = c["counts_identical"] and c["max_abs_diff_sum"] <= a.stats_atol
+    checks["observe_ddp"] = c
+    pairs = [("dense", [])]
+    if a.mask:
+        runs["mask"] = {"procs": 1, "wall_s": 0.0}
+        runs["mask"]["wall_s"] = launch("mask", ["-m", "attnprune", "mask", str(out / "observe_1.safetensors"), "--sparsity", "0.5",
+                        "-o", str(out / "mask.safetensors")], 1, out, a.timeout)
+        pairs.append(("masked", ["--mask", str(out / "mask.safetensors"), "--backend", a.backend]))
+    for label, extra in pairs:
+        for name, k, bs in ((f"finetune_{label}_ddp", n, a.batch_size), (f"finetune_{label}_1", 1, n * a.batch_size)):
+            shutil.rmtree(out / name, ignore_errors=True)  # finetune refuses a folder holding checkpoints
+            ft = ["-m", "attnprune", "--quiet", "finetune", "--model", a.model, "--data", a.data, "--out",
+                  str(out / name), "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(bs),
+                  "--lr", a.lr, "--precision", a.precision, "--max-grad-norm", "1"] + extra
+            runs[name] = {"procs": k, "batch_size": bs, "wall_s": launch(name, ft, k, out, a.timeout)}
+        c = compare_runs(out / f"finetune_{label}_ddp", out / f"finetune_{label}_1", w0)
+        c["pass"] = (c["same_targets"] and c["max_rel_diff_loss"] <= a.loss_rtol
+                     and c["rel_l2_diff_of_update"] <= a.weight_rtol)
+        checks[f"finetune_{label}_ddp"] = c
+        runs[f"finetune_{label}_ddp"]["final_loss"] = c["final_loss"]
+        runs[f"finetune_{label}_1"]["final_loss"] = c["losses_one"][-1]
+    ok = all(c["pass"] for c in checks.values())
+    report["pass"] = ok
+    (out / "ddp_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# DDP check: {a.model} on {a.data}", "",
+          f"torch {torch.__version__}; devices: {', '.join(report['devices'])}; backend {report['backend']}; "
+          f"precision {a.precision}; tolerances: stats sum atol {a.stats_atol:g} (counts exact), "
+          f"loss rtol {a.loss_rtol:g}, weights: L2 norm of the difference <= {a.weight_rtol:g} x L2 norm "
+          f"of the 1-process run's update (final - initial)", "",
+          "| run | processes | backend | wall s | final loss | max diff vs 1 process | pass |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        c = checks.get(name)
+        if c is None:
+            diff, verdict = "(reference)" if name != "mask" else "", ""
+        elif "max_abs_diff_sum" in c:
+            diff = f"sum {c['max_abs_diff_sum']:.2e}, counts {'identical' if c['counts_identical'] else 'DIFFER'}"
+            verdict = "pass" if c["pass"] else "FAIL"
+        else:
+            diff = (f"loss {c['max_abs_diff_loss']:.2e} (rel {c['max_rel_diff_loss']:.2e}), weights "
+                    f"max {c['max_abs_diff_weights']:.2e}, L2 {c['rel_l2_diff_of_update']:.2e} of the update")
+            verdict = "pass" if c["pass"] else "FAIL"
+        loss = f"{r['final_loss']:.4f}" if "final_loss" in r else ""
+        md.append(f"| {name} | {r['procs']} | {report['backend'] if r['procs'] > 1 else '-'} | {r['wall_s']:.1f} "
+                  f"| {loss} | {diff} | {verdict} |")
+    (out / "ddp_check.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"{'PASS' if ok else 'FAIL'}: wrote {out / 'ddp_check.json'} and {out / 'ddp_check.md'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
