@@ -159,7 +159,8 @@ class Interceptor:
                 del _BUSY[m]
         if self.stack:  # removed in the middle of a forward
             self.stack.clear()
-            self.mode.__exit__(None, None, None)
+            if self._hf is None:
+                self.mode.__exit__(None, None, None)
         if self._hf is not None:
             hf.restore(self._hf)
             self._hf = None
@@ -168,7 +169,8 @@ class Interceptor:
         # The SDPA mode is on while any forward of the model runs: the model itself, a submodule
         # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
         if not self.stack:
-            self.mode.__enter__()
+            if self._hf is None:  # Hugging Face models route all attention through the AttentionInterface
+                self.mode.__enter__()
             if module is self.model:
                 self.forwards += 1
         self.stack.append(module)
@@ -187,7 +189,7 @@ class Interceptor:
     def _post(self, module, args, output):
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
-            if not self.stack:
+            if not self.stack and self._hf is None:
                 self.mode.__exit__(None, None, None)
         return None
 
