@@ -67,8 +67,8 @@ while [ $# -gt 0 ]; do
     ncu) stage ncu 300 python3 bench/ncu_profile.py --out "$RUNS/ncu" --timeout 90 ;;
     ddp)
         stage ddp 200 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
-            --batch-size 4 --steps 20 --out "$RUNS/ddp" ;;
-    pack) shift; tar czf "$OUT/$1.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
+            --batch-size 4 --steps 20 --num-seqs 64 --mask --backend triton --out "$RUNS/ddp" ;;
+    pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
     esac
     shift
