@@ -53,10 +53,10 @@ while [ $# -gt 0 ]; do
     modelbench)
         stage model_smollm2 240 python3 -m attnprune bench --model smollm2-arch --backend triton \
             --lengths 4096,8192,16384 --sparsities 0.5,0.9,0.95 -o "$RUNS/model_smollm2.json" \
-            --markdown "$RUNS/model_smollm2.md"
+            --markdown "$RUNS/model_smollm2.md" --warmup 2 --reps 10
         stage model_minilm 120 python3 -m attnprune bench --model minilm-arch --backend triton \
             --lengths 512,2048,4096 --sparsities 0.5,0.9 -o "$RUNS/model_minilm.json" \
-            --markdown "$RUNS/model_minilm.md" ;;
+            --markdown "$RUNS/model_minilm.md" --warmup 2 --reps 10 ;;
     tests)
         stage tests 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/test_kernels.py tests/test_backend_triton.py ;;
@@ -65,6 +65,7 @@ while [ $# -gt 0 ]; do
             --lr 1e-4 --schedule cosine --warmup 10 --calib 96 --test 128 --out "$RUNS/recovery" ;;
     e2e) stage e2e 150 python3 bench/e2e_real.py --out "$RUNS/e2e" ;;
     ncu) stage ncu 300 python3 bench/ncu_profile.py --out "$RUNS/ncu" --timeout 90 ;;
+    ncu_bwd) stage ncu_bwd 200 python3 bench/ncu_profile.py --out "$RUNS/ncu_bwd" --timeout 90 --modes fwd+bwd --impls ours,flex,cudnn --densities 1.0 ;;
     ddp)
         stage ddp 200 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
             --batch-size 4 --steps 20 --num-seqs 64 --mask --backend triton --out "$RUNS/ddp" ;;
