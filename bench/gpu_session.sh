@@ -67,7 +67,7 @@ while [ $# -gt 0 ]; do
     ncu) stage ncu 300 python3 bench/ncu_profile.py --out "$RUNS/ncu" --timeout 90 ;;
     ncu_bwd) stage ncu_bwd 200 python3 bench/ncu_profile.py --out "$RUNS/ncu_bwd" --timeout 90 --modes fwd+bwd --impls ours,flex,cudnn --densities 1.0 ;;
     ddp)
-        stage ddp 200 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
+        stage ddp 320 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
             --batch-size 4 --steps 20 --num-seqs 64 --mask --backend triton --out "$RUNS/ddp" ;;
     pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
