@@ -9,6 +9,9 @@ which warms the call up (compiles) outside an NVTX range and then runs it once i
 ``profile``; ncu only profiles kernels inside that range. The chosen sections (speed of light,
 compute workload, warp states, occupancy, launch statistics) are written as CSV per run and a
 compact summary of the main metrics per kernel goes to ``ncu_summary.json``.
+
+Limitation (seen on the H200): with ``--modes fwd+bwd`` only the forward kernels are profiled, because
+autograd launches the backward kernels from its own thread, outside this thread's NVTX push/pop range.
 """
 
 from __future__ import annotations
