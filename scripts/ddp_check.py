@@ -3,10 +3,9 @@
     python scripts/ddp_check.py --model MODEL --data DATA --out DIR [--nproc 2] [--steps N] [--seq-len L]
         [--batch-size B] [--num-seqs N] [--precision fp32] [--mask] [--backend reference]
 
-1. observe: ``attnprune observe`` has no data-parallel mode (it neither shards data nor all-reduces), so a
-   worker of this script (the CLI's own batches and ``observe``) is launched with torchrun; each rank takes
-   the batches ``i % world == rank``, then ``stats.all_reduce()``, rank 0 saves. The same worker in one
-   process on all batches is the reference: sums must agree to --stats-atol, counts (and lengths) exactly.
+1. observe: ``torchrun -m attnprune observe`` (each rank takes every NPROC-th batch, the sums are
+   all-reduced, rank 0 writes) against ``attnprune observe`` in one process on all batches: sums must
+   agree to --stats-atol, counts (and lengths) exactly.
 2. finetune: ``torchrun -m attnprune finetune --batch-size B`` vs one process with ``--batch-size NPROC*B``
    (train.BatchPlan gives both the same global batch, the same sequences). Compared: per-step losses of
    metrics.jsonl (--loss-rtol; target counts exactly) and the final model.safetensors (L2 norm of the
@@ -39,39 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def observe_worker(a) -> int:
-    """One rank of the observation (or the whole of it, when not under torchrun)."""
-    from attnprune.commands.core import _batches
-    from attnprune.models import load_model
-    from attnprune.observe import observe
-    from attnprune.train import init_distributed
-    import torch
-
-    rank, world = init_distributed()
-    loaded = load_model(a.model)
-    if torch.cuda.is_available():
-        loaded.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    ns = argparse.Namespace(model=a.model, data=a.data, num_seqs=a.num_seqs, seq_len=a.seq_len, min_len=None,
-                            batch_size=a.batch_size, seed=0)
-    batches, desc = _batches(ns, loaded)
-    mine = [b for i, b in enumerate(batches) if i % world == rank]
-    stats = observe(loaded.model, mine, progress=False, description=desc)
-    stats.model_name = loaded.name or stats.model_name
-    if world > 1:
-        import torch.distributed as dist
-
-        backend = dist.get_backend()
-        stats.all_reduce()
-    else:
-        backend = "none"
-    if rank == 0:
-        stats.save(a.output)
-        Path(a.output + ".json").write_text(json.dumps({"backend": backend, "world": world, "rank_batches": len(mine)}))
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
 
 
 def launch(name: str, args: list[str], nproc: int, out: Path, timeout: float) -> float:
@@ -135,12 +101,9 @@ def main() -> int:
                      ("--precision", dict(default="fp32", choices=("auto", "fp32", "bf16"))),
                      ("--backend", dict(default="reference")), ("--mask", dict(action="store_true")),
                      ("--stats-atol", dict(type=float, default=1e-4)), ("--loss-rtol", dict(type=float, default=1e-4)),
-                     ("--weight-rtol", dict(type=float, default=1e-3)), ("--timeout", dict(type=float, default=1800)),
-                     ("--observe-worker", dict(default=None, dest="output", help=argparse.SUPPRESS))]:
+                     ("--weight-rtol", dict(type=float, default=1e-3)), ("--timeout", dict(type=float, default=1800))]:
         p.add_argument(flag, **kw)
     a = p.parse_args()
-    if a.output:
-        return observe_worker(a)
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
@@ -157,12 +120,11 @@ def main() -> int:
               "backend": "nccl" if torch.cuda.is_available() else "gloo", "runs": {}, "checks": {},
               "tolerances": {"stats_atol": a.stats_atol, "loss_rtol": a.loss_rtol, "weight_rtol": a.weight_rtol}}
     runs, checks = report["runs"], report["checks"]
-    obs = ["scripts/ddp_check.py", "--model", a.model, "--data", a.data, "--seq-len", str(a.seq_len),
-           "--batch-size", str(a.batch_size), "--num-seqs", str(a.num_seqs), "--out", str(out)]
+    obs = ["-m", "attnprune", "--quiet", "observe", "--model", a.model, "--data", a.data, "--seq-len",
+           str(a.seq_len), "--batch-size", str(a.batch_size), "--num-seqs", str(a.num_seqs)]
     for name, k in (("observe_ddp", n), ("observe_1", 1)):
-        f = out / f"{name}.safetensors"
-        wall = launch(name, obs + ["--observe-worker", str(f)], k, out, a.timeout)
-        runs[name] = {"procs": k, "wall_s": wall, **json.loads(Path(str(f) + ".json").read_text())}
+        wall = launch(name, obs + ["-o", str(out / f"{name}.safetensors")], k, out, a.timeout)
+        runs[name] = {"procs": k, "wall_s": wall}
     c = compare_stats(out / "observe_ddp.safetensors", out / "observe_1.safetensors")
     c["pass"] = c["counts_identical"] and c["max_abs_diff_sum"] <= a.stats_atol
     checks["observe_ddp"] = c

@@ -65,3 +65,33 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     # the shards alone differ from the whole (the comparison above can fail)
     part = observe(tm.mha(), _shard(1), progress=False)
     assert part.q_len(single.sites[0]) == 4
+
+
+def _observe_cli(tmp_path, out: str, nproc: int, num_seqs: int):
+    import subprocess
+    import sys
+
+    args = ["-m", "attnprune", "--quiet", "observe", "--model", "tiny-llama", "--data", "random", "--num-seqs",
+            str(num_seqs), "--seq-len", "16", "--min-len", "5", "--batch-size", "3", "-o", str(tmp_path / out)]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_observe_cli_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m attnprune observe` splits the batches, all-reduces, and rank 0 writes the same stats."""
+    p = _observe_cli(tmp_path, "ddp.safetensors", 2, 10)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("wrote ") == 1  # rank 0 only
+    assert _observe_cli(tmp_path, "one.safetensors", 1, 10).returncode == 0
+    ddp, one = AttentionStats.load(tmp_path / "ddp.safetensors"), AttentionStats.load(tmp_path / "one.safetensors")
+    assert ddp.sites == one.sites and ddp.num_sequences == one.num_sequences == 10
+    for s in one.sites:
+        assert torch.equal(ddp.count(s), one.count(s))
+        torch.testing.assert_close(ddp.sum(s), one.sum(s), atol=1e-6, rtol=1e-6)
+    # with fewer batches than processes one rank has nothing: a clear error on every rank, no file
+    p = _observe_cli(tmp_path, "few.safetensors", 2, 3)
+    assert p.returncode != 0 and "got no batch to observe" in p.stderr
+    assert not (tmp_path / "few.safetensors").exists()

@@ -1,6 +1,7 @@
 """CLI subcommands ``observe``, ``mask`` and ``info``.
 
     attnprune observe --model tiny-gpt2 --data random --num-seqs 16 --seq-len 64 -o stats.safetensors
+    torchrun --nproc-per-node 2 -m attnprune observe ...   # data-parallel: batches split, sums all-reduced
     attnprune mask stats.safetensors --sparsity 0.9 --policy layer [--block 64] -o mask.safetensors
     attnprune info mask.safetensors        # or a stats file
 """
@@ -28,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--granularity", type=int, default=1, help="accumulate g x g blocks (default 1: tokens)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 (default: cuda:<local rank> when a GPU is present, else cpu)")
     p.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
     p.set_defaults(func=cmd_observe)
 
@@ -92,19 +95,45 @@ def _source_batches(args, loaded):
 
 
 def cmd_observe(args) -> int:
+    """Observe; under ``torchrun`` each rank takes every ``world``-th batch, the sums are all-reduced
+    (NCCL on GPUs, gloo on the CPU) and rank 0 alone writes the file."""
+    import itertools
+    import os
+
+    import torch
+
     from ..models import load_model
     from ..observe import observe
+    from ..train import init_distributed
 
     if Path(args.output).is_dir():
         raise InvalidArgumentError(f"output {args.output!r} is a directory")
+    rank, world = init_distributed()
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model)
+    loaded.model.to(device)
     batches, description = _batches(args, loaded)
-    stats = observe(loaded.model, batches, granularity=args.granularity, progress=not args.quiet,
+    if world > 1:
+        import torch.distributed as dist
+
+        shard = itertools.islice(batches, rank, None, world)
+        first = next(shard, None)
+        have = torch.tensor([first is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank must agree before raising
+        if not int(have.item()):
+            raise InvalidArgumentError(f"a process got no batch to observe: {world} processes need at least "
+                                       f"{world} batches; use fewer processes or more --num-seqs")
+        batches = itertools.chain([first], shard)
+        description = f"{description} (observed by {world} processes)"
+    stats = observe(loaded.model, batches, granularity=args.granularity, progress=not args.quiet and rank == 0,
                     description=description)
+    if world > 1:
+        stats.all_reduce()
     stats.model_name = loaded.name or stats.model_name
-    stats.save(args.output)
-    print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_sequences} sequences, "
-          f"granularity {stats.granularity}")
+    if rank == 0:
+        stats.save(args.output)
+        print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_sequences} sequences, "
+              f"granularity {stats.granularity}" + (f" ({world} processes)" if world > 1 else ""))
     return 0
 
 
