@@ -37,6 +37,35 @@ def test_hf_sites_names_kinds_and_heads():
                                             ("model.decoder.layers.0.encoder_attn", "cross", 2, 2)]
 
 
+class _HFPlusCustom(nn.Module):
+    """A Hugging Face model followed by a hand-built SDPA layer (not reachable by the HF path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hf = tm.llama()
+        self.proj = nn.Linear(tm.VOCAB, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.proj(self.hf(input_ids=input_ids, attention_mask=attention_mask).logits)
+        q = x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_sdpa_mode_is_dropped_for_pure_hf_models_and_kept_for_mixed_ones():
+    """The per-op SDPA mode is on only in the first forward of a pure HF model (it finds nothing
+    there); a model that also calls SDPA outside the HF path keeps it, and its site stays visible."""
+    b = tm.batch([5, 3])
+    for model, extra_sites, needed in ((tm.llama(), [], False), (_HFPlusCustom(), [""], True)):
+        seen = []
+        with torch.no_grad(), intercept(model, lambda c: seen.append(c.site)) as it:
+            for _ in range(3):
+                seen.clear()
+                model(**b)
+                hf_sites = [s for s in seen if s.endswith("self_attn")]
+                assert len(hf_sites) == 2 and [s for s in seen if s not in hf_sites] == extra_sites
+                assert it.mode_needed is needed and not it.mode_on
+
+
 def test_generic_sites():
     ids = {"input_ids": torch.randint(0, tm.VOCAB, (2, 5))}
     calls, _ = run(tm.nanogpt(), ids)

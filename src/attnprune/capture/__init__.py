@@ -125,6 +125,12 @@ class Interceptor:
         self.forwards = 0
         self.hf_depth = 0  # >0 while the HF path runs an attention function (SDPA path stays out)
         self.mode = SDPAMode(self)
+        # The SDPA mode adds Python work to every torch op of the forward. With the Hugging Face path
+        # active it is only needed for attention outside that path (a custom module inside or around
+        # an HF model): the first full forward runs with it and records whether it caught any call.
+        self.mode_on = False
+        self.mode_caught = False  # the mode caught an attention call outside the HF path
+        self.mode_needed: bool | None = None  # None: not known yet
         self.after_forward: Callable[[dict], None] | None = None  # called after a successful model forward
         self._root_kwargs: dict = {}
         self._handles = []
@@ -159,8 +165,7 @@ class Interceptor:
                 del _BUSY[m]
         if self.stack:  # removed in the middle of a forward
             self.stack.clear()
-            if self._hf is None:
-                self.mode.__exit__(None, None, None)
+            self._mode_exit()
         if self._hf is not None:
             hf.restore(self._hf)
             self._hf = None
@@ -169,8 +174,9 @@ class Interceptor:
         # The SDPA mode is on while any forward of the model runs: the model itself, a submodule
         # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
         if not self.stack:
-            if self._hf is None:  # Hugging Face models route all attention through the AttentionInterface
+            if self._hf is None or self.mode_needed is not False:
                 self.mode.__enter__()
+                self.mode_on = True
             if module is self.model:
                 self.forwards += 1
         self.stack.append(module)
@@ -182,6 +188,8 @@ class Interceptor:
         return None
 
     def _root_done(self, module, args, output):
+        if not self.stack and self._hf is not None and self.mode_needed is None:
+            self.mode_needed = self.mode_caught  # decided by the first completed forward of the model
         if not self.stack and self.after_forward is not None:
             self.after_forward(self._root_kwargs)
         return None
@@ -189,9 +197,14 @@ class Interceptor:
     def _post(self, module, args, output):
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
-            if not self.stack and self._hf is None:
-                self.mode.__exit__(None, None, None)
+            if not self.stack:
+                self._mode_exit()
         return None
+
+    def _mode_exit(self) -> None:
+        if self.mode_on:
+            self.mode.__exit__(None, None, None)
+            self.mode_on = False
 
     # ---- dispatch --------------------------------------------------------------------------
     def dispatch(self, module: nn.Module | None, q, k, v, attn_mask, is_causal, scale, dropout_p,

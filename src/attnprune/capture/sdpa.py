@@ -61,6 +61,7 @@ class SDPAMode(TorchFunctionMode):
         if k.shape[1] != q.shape[1] and not a["enable_gqa"]:
             k = k.expand(k.shape[0], q.shape[1], *k.shape[2:])
             v = v.expand(v.shape[0], q.shape[1], *v.shape[2:])
+        self.it.mode_caught = True
         out = self.it.dispatch(None, q, k, v, mask, a["is_causal"], a["scale"], a["dropout_p"], False)
         if out is None:
             return func(*args, **kwargs)
