@@ -47,6 +47,8 @@ p.add_argument("--batch-size", type=int, default=4)
 p.add_argument("--lr", type=float, default=2e-4)
 p.add_argument("--schedule", default="constant")
 p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+p.add_argument("--backend", default="reference",
+               help="attention backend while fine-tuning (reference: exact; triton: the GPU kernels)")
 p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU if present)")
 p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                help="training precision (auto: bf16 autocast on a GPU); evaluation is always fp32")
@@ -101,7 +103,7 @@ def ppl(mask=None) -> float:
 def train_run(name: str, mask=None) -> dict:
     model.load_state_dict(orig)
     cfg = TrainConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
-                      warmup_steps=a.warmup, device=str(device), precision=a.precision,
+                      warmup_steps=a.warmup, device=str(device), precision=a.precision, backend=a.backend,
                       final_checkpoint=False, save_weights=False, progress=not a.quiet)
     t0 = time.perf_counter()
     r = finetune(model, train, mask=mask, out_dir=out / "runs" / name, config=cfg)
@@ -136,6 +138,7 @@ meta = {
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
     "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
+    "backend": a.backend,
     "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
     "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
     "seconds": round(time.perf_counter() - t_start, 1),

@@ -15,7 +15,7 @@ import torch
 
 from attnprune.errors import AttnPruneError, CorruptFileError, InvalidArgumentError
 from attnprune.train import (BatchPlan, CheckpointError, TrainConfig, collate, finetune,
-                             latest_checkpoint, list_checkpoints, lr_factor)
+                             latest_checkpoint, list_checkpoints, lr_factor, resolve_backend)
 
 VOCAB = 128
 
@@ -434,6 +434,7 @@ def test_cli_stop_resume_and_errors(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "cut/summary.json").read_text())
     assert summary["masked"] and summary["model"] == "tiny-sdpa" and summary["finished"]
+    assert summary["backend"] == "reference"  # --backend auto on the CPU
     capsys.readouterr()
 
     def fails(argv, match):
@@ -475,3 +476,21 @@ def test_too_long_example_anywhere_fails_before_training(tmp_path):
     with pytest.raises(LengthError):
         finetune(model, data, mask=mask, out_dir=tmp_path, config=_cfg(shuffle=False))
     assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+def test_backend_auto_resolution(monkeypatch):
+    """auto: the block-sparse kernels on a GPU when Triton loads, the reference backend otherwise."""
+    from attnprune import backends
+    from attnprune.errors import MissingDependencyError
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert TrainConfig().backend == "auto"
+    assert resolve_backend("auto", cpu) == "reference" and resolve_backend("flex", cpu) == "flex"
+    pytest.importorskip("triton")
+    assert resolve_backend("auto", gpu) == "triton"
+
+    def no_triton(name):
+        raise MissingDependencyError("no triton")
+
+    monkeypatch.setattr(backends.BACKENDS, "get", no_triton)
+    assert resolve_backend("auto", gpu) == "reference"

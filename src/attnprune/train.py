@@ -105,7 +105,8 @@ class TrainConfig:
     shuffle: visit examples in a seeded random order per epoch (``False``: in order).
     max_steps_this_run: stop after this many steps in this invocation (checkpointing first), for
         time-sliced jobs; ``None``: run to ``steps``.
-    backend: attention backend for the mask (``"reference"``, ``"triton"``, ``"flex"``).
+    backend: attention backend for the mask (``"reference"``, ``"triton"``, ``"flex"``), or ``"auto"``:
+        ``"triton"`` on a CUDA device when Triton is installed, else ``"reference"``.
     beyond: what the mask does on inputs longer than its calibrated length (``"error"``/``"dense"``).
     pad_id: token id used to pad ``input_ids`` in a micro-batch (padding is masked out).
     device: ``None``: ``cuda:<local rank>`` when a GPU is present, else the CPU.
@@ -132,7 +133,7 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     max_steps_this_run: int | None = None
-    backend: str = "reference"
+    backend: str = "auto"
     beyond: str = "error"
     pad_id: int = 0
     device: str | None = None
@@ -597,12 +598,28 @@ def _forward_kwargs(model: torch.nn.Module, batch: dict, task: str) -> dict:
     return kw
 
 
-def _mask_context(model: torch.nn.Module, mask: Any, cfg: TrainConfig):
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``"auto"``: ``"triton"`` on a CUDA device when the Triton backend can load, else ``"reference"``."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "reference"
+    from .backends import BACKENDS
+    from .errors import MissingDependencyError
+
+    try:
+        BACKENDS.get("triton")
+    except MissingDependencyError:
+        return "reference"
+    return "triton"
+
+
+def _mask_context(model: torch.nn.Module, mask: Any, cfg: TrainConfig, device: torch.device):
     if mask is None:
         return contextlib.nullcontext()
     from .apply import apply as apply_mask
 
-    return apply_mask(model, mask, backend=cfg.backend, beyond=cfg.beyond)
+    return apply_mask(model, mask, backend=resolve_backend(cfg.backend, device), beyond=cfg.beyond)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -676,7 +693,7 @@ def finetune(model: torch.nn.Module, examples: Any, *, mask: Any = None, task: s
     model.to(device)
     # attached for the whole run; a mask for another model or too-long data fails in the
     # preflight forward, before anything is written
-    with _mask_context(model, mask, cfg):
+    with _mask_context(model, mask, cfg, device):
         if mask is not None:
             _preflight(model, examples, cfg, task, device)
         return _run(model, examples, mask, task, out_dir, cfg, ckpt, start_step, plan, rank, world,
@@ -780,6 +797,7 @@ def _run(model, examples, mask, task, out_dir: Path, cfg: TrainConfig, ckpt, sta
                    "last_loss": last_loss, "global_batch": plan.global_batch, "world_size": world,
                    "steps_per_epoch": plan.steps_per_epoch, "num_examples": len(examples),
                    "masked": mask is not None, "mask_fingerprint": mask_fp, "device": str(device),
+                   "backend": resolve_backend(cfg.backend, device) if mask is not None else None,
                    "bf16": bf16, "config": cfg.to_dict(), "torch": torch.__version__,
                    "checkpoint": str(last_ckpt) if last_ckpt else None, **(extra_meta or {})}
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; resume later with --resume")
     p.add_argument("--seed", type=int, default=0, help="data order and RNG seed (default 0)")
-    p.add_argument("--backend", default="reference", help="attention backend: reference, triton, flex")
+    p.add_argument("--backend", default="auto",
+                   help="attention backend: reference, triton, flex, or auto (default: triton on a GPU, else reference)")
     p.add_argument("--beyond", default="error", choices=("error", "dense"),
                    help="inputs longer than the mask's calibrated length: error or dense outside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if present)")
