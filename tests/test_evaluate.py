@@ -295,6 +295,9 @@ def test_eval_cli_on_tiny_model(tmp_path, capsys):
     assert main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--sparsities", "1.5",
                  "-o", str(tmp_path / "bad")]) == 2
     assert "error:" in capsys.readouterr().err
+    assert main(["--quiet", "eval", "--model", "tiny-gpt2", "--data", "random", "--device", "nonsense",
+                 "-o", str(tmp_path / "bad2")]) == 2
+    assert "device 'nonsense' is not usable" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
 
 
 def test_classification_subsets_are_seeded_random_not_prefixes():

@@ -46,6 +46,7 @@ class EvalSettings:
     seed: int = 0
     backend: str = "reference"
     beyond: str = "error"
+    device: str | None = None  # None: the GPU when present (a passed-in model stays where it is)
     stats: str | None = None
     heatmaps: bool = True
     title: str | None = None
@@ -75,6 +76,12 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     out = Path(s.out)
     t0 = time.perf_counter()
     lm = loaded if loaded is not None else load_model(s.model)
+    if s.device is not None or loaded is None:
+        try:
+            device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            lm.model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise InvalidArgumentError(f"device {s.device!r} is not usable here ({e}); use cpu or cuda") from None
     log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else D.load_dataset(s.data)
@@ -199,6 +206,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="granularities: 'token' for token level, an integer b for b x b blocks (default: token 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random policy and torch (default 0)")
     p.add_argument("--backend", default="reference", help="attention backend under the mask (default reference)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when present, else cpu)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -239,7 +247,7 @@ def main(args) -> int:
         max_length=args.max_length, finetune=args.finetune, epochs=args.epochs, lr=args.lr,
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), policies=tuple(args.policies or DEFAULT_POLICIES),
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
-        beyond=args.beyond, stats=args.stats, heatmaps=not args.no_heatmaps,
+        beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
         progress=not getattr(args, "quiet", False),
     )
     files = run_eval(s)
