@@ -38,7 +38,7 @@ from attnprune.evaluate import perplexity
 from attnprune.models import load_model
 from attnprune.observe import observe
 from attnprune.policies import make_mask
-from attnprune.train import TrainConfig, finetune
+from attnprune.train import TrainConfig, default_device, finetune
 
 p = argparse.ArgumentParser(prog="scripts/recovery.sh")
 p.add_argument("--steps", type=int, default=8, help="K: fine-tuning steps per run")
@@ -65,7 +65,7 @@ log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush
 
 lm = load_model("smollm2")
 model, tok, L = lm.model, lm.tokenizer, a.seq_len
-device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+device = default_device(a.device)
 model.to(device)
 ds = D.load_dataset("austen")
 

@@ -30,6 +30,7 @@ import torch
 from .errors import InvalidArgumentError, MissingDependencyError
 from .mask import PruneMask, SiteMask
 from .policies import check_sparsity
+from .train import default_device
 
 MODES = ("prefill", "train")
 
@@ -226,7 +227,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
             raise InvalidArgumentError(f"unknown mode {m!r}: use {' and/or '.join(MODES)}")
     if batch < 1 or block < 1 or reps < 1 or warmup < 0:
         raise InvalidArgumentError("batch, block and reps must be >= 1, warmup >= 0")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from .backends import BACKENDS
@@ -285,7 +286,7 @@ def _fmt(x, nd=1) -> str:
 
 
 def environment(device=None) -> dict:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     env = {"device": dev.type, "torch": torch.__version__, "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if dev.type == "cuda":

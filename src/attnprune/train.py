@@ -565,12 +565,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the loop
 
-def _resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given; else ``cuda:<local rank>`` when a GPU is present (rank 0 outside
+    ``torchrun``), else the CPU. The one rule every command uses."""
+    if device:
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def _resolve_device(cfg: TrainConfig) -> torch.device:
+    return default_device(cfg.device)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

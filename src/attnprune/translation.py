@@ -288,9 +288,9 @@ def build_model(cfg: TranslationConfig, vocab_size: int, seed: int = 0):
 
 
 def _device(cfg: TranslationConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .train import default_device
+
+    return default_device(cfg.device)
 
 
 def _autocast(cfg: TranslationConfig, device: torch.device):

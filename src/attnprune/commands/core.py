@@ -98,18 +98,17 @@ def cmd_observe(args) -> int:
     """Observe; under ``torchrun`` each rank takes every ``world``-th batch, the sums are all-reduced
     (NCCL on GPUs, gloo on the CPU) and rank 0 alone writes the file."""
     import itertools
-    import os
 
     import torch
 
     from ..models import load_model
     from ..observe import observe
-    from ..train import init_distributed
+    from ..train import default_device, init_distributed
 
     if Path(args.output).is_dir():
         raise InvalidArgumentError(f"output {args.output!r} is a directory")
     rank, world = init_distributed()
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     loaded = load_model(args.model)
     loaded.model.to(device)
     batches, description = _batches(args, loaded)

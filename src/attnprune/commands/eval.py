@@ -70,6 +70,7 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     from ..models import load_model
     from ..report import write_report
     from ..stats import AttentionStats
+    from ..train import default_device
 
     t_start = time.perf_counter()
     torch.manual_seed(s.seed)
@@ -78,8 +79,7 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     lm = loaded if loaded is not None else load_model(s.model)
     if s.device is not None or loaded is None:
         try:
-            device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            lm.model.to(device)
+            lm.model.to(default_device(s.device))
         except (RuntimeError, AssertionError) as e:
             raise InvalidArgumentError(f"device {s.device!r} is not usable here ({e}); use cpu or cuda") from None
     log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
