@@ -8,25 +8,10 @@ import sys
 import pytest
 import torch
 
-from attnprune.cli import main
+from cli_helpers import assert_clean_error, run
 from attnprune.mask import PruneMask
 from attnprune.sites import SiteInfo
 from attnprune.stats import AttentionStats
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_clean_error(rc, err, *words):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture()

@@ -4,21 +4,7 @@ import json
 
 import pytest
 
-from attnprune.cli import main
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_clean_error(rc, err, *words):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+from cli_helpers import assert_clean_error, run
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama-arch", "tiny-bert-arch"])
