@@ -6,6 +6,7 @@ the DDP worker processes (which import this module) start fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -71,15 +72,61 @@ def _without_key_bias(w: dict) -> dict:
     return w
 
 
-def _assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
+def _assert_same_weights(a: dict, b: dict):
     assert a.keys() == b.keys()
-    if not exact:
-        a, b = _without_key_bias(a), _without_key_bias(b)
     for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), f"weights differ at {k}"
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"weights differ at {k}")
+        assert torch.equal(a[k], b[k]), f"weights differ at {k}"
+
+
+def _training_diff(a: dict, b: dict, start: dict) -> dict[str, float]:
+    """Per tensor: max |a - b| over the largest update max |a - start| (key bias left out)."""
+    assert a.keys() == b.keys() == start.keys()
+    a, b, start = _without_key_bias(a), _without_key_bias(b), _without_key_bias(start)
+    out = {}
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float64, f"{k}: compare float64 runs"
+        update = float((a[k] - start[k]).abs().max())
+        diff = float((a[k] - b[k]).abs().max())
+        out[k] = diff / update if update else (0.0 if diff == 0 else float("inf"))
+    return out
+
+
+def _assert_same_training(a: dict, b: dict, start: dict):
+    """``a`` and ``b``: float64 weights after two trainings from ``start`` that are equal in exact
+    arithmetic but sum in different orders (other batch splits, ranks, attention code).
+
+    AdamW divides each gradient entry by its own size, so an entry's update inherits that entry's
+    *relative* round-off, ``eps * kappa`` (kappa: the entry's condition, its summed magnitudes over
+    its value; about 1e4 here). In float32 that is ~1e-3 of the update, not far from a real bug's
+    effect, so these runs are float64. Per tensor the allowed difference is ``sqrt(eps64)``
+    (1.5e-8) of its largest update: room for kappa up to 7e7, while a wrong accumulation (loss
+    averaged per micro-batch, a micro-batch left out) moves every tensor by 0.25 to 1.9 of its
+    update (measured on the grad-accumulation test).
+    """
+    rel = torch.finfo(torch.float64).eps ** 0.5
+    bad = {k: f"{r:.3g}" for k, r in _training_diff(a, b, start).items() if not r <= rel}
+    assert not bad, f"weights differ (max |a - b| / largest update, allowed {rel:.2g}): {bad}"
+
+
+class _KeepDtype(torch.Tensor):
+    """A tensor whose ``.float()`` keeps its dtype."""
+
+    def float(self, *args, **kwargs):
+        return self
+
+
+@contextlib.contextmanager
+def _loss_in_float64():
+    """``train._loss_sum`` computes the loss in float32 (right for float32 and bf16 models); in a
+    float64 run that would round the logits to float32 again. Patched to keep the model's dtype."""
+    from attnprune import train
+
+    orig = train._loss_sum
+    train._loss_sum = lambda logits, labels, task: orig(logits.as_subclass(_KeepDtype), labels, task)
+    try:
+        yield
+    finally:
+        train._loss_sum = orig
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -323,25 +370,24 @@ class _HandMaskedBlock(torch.nn.Module):
 def test_masked_finetune_equals_hand_masked_training(tmp_path):
     """Fine-tuning with the mask attached gives the weights of training a hand-masked model."""
     data = _lm_data(ragged=True)
-    model = _sdpa()
+    model = _sdpa().double()
+    start = _weights(model)
     mask = _observed_mask(model, [d[:6] for d in data], 0.6)
     assert mask.sparsity > 0.4
     # calibrated on 6 tokens: longer sequences use the 6x6 mask top-left and run dense beyond it
     cfg = _cfg(steps=4, checkpoint_every=0, beyond="dense")
-    finetune(model, data, mask=mask, out_dir=tmp_path / "ap", config=cfg)
-
-    hand = _sdpa()
+    hand, dense = _sdpa().double(), _sdpa().double()
     for blk, site in zip(hand.blocks, mask.sites):
         blk.__class__ = _HandMaskedBlock
         keep = torch.ones(4, 16, 16, dtype=torch.bool)
         keep[:, :6, :6] = mask[site]
         blk.keep = keep
-    finetune(hand, data, out_dir=tmp_path / "hand", config=cfg)
-    _assert_same_weights(_weights(model), _weights(hand), exact=False, atol=1e-5)
-    dense = _sdpa()
-    finetune(dense, data, out_dir=tmp_path / "dense", config=cfg)
-    diff = max(float((a - b).abs().max()) for a, b in zip(_weights(dense).values(), _weights(model).values()))
-    assert diff > 1e-3  # the mask changed the training
+    with _loss_in_float64():
+        finetune(model, data, mask=mask, out_dir=tmp_path / "ap", config=cfg)
+        finetune(hand, data, out_dir=tmp_path / "hand", config=cfg)
+        finetune(dense, data, out_dir=tmp_path / "dense", config=cfg)
+    _assert_same_training(_weights(model), _weights(hand), start)
+    assert max(_training_diff(_weights(model), _weights(dense), start).values()) > 0.1  # the mask mattered
 
 
 def test_mask_for_another_model_and_resume_with_other_mask(tmp_path):
@@ -373,12 +419,13 @@ def _ddp_worker(rank: int, world: int, init_file: str, mask_path: str, out: str,
         mask = PruneMask.load(mask_path)
         seen = []
         cfg = _cfg(batch_size=2, grad_accum=2, beyond="dense", max_steps_this_run=stop_at)
-        finetune(_sdpa(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
-                 callbacks=[lambda i: seen.append(i.example_ids)])
-        torch.manual_seed(99 + rank)
-        cfg.max_steps_this_run = None
-        finetune(_sdpa(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg, resume=True,
-                 callbacks=[lambda i: seen.append(i.example_ids)])
+        with _loss_in_float64():
+            finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
+                     callbacks=[lambda i: seen.append(i.example_ids)])
+            torch.manual_seed(99 + rank)
+            cfg.max_steps_this_run = None
+            finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
+                     resume=True, callbacks=[lambda i: seen.append(i.example_ids)])
         Path(out, f"seen{rank}.json").write_text(json.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -390,7 +437,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
     from safetensors.torch import load_file
 
     data = _lm_data(ragged=True)
-    model = _sdpa()
+    model = _sdpa().double()
+    start = _weights(model)
     mask = _observed_mask(model, [d[:6] for d in data], 0.6)
     mask.save(tmp_path / "mask.safetensors")
     out = tmp_path / "ddp"
@@ -398,11 +446,12 @@ def test_ddp_two_processes_equal_one(tmp_path):
              nprocs=2, join=True)
 
     seen_single = []
-    finetune(model, data, mask=mask, out_dir=tmp_path / "single",
-             config=_cfg(batch_size=4, grad_accum=2, beyond="dense"),
-             callbacks=[lambda i: seen_single.append(i.example_ids)])
+    with _loss_in_float64():
+        finetune(model, data, mask=mask, out_dir=tmp_path / "single",
+                 config=_cfg(batch_size=4, grad_accum=2, beyond="dense"),
+                 callbacks=[lambda i: seen_single.append(i.example_ids)])
     ddp = load_file(str(out / "model.safetensors"))
-    _assert_same_weights({k: ddp[k] for k in _weights(model)}, _weights(model), exact=False, atol=2e-6)
+    _assert_same_training({k: ddp[k] for k in start}, _weights(model), start)
     seen = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
     for step in range(8):
         a, b = seen[0][step], seen[1][step]
@@ -456,10 +505,12 @@ def test_cli_stop_resume_and_errors(tmp_path, capsys):
 def test_grad_accum_equals_big_batch_and_bf16_runs(tmp_path):
     """Batch 2 x accumulation 3 = batch 6 (same examples per step, loss over all their tokens)."""
     data = _lm_data(ragged=True)
-    a, b = _sdpa(), _sdpa()
-    finetune(a, data, out_dir=tmp_path / "a", config=_cfg(steps=3, batch_size=6, grad_accum=1))
-    finetune(b, data, out_dir=tmp_path / "b", config=_cfg(steps=3, batch_size=2, grad_accum=3))
-    _assert_same_weights(_weights(a), _weights(b), exact=False, atol=2e-6)
+    a, b = _sdpa().double(), _sdpa().double()
+    start = _weights(a)
+    with _loss_in_float64():
+        finetune(a, data, out_dir=tmp_path / "a", config=_cfg(steps=3, batch_size=6, grad_accum=1))
+        finetune(b, data, out_dir=tmp_path / "b", config=_cfg(steps=3, batch_size=2, grad_accum=3))
+    _assert_same_training(_weights(a), _weights(b), start)
     c = _sdpa()
     finetune(c, data, out_dir=tmp_path / "c", config=_cfg(steps=1, batch_size=2, grad_accum=1, precision="bf16"))
     rows = [json.loads(x) for x in (tmp_path / "c/metrics.jsonl").read_text().splitlines()]
