@@ -22,7 +22,6 @@ class _Patch:
         self.mask, self.beyond, self.backend_name = mask, beyond, backend
         self.backend = BACKENDS.get(backend)
         self.checked = False
-        self.decoder_offset = 0  # query offset of the last causal site: cross sites' queries sit there too
         self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
         self.interceptor = Interceptor(model, self)
         self.interceptor.after_forward = self.after_forward
@@ -38,24 +37,26 @@ class _Patch:
             raise MaskMismatchError(f"site {call.site!r}: the mask has {sm.info.num_heads} heads, the model "
                                     f"{call.info.num_heads}; the mask was made for another model")
         lq, lk = call.q.shape[2], call.k.shape[2]
-        # SDPA's own is_causal is top-left aligned (query i sees keys <= i): offset 0 keeps it so.
-        q_offset = lk - lq if (call.kind == "causal" and not call.is_causal and lk > lq) else 0
-        if call.kind == "causal":
-            self.decoder_offset = q_offset
-        elif call.kind == "cross":  # incremental decoding: cross-attention queries follow the decoder's
-            q_offset = self.decoder_offset
+        pos = call.positions
         beyond = self.beyond
-        outside = q_offset + lq > sm.q_len or lk > sm.k_len
-        if call.kind == "causal":
-            self.decoder_pad_from = _first_unused_key(call) if beyond == "error" and outside else None
-        if beyond == "error" and outside and _padding_only(call, sm, q_offset, self.decoder_pad_from):
-            beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
+        if pos.q_end is not None and pos.k_end is not None:
+            # the forward says where its real tokens end: entries past the calibrated region that
+            # belong to padding or empty cache slots only are computed densely (and masked out)
+            if sm.check_length(pos.q_end, pos.k_end, beyond) and pos.simple:
+                if pos.q_offset + lq > sm.q_len or lk > sm.k_len:
+                    beyond = "dense"
+        else:  # a model that passes no padding mask or cache: its call's attention mask decides
+            outside = pos.q_offset + lq > sm.q_len or lk > sm.k_len
+            if call.kind == "causal":
+                self.decoder_pad_from = _first_unused_key(call) if beyond == "error" and outside else None
+            if beyond == "error" and outside and _padding_only(call, sm, pos.q_offset, self.decoder_pad_from):
+                beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
         return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
-                            scale=call.scale, dropout_p=call.dropout_p, q_offset=q_offset, beyond=beyond)
+                            scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
+                            positions=None if pos.simple else (pos.q, pos.k))
 
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
-        self.decoder_offset = 0
         self.decoder_pad_from = None
         it.check_found()
         partial = any(kwargs.get(k) is not None for k in ("encoder_outputs", "past_key_values", "cache"))

@@ -95,6 +95,29 @@ class SiteMask:
         return self._cached(("tok", lq, lk, str(dev), q_offset, beyond),
                             lambda: self._tokens(lq, lk, q_offset).to(dev))
 
+    def check_length(self, q_end: int, k_end: int, beyond: str) -> bool:
+        """True if real positions ``< q_end`` x ``< k_end`` lie inside the calibrated region;
+        ``LengthError`` under ``beyond="error"`` when they do not."""
+        return self._check_region(q_end, k_end, 0, beyond)
+
+    def keep_at(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, beyond: str = "error") -> torch.Tensor:
+        """bool ``[B, H, Lq, Lk]``: the mask at rows ``q_pos`` and columns ``k_pos`` of each sequence.
+
+        q_pos: long ``[B or 1, Lq]``; k_pos: long ``[B or 1, Lk]`` (positions in the sequence, e.g.
+        of a left-padded batch or a sliding-window cache). Positions outside the calibrated region:
+        kept under ``beyond="dense"``; ``LengthError`` under ``beyond="error"``.
+        """
+        if q_pos.numel() and k_pos.numel():
+            self._check_region(int(q_pos.max()) + 1, int(k_pos.max()) + 1, 0, beyond)
+        dev = q_pos.device
+        keep = self._cached(("dev", str(dev)), lambda: self._keep.to(dev))
+        b = self.block or 1
+        qi = q_pos.clamp(0, self.q_len - 1) // b  # [B, Lq]
+        ki = k_pos.clamp(0, self.k_len - 1) // b  # [B, Lk]
+        out = keep[:, qi[:, :, None], ki[:, None, :]].transpose(0, 1)  # [B, H, Lq, Lk]
+        outside = (q_pos >= self.q_len)[:, None, :, None] | (k_pos >= self.k_len)[:, None, None, :]
+        return out | outside
+
     def _tokens(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:
         out = torch.ones(self.info.num_heads, lq, lk, dtype=torch.bool)
         nq = max(0, min(q_offset + lq, self.q_len) - q_offset)

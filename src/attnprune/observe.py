@@ -13,7 +13,6 @@ from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionE
 from .stats import AttentionStats
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
-_ENC_DEC_KEYS = ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels")
 
 
 def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progress: bool = True,
@@ -36,7 +35,9 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     its query is real and its key attendable: padded keys (masked out), causal-future keys and padded
     queries are neither counted nor averaged. A query is padding when the batch's 2-D
     ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites of encoder-decoder batches)
-    has length ``Lq`` and is 0 there, or when every key of its row is masked.
+    has length ``Lq`` and is 0 there, or when every key of its row is masked. Entries are counted at
+    each token's own position in its sequence (the number of real tokens before it), so a sequence
+    gives the same statistics left-padded in a batch as alone.
 
     Raises ``EmptyDatasetError`` (no batch, or nothing attendable), ``NoAttentionSitesError``,
     ``NonFiniteAttentionError`` (naming the site).
@@ -46,11 +47,10 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     from tqdm.auto import tqdm
 
     stats = AttentionStats([], granularity, model_name=model_name(model), description=description)
-    current: dict = {}
 
     def handler(call: AttentionCall):
         stats.add_site(call.info)
-        call.q_valid = _query_valid(call, current.get("kwargs") or {})
+        call.q_valid = call.positions.q_valid
         out = site_sums(call, granularity)
         if out is not None:
             stats.add(call.site, out[0], out[1], q_len=out[2], k_len=out[3])
@@ -64,7 +64,6 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
         with torch.no_grad(), intercept(model, handler):
             for batch in tqdm(batches, desc="observe", disable=not progress, unit="batch"):
                 args, kwargs = _split(batch, device)
-                current["kwargs"] = kwargs
                 stats.num_sequences += _batch_size(args, kwargs)
                 model(*args, **kwargs)
                 n += 1
@@ -104,6 +103,7 @@ def site_sums(call: AttentionCall, g: int = 1):
     k_any = torch.zeros(Lk, dtype=torch.bool, device=q.device)
     step = max(g, (_CHUNK_ELEMS // max(1, B * H * Lk)) // g * g)
     kpos = torch.arange(Lk, device=q.device)
+    pos = call.positions
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
         scores = (q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale
@@ -126,6 +126,10 @@ def site_sums(call: AttentionCall, g: int = 1):
             raise NonFiniteAttentionError(
                 f"attention probabilities at site {call.site!r} contain NaN or Inf; check the model's "
                 "weights and inputs (an overflow in half precision is a common cause)")
+        if pos is not None and not pos.simple:  # realign each sequence to its own positions
+            _add_at_positions(psum, cnt, q_any, k_any, torch.where(valid, probs, 0.0), valid.any(1),
+                              pos.q[:, s:e], pos.k, g)
+            continue
         p = torch.where(valid, probs, 0.0).sum(0, dtype=torch.float64)  # [H, rows, Lk]
         c = valid.any(1).sum(0, dtype=torch.float64)  # [rows, Lk]
         q_any[s:e] |= c.sum(1) > 0
@@ -143,16 +147,20 @@ def site_sums(call: AttentionCall, g: int = 1):
     return psum[:, :qb, :kb], cnt[:qb, :kb], ql, kl
 
 
-def _query_valid(call: AttentionCall, kwargs: dict) -> torch.Tensor | None:
-    """``[B, Lq]`` bool from the batch's 2-D padding mask, when one matches the call's queries."""
-    parts = call.site.split("#")[0].split(".")
-    enc_dec = any(key in kwargs for key in _ENC_DEC_KEYS)
-    decoder_side = enc_dec and (call.kind == "cross" or any("decoder" in p.lower() for p in parts))
-    m = kwargs.get("decoder_attention_mask" if decoder_side else "attention_mask")
-    B, _, Lq, _ = call.q.shape
-    if isinstance(m, torch.Tensor) and m.dim() == 2 and tuple(m.shape) == (B, Lq):
-        return m.to(call.q.device) != 0
-    return None
+def _add_at_positions(psum, cnt, q_any, k_any, p, c, q_pos, k_pos, g: int) -> None:
+    """Add probabilities ``p [B, H, rows, Lk]`` and counts ``c [B, rows, Lk]`` (zero where not observed)
+    at each sequence's own positions ``q_pos [B or 1, rows]`` x ``k_pos [B or 1, Lk]`` of the ``g``-grid
+    accumulators ``psum [H, Qg, Kg]`` / ``cnt [Qg, Kg]``; marks ``q_any [Lq]`` / ``k_any [Lk]`` at them."""
+    H, Kg = psum.shape[0], psum.shape[2]
+    for b in range(p.shape[0]):
+        qp, kp = q_pos[min(b, q_pos.shape[0] - 1)], k_pos[min(b, k_pos.shape[0] - 1)]
+        idx = ((qp // g)[:, None] * Kg + (kp // g)[None, :]).reshape(-1)
+        psum.view(H, -1).index_add_(1, idx, p[b].reshape(H, -1).to(torch.float64))
+        cb = c[b].to(torch.float64)
+        cnt.view(-1).index_add_(0, idx, cb.reshape(-1))
+        seen = cb > 0
+        q_any[qp[seen.any(1)]] = True
+        k_any[kp[seen.any(0)]] = True
 
 
 def _split(batch, device) -> tuple[tuple, dict]:

@@ -1,13 +1,16 @@
 """Backends: how masked attention is computed for one site. A small registry of functions::
 
     backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-            q_offset=0, beyond="error") -> Tensor[B, Hq, Lq, Dv]
+            q_offset=0, beyond="error", positions=None) -> Tensor[B, Hq, Lq, Dv]
 
 q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; ``site_mask``: the site's
 ``SiteMask``. ``attn_mask``: None, bool (True = may attend) or additive float, broadcastable to
 ``[B, Hq, Lq, Lk]``. ``is_causal``: key ``j`` is visible to query ``i`` only if ``j <= i + q_offset``.
 ``q_offset``: position of the first query in mask coordinates (``Lk - Lq`` for causal sites with a
-KV cache). Pruned entries get exactly ``-inf`` before the softmax; a row with nothing left is 0.
+KV cache). ``positions``: None, or ``(q_pos [B or 1, Lq], k_pos [B or 1, Lk])`` long tensors giving
+each query's and key's position in its own sequence (left-padded batches, sliding-window caches);
+then ``q_offset`` is unused and mask entry ``(q_pos[b, i], k_pos[b, j])`` applies. Pruned entries get
+exactly ``-inf`` before the softmax; a row with nothing left is 0.
 
 ``"reference"`` (dense, any device) is always registered; ``"triton"`` and ``"flex"`` are imported
 on first use (they need a CUDA GPU and Triton / FlexAttention).

@@ -13,12 +13,14 @@ from . import BACKENDS
 
 @BACKENDS.register("reference")
 def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                      q_offset=0, beyond="error"):
+                      q_offset=0, beyond="error", positions=None):
     """Masked softmax attention computed densely.
 
     q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` -> ``[B, Hq, Lq, Dv]``.
     Kept entries are ``site_mask.keep_tokens(Lq, Lk, q_offset=q_offset, beyond=beyond)`` intersected
-    with ``attn_mask`` (bool) and causality (``j <= i + q_offset``); an additive float ``attn_mask`` is
+    with ``attn_mask`` (bool) and causality (``j <= i + q_offset``); with ``positions = (q_pos, k_pos)``
+    (long ``[B or 1, Lq]`` / ``[B or 1, Lk]``) entry ``(i, j)`` of sequence ``b`` is the mask's entry
+    ``(q_pos[b, i], k_pos[b, j])`` instead, and causality is ``k_pos <= q_pos``. An additive float ``attn_mask`` is
     added to the scores. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
     are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
     Half-precision inputs are computed in float32 and cast back.
@@ -27,25 +29,31 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     Hkv, Lk = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise MaskMismatchError(f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
-    keep = site_mask.keep_tokens(Lq, Lk, device=q.device, q_offset=q_offset, beyond=beyond)
-    if keep.shape[0] != Hq:
-        raise MaskMismatchError(f"site {site_mask.info.name!r}: the mask has {keep.shape[0]} heads, "
+    if site_mask.info.num_heads != Hq:
+        raise MaskMismatchError(f"site {site_mask.info.name!r}: the mask has {site_mask.info.num_heads} heads, "
                                 f"the model {Hq}")
+    if positions is None:
+        keep = site_mask.keep_tokens(Lq, Lk, device=q.device, q_offset=q_offset, beyond=beyond)[None]
+    else:
+        q_pos, k_pos = (p.to(q.device) for p in positions)
+        keep = site_mask.keep_at(q_pos, k_pos, beyond=beyond)
     dt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     scores = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
-    allowed = keep[None]
+    allowed = keep
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
         else:
             scores = scores + attn_mask.to(dt)
-    if is_causal:
+    if is_causal and positions is None:
         i = torch.arange(Lq, device=q.device)[:, None]
         allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= i + q_offset)
+    elif is_causal:
+        allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
     scores = scores.masked_fill(~allowed, float("-inf"))
     alive = (scores > float("-inf")).any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)

@@ -89,9 +89,12 @@ def block_sparse_backend(kernel, block_for, name: str, what: str):
     """
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                q_offset=0, beyond="error"):
+                q_offset=0, beyond="error", positions=None):
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                  q_offset=q_offset, beyond=beyond)
+                  q_offset=q_offset, beyond=beyond, positions=positions)
+        if positions is not None:
+            return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
+                             "left-padded batch or a sliding-window cache)", name, **kw)
         if dropout_p and torch.is_grad_enabled():
             return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
         B, Hq, Lq, _ = q.shape

@@ -24,6 +24,7 @@ of the diagonal); else ``cross`` when ``Lq != Lk`` (no KV cache can be told apar
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, NoAttentionSitesError
 from ..sites import SiteInfo
+from .positions import ForwardContext, Positions
 
 _BUSY: "weakref.WeakKeyDictionary[nn.Module, Interceptor]" = weakref.WeakKeyDictionary()
 CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention",
@@ -50,6 +52,8 @@ class AttentionCall:
     scale: softmax scale (None: ``1/sqrt(D)``); dropout_p: attention dropout probability.
     q_valid: ``[B, Lq]`` bool, False for padded queries, when known (filled by ``observe``).
     kind: ``"self"``, ``"causal"`` or ``"cross"``; info: the site's ``SiteInfo``.
+    positions: where the queries and keys sit in their own sequences (mask rows and columns),
+        from the forward's padding masks and cache (``positions.py``).
     """
 
     site: str
@@ -64,6 +68,7 @@ class AttentionCall:
     kind: str
     info: SiteInfo
     q_valid: torch.Tensor | None = None
+    positions: Positions | None = None
 
 
 Handler = Callable[[AttentionCall], "torch.Tensor | None"]
@@ -133,6 +138,7 @@ class Interceptor:
         self.mode_needed: bool | None = None  # None: not known yet
         self.after_forward: Callable[[dict], None] | None = None  # called after a successful model forward
         self._root_kwargs: dict = {}
+        self.context = ForwardContext()  # positions of the forward running now (or last run)
         self._handles = []
         self._hf = None
 
@@ -148,7 +154,7 @@ class Interceptor:
         for m in mods:
             _BUSY[m] = self
         for m in mods:
-            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_done))
@@ -170,10 +176,12 @@ class Interceptor:
             hf.restore(self._hf)
             self._hf = None
 
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
         # The SDPA mode is on while any forward of the model runs: the model itself, a submodule
         # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
         if not self.stack:
+            if ForwardContext.starts_forward(kwargs, module is self.model):
+                self.context = ForwardContext(kwargs, trusted=_is_hf_model(module))
             if self._hf is None or self.mode_needed is not False:
                 self.mode.__enter__()
                 self.mode_on = True
@@ -181,6 +189,7 @@ class Interceptor:
                 self.forwards += 1
         self.stack.append(module)
         self.counts[module] = 0
+        return None
 
     def _root_pre(self, module, args, kwargs):
         if len(self.stack) == 1:
@@ -223,8 +232,9 @@ class Interceptor:
             info = SiteInfo(name, kind, int(q.shape[1]), int(k.shape[1]))
             self.infos[name] = info
         self.calls += 1
+        pos = self.context.positions(name, info.kind, lq, lk, bool(is_causal), q.device)
         call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
-                             info.kind, info)
+                             info.kind, info, positions=pos)
         return self.handler(call)
 
     def check_found(self) -> None:
@@ -234,6 +244,15 @@ class Interceptor:
                 f"no attention site found in {type(self.model).__name__}: attnprune sees attention computed "
                 "through transformers' AttentionInterface or torch.nn.functional.scaled_dot_product_attention "
                 "(and nn.MultiheadAttention); a hand-written softmax(q @ k.T) cannot be intercepted")
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    """A transformers model: it takes its KV cache as ``cache`` / ``past_key_values``."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
 
 
 @contextlib.contextmanager
@@ -254,4 +273,4 @@ def intercept(model: nn.Module, handler: Handler) -> Iterator[Interceptor]:
     it.check_found()
 
 
-__all__ = ["AttentionCall", "Interceptor", "intercept", "allowed_entries", "site_kind"]
+__all__ = ["AttentionCall", "Interceptor", "intercept", "allowed_entries", "site_kind", "Positions"]

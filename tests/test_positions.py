@@ -1,0 +1,165 @@
+"""Mask rows and columns follow each token's own position: KV caches (dynamic, static, sliding
+window) and left padding give the same masked results as running each sequence alone, uncached.
+
+Models are tiny and random, with weights large enough (``initializer_range``) that attention, and
+so the mask, changes the logits: every test first checks that the mask matters, so agreement is
+not a no-op.
+"""
+
+import pytest
+import torch
+
+from attnprune import apply, make_mask, observe
+from attnprune.errors import LengthError
+
+V = 97
+CAL = 32  # calibrated length
+PROMPT = 8
+
+
+def _cfg(cls, **kw):
+    torch.manual_seed(0)
+    return cls(vocab_size=V, initializer_range=0.3, **kw)
+
+
+def _family(name):
+    import transformers as tf
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=128)
+    if name == "gpt2":
+        cfg = _cfg(tf.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attn_pdrop=0.0)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    if name == "gpt-neox":
+        cfg = _cfg(tf.GPTNeoXConfig, **small, hidden_dropout=0.0, attention_dropout=0.0)
+        return tf.GPTNeoXForCausalLM(cfg).eval()
+    kv = dict(small, num_key_value_heads=2)
+    table = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "qwen2-sliding": (tf.Qwen2Config, tf.Qwen2ForCausalLM,
+                          dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=8)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=None)),
+        "mistral-sliding": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=4)),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(pad_token_id=0)),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM,
+                   dict(head_dim=8, sliding_window=4, attn_logit_softcapping=None, final_logit_softcapping=None)),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(head_dim=8, sliding_window=4)),
+    }
+    cfg_cls, model_cls, extra = table[name]
+    return model_cls(_cfg(cfg_cls, **kv, **extra)).eval()
+
+
+FAMILIES = ["gpt2", "llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "mistral-sliding", "phi3",
+            "gemma2", "gemma3", "gpt-neox"]
+
+
+def _mask(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    calib = [{"input_ids": torch.randint(3, V, (2, CAL), generator=g)} for _ in range(2)]
+    return make_mask(observe(model, calib, progress=False), 0.7)
+
+
+def _generate(model, ids, n, **kw):
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _close(a, b):
+    """Two float32 runs of one computation in different summation orders: far below the 0.2-0.5
+    logit differences a misplaced mask row gives."""
+    scale = max(1.0, float(b.abs().max()))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e3 * torch.finfo(torch.float32).eps * scale)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_generate_with_cache_equals_without(family, cache):
+    model = _family(family)
+    mask = _mask(model)
+    prompt = torch.randint(3, V, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    n = CAL - PROMPT
+    with torch.no_grad():
+        _, dense = _generate(model, prompt, n, use_cache=False)
+        with apply(model, mask):
+            kw = {"cache_implementation": "static"} if cache == "static" else {}
+            seq_c, log_c = _generate(model, prompt, n, use_cache=True, **kw)
+            seq_n, log_n = _generate(model, prompt, n, use_cache=False)
+    assert (log_n - dense).abs().max() > 1e-2, "the mask must change the logits for this test to mean anything"
+    assert torch.equal(seq_c, seq_n)
+    _close(log_c, log_n)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "gemma3"])
+def test_generation_past_the_calibrated_length_raises(family):
+    model = _family(family)
+    mask = _mask(model)
+    prompt = torch.randint(3, V, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), apply(model, mask):
+        # the last new token comes from a forward over positions < CAL: still inside the calibration
+        _generate(model, prompt, CAL - PROMPT + 1)
+        with pytest.raises(LengthError):
+            _generate(model, prompt, CAL - PROMPT + 2)
+        with pytest.raises(LengthError):
+            _generate(model, prompt, CAL - PROMPT + 2, cache_implementation="static")
+
+
+def _left_padded(seqs):
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    am = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):], am[i, L - len(s):] = s, 1
+    return ids, am
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral-sliding", "gemma2"])
+def test_left_padded_batch_equals_each_sequence_alone(family):
+    model = _family(family)
+    mask = _mask(model)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, V, (n,), generator=g) for n in (12, 20, 7)]
+    ids, am = _left_padded(seqs)
+    pos = (am.cumsum(1) - 1).clamp_min(0)  # each token's own position, as generate() gives them
+    with torch.no_grad():
+        with apply(model, mask):
+            batched = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+            alone = [model(input_ids=s[None]).logits[0] for s in seqs]
+        dense = model(input_ids=seqs[0][None]).logits[0]
+    assert (alone[0] - dense).abs().max() > 1e-2
+    for i, s in enumerate(seqs):
+        _close(batched[i, ids.shape[1] - len(s):], alone[i])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+def test_left_padded_batched_generate_equals_each_alone(family):
+    model = _family(family)
+    mask = _mask(model)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, V, (n,), generator=g) for n in (8, 5, 3)]
+    ids, am = _left_padded(seqs)
+    n = 12
+    with torch.no_grad(), apply(model, mask):
+        seq_b, log_b = _generate(model, ids, n, attention_mask=am)
+        for i, s in enumerate(seqs):
+            seq_1, log_1 = _generate(model, s[None], n)
+            assert torch.equal(seq_b[i, ids.shape[1]:], seq_1[0, len(s):])
+            _close(log_b[i], log_1[0])
+
+
+def test_observe_left_padded_equals_alone():
+    model = _family("llama")
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(3, V, (6,), generator=g), torch.randint(3, V, (9,), generator=g)
+    ids, am = _left_padded([a, b])
+    for gran in (1, 2):
+        alone = observe(model, [{"input_ids": a[None]}, {"input_ids": b[None]}], progress=False, granularity=gran)
+        padded = observe(model, [{"input_ids": ids, "attention_mask": am}], progress=False, granularity=gran)
+        for s in alone.sites:
+            assert torch.equal(alone.count(s), padded.count(s))
+            torch.testing.assert_close(padded.sum(s), alone.sum(s), rtol=0,
+                                       atol=64 * torch.finfo(torch.float32).eps * float(alone.count(s).max()))
+            assert (alone.q_len(s), alone.k_len(s)) == (padded.q_len(s), padded.k_len(s))
