@@ -17,8 +17,10 @@ class Brute:
     def __init__(self, g):
         self.g, self.sum, self.cnt, self.ext = g, {}, {}, {}
 
-    def add(self, site, probs, valid):
-        """probs: [B, H, Lq, Lk] explicit probabilities; valid(b, i, j) -> bool."""
+    def add(self, site, probs, valid, pos=None):
+        """probs: [B, H, Lq, Lk] explicit probabilities; valid(b, i, j) -> bool; pos(b, i): the
+        position of token i of sequence b in its own sequence (default: i)."""
+        pos = pos or (lambda b, i: i)
         B, H, Lq, Lk = probs.shape
         g = self.g
         s = self.sum.setdefault(site, {})
@@ -28,10 +30,11 @@ class Brute:
             for i in range(Lq):
                 for j in range(Lk):
                     if valid(b, i, j):
-                        key = (i // g, j // g)
+                        pi, pj = pos(b, i), pos(b, j)
+                        key = (pi // g, pj // g)
                         s[key] = s.get(key, 0) + probs[b, :, i, j].double()
                         c[key] = c.get(key, 0) + 1
-                        ql, kl = max(ql, i + 1), max(kl, j + 1)
+                        ql, kl = max(ql, pi + 1), max(kl, pj + 1)
         self.ext[site] = (ql, kl)
 
     def check(self, stats, sites):
@@ -85,8 +88,10 @@ def test_decoder_and_encoder_models_match_eager_probabilities(name, left, g):
         for b in batches:
             atts = model(**b, output_attentions=True).attentions
             am = b["attention_mask"]
+            own = am.cumsum(1) - 1  # a left-padded token counts at its position in its own sequence
             for site, p in zip(sites, atts):
-                brute.add(site, p, lambda bb, i, j: bool(am[bb, i] and am[bb, j] and (j <= i or not causal)))
+                brute.add(site, p, lambda bb, i, j: bool(am[bb, i] and am[bb, j] and (j <= i or not causal)),
+                          lambda bb, i: int(own[bb, i]))
     brute.check(stats, sites)
     kinds = {stats.infos[s].kind for s in sites}
     assert kinds == ({"causal"} if causal else {"self"})
