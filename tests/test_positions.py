@@ -163,3 +163,49 @@ def test_observe_left_padded_equals_alone():
             torch.testing.assert_close(padded.sum(s), alone.sum(s), rtol=0,
                                        atol=64 * torch.finfo(torch.float32).eps * float(alone.count(s).max()))
             assert (alone.q_len(s), alone.k_len(s)) == (padded.q_len(s), padded.k_len(s))
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_block_sparse_backends_hand_shifted_positions_to_the_reference(backend):
+    """Left-padded calls (queries/keys not at their tensor index) are not what the kernels' layouts
+    express: the backend hands them to the reference backend, with a warning, and agrees with it."""
+    pytest.importorskip("triton")
+    model = _family("llama")
+    mask = _mask(model)
+    ids, am = _left_padded([torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4)])
+    with torch.no_grad():
+        with apply(model, mask):
+            want = model(input_ids=ids, attention_mask=am).logits
+        with pytest.warns(UserWarning, match="left-padded"), apply(model, mask, backend=backend):
+            got = model(input_ids=ids, attention_mask=am).logits
+    real = am.bool()
+    _close(got[real], want[real])
+
+
+def test_flex_on_the_cpu_with_gradients_uses_the_reference_backend():
+    """FlexAttention has no CPU backward: training on the CPU with backend='flex' falls back (warning)
+    and gives the reference backend's gradients, instead of a raw NotImplementedError."""
+    model = _family("llama")
+    mask = _mask(model)
+    ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(6))
+
+    def grads(backend):
+        model.zero_grad()
+        with apply(model, mask, backend=backend):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = grads("reference")
+    with pytest.warns(UserWarning, match="no backward pass on the CPU"):
+        got = grads("flex")
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+def test_unknown_backend_lists_every_backend():
+    from attnprune.errors import InvalidArgumentError
+
+    model = _family("llama")
+    with pytest.raises(InvalidArgumentError, match="known: flex, reference, triton"):
+        with apply(model, _mask(model), backend="nope"):
+            pass

@@ -33,7 +33,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items)) or "(none)"
+            known = ", ".join(self.names()) or "(none)"
             raise InvalidArgumentError(f"unknown {self.what} {name!r}; known: {known}") from None
 
     def __contains__(self, name: object) -> bool:

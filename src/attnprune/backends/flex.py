@@ -138,8 +138,14 @@ def flex_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=N
     return fx(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=_OPTIONS[d])
 
 
+def _flex_unsupported(q, k, v) -> str | None:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "FlexAttention has no backward pass on the CPU (use a GPU, or backend='reference' to train on the CPU)"
+    return None
+
+
 flex_backend = block_sparse_backend(flex_sparse_attention, lambda site_mask, lq, lk: FLEX_BLOCK, "flex",
-                                    "FlexAttention here")
+                                    "FlexAttention here", _flex_unsupported)
 flex_backend.__doc__ = """Masked attention for one site with FlexAttention on the site's layout (128 x 128 blocks).
 
 q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.

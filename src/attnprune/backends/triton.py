@@ -17,7 +17,7 @@ from ..kernels import sparse_attention
 
 __all__ = ["triton_backend", "block_sparse_backend", "split_attn_mask", "kernel_block"]
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str, str]] = set()
 
 
 def kernel_block(site_mask, lq: int, lk: int) -> tuple[int, int]:
@@ -72,16 +72,18 @@ def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
     from . import BACKENDS  # the registry lives in backends/__init__.py
 
     name = getattr(site_mask, "name", "?")
-    if name not in _warned:
-        _warned.add(name)
+    if (name, why, backend) not in _warned:  # once per site and reason
+        _warned.add((name, why, backend))
         warnings.warn(f"site {name!r}: {why}; the {backend} backend hands this call to the reference backend",
                       stacklevel=3)
     return BACKENDS.get("reference")(q, k, v, site_mask, **kw)
 
 
-def block_sparse_backend(kernel, block_for, name: str, what: str):
+def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
+    ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
+    backend does, with the warning), or None.
 
     Calls the kernel cannot express (dropout while training; an ``attn_mask`` that is not key padding,
     with or without causality) go to the reference backend, with one warning per site. ``what`` names
@@ -95,6 +97,9 @@ def block_sparse_backend(kernel, block_for, name: str, what: str):
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
                              "left-padded batch or a sliding-window cache)", name, **kw)
+        why = unsupported(q, k, v) if unsupported is not None else None
+        if why:
+            return _fallback(q, k, v, site_mask, why, name, **kw)
         if dropout_p and torch.is_grad_enabled():
             return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
         B, Hq, Lq, _ = q.shape
