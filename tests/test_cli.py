@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import assert_clean_error, run
+from cli_helpers import assert_clean_error, make_full, make_read_only, run, tiny_lm_folder
 from attnprune.mask import PruneMask
 from attnprune.sites import SiteInfo
 from attnprune.stats import AttentionStats
@@ -233,3 +233,135 @@ def test_random_tokens():
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
     other = list(RandomTokens(50, num_seqs=7, seq_len=10, batch_size=3, seed=2, min_len=4))
     assert not torch.equal(other[0]["input_ids"], batches[0]["input_ids"])
+
+
+# ---- outputs that cannot be written, unusable devices: one error before any long work -----------
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading a model (the first long step of observe / eval / finetune) fails the test."""
+    import attnprune.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was reported")
+
+    monkeypatch.setattr(attnprune.models, "load_model", refuse)
+
+
+def _command(name, out, stats_file):
+    return {"mask": ["mask", stats_file, "--sparsity", "0.5", "-o", out / "m.safetensors"],
+            "observe": ["observe", "--model", "tiny-gpt2", "-o", out / "s.safetensors"],
+            "eval": ["eval", "--model", "tiny-gpt2", "--data", "random", "-o", out / "run"],
+            "finetune": ["finetune", "--model", "tiny-gpt2", "--data", "random", "-o", out / "run"]}[name]
+
+
+@pytest.mark.parametrize("fault", ["under-a-file", "read-only", "full"])
+@pytest.mark.parametrize("command", ["mask", "observe", "eval", "finetune"])
+def test_unwritable_output(capsys, tmp_path, monkeypatch, stats_file, no_model_load, command, fault):
+    out = tmp_path / "out"
+    if fault == "under-a-file":
+        out.write_text("")
+    else:
+        out.mkdir()
+        (make_read_only if fault == "read-only" else make_full)(monkeypatch, out)
+    rc, _, err = run(capsys, "--quiet", *_command(command, out, stats_file))
+    assert_clean_error(rc, err, str(out), {"under-a-file": "is a file", "read-only": "Read-only file system",
+                                           "full": "No space left on device"}[fault])
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["out", "stats.safetensors"]
+    assert out.is_file() or os.listdir(out) == []
+
+
+LATE_FAILURE = """
+import resource, signal, sys
+from attnprune.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_hf
+def test_write_failing_at_the_end_is_a_clean_error(tmp_path):
+    # the real write (safetensors, in Rust) fails after the check passed: the disk filled meanwhile
+    p = subprocess.run([sys.executable, "-c", LATE_FAILURE, "--quiet", "observe", "--model", "tiny-gpt2",
+                        "--seq-len", "64", "-o", str(tmp_path / "s.safetensors")],
+                       capture_output=True, text=True, timeout=300)
+    assert_clean_error(p.returncode, p.stderr, "s.safetensors", "File too large")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda"])
+@pytest.mark.parametrize("command", ["observe", "finetune", "translate", "eval"])
+def test_unusable_device(capsys, tmp_path, monkeypatch, no_model_load, command, device):
+    import attnprune.translation
+
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU
+    monkeypatch.setattr(attnprune.translation, "run_experiment", lambda *a, **k: pytest.fail("experiment ran"))
+    argv = {"observe": ["observe", "--model", "tiny-gpt2", "-o", tmp_path / "s.safetensors"],
+            "finetune": ["finetune", "--model", "tiny-gpt2", "--data", "random", "-o", tmp_path / "run"],
+            "translate": ["translate", "-o", tmp_path / "run"],
+            "eval": ["eval", "--model", "tiny-gpt2", "--data", "random", "-o", tmp_path / "run"]}[command]
+    rc, _, err = run(capsys, *argv, "--device", device)
+    assert_clean_error(rc, err, f"device {device!r}")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad,words", [(["--policies", "layer", "layr"], ["'layr'", "layer", "random"]),
+                                       (["--sparsities", "0.5", "1.5"], ["sparsity", "1.5"])])
+def test_eval_checks_the_sweep_first(capsys, tmp_path, no_model_load, bad, words):
+    rc, _, err = run(capsys, "eval", "--model", "tiny-gpt2", "--data", "random", "-o", tmp_path / "run", *bad)
+    assert_clean_error(rc, err, *words)
+    assert os.listdir(tmp_path) == []  # no stats.safetensors, no folder
+
+
+def test_quiet_after_every_subcommand():
+    from attnprune.cli import build_parser
+
+    argv = {"observe": ["--model", "m", "-o", "o"], "mask": ["s", "--sparsity", "0.5", "-o", "o"], "info": ["f"],
+            "finetune": ["--model", "m", "--data", "d", "-o", "o"], "eval": [], "demo": [], "bench": [],
+            "translate": ["-o", "o"]}
+    parser = build_parser()
+    assert sorted(argv) == sorted(parser._subparsers._group_actions[0].choices)
+    for command, rest in argv.items():
+        assert parser.parse_args([command, *rest, "--quiet"]).quiet is True, command
+        assert parser.parse_args(["--quiet", command, *rest]).quiet is True, command  # the old form
+        assert parser.parse_args([command, *rest]).quiet is False, command
+
+
+# ---- observe on a user's own text file -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def word_lm(tmp_path_factory):
+    return tiny_lm_folder(tmp_path_factory.mktemp("lm") / "lm")
+
+
+@needs_hf
+def test_observe_reads_the_whole_text_file(capsys, tmp_path, word_lm):
+    text = tmp_path / "notes.txt"  # 20 paragraphs of 40 words: 800 tokens, 12 sequences of 64
+    text.write_text("\n\n".join(" ".join(f"w{(7 * p + i) % 50}" for i in range(40)) for p in range(20)) + "\n")
+    path = tmp_path / "s.safetensors"
+    rc, out, err = run(capsys, "--quiet", "observe", "--model", f"hf:{word_lm}", "--data", f"text:{text}",
+                       "--num-seqs", 16, "-o", path)
+    assert rc == 0, err
+    assert AttentionStats.load(path).num_sequences == 12  # not the 1 of the first 10% (2 paragraphs)
+    note = [line for line in err.splitlines() if line.startswith("observe: using")]
+    assert len(note) == 1 and "all of text:notes.txt" in note[0] and "20 records, 12 sequences" in note[0]
+    assert "--num-seqs 16" in note[0]  # fewer than asked, and it says so
+    rc, out, err = run(capsys, "--quiet", "observe", "--model", f"hf:{word_lm}", "--data", f"text:{text}",
+                       "--split", "calibration", "--seq-len", 16, "-o", path)
+    assert rc == 0, err
+    assert "split 'calibration' of text:notes.txt: 2 records, 5 sequences" in err
+    assert AttentionStats.load(path).num_sequences == 5
+
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(f"w{i % 50}" for i in range(100)) + "\n")  # one paragraph, 100 tokens
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", f"hf:{word_lm}", "--data", f"text:{one}",
+                     "-o", path)
+    assert rc == 0, err
+    assert AttentionStats.load(path).num_sequences == 1
+    rc, _, err = run(capsys, "--quiet", "observe", "--model", f"hf:{word_lm}", "--data", f"text:{one}",
+                     "--split", "test", "-o", tmp_path / "t.safetensors")
+    assert_clean_error(rc, err, "one.txt", "1 record cannot be cut into the 3 splits")
+    assert not (tmp_path / "t.safetensors").exists()

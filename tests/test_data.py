@@ -74,8 +74,16 @@ def test_split_contiguous():
     assert [r["i"] for v in parts.values() for r in v] == list(range(100))  # contiguous, in order
     small = D.split_contiguous(recs[:3])
     assert [len(v) for v in small.values()] == [1, 1, 1]
-    with pytest.raises(EmptyDatasetError):
+    with pytest.raises(EmptyDatasetError, match="2 records cannot be cut into the 3 splits calibration, train"):
         D.split_contiguous(recs[:2])
+
+
+def test_a_file_too_short_to_split_is_named(tmp_path):
+    (tmp_path / "one.txt").write_text("a single paragraph\n")
+    with pytest.raises(EmptyDatasetError, match="one.txt: 1 record cannot be cut into the 3 splits"):
+        D.load_dataset(f"text:{tmp_path / 'one.txt'}")
+    ds = D.load_dataset(f"text:{tmp_path / 'one.txt'}", fractions={"all": 1.0})  # what observe asks for
+    assert ds.sizes() == {"all": 1}
 
 
 # --- batching --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Whole-model benchmark: prefill and one training step, dense SDPA versus synthetic AP-style masks.
 
-Used by ``attnprune bench --model ARCH``. The model is built from a config with random weights (no
+Used by ``attnprune bench --model NAME`` (``smollm2``, ``minilm``, ``tiny-llama``, ``tiny-bert``: the
+architectures of the models of those names). The model is built from a config with random weights (no
 download). For every length it times, with batch ``batch``:
 
 * ``dense``: the model as built (``attn_implementation="sdpa"``);
@@ -71,17 +72,27 @@ def _tiny_bert(t, max_len: int):
     return t.BertForMaskedLM, cfg, "encoder"
 
 
+# named as ``--model`` elsewhere (``attnprune.models``): the same architectures, with random weights
 ARCHS: dict[str, Callable] = {
-    "smollm2-arch": _smollm2,  # SmolLM2-135M: Llama, 30 layers, width 576, 9 heads / 3 kv heads
-    "minilm-arch": _minilm,  # MiniLM-L6: BERT, 6 layers, width 384, 12 heads
-    "tiny-llama-arch": _tiny_llama,  # for tests
-    "tiny-bert-arch": _tiny_bert,  # for tests
+    "smollm2": _smollm2,  # SmolLM2-135M: Llama, 30 layers, width 576, 9 heads / 3 kv heads
+    "minilm": _minilm,  # MiniLM-L6: BERT, 6 layers, width 384, 12 heads
+    "tiny-llama": _tiny_llama,  # for tests
+    "tiny-bert": _tiny_bert,  # for tests
 }
+ALIASES = {f"{name}-arch": name for name in ARCHS}  # the names of earlier versions
+
+
+def resolve_arch(name: str) -> str:
+    """The ``ARCHS`` key of ``name`` (a key or an old ``<name>-arch`` alias); else ``InvalidArgumentError``."""
+    arch = ALIASES.get(name, name)
+    if arch not in ARCHS:
+        raise InvalidArgumentError(f"unknown model {name!r} for the whole-model benchmark; known: "
+                                   f"{', '.join(ARCHS)} (built from their configs, random weights)")
+    return arch
 
 
 def build_model(arch: str, max_len: int, device, dtype):
-    if arch not in ARCHS:
-        raise InvalidArgumentError(f"unknown model architecture {arch!r}; known: {', '.join(ARCHS)}")
+    arch = resolve_arch(arch)
     t = _transformers()
     cls, cfg, kind = ARCHS[arch](t, max_len)
     cfg._attn_implementation = "sdpa"
@@ -216,8 +227,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
     from .apply import apply
     from .capture import intercept
 
-    if arch not in ARCHS:
-        raise InvalidArgumentError(f"unknown model architecture {arch!r}; known: {', '.join(ARCHS)}")
+    arch = resolve_arch(arch)
     sparsities = [check_sparsity(s) for s in sparsities]
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
@@ -325,7 +335,7 @@ def save(path, payload: dict) -> None:
 
 def cmd(args) -> int:
     """``attnprune bench --model ARCH``: parse the bench arguments and run the whole-model grid."""
-    from ._io import write_text_atomic
+    from ._io import check_output_file, write_text_atomic
 
     def floats(s):
         try:
@@ -339,8 +349,10 @@ def cmd(args) -> int:
         except ValueError:
             raise InvalidArgumentError(f"expected a comma list of integers, got {s!r}") from None
 
-    if args.model not in ARCHS:
-        raise InvalidArgumentError(f"unknown model architecture {args.model!r}; known: {', '.join(ARCHS)}")
+    arch = resolve_arch(args.model)
+    check_output_file(args.output)
+    if args.markdown:
+        check_output_file(args.markdown)
     lengths = ints(args.lengths or "4096,8192,16384")
     sparsities = floats(args.sparsities)
     for s in sparsities:
@@ -348,10 +360,10 @@ def cmd(args) -> int:
     modes = [m for m in args.model_modes.split(",") if m]
     env = environment()
     print(env)
-    rows = run(args.model, lengths, sparsities, backend=args.backend, modes=modes, batch=args.batch,
+    rows = run(arch, lengths, sparsities, backend=args.backend, modes=modes, batch=args.batch,
                block=args.block, warmup=args.warmup, reps=args.reps)
     table = markdown_table(rows)
-    save(args.output, {"env": env, "arch": args.model, "backend": args.backend, "block": args.block,
+    save(args.output, {"env": env, "arch": arch, "backend": args.backend, "block": args.block,
                        "rows": rows, "table": table})
     if args.markdown:
         write_text_atomic(args.markdown, table + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidArgumentError, MissingDependencyError
+from .common import check_output_file
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -38,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
     wm = p.add_argument_group("whole-model benchmark (--model; see attnprune.modelbench)")
     wm.add_argument("--model", default=None,
-                    help="time a whole model built from a config (random weights): smollm2-arch, minilm-arch, "
-                         "tiny-llama-arch, tiny-bert-arch; prefill and a training step, dense vs masked")
+                    help="time a whole model: smollm2, minilm, tiny-llama or tiny-bert (that model's architecture "
+                         "built from its config, random weights; the old names smollm2-arch, ... still work); "
+                         "prefill and a training step, dense vs masked")
     wm.add_argument("--sparsities", default="0.9", help="comma list of synthetic mask sparsities (default 0.9)")
     wm.add_argument("--backend", default="triton", help="attnprune backend for masked rows (default triton; "
                                                         "reference works anywhere)")
@@ -70,6 +72,9 @@ def cmd_bench(args) -> int:
     for i in impls:
         if i not in bm.IMPLS:
             raise InvalidArgumentError(f"unknown implementation {i!r}; known: {', '.join(bm.IMPLS)}")
+    check_output_file(args.output)
+    if args.markdown:
+        check_output_file(args.markdown)
     env = bm.environment()
     print(env)
     ceiling = bm.matmul_ceiling()

@@ -1,6 +1,7 @@
 """CLI subcommands ``observe``, ``mask`` and ``info``.
 
     attnprune observe --model tiny-gpt2 --data random --num-seqs 16 --seq-len 64 -o stats.safetensors
+    attnprune observe --model smollm2 --data text:notes.txt -o stats.safetensors   # the whole file
     torchrun --nproc-per-node 2 -m attnprune observe ...   # data-parallel: batches split, sums all-reduced
     attnprune mask stats.safetensors --sparsity 0.9 --policy layer [--block 64] -o mask.safetensors
     attnprune info mask.safetensors        # or a stats file
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from ..errors import CorruptFileError, InvalidArgumentError
+from .common import check_output_file, usable_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model spec: tiny-gpt2, tiny-llama, tiny-bert, tiny-bart, "
                    "tiny-sdpa, hf:/path/to/dir, ...")
     p.add_argument("--data", default="random", help="data source (default: random token ids)")
+    p.add_argument("--split", default=None,
+                   help="observe this split of the data (default: a named corpus's calibration split; all of "
+                        "your own text:/jsonl:/hf: file, or its calibration split when it is a folder of splits)")
     p.add_argument("--num-seqs", type=int, default=16, help="number of sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=64, help="sequence length in tokens (default 64)")
     p.add_argument("--min-len", type=int, default=None,
@@ -49,9 +55,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def _batches(args, loaded):
-    """The observation batches and a description of them."""
+USER_SOURCES = ("text", "jsonl", "hf")  # a user's own data: observed whole unless --split is given
+WHOLE = "all"  # the one split of a user's file read whole
+
+
+def _source(args):
+    """``(dataset, split)`` to observe, or ``None`` for ``--data random``: ``--split`` if given; else all
+    of a user's own file (a folder of split files: its calibration split); else the calibration
+    split of a named corpus (or its first split). Loaded before the model, so bad data fails fast."""
     if args.data == "random":
+        return None
+    from .. import data
+
+    opts = {}
+    source = args.data.partition(":")[0]
+    if source == "random":  # random:<vocab>
+        opts = dict(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=args.seed)
+    elif source in USER_SOURCES and args.split is None:
+        opts = dict(fractions={WHOLE: 1.0})  # a single file becomes one split; a folder keeps its files
+    ds = data.load_dataset(args.data, **opts)
+    split = args.split or next((s for s in (WHOLE, "calibration") if s in ds.splits), next(iter(ds.splits)))
+    ds[split]  # an unknown --split fails here, naming the splits there are
+    return ds, split
+
+
+def _batches(args, loaded, src):
+    """The observation batches, a description of them and a line saying what data was used (or None)."""
+    if src is None:
         from ..data.random import RandomTokens
 
         if loaded.vocab_size < 1:
@@ -65,19 +95,10 @@ def _batches(args, loaded):
         data = RandomTokens(loaded.vocab_size, args.num_seqs, args.seq_len, args.batch_size, seed=args.seed,
                             min_len=args.min_len, pad_id=pad if isinstance(pad, int) else 0,
                             low=min(3, loaded.vocab_size - 1))
-        return data, data.describe()
-    return _source_batches(args, loaded)
-
-
-def _source_batches(args, loaded):
-    """Batches from a dataset of ``attnprune.data`` (its calibration split, or its first split)."""
+        return data, data.describe(), None
     from .. import data
 
-    opts = {}
-    if args.data.partition(":")[0] == "random":  # random:<vocab>
-        opts = dict(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=args.seed)
-    ds = data.load_dataset(args.data, **opts)
-    split = "calibration" if "calibration" in ds.splits else next(iter(ds.splits))
+    ds, split = src
     records = ds[split]
     if ds.kind == "tokens":
         batches = data.lm_batches(records, None, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -91,7 +112,13 @@ def _source_batches(args, loaded):
     else:
         batches = data.lm_batches(ds.texts(split), loaded.tokenizer, seq_len=args.seq_len,
                                   batch_size=args.batch_size, max_sequences=args.num_seqs)
-    return batches, ds.describe(split)
+    n = sum(int(b["input_ids"].shape[0]) for b in batches)
+    what = f"all of {ds.name}" if split == WHOLE else f"split {split!r} of {ds.name}"
+    short = f" (all there are; --num-seqs {args.num_seqs})" if n < args.num_seqs else ""
+    rest = [s for s in ds.splits if s != split]
+    note = (f"observe: using {what}: {len(records)} records, {n} sequences{short}"
+            + (f"; not its splits {', '.join(rest)} (choose with --split)" if rest else ""))
+    return batches, ds.describe(split), note
 
 
 def cmd_observe(args) -> int:
@@ -103,15 +130,17 @@ def cmd_observe(args) -> int:
 
     from ..models import load_model
     from ..observe import observe
-    from ..train import default_device, init_distributed
+    from ..train import init_distributed
 
-    if Path(args.output).is_dir():
-        raise InvalidArgumentError(f"output {args.output!r} is a directory")
+    check_output_file(args.output)
+    device = usable_device(args.device)
     rank, world = init_distributed()
-    device = default_device(args.device)
+    src = _source(args)
     loaded = load_model(args.model)
     loaded.model.to(device)
-    batches, description = _batches(args, loaded)
+    batches, description, note = _batches(args, loaded, src)
+    if rank == 0 and note:
+        print(note, file=sys.stderr, flush=True)
     if world > 1:
         import torch.distributed as dist
 
@@ -140,8 +169,7 @@ def cmd_mask(args) -> int:
     from ..policies import make_mask
     from ..stats import AttentionStats
 
-    if Path(args.output).is_dir():
-        raise InvalidArgumentError(f"output {args.output!r} is a directory")
+    check_output_file(args.output)
     stats = AttentionStats.load(args.stats)
     mask = make_mask(stats, args.sparsity, policy=args.policy, block=args.block, seed=args.seed)
     mask.save(args.output)

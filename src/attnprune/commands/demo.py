@@ -42,7 +42,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<preset>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="reference", help="attention backend under the mask (default reference)")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p.set_defaults(func=main)
 
 

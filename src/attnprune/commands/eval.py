@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..evaluate import DEFAULT_POLICIES, DEFAULT_SPARSITIES, SweepConfig
+from .common import check_output_dir, check_policies, usable_device
 
 
 @dataclass
@@ -70,24 +71,24 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     from ..models import load_model
     from ..report import write_report
     from ..stats import AttentionStats
-    from ..train import default_device
-
     t_start = time.perf_counter()
+    # every check that needs no model first: a bad argument must not cost the model load and observation
+    out = check_output_dir(s.out)
+    config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
+                         blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond)
+    device = usable_device(s.device) if s.device is not None or loaded is None else None
+    stats = AttentionStats.load(s.stats) if s.stats else None
     torch.manual_seed(s.seed)
-    out = Path(s.out)
-    t0 = time.perf_counter()
-    lm = loaded if loaded is not None else load_model(s.model)
-    if s.device is not None or loaded is None:
-        try:
-            lm.model.to(default_device(s.device))
-        except (RuntimeError, AssertionError) as e:
-            raise InvalidArgumentError(f"device {s.device!r} is not usable here ({e}); use cpu or cuda") from None
-    log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else D.load_dataset(s.data)
     log(f"loaded data {ds.describe()} in {time.perf_counter() - t0:.1f} s")
-    config = SweepConfig(sparsities=tuple(s.sparsities), policies=tuple(s.policies), blocks=tuple(s.blocks),
-                         seed=s.seed, backend=s.backend, beyond=s.beyond)
+    for split in (s.calib_split, s.test_split):
+        ds[split]  # an unknown split fails here, naming the splits there are
+    t0 = time.perf_counter()
+    lm = loaded if loaded is not None else load_model(s.model)
+    if device is not None:
+        lm.model.to(device)
+    log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
     info: dict = {"source": ds.name, "calibration_split": s.calib_split, "test_split": s.test_split}
     timings: dict = {}
     if lm.task == "causal-lm":
@@ -129,8 +130,6 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         task = "classification"
     else:
         raise InvalidArgumentError(f"eval handles causal-lm and classification models; {lm.name} is {lm.task}")
-
-    stats = AttentionStats.load(s.stats) if s.stats else None
 
     def on_run(r: dict) -> None:
         lvl = "token" if r["block"] is None else f"block {r['block']}"
@@ -209,7 +208,6 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when present, else cpu)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def register(sub) -> None:

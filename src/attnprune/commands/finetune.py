@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from .common import check_output_dir, usable_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,9 +111,7 @@ def cmd_finetune(args) -> int:
     from ..models import load_model
     from ..train import CheckpointError, TrainConfig, finetune, init_distributed, list_checkpoints
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"--out {out} exists and is not a folder")
+    out = check_output_dir(args.out)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm or None, precision=args.precision,
@@ -127,6 +126,7 @@ def cmd_finetune(args) -> int:
     if not args.resume and list_checkpoints(out):
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run, "
                               f"or choose another --out")
+    usable_device(args.device)  # the device finetune() will pick; an unusable one fails before the model load
     rank, world = init_distributed()
     try:
         loaded = load_model(args.model)

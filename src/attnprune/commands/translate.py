@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from .common import check_output_dir, usable_device
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -65,6 +67,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         for path in write_plots(args.out):
             print(path)
         return 0
+    check_output_dir(args.out)
+    usable_device(args.device)  # the device the experiment will pick; checked before the data and training
     cfg = PRESETS[args.preset]
     overrides = {
         "train_steps": args.train_steps, "retrain_steps": args.retrain_steps, "batch_size": args.batch_size,

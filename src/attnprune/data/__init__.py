@@ -224,7 +224,9 @@ def split_contiguous(records: Sequence[dict], fractions: dict[str, float] | None
     n = len(records)
     names = list(fractions)
     if n < len(names):
-        raise EmptyDatasetError(f"{n} records cannot fill the {len(names)} splits {names}")
+        raise EmptyDatasetError(
+            f"{n} record{'s' if n != 1 else ''} cannot be cut into the {len(names)} splits {', '.join(names)} "
+            f"(each needs at least one); give more text, or a folder with one file per split")
     total = sum(fractions.values())
     sizes = [max(1, int(n * fractions[k] / total)) for k in names[:-1]]
     while sum(sizes) > n - 1:  # leave at least one for the last split

@@ -120,7 +120,11 @@ def read_jsonl_records(path: str | os.PathLike, *, text_key: str = "text",
 def _splits_for(p: Path, suffix: str, read, fractions) -> dict[str, list[dict]]:
     if p.is_dir():
         return {split: read(f) for split, f in _split_files(p, suffix).items()}
-    return split_contiguous(read(p), fractions or DEFAULT_FRACTIONS)
+    records = read(p)
+    try:
+        return split_contiguous(records, fractions or DEFAULT_FRACTIONS)
+    except EmptyDatasetError as e:
+        raise EmptyDatasetError(f"data file {p}: {e}") from None
 
 
 @SOURCES.register("text")
