@@ -54,6 +54,7 @@ def _family(name):
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "mistral-sliding", "phi3",
             "gemma2", "gemma3", "gpt-neox"]
+SLIDING = {"qwen2-sliding", "mistral-sliding", "gemma2", "gemma3"}  # window 4 < the 32 tokens generated
 
 
 def _mask(model, seed=1):
@@ -78,7 +79,13 @@ def _close(a, b):
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masked_generate_with_cache_equals_without(family, cache):
+    """Dynamic and static caches; for the sliding-window families these hold sliding layers (the
+    dynamic and the static sliding-window layer), which hand attention only the last keys."""
+    from transformers import DynamicCache
+
     model = _family(family)
+    sliding = any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers)
+    assert sliding == (family in SLIDING)
     mask = _mask(model)
     prompt = torch.randint(3, V, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     n = CAL - PROMPT
