@@ -22,7 +22,8 @@ def usable_device(spec: str | None):
     try:
         device = default_device(spec)
     except (RuntimeError, ValueError, TypeError):
-        raise InvalidArgumentError(f"device {spec!r} is not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+        raise InvalidArgumentError(f"device {spec!r} is not usable here: it is not a device name; use cpu, "
+                                   f"cuda, cuda:1, mps, ...") from None
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:

@@ -5,8 +5,10 @@ paper's per-layer rule (``layer``) and with the random control (``random``), mea
 dense versus AP versus random on the Austen test split (which never overlaps the calibration
 split), and writes a report (``report.md``, ``results.json``, PNG plots) into ``--out``.
 
-Presets (times measured on a 2-core CPU, model already converted; the first run also converts
-the GGUF weights once, ~40 s); ``small`` took 24 s, ``default`` 3 minutes:
+Presets. Measured times, 2-core CPU (AMD EPYC), torch 2.13 CPU build, transformers 5.24: on a
+fresh clone ``attnprune demo`` (``default``) took 273 s, 56 s of them the one-time conversion of
+the GGUF weights that only the first run does (issue 12); ``small`` took 87 s with the weights
+already converted, its 2 cores shared with other jobs (load average 2.3-4.5; 2026-12-02).
 
 * ``small``:   128-token sequences, 8 calibration / 4 test, sparsities 0.5 0.9, token level.
 * ``default``: 256-token sequences, 32 calibration / 16 test, sparsities 0.5 0.7 0.8 0.9 0.95,

@@ -16,7 +16,8 @@ Sources (``load_dataset("<name>:<path>")``):
 A single file is split contiguously by ``fractions`` (default ``DEFAULT_FRACTIONS``:
 calibration 10%, train 80%, test 10%, in that order). A folder is read as one file per split:
 files named ``<split>.txt`` / ``<split>.jsonl`` (e.g. ``calibration.txt``, ``test.txt``) become
-those splits unchanged, in sorted order.
+those splits unchanged, in sorted order. ``attnprune observe`` reads a single file whole
+(``fractions={"all": 1.0}``: one split ``all``) unless ``--split`` asks for one of the default splits.
 
 Errors name the file (and line): a missing path, an empty file, a malformed JSON line, a record
 without its text or with a non-integer label.
