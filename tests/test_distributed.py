@@ -38,6 +38,12 @@ def _worker(rank, world, port, out_dir):
             other.all_reduce()
         except MaskMismatchError as e:
             open(os.path.join(out_dir, f"mismatch{rank}"), "w").write(str(e))
+        # same sites, different models (e.g. two widths of one architecture)
+        named = AttentionStats([SiteInfo("x", "self", 2, 2)], model_name=f"model-{rank}")
+        try:
+            named.all_reduce()
+        except MaskMismatchError as e:
+            open(os.path.join(out_dir, f"named{rank}"), "w").write(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -62,6 +68,7 @@ def test_two_process_gloo_equals_one_process(tmp_path):
             torch.testing.assert_close(got.mean(s), single.mean(s), equal_nan=True)
     for rank in (0, 1):
         assert "different sites" in (tmp_path / f"mismatch{rank}").read_text()
+        assert f"model-{rank}" in (tmp_path / f"named{rank}").read_text()
     # the shards alone differ from the whole (the comparison above can fail)
     part = observe(tm.mha(), _shard(1), progress=False)
     assert part.q_len(single.sites[0]) == 4

@@ -66,7 +66,8 @@ def test_add_operator():
 
 def test_save_load_roundtrip(tmp_path):
     s = _stats(g=2)
-    s.add("l0", torch.rand(2, 2, 3), torch.randint(0, 3, (2, 3)).float(), q_len=3, k_len=6)
+    counts = torch.randint(0, 3, (2, 3)).float()
+    s.add("l0", torch.rand(2, 2, 3) * counts, counts, q_len=3, k_len=6)
     s.num_sequences = 7
     p = tmp_path / "a" / "s.safetensors"
     s.save(p)
@@ -123,3 +124,154 @@ def test_bad_granularity():
 def test_all_reduce_needs_process_group():
     with pytest.raises(InvalidArgumentError):
         _stats().all_reduce()
+
+
+# ---- integrity: checksums, value checks, model identity ----------------------------------------
+
+def _observed():
+    s = AttentionStats(INFOS, model_name="m", description="d")
+    tri = torch.ones(3, 3).tril()
+    s.add("l0", torch.rand(2, 3, 3) * tri, tri)
+    s.add("l1", torch.rand(3, 2, 4) * 2, torch.full((2, 4), 2.0))
+    s.num_sequences = 2
+    return s
+
+
+def _layout(data: bytes) -> tuple[int, dict]:
+    """(offset of the data section, the safetensors JSON header) of a safetensors file's bytes."""
+    import json
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    return 8 + n, json.loads(data[8:8 + n])
+
+
+def _patched(tmp_path, data: bytes, name: str, at: int, new: bytes):
+    p = tmp_path / name
+    p.write_bytes(data[:at] + new + data[at + len(new):])
+    return p
+
+
+def test_flipped_or_nan_data_is_corruption(tmp_path):
+    import struct
+
+    p = tmp_path / "s.st"
+    _observed().save(p)
+    data = p.read_bytes()
+    base, tensors = _layout(data)
+    start = base + tensors["sum.0"]["data_offsets"][0]  # sum.0[0, 0, 0]: a float64 in [0, 1]
+    cases = {"flip": bytes([data[start + 7] ^ 0x40]),  # exponent bit: 0.x becomes ~1e154 or ~1e-155
+             "eight": struct.pack("<d", 8.0), "nan": struct.pack("<d", float("nan"))}
+    for name, new in cases.items():
+        at = start + 7 if name == "flip" else start
+        with pytest.raises(CorruptFileError, match="file is corrupted") as e:
+            AttentionStats.load(_patched(tmp_path, data, name, at, new))
+        assert "l0" in str(e.value) and "observe" in str(e.value)
+    count = base + tensors["count.1"]["data_offsets"][0]
+    with pytest.raises(CorruptFileError, match="file is corrupted"):
+        AttentionStats.load(_patched(tmp_path, data, "count", count, struct.pack("<d", 1.5)))
+
+
+def test_changed_header_is_corruption(tmp_path):
+    p = tmp_path / "s.st"
+    _observed().save(p)
+    data = p.read_bytes()
+    for old, new in ((b'num_sequences\\": 2', b'num_sequences\\": 3'), (b'q_len\\": 3', b'q_len\\": 2')):
+        at = data.index(old)
+        with pytest.raises(CorruptFileError, match="file is corrupted"):
+            AttentionStats.load(_patched(tmp_path, data, "h", at, new))
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 8, -8, 2**40])
+def test_bad_header_length(tmp_path, delta):
+    import struct
+
+    p = tmp_path / "s.st"
+    _observed().save(p)
+    data = p.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    with pytest.raises(CorruptFileError, match="file is corrupted") as e:
+        AttentionStats.load(_patched(tmp_path, data, "len", 0, struct.pack("<Q", n + delta)))
+    assert "header" in str(e.value)
+
+
+def _write_v1(path, sums: dict, counts: dict, **header):
+    """A stats file as version 1 wrote it (no checksums)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sites = []
+    for i, info in enumerate(INFOS):
+        d = info.to_dict()
+        if i in sums:
+            d["q_len"], d["k_len"] = sums[i].shape[1], sums[i].shape[2]
+        sites.append(d)
+    h = {"format": "attnprune.stats", "version": 1, "granularity": 1, "model_name": "m",
+         "description": "d", "num_sequences": 1, "sites": sites, **header}
+    tensors = {f"sum.{i}": t for i, t in sums.items()} | {f"count.{i}": t for i, t in counts.items()}
+    save_file(tensors, str(path), metadata={"attnprune": json.dumps(h)})
+
+
+def test_version_1_files_load_and_are_value_checked(tmp_path):
+    ps, ct = torch.rand(2, 2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    _write_v1(tmp_path / "ok", {0: ps}, {0: ct})
+    old = AttentionStats.load(tmp_path / "ok")
+    assert torch.equal(old.sum("l0"), ps) and old.model_name == "m" and not old.observed("l1")
+    bad = {"mean 8": (ps * 8, ct), "nan": (ps.clone().fill_(float("nan")), ct), "negative": (-ps, ct),
+           "inf count": (ps, ct * float("inf")), "fractional count": (ps * 0.5, ct * 0.5),
+           "negative count": (ps * 0, -ct), "sum without count": (ps, ct * 0),
+           "heads": (torch.rand(3, 2, 3, dtype=torch.float64), ct), "grid": (ps, torch.ones(2, 2))}
+    for name, (s, c) in bad.items():
+        _write_v1(tmp_path / "bad", {0: s}, {0: c})
+        with pytest.raises(CorruptFileError, match="file is corrupted") as e:
+            AttentionStats.load(tmp_path / "bad")
+        assert "l0" in str(e.value), name
+    _write_v1(tmp_path / "seqs", {0: ps}, {0: ct}, num_sequences=-1)
+    with pytest.raises(CorruptFileError, match="file is corrupted"):
+        AttentionStats.load(tmp_path / "seqs")
+
+
+def test_save_refuses_impossible_values(tmp_path):
+    s = _stats()
+    s.add("l0", torch.full((2, 2, 2), 3.0), torch.ones(2, 2))  # a mean probability of 3
+    with pytest.raises(InvalidArgumentError, match="l0"):
+        s.save(tmp_path / "s.st")
+    assert not list(tmp_path.iterdir())
+
+
+def test_mask_file_is_not_stats(tmp_path):
+    from attnprune.policies import make_mask
+
+    make_mask(_observed(), 0.5).save(tmp_path / "m.st")
+    with pytest.raises(CorruptFileError, match="mask file, not"):
+        AttentionStats.load(tmp_path / "m.st")
+
+
+def test_add_refuses_stats_of_other_models():
+    a, b = _observed(), _observed()
+    b.model_name = "another model"
+    with pytest.raises(MaskMismatchError, match="another model"):
+        a + b
+    assert (a + _observed()).model_name == "m"
+
+
+def test_add_refuses_llamas_of_different_widths():
+    """Same site names, heads and kv-heads, different hidden sizes: not the same model."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnprune.observe import observe
+
+    def llama(hidden):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=97, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+        return LlamaForCausalLM(cfg).eval()
+
+    ids = torch.randint(0, 97, (2, 8))
+    narrow, wide = (observe(llama(h), [ids], progress=False) for h in (32, 64))
+    assert narrow.infos == wide.infos
+    with pytest.raises(MaskMismatchError):
+        narrow + wide
+    assert (narrow + narrow).num_sequences == 4

@@ -6,11 +6,19 @@ of block ``(i, j)`` and ``count(site)[i, j]`` the number of observed token entri
 (the same for every head), so ``mean(site) = sum / count`` is the mean probability per entry.
 An entry is *observed* when its query is a real (non-padding) position and the key was
 attendable for it (not padding, not causal-future, not masked out).
+
+File format (version 2): safetensors; tensors ``sum.<i>`` / ``count.<i>`` (float64) of site ``i``;
+the metadata key ``"attnprune"`` holds a JSON header (format, version, granularity, model name,
+description, sequences, site infos with lengths and per-tensor checksums, and a checksum of the
+header itself). Loading checks the checksums and the values (finite, counts non-negative integers,
+``0 <= sum <= count``): a damaged file is a ``CorruptFileError``, never silently wrong statistics.
+Version 1 files (no checksums) still load, with the value checks only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from typing import Iterable
@@ -18,12 +26,15 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ._checksum import check_frame, json_checksum, tensor_checksum
 from ._io import atomic_path
 from .errors import CorruptFileError, InvalidArgumentError, MaskMismatchError
 from .sites import SiteInfo
 
 FORMAT = "attnprune.stats"
-VERSION = 1
+VERSION = 2
+# summed probabilities are float32 (or float64) softmax outputs, each at most 1 up to its rounding
+_SUM_SLACK = 4 * torch.finfo(torch.float32).eps
 
 
 def _grow(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -172,6 +183,10 @@ class AttentionStats:
             return NotImplemented
         if other.granularity != self.granularity:
             raise MaskMismatchError(f"cannot add stats of granularity {self.granularity} and {other.granularity}")
+        if other.model_name != self.model_name:
+            raise MaskMismatchError(f"cannot add stats of different models: {self.model_name or '(unnamed)'!r} "
+                                    f"and {other.model_name or '(unnamed)'!r}; add only stats observed on the "
+                                    f"same model (set model_name equal if they really are one model)")
         if self._infos != other._infos or list(self._infos) != list(other._infos):
             diff = sorted({i.name for i in set(self._infos.values()) ^ set(other._infos.values())})
             raise MaskMismatchError(f"cannot add stats of different models: sites differ ({', '.join(diff) or 'order'})")
@@ -197,12 +212,14 @@ class AttentionStats:
         if dist.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
         n = len(self._infos)
-        code = zlib.crc32(json.dumps([i.to_dict() for i in self._infos.values()] + [self.granularity]).encode())
+        code = zlib.crc32(json.dumps([i.to_dict() for i in self._infos.values()]
+                                     + [self.granularity, self.model_name]).encode())
         ident = torch.tensor([code, -code], dtype=torch.int64, device=dev)
         dist.all_reduce(ident, op=dist.ReduceOp.MAX, group=group)
         if int(ident[0]) != code or int(ident[1]) != -code:
-            raise MaskMismatchError("all_reduce: the processes hold different sites or granularities "
-                                    "(observe the same model on every rank)")
+            raise MaskMismatchError("all_reduce: the processes hold different sites, granularities or "
+                                    f"models (this rank: {self.model_name or '(unnamed)'!r}); observe the "
+                                    "same model on every rank")
         shapes = torch.zeros(max(n, 1), 4, dtype=torch.int64, device=dev)
         for i, site in enumerate(self._infos):
             if site in self._sum:
@@ -227,49 +244,142 @@ class AttentionStats:
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write to ``path`` (safetensors with a JSON header), atomically."""
+        """Write to ``path`` (safetensors with a JSON header and checksums), atomically.
+
+        Raises ``InvalidArgumentError`` if the statistics hold values no observation gives (see
+        the module docstring), so that every file ``save`` writes loads.
+        """
         from safetensors.torch import save_file
 
         tensors, sites = {}, []
         for i, (site, info) in enumerate(self._infos.items()):
             entry = info.to_dict()
             if site in self._sum:
-                tensors[f"sum.{i}"] = self._sum[site].detach().cpu().contiguous()
-                tensors[f"count.{i}"] = self._count[site].detach().cpu().contiguous()
+                s, c = self._sum[site].detach().cpu().contiguous(), self._count[site].detach().cpu().contiguous()
+                problem = _bad_values(info, s, c, *self._len[site], self.granularity)
+                if problem:
+                    raise InvalidArgumentError(f"cannot save the stats: site {site!r} {problem}, which no "
+                                               f"observation gives; these are not attention statistics")
+                tensors[f"sum.{i}"], tensors[f"count.{i}"] = s, c
                 entry["q_len"], entry["k_len"] = self._len[site]
+                entry["checksum"] = {"sum": tensor_checksum(s), "count": tensor_checksum(c)}
             sites.append(entry)
         header = {"format": FORMAT, "version": VERSION, "granularity": self.granularity,
                   "model_name": self.model_name, "description": self.description,
                   "num_sequences": self.num_sequences, "sites": sites}
+        header["checksum"] = json_checksum(header)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"attnprune": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AttentionStats":
-        """Read a file written by :meth:`save`. Raises ``CorruptFileError`` on anything malformed."""
+        """Read a file written by :meth:`save`. Raises ``CorruptFileError`` on anything malformed,
+        damaged (checksums) or impossible (values), naming the file and the site."""
         from safetensors import safe_open
 
         if not os.path.isfile(path):
             raise CorruptFileError(f"stats file {str(path)!r} does not exist")
+        def corrupt(reason: str) -> str:
+            return (f"{str(path)!r}: the stats file is corrupted or was not written by attnprune ({reason}); "
+                    f"make it again with `attnprune observe`")
+
+        check_frame(path, corrupt)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                if "attnprune" not in meta:
+                    raise CorruptFileError(f"{str(path)!r} is not an attnprune stats file (its safetensors "
+                                           f"metadata has no attnprune header); make one with `attnprune observe`")
                 header = json.loads(meta["attnprune"])
+                if not isinstance(header, dict):
+                    raise _Damage("the attnprune header is not a JSON object")
+                if header.get("format") == "attnprune.mask":
+                    raise CorruptFileError(f"{str(path)!r} is an attnprune mask file, not stats; "
+                                           f"give the stats file that `attnprune observe` wrote")
+                if header.get("format") != FORMAT:
+                    raise _Damage(f"format is {header.get('format')!r}, not {FORMAT!r}")
+                version = header.get("version")
+                if not isinstance(version, int) or version < 1:
+                    raise _Damage(f"version {version!r}")
+                if version > VERSION:
+                    raise CorruptFileError(f"{str(path)!r} is a version {version} stats file, newer than "
+                                           f"this attnprune reads ({VERSION}); upgrade attnprune")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if header.get("format") != FORMAT:
-                raise ValueError(f"format is {header.get('format')!r}, not {FORMAT!r}")
-            if int(header.get("version", 0)) > VERSION:
-                raise ValueError(f"version {header['version']} is newer than this library ({VERSION})")
-            out = cls([SiteInfo.from_dict(d) for d in header["sites"]], int(header["granularity"]),
-                      header.get("model_name", ""), header.get("description", ""))
-            out.num_sequences = int(header.get("num_sequences", 0))
-            for i, d in enumerate(header["sites"]):
-                if f"sum.{i}" in tensors:
-                    out.add(d["name"], tensors[f"sum.{i}"], tensors[f"count.{i}"],
-                            q_len=int(d["q_len"]), k_len=int(d["k_len"]))
+            return cls._from_file(header, tensors, version)
         except CorruptFileError:
             raise
-        except Exception as e:  # safetensors, json, key and shape errors all mean a bad file
-            raise CorruptFileError(f"{str(path)!r} is not a readable attnprune stats file "
-                                   f"({type(e).__name__}: {e})") from None
+        except _Damage as e:
+            raise CorruptFileError(corrupt(str(e))) from None
+        except Exception as e:  # safetensors, json, key, type and shape errors all mean a bad file
+            raise CorruptFileError(corrupt(f"{type(e).__name__}: {e}")) from None
+
+    @classmethod
+    def _from_file(cls, header: dict, tensors: dict, version: int) -> "AttentionStats":
+        """Build from a parsed file; ``_Damage`` (the caller's corruption message) on any damage."""
+        if version >= 2:
+            body = {k: v for k, v in header.items() if k != "checksum"}
+            if header.get("checksum") != json_checksum(body):
+                raise _Damage("the attnprune header does not match its checksum")
+        out = cls([SiteInfo.from_dict(d) for d in header["sites"]], _nonneg_int(header["granularity"], "granularity"),
+                  str(header.get("model_name", "")), str(header.get("description", "")))
+        out.num_sequences = _nonneg_int(header.get("num_sequences", 0), "num_sequences")
+        names = set()
+        for i, d in enumerate(header["sites"]):
+            site, observed = d["name"], f"sum.{i}" in tensors
+            names |= {f"sum.{i}", f"count.{i}"} if observed else set()
+            if not observed:
+                if f"count.{i}" in tensors or "q_len" in d:
+                    raise _Damage(f"site {site!r}: its sum or count tensor is missing")
+                continue
+            s, c = tensors[f"sum.{i}"], tensors[f"count.{i}"]
+            if version >= 2:
+                want = d["checksum"]
+                for what, t in (("sum", s), ("count", c)):
+                    if tensor_checksum(t) != want[what]:
+                        raise _Damage(f"site {site!r}: the {what} tensor does not match its checksum")
+            ql, kl = _nonneg_int(d["q_len"], "q_len"), _nonneg_int(d["k_len"], "k_len")
+            problem = _bad_values(out._infos[site], s, c, ql, kl, out.granularity)
+            if problem:
+                raise _Damage(f"site {site!r} {problem}")
+            out.add(site, s, c, q_len=ql, k_len=kl)
+        if set(tensors) != names:
+            raise _Damage(f"tensors not named in the header: {sorted(set(tensors) - names)}")
         return out
+
+
+class _Damage(ValueError):
+    """What is wrong with a stats file (``load`` turns it into a ``CorruptFileError``)."""
+
+
+def _nonneg_int(x, what: str) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+        raise _Damage(f"{what} is {x!r}, not a non-negative integer")
+    return x
+
+
+def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_len: int, g: int) -> str | None:
+    """What is impossible about one site's sums ``s`` and counts ``c``, or None.
+
+    Exact for anything ``observe`` (or adding / all-reducing its results) produces: float64 tensors
+    ``s [H, Qg, Kg]`` and ``c [Qg, Kg]`` with ``Qg = ceil(q_len / g)``, ``Kg = ceil(k_len / g)``;
+    counts are non-negative integers; sums are finite, ``>= 0`` and ``<= count`` (probabilities are
+    at most 1), so where nothing was observed the sum is 0.
+    """
+    grid = (math.ceil(q_len / g), math.ceil(k_len / g))
+    if s.dtype != torch.float64 or c.dtype != torch.float64:
+        return f"has {s.dtype} sums and {c.dtype} counts, not float64"
+    if tuple(s.shape) != (info.num_heads, *grid) or tuple(c.shape) != grid:
+        return (f"has sums {list(s.shape)} and counts {list(c.shape)}, not {[info.num_heads, *grid]} and "
+                f"{list(grid)} ({info.num_heads} heads, {q_len} x {k_len} tokens, granularity {g})")
+    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or not bool((c == c.round()).all()):
+        return "has counts that are not finite non-negative integers"
+    if not bool(torch.isfinite(s).all()):
+        return "has non-finite (NaN or infinite) probability sums"
+    if bool((s < 0).any()):
+        return f"has negative probability sums (down to {float(s.min()):.4g})"
+    over = s > c * (1 + _SUM_SLACK)
+    if bool((over & (c == 0)).any()):
+        return "has probability mass where nothing was observed (count 0)"
+    if bool(over.any()):
+        return f"has mean probabilities above 1 (up to {float((s / c.clamp_min(1)).max()):.4g})"
+    return None
