@@ -136,8 +136,10 @@ def test_failed_save_leaves_old_file(tmp_path, stats, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
 
+    from attnprune._io import OutputError
+
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):  # the I/O failure, as one clear error
         make_mask(stats, 0.9).save(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
