@@ -131,3 +131,35 @@ def test_a_sigterm_handler_of_the_caller_is_kept(tmp_path):
         signal.signal(signal.SIGTERM, old)
     write_text_atomic(tmp_path / "g.txt", "y")
     assert signal.getsignal(signal.SIGTERM) == old
+
+
+def test_write_json_is_strict_atomic_and_converts(tmp_path):
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from attnprune._io import OutputError, write_json
+
+    @dataclasses.dataclass
+    class Row:
+        ms: float
+        where: Path
+
+    target = tmp_path / "r.json"
+    write_json(target, {"a": float("nan"), "b": (1, float("inf")), 3: torch.tensor([1.5, 2.0]),
+                        "row": Row(float("-inf"), Path("x/y")), "t": torch.tensor(2)})
+    text = target.read_text()
+    assert text.endswith("\n") and "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1, None], "3": [1.5, 2.0], "row": {"ms": None, "where": "x/y"},
+                                "t": 2}
+    with pytest.raises(TypeError, match="object"):
+        write_json(target, {"x": object()})
+    assert json.loads(target.read_text())["t"] == 2  # the failed write left the old file
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    write_json(target, {"x": object()}, default=lambda o: "obj")
+    assert json.loads(target.read_text()) == {"x": "obj"}
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputError, match="is a file"):
+        write_json(tmp_path / "f" / "r.json", {})

@@ -110,3 +110,19 @@ def test_pool_ignores_unobserved():
     p = report._pool(m, 1)
     assert p.shape == (1, 1, 1) and p.item() == pytest.approx((1.0 + 0.5 + 0.5) / 3)
     assert math.isnan(report._pool(torch.full((1, 2, 2), float("nan")), 1).item())
+
+
+def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):
+    import socket
+
+    env = report.environment()
+    assert tuple(env) == report.ENV_KEYS
+    assert env["torch"] == torch.__version__ and env["python"] and env["date_utc"].endswith(" UTC")
+    assert env["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    host = socket.gethostname()
+    assert len(host) < 4 or all(host not in str(v) for v in env.values())
+    # the device given is the device recorded; the keys stay the same
+    env = report.environment("cpu")
+    assert env["device"] == "cpu" and tuple(env) == report.ENV_KEYS
+    json.dumps(env, allow_nan=False)

@@ -9,7 +9,10 @@ checks before any long computation, so a bad ``-o`` fails at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
+import math
 import os
 import re
 import signal
@@ -113,6 +116,43 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _strict(o):
+    """NaN / inf -> None (strict JSON), recursively; dict keys as strings; tuples as lists."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    return o
+
+
+def _to_json(o, fallback=None):
+    """The JSON form of what ``json`` cannot write itself: paths, tensors, dataclasses, numpy values."""
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if hasattr(o, "tolist") and callable(o.tolist):  # torch / numpy tensors, arrays and scalars
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if fallback is not None:
+        return fallback(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, default=None) -> None:
+    """Write ``obj`` as strict JSON (NaN and infinities become ``null``) to ``path`` atomically, with a
+    final newline. Paths, tensors, numpy values and dataclasses are converted; anything else goes to
+    ``default`` (e.g. ``str``) or raises ``TypeError``."""
+    def convert(o):
+        return _strict(_to_json(o, default))
+
+    text = json.dumps(_strict(obj), indent=indent, default=convert, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 # --- checks before long work -----------------------------------------------------------------------

@@ -22,12 +22,14 @@ import json
 import math
 import os
 import platform
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import atomic_path, write_text_atomic
+from ._io import atomic_path, write_json, write_text_atomic
 
 POLICY_STYLE = {"layer": ("tab:blue", "o"), "head": ("tab:orange", "s"), "global": ("tab:green", "^"),
                 "random": ("tab:red", "x")}
@@ -36,6 +38,12 @@ POLICY_STYLE = {"layer": ("tab:blue", "o"), "head": ("tab:orange", "s"), "global
 # --------------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------------
+
+ENV_KEYS = ("date_utc", "python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "cuda", "cudnn",
+            "gpu", "gpu_count", "gpu_memory_gib", "triton", "transformers", "numpy", "attnprune", "device",
+            "git_commit")
+"""The keys of :func:`environment`, always all present (``None`` where a value does not apply or is unknown)."""
+
 
 def _cpu_model() -> str:
     try:
@@ -47,8 +55,45 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict:
-    """Versions, hardware and date of this run (JSON-able)."""
+def _version(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "?")
+    except Exception:  # noqa: BLE001 - optional packages (missing, or broken on this machine)
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from (``None`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def environment(device=None) -> dict:
+    """The one record of where and with what a result was made, stored in every result file.
+
+    Fixed keys (:data:`ENV_KEYS`, all always present; ``None`` when unknown or not applicable):
+    ``date_utc`` ("YYYY-MM-DD HH:MM:SS UTC"), ``python``, ``platform`` (OS and architecture, no host
+    name), ``cpu`` (model), ``cpu_count``, ``torch_threads``, ``torch``, ``cuda`` (torch's CUDA
+    version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
+    ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
+    ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit``.
+    """
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    gpu = gpu_mem = None
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpu_count:
+        idx = dev.index if dev.type == "cuda" and dev.index is not None else 0
+        props = torch.cuda.get_device_properties(idx)
+        gpu, gpu_mem = props.name, round(props.total_memory / 2**30, 1)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     env: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "python": platform.python_version(),
@@ -57,14 +102,18 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "gpu": gpu,
+        "gpu_count": gpu_count,
+        "gpu_memory_gib": gpu_mem,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "numpy": _version("numpy"),
+        "attnprune": _version("attnprune"),
+        "device": str(dev),
+        "git_commit": _git_commit(),
     }
-    for mod in ("transformers", "numpy", "attnprune"):
-        try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", "?")
-        except Exception:  # pragma: no cover - optional packages
-            env[mod] = None
     return env
 
 
@@ -142,7 +191,7 @@ def markdown(result, *, title: str | None = None, env: dict | None = None, plots
         lines += ["", "Config: `" + json.dumps(r["config"]) + "`"]
     if env:
         lines += ["", f"Run {env.get('date_utc')} on {env.get('cpu')} ({env.get('cpu_count')} CPUs, "
-                  f"{env.get('torch_threads')} torch threads{', ' + env['cuda'] if env.get('cuda') else ''}); "
+                  f"{env.get('torch_threads')} torch threads{', ' + env['gpu'] if env.get('gpu') else ''}); "
                   f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}."]
     if plots is not None:
         lines += ["", "## Plots", ""]
@@ -336,28 +385,7 @@ def write_report(result, out_dir: str | os.PathLike, *, stats=None, title: str |
     if extra:
         doc["extra"] = extra
     files["json"] = out / "results.json"
-    write_text_atomic(files["json"], json.dumps(_clean(doc), indent=1, default=_jsonable, allow_nan=False) + "\n")
+    write_json(files["json"], doc)
     files["markdown"] = out / "report.md"
     write_text_atomic(files["markdown"], markdown(r, title=title, env=env, plots=plot_names))
     return files
-
-
-def _clean(o):
-    """NaN / inf -> None (strict JSON), recursively; dict keys as strings."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def _jsonable(o):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
