@@ -8,12 +8,14 @@ The public API:
   ``attach(model, mask, ...)`` / ``detach(model)`` (permanent)
 - ``finetune(model, examples, *, mask, task, out_dir, config)`` with ``TrainConfig``: training with a mask
   attached, checkpointed and resumable
+- ``PrunedKVCache(model, mask)``: a transformers generation cache holding only what the mask still reads
 - ``AttentionStats``, ``PruneMask``, ``SiteInfo`` and the ``AttnPruneError`` family.
 
 Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
 """
 
 from .apply import apply, attach, detach
+from .cache import PrunedKVCache
 from .errors import (
     AttnPruneError,
     CorruptFileError,
@@ -36,7 +38,7 @@ from .train import TrainConfig, finetune
 __version__ = "0.1.0"
 
 __all__ = [
-    "observe", "make_mask", "apply", "attach", "detach", "finetune", "TrainConfig",
+    "observe", "make_mask", "apply", "attach", "detach", "finetune", "TrainConfig", "PrunedKVCache",
     "AttentionStats", "PruneMask", "SiteInfo",
     "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
     "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",

@@ -22,6 +22,7 @@ class _Patch:
         self.mask, self.beyond, self.backend_name = mask, beyond, backend
         self.backend = BACKENDS.get(backend)
         self.checked = False
+        self.pruned_layers: dict = {}  # site -> the PrunedKVCache layer last used there (cache.py)
         self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
         self.interceptor = Interceptor(model, self)
         self.interceptor.after_forward = self.after_forward
@@ -36,6 +37,9 @@ class _Patch:
         if sm.info.num_heads != call.info.num_heads:
             raise MaskMismatchError(f"site {call.site!r}: the mask has {sm.info.num_heads} heads, the model "
                                     f"{call.info.num_heads}; the mask was made for another model")
+        layer = self.pruned_layers.get(call.site)
+        if layer is not None and call.k is layer.keys and layer.held_before:
+            return self._pruned(call, sm, layer)
         lq, lk = call.q.shape[2], call.k.shape[2]
         pos = call.positions
         beyond = self.beyond
@@ -54,6 +58,20 @@ class _Patch:
         return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                             scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
                             positions=None if pos.simple else (pos.q, pos.k))
+
+    def _pruned(self, call: AttentionCall, sm, layer):
+        """A call over a ``PrunedKVCache`` layer's compacted keys: each kv head's own kept positions."""
+        pos = call.positions
+        sm.check_length(pos.q_end, pos.k_end, "error")
+        q_pos = layer.new_pos.clamp_min(0)  # [B or 1, Lq]
+        k_pos = layer.pos  # [B, Hkv, Lk], -1 for empty slots
+        window = None
+        if layer.window is not None:
+            rep = call.q.shape[1] // k_pos.shape[1]
+            near = q_pos[:, None, :, None] - k_pos[:, :, None, :] < layer.window  # [B, Hkv, Lq, Lk]
+            window = near.repeat_interleave(rep, dim=1)
+        return BACKENDS.get("reference")(call.q, call.k, call.v, sm, attn_mask=window, is_causal=True,
+                                         scale=call.scale, dropout_p=call.dropout_p, positions=(q_pos, k_pos))
 
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor

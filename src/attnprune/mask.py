@@ -103,19 +103,24 @@ class SiteMask:
     def keep_at(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, beyond: str = "error") -> torch.Tensor:
         """bool ``[B, H, Lq, Lk]``: the mask at rows ``q_pos`` and columns ``k_pos`` of each sequence.
 
-        q_pos: long ``[B or 1, Lq]``; k_pos: long ``[B or 1, Lk]`` (positions in the sequence, e.g.
-        of a left-padded batch or a sliding-window cache). Positions outside the calibrated region:
-        kept under ``beyond="dense"``; ``LengthError`` under ``beyond="error"``.
+        q_pos: long ``[B or 1, Lq]``; k_pos: long ``[B or 1, Lk]``, or ``[B or 1, Hkv, Lk]`` with one
+        row of key positions per key/value head (query head ``h`` uses row ``h // (H // Hkv)``), e.g.
+        for a left-padded batch, a sliding-window cache or a pruned KV cache. Negative positions
+        (empty slots) read row / column 0; callers mask them out. Positions outside the calibrated
+        region: kept under ``beyond="dense"``; ``LengthError`` under ``beyond="error"``.
         """
-        if q_pos.numel() and k_pos.numel():
-            self._check_region(int(q_pos.max()) + 1, int(k_pos.max()) + 1, 0, beyond)
+        H = self.info.num_heads
+        kp = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos.repeat_interleave(H // k_pos.shape[1], dim=1)
+        if q_pos.numel() and kp.numel():
+            self._check_region(int(q_pos.max()) + 1, int(kp.max()) + 1, 0, beyond)
         dev = q_pos.device
         keep = self._cached(("dev", str(dev)), lambda: self._keep.to(dev))
         b = self.block or 1
         qi = q_pos.clamp(0, self.q_len - 1) // b  # [B, Lq]
-        ki = k_pos.clamp(0, self.k_len - 1) // b  # [B, Lk]
-        out = keep[:, qi[:, :, None], ki[:, None, :]].transpose(0, 1)  # [B, H, Lq, Lk]
-        outside = (q_pos >= self.q_len)[:, None, :, None] | (k_pos >= self.k_len)[:, None, None, :]
+        ki = kp.clamp(0, self.k_len - 1) // b  # [B, H or 1, Lk]
+        heads = torch.arange(H, device=dev)[None, :, None, None]
+        out = keep[heads, qi[:, None, :, None], ki[:, :, None, :]]  # [B, H, Lq, Lk]
+        outside = (q_pos >= self.q_len)[:, None, :, None] | (kp >= self.k_len)[:, :, None, :]
         return out | outside
 
     def _tokens(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:

@@ -19,8 +19,9 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` -> ``[B, Hq, Lq, Dv]``.
     Kept entries are ``site_mask.keep_tokens(Lq, Lk, q_offset=q_offset, beyond=beyond)`` intersected
     with ``attn_mask`` (bool) and causality (``j <= i + q_offset``); with ``positions = (q_pos, k_pos)``
-    (long ``[B or 1, Lq]`` / ``[B or 1, Lk]``) entry ``(i, j)`` of sequence ``b`` is the mask's entry
-    ``(q_pos[b, i], k_pos[b, j])`` instead, and causality is ``k_pos <= q_pos``. An additive float ``attn_mask`` is
+    (long ``[B or 1, Lq]`` / ``[B or 1, Lk]`` or ``[B or 1, Hkv, Lk]`` per key/value head) entry
+    ``(i, j)`` of sequence ``b`` is the mask's entry ``(q_pos[b, i], k_pos[b, j])`` instead, keys at
+    negative positions (empty slots) are never attended, and causality is ``k_pos <= q_pos``. An additive float ``attn_mask`` is
     added to the scores. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
     are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
     Half-precision inputs are computed in float32 and cast back.
@@ -52,8 +53,11 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     if is_causal and positions is None:
         i = torch.arange(Lq, device=q.device)[:, None]
         allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= i + q_offset)
-    elif is_causal:
-        allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+    if positions is not None:
+        kp = (k_pos[:, None] if k_pos.dim() == 2 else k_pos.repeat_interleave(Hq // k_pos.shape[1], 1))[:, :, None, :]
+        allowed = allowed & (kp >= 0)  # negative key positions: empty slots
+        if is_causal:
+            allowed = allowed & (kp <= q_pos[:, None, :, None])
     scores = scores.masked_fill(~allowed, float("-inf"))
     alive = (scores > float("-inf")).any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)

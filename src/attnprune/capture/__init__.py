@@ -54,6 +54,8 @@ class AttentionCall:
     kind: ``"self"``, ``"causal"`` or ``"cross"``; info: the site's ``SiteInfo``.
     positions: where the queries and keys sit in their own sequences (mask rows and columns),
         from the forward's padding masks and cache (``positions.py``).
+    window: the model's sliding window for this call (query ``i`` sees keys ``j > i - window``),
+        when the model says it (transformers' ``sliding_window``); already part of ``attn_mask``.
     """
 
     site: str
@@ -69,6 +71,7 @@ class AttentionCall:
     info: SiteInfo
     q_valid: torch.Tensor | None = None
     positions: Positions | None = None
+    window: int | None = None
 
 
 Handler = Callable[[AttentionCall], "torch.Tensor | None"]
@@ -217,7 +220,7 @@ class Interceptor:
 
     # ---- dispatch --------------------------------------------------------------------------
     def dispatch(self, module: nn.Module | None, q, k, v, attn_mask, is_causal, scale, dropout_p,
-                 causal_hint: bool):
+                 causal_hint: bool, window: int | None = None):
         """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
         base = self.names.get(owner, type(owner).__name__ if owner is not None else "<root>")
@@ -234,7 +237,7 @@ class Interceptor:
         self.calls += 1
         pos = self.context.positions(name, info.kind, lq, lk, bool(is_causal), q.device)
         call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
-                             info.kind, info, positions=pos)
+                             info.kind, info, positions=pos, window=window)
         return self.handler(call)
 
     def check_found(self) -> None:

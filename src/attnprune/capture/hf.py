@@ -66,7 +66,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     it.hf_depth += 1
     try:
         out = it.dispatch(module, query, k, v, mask, causal, scaling, dropout,
-                          bool(getattr(module, "is_causal", False)) or bool(is_causal))
+                          bool(getattr(module, "is_causal", False)) or bool(is_causal),
+                          window=kwargs.get("sliding_window"))
         if out is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, position_bias=position_bias,

@@ -118,6 +118,15 @@ class ForwardContext:
         s = self._sides[side]
         return s if s is not None and s.length == length else None
 
+    def own_positions(self, start: int, n: int, device, decoder: bool = False) -> torch.Tensor:
+        """long ``[B or 1, n]``: positions of tokens ``start .. start+n-1`` of the forward's sequences in
+        their own sequences, -1 for padding (no 2-D mask covering them: ``start + i``)."""
+        s = self._side("decoder" if decoder else "encoder", start + n)
+        if s is None:
+            return torch.arange(start, start + n, device=device)[None]
+        own = s.own[:, start:start + n].to(device)
+        return torch.where(s.valid[:, start:start + n].to(device), own, -1)
+
     def positions(self, site: str, kind: str, lq: int, lk: int, is_causal: bool, device) -> Positions:
         """Positions of one call at ``site`` (of ``kind``) with ``lq`` queries and ``lk`` keys."""
         decoder = self.enc_dec and (kind == "cross" or any("decoder" in p.lower()

@@ -1,0 +1,277 @@
+"""``PrunedKVCache``: a transformers KV cache that keeps only the keys and values a static mask still reads.
+
+A static mask says, for each site and key/value head, which past positions any later query of
+that head's group may attend to. Position ``p`` of kv head ``g`` is *last read* by row
+``last[g, p] = max{r : keep[h, r, p]}`` over the query heads ``h`` of the group (and, for a layer
+with a sliding window ``w``, no later than ``p + w - 1``). Once every query of a forward sits past
+``last[g, p]``, no later query can read ``p``: before each update the layer drops such entries and
+compacts what is left, per sequence and kv head, so the cache holds ``[B, Hkv, C, D]`` with ``C``
+the largest number of live positions of any (sequence, head), plus their positions ``[B, Hkv, C]``
+(-1: an empty slot). Sink columns are read by every row and stay; a local band's keys leave as the
+band moves on. Attention over the compacted cache runs on the reference backend (per head, only
+the kept positions); calls without earlier cached entries (the prompt) run on the attached backend.
+
+Usage::
+
+    with attnprune.apply(model, mask):
+        out = model.generate(ids, past_key_values=attnprune.PrunedKVCache(model, mask), max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, UnsupportedModelError
+
+__all__ = ["PrunedKVCache", "last_reads"]
+
+
+def last_reads(site_mask, num_kv_heads: int, window: int | None = None) -> torch.Tensor:
+    """long ``[Hkv, k_len]``: the last query row that reads each key position (-1: none), over the
+    query heads of each key/value head's group; with a sliding window, at most ``p + window - 1``."""
+    b = site_mask.block or 1
+    keep = site_mask.keep  # [H, Q, K] tokens or [H, Qb, Kb] blocks
+    H, rows = keep.shape[0], keep.shape[1]
+    group = keep.reshape(num_kv_heads, H // num_kv_heads, rows, keep.shape[2]).any(1)  # [Hkv, rows, cols]
+    seen = group.any(1)
+    last_row = rows - 1 - group.flip(1).to(torch.int8).argmax(1)  # last row (block) reading each column
+    last = torch.minimum((last_row + 1) * b - 1, torch.tensor(site_mask.q_len - 1))
+    last = torch.where(seen, last, -1).repeat_interleave(b, dim=1)[:, :site_mask.k_len]
+    if window is not None:
+        last = torch.minimum(last, torch.arange(site_mask.k_len) + window - 1)
+    return last.long()
+
+
+def _layer_class():
+    from transformers.cache_utils import CacheLayerMixin
+
+    class PrunedLayer(CacheLayerMixin):
+        """One layer of a :class:`PrunedKVCache` (see the module docstring)."""
+
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, cache, site: str, last: torch.Tensor, window: int | None):
+            super().__init__()
+            self.cache, self.site, self.window = cache, site, window
+            self._last = last  # [Hkv, k_len] on the CPU; moved to the device on first use
+            self.seen = 0  # tokens seen so far (cached + current)
+            self.pos: torch.Tensor | None = None  # [B, Hkv, C] positions of the held entries, -1 empty
+            self.held_before = 0  # entries held before the current update (0: a prompt call)
+            self.new_pos: torch.Tensor | None = None  # [B or 1, n] positions of the current queries
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            B, Hkv, _, D = key_states.shape
+            self.device, self.dtype = key_states.device, key_states.dtype
+            self.keys = key_states.new_zeros(B, Hkv, 0, D)
+            self.values = value_states.new_zeros(B, Hkv, 0, value_states.shape[-1])
+            self.pos = torch.zeros(B, Hkv, 0, dtype=torch.long, device=self.device)
+            self._last = self._last.to(self.device)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            B, Hkv, n, _ = key_states.shape
+            new = self.cache._context().own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
+            self._evict(new)
+            self.held_before = self.pos.shape[-1]
+            new_pos = new.expand(B, n)[:, None, :].expand(B, Hkv, n)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos], dim=-1)
+            self.new_pos = new
+            self.seen += n
+            return self.keys, self.values
+
+        def _live(self, first: torch.Tensor) -> torch.Tensor:
+            """bool [B, Hkv, C]: held entries that a query at position >= ``first [B or 1]`` may read."""
+            big = torch.iinfo(torch.long).max
+            K = self._last.shape[1]
+            g = torch.arange(self.pos.shape[1], device=self.device)[None, :, None]
+            last = self._last[g, self.pos.clamp(0, K - 1)]
+            last = torch.where(self.pos >= K, big, last)  # past the calibration: LengthError decides
+            return (self.pos >= 0) & (last >= first[:, None, None])
+
+        def _evict(self, new: torch.Tensor) -> None:
+            """Drop entries no query at or after this forward's first query can read; compact."""
+            if self.pos.shape[-1] == 0:
+                return
+            first = torch.where(new >= 0, new, torch.iinfo(torch.long).max).min(-1).values  # [B or 1]
+            live = self._live(first)
+            keep = int(live.sum(-1).max())  # one host sync per layer and step
+            order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[..., :keep]
+            self.pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
+            idx = order[..., None]
+            self.keys = self.keys.gather(2, idx.expand(*idx.shape[:-1], self.keys.shape[-1]))
+            self.values = self.values.gather(2, idx.expand(*idx.shape[:-1], self.values.shape[-1]))
+
+        def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+            held = 0 if self.pos is None else self.pos.shape[-1]
+            return held + query_length, 0
+
+        def get_seq_length(self, *args) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                idx = indices.to(self.device)
+                self.keys, self.values, self.pos = (t.index_select(0, idx) for t in (self.keys, self.values, self.pos))
+                if self.new_pos is not None and self.new_pos.shape[0] > 1:
+                    self.new_pos = self.new_pos.index_select(0, idx)
+                self.cache._reindex(idx)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self.keys, self.values, self.pos = (t.repeat_interleave(repeats, 0)
+                                                    for t in (self.keys, self.values, self.pos))
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise UnsupportedModelError("PrunedKVCache cannot be cropped (assisted / speculative decoding); "
+                                        "use the default cache for it")
+
+        def reset(self) -> None:
+            self.keys = self.values = self.pos = None
+            self.is_initialized = False
+            self.seen = 0
+
+        def nbytes(self) -> tuple[int, int, int]:
+            """Bytes of keys and values: (kept for later steps: the entries a query at the next
+            position may read, compacted as the next update will; allocated now; a dense cache's
+            for the same tokens: all of them, or the last ``window - 1`` on a sliding layer)."""
+            if not self.is_initialized:
+                return 0, 0, 0
+            B, Hkv = self.keys.shape[:2]
+            per = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+            nxt = torch.full((1,), self.seen, dtype=torch.long, device=self.device)
+            kept = int(self._live(nxt).sum(-1).max()) if self.pos.shape[-1] else 0
+            dense = self.seen if self.window is None else min(self.seen, self.window - 1)
+            return B * Hkv * kept * per, B * Hkv * self.pos.shape[-1] * per, B * Hkv * dense * per
+
+    return PrunedLayer
+
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+class _Lazy(type):
+    """Builds ``PrunedKVCache`` on first use, so importing attnprune does not import transformers."""
+
+    _cls = None
+
+    def __call__(cls, *args, **kwargs):
+        return _build()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj):
+        return _Lazy._cls is not None and isinstance(obj, _Lazy._cls)
+
+
+def _build():
+    if _Lazy._cls is not None:
+        return _Lazy._cls
+    Layer = _layer_class()
+
+    class _PrunedKVCache(_cache_base()):
+        __doc__ = PrunedKVCache.__doc__
+
+        def __init__(self, model: nn.Module, mask):
+            from .apply import attached
+
+            if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+                raise UnsupportedModelError("PrunedKVCache supports decoder-only models; an encoder-decoder "
+                                            "model keeps its default cache")
+            sites = {}
+            for name, module in model.named_modules():
+                idx = getattr(module, "layer_idx", None)
+                if isinstance(idx, int) and name in mask and mask.site(name).info.kind == "causal":
+                    sites[idx] = (name, module)
+            n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0) or len(sites)
+            missing = [i for i in range(n) if i not in sites]
+            if not sites or missing:
+                raise UnsupportedModelError(
+                    f"PrunedKVCache needs a causal mask site for every attention layer of the model; layers "
+                    f"{missing[:5] or 'all'} have none (is the mask for this model?)")
+            layers = []
+            for i in range(n):
+                name, module = sites[i]
+                sm = mask.site(name)
+                window = _window(model, module, i)
+                layers.append(Layer(self, name, last_reads(sm, sm.info.num_kv_heads, window), window))
+            super().__init__(layers=layers)
+            self.model, self.mask = model, mask
+            self._attached = attached
+
+        def _context(self):
+            patch = _patch(self.model)
+            if patch is None or patch.mask is not self.mask:
+                raise InvalidArgumentError("PrunedKVCache(model, mask) is used while that mask is not attached "
+                                           "to the model: run generate inside `with attnprune.apply(model, mask):`")
+            if patch.beyond != "error":
+                raise InvalidArgumentError(f"PrunedKVCache needs beyond='error' (got {patch.beyond!r}): past the "
+                                           f"calibrated length every key may be read again, so none could be dropped")
+            patch.pruned_layers = {layer.site: layer for layer in self.layers}
+            return patch.interceptor.context
+
+        def _reindex(self, idx) -> None:
+            pass
+
+        def kv_bytes(self) -> dict:
+            """Key and value bytes over all layers: ``held`` (kept for the next step: what a query at
+            the next position may still read), ``allocated`` (the tensors right now, which also hold
+            what the last step read), ``dense`` (what transformers' default cache keeps between steps
+            for the same tokens) and ``share = held / dense``."""
+            held = alloc = dense = 0
+            for layer in self.layers:
+                h, a, d = layer.nbytes()
+                held, alloc, dense = held + h, alloc + a, dense + d
+            return {"held": held, "allocated": alloc, "dense": dense, "share": held / dense if dense else 0.0}
+
+    _Lazy._cls = _PrunedKVCache
+    return _PrunedKVCache
+
+
+def _patch(model):
+    from .apply import _ATTACHED
+
+    return _ATTACHED.get(model)
+
+
+def _window(model, module, idx: int) -> int | None:
+    """The sliding window of layer ``idx`` (None: full attention), as transformers configures it."""
+    w = getattr(module, "sliding_window", None)
+    if isinstance(w, int):
+        return w
+    cfg = getattr(model, "config", None)
+    w = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not isinstance(w, int):
+        return None
+    if types is not None:
+        return w if types[idx] == "sliding_attention" else None
+    return w if getattr(cfg, "use_sliding_window", True) else None
+
+
+class PrunedKVCache(metaclass=_Lazy):
+    """A transformers ``Cache`` keeping, per layer and key/value head, only the positions that a later
+    query can still read under the attached mask (see the module docstring).
+
+    Args:
+        model: a decoder-only transformers model with ``mask`` attached (``attnprune.apply``, with
+            ``beyond="error"``) while the cache is used.
+        mask: the attached ``PruneMask``.
+
+    ``cache.kv_bytes()`` reports the bytes held against a dense cache's. Works with batches, left
+    padding, greedy, sampling and beam search. Not supported (a clear error): encoder-decoder
+    models, cropping (assisted decoding), ``beyond`` other than ``"error"``.
+    """
