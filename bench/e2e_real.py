@@ -27,10 +27,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torch  # noqa: E402
 
 from attnprune import data as D  # noqa: E402
+from attnprune._io import write_json  # noqa: E402
 from attnprune.apply import apply  # noqa: E402
 from attnprune.models import load_model  # noqa: E402
 from attnprune.observe import observe  # noqa: E402
 from attnprune.policies import make_mask  # noqa: E402
+from attnprune.report import environment  # noqa: E402
 
 
 def logits_and_time(model, ids, mask, backend):
@@ -73,11 +75,8 @@ def main() -> None:
     calib = D.chunk_tokens(D.token_stream(ds["calibration"], tok), L, max_sequences=a.calib).to(a.device)
     test = D.chunk_tokens(D.token_stream(ds["test"], tok), L, max_sequences=a.test).to(a.device)
     stats = observe(model, [{"input_ids": calib[i:i + 8]} for i in range(0, calib.shape[0], 8)], progress=False)
-    result = {"model": lm.name, "seq_len": L, "test_sequences": test.shape[0], "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "torch": torch.__version__, "rows": []}
-    import triton
-
-    result["triton"] = triton.__version__
+    result = {"model": lm.name, "seq_len": L, "test_sequences": test.shape[0], "env": environment(a.device),
+              "rows": []}
     ok = True
     for s in [float(x) for x in a.sparsities.split(",")]:
         mask = make_mask(stats, s, policy="layer")
@@ -95,11 +94,9 @@ def main() -> None:
         ok &= row["pass"]
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        with open(os.path.join(a.out, "e2e_real.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(os.path.join(a.out, "e2e_real.json"), result)
     result["pass"] = ok
-    with open(os.path.join(a.out, "e2e_real.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(a.out, "e2e_real.json"), result)
     sys.exit(0 if ok else 1)
 
 

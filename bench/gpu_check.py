@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
+from attnprune._io import write_json  # noqa: E402
 from attnprune.kernels import KernelConfig  # noqa: E402
-from attnprune.kernels import benchmark as bm  # noqa: E402
+from attnprune.bench import kernels as bm  # noqa: E402
 
 T = True
 FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3, T), (128, 128, 8, 3, T),
@@ -109,8 +110,7 @@ def main():
     result = {"env": bm.environment(), "argv": sys.argv}
 
     def save():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(path, result, default=str)
 
     print(result["env"])
     save()

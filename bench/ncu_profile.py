@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ KEEP = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "Registers P
 def child(a) -> None:
     import torch
 
-    from attnprune.kernels import benchmark as bm
+    from attnprune.bench import kernels as bm
 
     torch.manual_seed(0)
     batch = bm.default_batch(a.length)
@@ -97,6 +96,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a)
+    from attnprune._io import write_json
     os.makedirs(a.out, exist_ok=True)
     summary = []
     for mode in a.modes.split(","):
@@ -123,8 +123,7 @@ def main() -> None:
                                 "seconds": round(time.time() - t0, 1), "kernels": kernels,
                                 "stderr_tail": err if rc else ""})
                 print(f"{tag}: rc={rc}, {len(kernels)} kernels, {time.time() - t0:.0f} s", flush=True)
-                with open(os.path.join(a.out, "ncu_summary.json"), "w") as f:
-                    json.dump(summary, f, indent=1)
+                write_json(os.path.join(a.out, "ncu_summary.json"), summary)
 
 
 if __name__ == "__main__":

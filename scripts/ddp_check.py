@@ -107,7 +107,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
+    from attnprune._io import write_json, write_text_atomic
     from attnprune.models import load_model
+    from attnprune.report import environment
 
     # initial weights, to size the fine-tuning update; also fails fast on a bad --model and fills any
     # model cache (smollm2's float32 conversion) before the ranks start
@@ -116,7 +118,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = a.nproc
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    report = {"argv": sys.argv, "torch": torch.__version__, "devices": gpus or ["cpu"],
+    report = {"argv": sys.argv, "env": environment(), "devices": gpus or ["cpu"],
               "backend": "nccl" if torch.cuda.is_available() else "gloo", "runs": {}, "checks": {},
               "tolerances": {"stats_atol": a.stats_atol, "loss_rtol": a.loss_rtol, "weight_rtol": a.weight_rtol}}
     runs, checks = report["runs"], report["checks"]
@@ -158,7 +160,7 @@ def main() -> int:
         runs[f"finetune_{label}_1accum"]["final_loss"] = floor["final_loss"]
     ok = all(c["pass"] for c in checks.values())
     report["pass"] = ok
-    (out / "ddp_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "ddp_check.json", report, indent=2)
     md = [f"# DDP check: {a.model} on {a.data}", "",
           f"torch {torch.__version__}; devices: {', '.join(report['devices'])}; backend {report['backend']}; "
           f"precision {a.precision}; tolerances: stats sum atol {a.stats_atol:g} (counts exact), "
@@ -183,7 +185,7 @@ def main() -> int:
         loss = f"{r['final_loss']:.4f}" if "final_loss" in r else ""
         md.append(f"| {name} | {r['procs']} | {report['backend'] if r['procs'] > 1 else '-'} | {r['wall_s']:.1f} "
                   f"| {loss} | {diff} | {verdict} |")
-    (out / "ddp_check.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / "ddp_check.md", "\n".join(md) + "\n")
     print("\n".join(md))
     print(f"{'PASS' if ok else 'FAIL'}: wrote {out / 'ddp_check.json'} and {out / 'ddp_check.md'}")
     return 0 if ok else 1

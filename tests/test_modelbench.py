@@ -47,7 +47,7 @@ def test_model_bench_bad_input(capsys, tmp_path, argv, words):
 
 
 def test_old_arch_names_still_work():
-    from attnprune.modelbench import ARCHS, resolve_arch
+    from attnprune.bench.model import ARCHS, resolve_arch
     from attnprune.models import model_names
 
     assert set(ARCHS) <= set(model_names())  # every benchmark name is a --model name of the other commands

@@ -10,15 +10,15 @@ all the work whatever the density, so their effective throughput falls with dens
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .attention import sparse_attention
-from .layout import BlockLayout
+from .._io import write_json
+from ..kernels.attention import sparse_attention
+from ..kernels.layout import BlockLayout
+from ..report import environment
 
 IMPLS = ("cudnn", "flash", "flex", "ours")
 BLOCK = 128
@@ -171,20 +171,6 @@ def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense
     return rows
 
 
-def environment() -> dict:
-    import triton
-
-    env = {
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(card=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return env
-
-
 def rows_to_json(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
@@ -239,11 +225,7 @@ def run_grid(head_dims=(64, 128), lengths=(4096, 16384, 32768), densities=(1.0, 
 
 
 def save(path, payload: dict) -> None:
-    from .._io import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, default=str)
+    write_json(path, payload, default=str)
 
 
 __all__ = ["BenchConfig", "BenchRow", "run_config", "run_grid", "matmul_ceiling", "environment", "markdown_table",

@@ -19,8 +19,6 @@ time is wall clock and memory is reported as ``None`` ("n/a").
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +26,12 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidArgumentError, MissingDependencyError
-from .mask import PruneMask, SiteMask
-from .policies import check_sparsity
-from .train import default_device
+from .._io import write_json
+from ..errors import InvalidArgumentError, MissingDependencyError
+from ..mask import PruneMask, SiteMask
+from ..policies import check_sparsity
+from ..report import environment  # noqa: F401 - the record of this benchmark's files
+from ..train import default_device
 
 MODES = ("prefill", "train")
 
@@ -106,7 +106,7 @@ def build_model(arch: str, max_len: int, device, dtype):
 # ---------------------------------------------------------------------------------- masks
 def discover_sites(model, vocab: int, device) -> dict:
     """Site infos of ``model`` from one short forward (attention computed by the original path)."""
-    from .capture import intercept
+    from ..capture import intercept
 
     ids = torch.randint(0, vocab, (1, 8), device=device)
     with torch.no_grad(), intercept(model, lambda call: None) as it:
@@ -224,8 +224,8 @@ def _runners(model, ids, kind: str):
 def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MODES, batch: int = 1,
         block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print) -> list[ModelBenchRow]:
     """Run the grid; returns one row per (length, mode, variant[, sparsity])."""
-    from .apply import apply
-    from .capture import intercept
+    from ..apply import apply
+    from ..capture import intercept
 
     arch = resolve_arch(arch)
     sparsities = [check_sparsity(s) for s in sparsities]
@@ -240,7 +240,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
     device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from .backends import BACKENDS
+    from ..backends import BACKENDS
 
     BACKENDS.get(backend)  # MissingDependencyError early, before building anything
     model, cfg, kind = build_model(arch, max(lengths), device, dtype)
@@ -295,23 +295,6 @@ def _fmt(x, nd=1) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def environment(device=None) -> dict:
-    dev = default_device(device)
-    env = {"device": dev.type, "torch": torch.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    if dev.type == "cuda":
-        env["card"] = torch.cuda.get_device_name(dev)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return env
-
-
 def markdown_table(rows: list[ModelBenchRow]) -> str:
     head = ("| model | length | batch | mode | variant | backend | sparsity (achieved) | ms | peak MiB "
             "| attention share | speedup vs dense |")
@@ -326,46 +309,6 @@ def markdown_table(rows: list[ModelBenchRow]) -> str:
 
 
 def save(path, payload: dict) -> None:
-    from ._io import write_text_atomic
-
     payload = dict(payload)
     payload["rows"] = [asdict(r) if isinstance(r, ModelBenchRow) else r for r in payload.get("rows", [])]
-    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
-
-
-def cmd(args) -> int:
-    """``attnprune bench --model ARCH``: parse the bench arguments and run the whole-model grid."""
-    from ._io import check_output_file, write_text_atomic
-
-    def floats(s):
-        try:
-            return [float(x) for x in s.split(",") if x]
-        except ValueError:
-            raise InvalidArgumentError(f"expected a comma list of numbers, got {s!r}") from None
-
-    def ints(s):
-        try:
-            return [int(x) for x in s.split(",") if x]
-        except ValueError:
-            raise InvalidArgumentError(f"expected a comma list of integers, got {s!r}") from None
-
-    arch = resolve_arch(args.model)
-    check_output_file(args.output)
-    if args.markdown:
-        check_output_file(args.markdown)
-    lengths = ints(args.lengths or "4096,8192,16384")
-    sparsities = floats(args.sparsities)
-    for s in sparsities:
-        check_sparsity(s)
-    modes = [m for m in args.model_modes.split(",") if m]
-    env = environment()
-    print(env)
-    rows = run(arch, lengths, sparsities, backend=args.backend, modes=modes, batch=args.batch,
-               block=args.block, warmup=args.warmup, reps=args.reps)
-    table = markdown_table(rows)
-    save(args.output, {"env": env, "arch": arch, "backend": args.backend, "block": args.block,
-                       "rows": rows, "table": table})
-    if args.markdown:
-        write_text_atomic(args.markdown, table + "\n")
-    print(table)
-    return 0
+    write_json(path, payload)
