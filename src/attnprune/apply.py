@@ -6,6 +6,8 @@ import contextlib
 import weakref
 from typing import Iterator
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import BACKENDS
@@ -60,18 +62,20 @@ class _Patch:
                             positions=None if pos.simple else (pos.q, pos.k))
 
     def _pruned(self, call: AttentionCall, sm, layer):
-        """A call over a ``PrunedKVCache`` layer's compacted keys: each kv head's own kept positions."""
+        """A call over a ``PrunedKVCache`` layer's compacted keys: each head attends to its group's
+        kept positions (``keep_at``), causal in positions, within the layer's sliding window."""
         pos = call.positions
         sm.check_length(pos.q_end, pos.k_end, "error")
         q_pos = layer.new_pos.clamp_min(0)  # [B or 1, Lq]
-        k_pos = layer.pos  # [B, Hkv, Lk], -1 for empty slots
-        window = None
+        rep = call.q.shape[1] // layer.pos.shape[1]
+        k_pos = layer.pos.repeat_interleave(rep, dim=1)[:, :, None, :]  # [B, Hq, 1, Lk], -1: empty slot
+        qp = q_pos[:, None, :, None]
+        allowed = sm.keep_at(q_pos, layer.pos, beyond="error") & (k_pos >= 0) & (k_pos <= qp)
         if layer.window is not None:
-            rep = call.q.shape[1] // k_pos.shape[1]
-            near = q_pos[:, None, :, None] - k_pos[:, :, None, :] < layer.window  # [B, Hkv, Lq, Lk]
-            window = near.repeat_interleave(rep, dim=1)
-        return BACKENDS.get("reference")(call.q, call.k, call.v, sm, attn_mask=window, is_causal=True,
-                                         scale=call.scale, dropout_p=call.dropout_p, positions=(q_pos, k_pos))
+            allowed = allowed & (qp - k_pos < layer.window)
+        out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,
+                                             enable_gqa=rep > 1)
+        return torch.where(allowed.any(-1, keepdim=True), out, 0.0)  # a row with nothing kept: 0
 
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor

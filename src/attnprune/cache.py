@@ -7,9 +7,11 @@ with a sliding window ``w``, no later than ``p + w - 1``). Once every query of a
 ``last[g, p]``, no later query can read ``p``: before each update the layer drops such entries and
 compacts what is left, per sequence and kv head, so the cache holds ``[B, Hkv, C, D]`` with ``C``
 the largest number of live positions of any (sequence, head), plus their positions ``[B, Hkv, C]``
-(-1: an empty slot). Sink columns are read by every row and stay; a local band's keys leave as the
-band moves on. Attention over the compacted cache runs on the reference backend (per head, only
-the kept positions); calls without earlier cached entries (the prompt) run on the attached backend.
+(-1: an empty slot). Dropped entries are marked empty at once and removed at the next compaction
+(after the prompt and every ``COMPACT_EVERY`` steps: the only host synchronisation). Sink columns are
+read by every row and stay; a local band's keys leave as the band moves on. Attention over the
+compacted cache is PyTorch SDPA with each head's kept positions as its boolean mask; calls without
+earlier cached entries (the prompt) run on the attached backend.
 
 Usage::
 
@@ -25,6 +27,8 @@ from torch import nn
 from .errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["PrunedKVCache", "last_reads"]
+
+COMPACT_EVERY = 32  # decode steps between compactions of a layer (each costs one host sync)
 
 
 def last_reads(site_mask, num_kv_heads: int, window: int | None = None) -> torch.Tensor:
@@ -61,6 +65,8 @@ def _layer_class():
             self.pos: torch.Tensor | None = None  # [B, Hkv, C] positions of the held entries, -1 empty
             self.held_before = 0  # entries held before the current update (0: a prompt call)
             self.new_pos: torch.Tensor | None = None  # [B or 1, n] positions of the current queries
+            self._since_compact = 0  # updates since the last compaction
+            self._last_n = 0  # tokens of the last update (> 1: a prompt, compact at the next)
 
         def lazy_initialization(self, key_states, value_states) -> None:
             B, Hkv, _, D = key_states.shape
@@ -84,6 +90,7 @@ def _layer_class():
             self.pos = torch.cat([self.pos, new_pos], dim=-1)
             self.new_pos = new
             self.seen += n
+            self._last_n = n
             return self.keys, self.values
 
         def _live(self, first: torch.Tensor) -> torch.Tensor:
@@ -96,12 +103,18 @@ def _layer_class():
             return (self.pos >= 0) & (last >= first[:, None, None])
 
         def _evict(self, new: torch.Tensor) -> None:
-            """Drop entries no query at or after this forward's first query can read; compact."""
+            """Drop entries no query at or after this forward's first query can read: mark them empty
+            (no host sync), and compact after a prompt and every ``COMPACT_EVERY`` updates (one sync)."""
             if self.pos.shape[-1] == 0:
                 return
             first = torch.where(new >= 0, new, torch.iinfo(torch.long).max).min(-1).values  # [B or 1]
             live = self._live(first)
-            keep = int(live.sum(-1).max())  # one host sync per layer and step
+            self._since_compact += 1
+            if self._last_n <= 1 and self._since_compact < COMPACT_EVERY:
+                self.pos = torch.where(live, self.pos, -1)
+                return
+            self._since_compact = 0
+            keep = int(live.sum(-1).max())  # the one host sync, per layer and compaction
             order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[..., :keep]
             self.pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
             idx = order[..., None]
@@ -141,7 +154,7 @@ def _layer_class():
         def reset(self) -> None:
             self.keys = self.values = self.pos = None
             self.is_initialized = False
-            self.seen = 0
+            self.seen = self._since_compact = self._last_n = 0
 
         def nbytes(self) -> tuple[int, int, int]:
             """Bytes of keys and values: (kept for later steps: the entries a query at the next
