@@ -16,6 +16,8 @@
 #   e2e         bench/e2e_real.py: triton vs reference backend on SmolLM2 with AP masks (issue 3)
 #   ncu         bench/ncu_profile.py: Nsight Compute profile of ours / flex / cuDNN (issue 3)
 #   ddp         scripts/ddp_check.py on 2 GPUs, NCCL (issue 5)
+#   tests12     positions / PrunedKVCache / apply / observe suites on the GPU machine's stack (issue 12, 13)
+#   decode      bench/decode_bench.py: decode tok/s and memory, dense vs masked vs PrunedKVCache (issue 13)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
 set -u
@@ -60,6 +62,12 @@ while [ $# -gt 0 ]; do
     tests)
         stage tests 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/test_kernels.py tests/test_backend_triton.py ;;
+    tests12)
+        stage tests12 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs -x \
+            tests/test_positions.py tests/test_cache.py tests/test_apply.py tests/test_observe.py ;;
+    decode)
+        stage decode 330 python3 bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 \
+            -o "$RUNS/decode.json" ;;
     recovery)
         stage recovery 340 bash scripts/recovery.sh --quiet --steps 150 --seq-len 512 --batch-size 8 \
             --lr 1e-4 --schedule cosine --warmup 10 --calib 96 --test 128 --out "$RUNS/recovery" ;;

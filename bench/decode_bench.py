@@ -1,0 +1,144 @@
+"""Decode speed and memory: dense vs masked (stock cache) vs masked with PrunedKVCache.
+
+SmolLM2-135M architecture (random weights, bf16), a synthetic sink + band block mask (block 64:
+the first block column and a band of diagonal blocks, ~90% sparsity at 8k), greedy generation of
+``--new`` tokens after a ``--context``-token prompt. Reports, per variant: prefill time, decode
+tokens/s (batch x new tokens over the decode time: time of the whole generation minus the time of
+a 1-token generation), peak GPU memory over the weights, and for PrunedKVCache the bytes it holds
+against a dense cache's. Also checks that the PrunedKVCache tokens equal the stock cache's.
+
+    python bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 -o decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def smollm2(max_len: int, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max_len,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def band_mask(model, length: int, block: int, sparsity: float):
+    """Sink block column + a band of diagonal blocks, wide enough for ~``sparsity``."""
+    from attnprune.capture import intercept
+    from attnprune.mask import PruneMask, SiteMask
+
+    infos = {}
+    dev = next(model.parameters()).device
+    with torch.no_grad(), intercept(model, lambda c: infos.setdefault(c.site, c.info) and None):
+        model(torch.zeros(1, 8, dtype=torch.long, device=dev))
+    nb = -(-length // block)
+    i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    width = max(1, round((1 - sparsity) * nb / 2))
+    keep = ((j == 0) | ((i - j >= 0) & (i - j < width))) & (j <= i)
+    sms = [SiteMask(info, length, length, keep=keep.expand(info.num_heads, nb, nb).clone(), block=block)
+           for info in infos.values()]
+    kept = keep.sum().item() / (nb * (nb + 1) / 2)
+    return PruneMask(sms, {"model": {"name": "decode-bench"}, "block": block}), 1 - kept
+
+
+def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, device: str = "cuda"):
+    import attnprune
+    from attnprune import PrunedKVCache
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    for ctx in contexts:
+        model = smollm2(ctx + new + 8, dev, torch.bfloat16)
+        weights = torch.cuda.memory_allocated() if cuda else 0
+        mask, achieved = band_mask(model, ctx + new, block, sparsity)
+        for B in batches:
+            ids = torch.randint(3, 49152, (B, ctx), device=dev, generator=torch.Generator(dev).manual_seed(1))
+
+            def gen(n, variant):
+                kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                if variant == "pruned":
+                    kw["past_key_values"] = PrunedKVCache(model, mask)
+                out = model.generate(ids, **kw, return_dict_in_generate=True)
+                return out
+
+            for variant in ("dense", "masked", "pruned"):
+                ctxm = attnprune.apply(model, mask, backend=backend) if variant != "dense" else _null()
+                with torch.no_grad(), ctxm:
+                    gen(2, variant)  # warm-up (kernels compiled, layouts built)
+                    sync()
+                    t0 = time.perf_counter()
+                    gen(1, variant)
+                    sync()
+                    t_pre = time.perf_counter() - t0
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    out = gen(new, variant)
+                    sync()
+                    t_all = time.perf_counter() - t0
+                    peak = torch.cuda.max_memory_allocated() - weights if cuda else 0
+                    cache = out.past_key_values
+                    held = None
+                    if variant == "pruned":
+                        held = cache.kv_bytes()
+                    seqs = out.sequences
+                row = {"context": ctx, "batch": B, "variant": variant, "new_tokens": new,
+                       "prefill_s": t_pre, "decode_tok_s": B * (new - 1) / max(t_all - t_pre, 1e-9),
+                       "peak_mib_over_weights": peak / 2**20, "kv_bytes": held, "sparsity": achieved}
+                if variant == "masked":
+                    ref = seqs
+                if variant == "pruned":
+                    row["same_tokens_as_masked"] = bool(torch.equal(seqs, ref))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", default="4096,8192")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("-o", "--out", default=None)
+    a = ap.parse_args()
+    from attnprune.report import environment
+
+    rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
+               a.backend, a.block, a.sparsity, a.device)
+    print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'peak MiB':>9} {'KV share':>8}")
+    for r in rows:
+        share = f"{r['kv_bytes']['share']:.3f}" if r["kv_bytes"] else "-"
+        print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {1e3 * r['prefill_s']:>10.1f} "
+              f"{r['decode_tok_s']:>12.1f} {r['peak_mib_over_weights']:>9.0f} {share:>8}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
