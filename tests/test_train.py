@@ -6,7 +6,6 @@ the DDP worker processes (which import this module) start fast.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -106,27 +105,6 @@ def _assert_same_training(a: dict, b: dict, start: dict):
     rel = torch.finfo(torch.float64).eps ** 0.5
     bad = {k: f"{r:.3g}" for k, r in _training_diff(a, b, start).items() if not r <= rel}
     assert not bad, f"weights differ (max |a - b| / largest update, allowed {rel:.2g}): {bad}"
-
-
-class _KeepDtype(torch.Tensor):
-    """A tensor whose ``.float()`` keeps its dtype."""
-
-    def float(self, *args, **kwargs):
-        return self
-
-
-@contextlib.contextmanager
-def _loss_in_float64():
-    """``train._loss_sum`` computes the loss in float32 (right for float32 and bf16 models); in a
-    float64 run that would round the logits to float32 again. Patched to keep the model's dtype."""
-    from attnprune import train
-
-    orig = train._loss_sum
-    train._loss_sum = lambda logits, labels, task: orig(logits.as_subclass(_KeepDtype), labels, task)
-    try:
-        yield
-    finally:
-        train._loss_sum = orig
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -303,6 +281,8 @@ def test_bad_config_and_data(tmp_path):
     with pytest.raises(InvalidArgumentError, match="fewer than one global batch"):
         finetune(_sdpa(), _lm_data(n=4), out_dir=tmp_path, config=TrainConfig(batch_size=8))
     with pytest.raises(InvalidArgumentError, match="task"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, task="summarize")
+    with pytest.raises(InvalidArgumentError, match="seq2seq examples must be dicts"):
         finetune(_sdpa(), _lm_data(), out_dir=tmp_path, task="seq2seq")
     assert not (tmp_path / "checkpoints").exists()
 
@@ -382,10 +362,9 @@ def test_masked_finetune_equals_hand_masked_training(tmp_path):
         keep = torch.ones(4, 16, 16, dtype=torch.bool)
         keep[:, :6, :6] = mask[site]
         blk.keep = keep
-    with _loss_in_float64():
-        finetune(model, data, mask=mask, out_dir=tmp_path / "ap", config=cfg)
-        finetune(hand, data, out_dir=tmp_path / "hand", config=cfg)
-        finetune(dense, data, out_dir=tmp_path / "dense", config=cfg)
+    finetune(model, data, mask=mask, out_dir=tmp_path / "ap", config=cfg)
+    finetune(hand, data, out_dir=tmp_path / "hand", config=cfg)
+    finetune(dense, data, out_dir=tmp_path / "dense", config=cfg)
     _assert_same_training(_weights(model), _weights(hand), start)
     assert max(_training_diff(_weights(model), _weights(dense), start).values()) > 0.1  # the mask mattered
 
@@ -419,13 +398,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, mask_path: str, out: str,
         mask = PruneMask.load(mask_path)
         seen = []
         cfg = _cfg(batch_size=2, grad_accum=2, beyond="dense", max_steps_this_run=stop_at)
-        with _loss_in_float64():
-            finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
-                     callbacks=[lambda i: seen.append(i.example_ids)])
-            torch.manual_seed(99 + rank)
-            cfg.max_steps_this_run = None
-            finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
-                     resume=True, callbacks=[lambda i: seen.append(i.example_ids)])
+        finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
+                 callbacks=[lambda i: seen.append(i.example_ids)])
+        torch.manual_seed(99 + rank)
+        cfg.max_steps_this_run = None
+        finetune(_sdpa().double(), _lm_data(ragged=True), mask=mask, out_dir=out, config=cfg,
+                 resume=True, callbacks=[lambda i: seen.append(i.example_ids)])
         Path(out, f"seen{rank}.json").write_text(json.dumps(seen))
     finally:
         dist.destroy_process_group()
@@ -446,10 +424,9 @@ def test_ddp_two_processes_equal_one(tmp_path):
              nprocs=2, join=True)
 
     seen_single = []
-    with _loss_in_float64():
-        finetune(model, data, mask=mask, out_dir=tmp_path / "single",
-                 config=_cfg(batch_size=4, grad_accum=2, beyond="dense"),
-                 callbacks=[lambda i: seen_single.append(i.example_ids)])
+    finetune(model, data, mask=mask, out_dir=tmp_path / "single",
+             config=_cfg(batch_size=4, grad_accum=2, beyond="dense"),
+             callbacks=[lambda i: seen_single.append(i.example_ids)])
     ddp = load_file(str(out / "model.safetensors"))
     _assert_same_training({k: ddp[k] for k in start}, _weights(model), start)
     seen = [json.loads((out / f"seen{r}.json").read_text()) for r in range(2)]
@@ -507,9 +484,8 @@ def test_grad_accum_equals_big_batch_and_bf16_runs(tmp_path):
     data = _lm_data(ragged=True)
     a, b = _sdpa().double(), _sdpa().double()
     start = _weights(a)
-    with _loss_in_float64():
-        finetune(a, data, out_dir=tmp_path / "a", config=_cfg(steps=3, batch_size=6, grad_accum=1))
-        finetune(b, data, out_dir=tmp_path / "b", config=_cfg(steps=3, batch_size=2, grad_accum=3))
+    finetune(a, data, out_dir=tmp_path / "a", config=_cfg(steps=3, batch_size=6, grad_accum=1))
+    finetune(b, data, out_dir=tmp_path / "b", config=_cfg(steps=3, batch_size=2, grad_accum=3))
     _assert_same_training(_weights(a), _weights(b), start)
     c = _sdpa()
     finetune(c, data, out_dir=tmp_path / "c", config=_cfg(steps=1, batch_size=2, grad_accum=1, precision="bf16"))

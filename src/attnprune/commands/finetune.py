@@ -109,7 +109,8 @@ def cmd_finetune(args) -> int:
     """Run ``attnprune finetune``."""
     from ..mask import PruneMask
     from ..models import load_model
-    from ..train import CheckpointError, TrainConfig, finetune, init_distributed, list_checkpoints
+    from ..runtime import init_distributed
+    from ..train import CheckpointError, TrainConfig, finetune, list_checkpoints
 
     out = check_output_dir(args.out)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
