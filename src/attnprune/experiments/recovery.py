@@ -1,0 +1,189 @@
+"""The recovery experiment (issue 5): SmolLM2-135M on Jane Austen, masks at 80/90/95% sparsity.
+
+Perplexity on the Austen test split
+
+* before fine-tuning: dense, AP mask (``layer`` policy), random mask (same kept count per layer);
+* after K steps of masked fine-tuning (AP mask, and random mask), evaluated with that mask;
+* after the same K steps of dense fine-tuning (the fair control: how much of the gain is just
+  adapting to Austen), evaluated dense and with the AP mask applied afterwards (prune after
+  fine-tuning).
+
+All runs start from the same pretrained weights, see the same training sequences in the same order
+(train split), and the mask is observed on the calibration split; calibration, train and test never
+overlap. ``bash scripts/recovery.sh [options]`` runs :func:`main`; it writes ``OUT/results.json``
+(``meta`` with the settings and the environment record, ``results``), ``OUT/recovery.md`` (the
+table) and ``OUT/runs/<run>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data as D
+from .._io import write_json, write_text_atomic
+from ..apply import apply
+from ..commands.common import add_list_argument
+from ..evaluate import perplexity
+from ..models import load_model
+from ..observe import observe
+from ..policies import make_mask
+from ..report import environment
+from ..train import TrainConfig, default_device, finetune
+
+POLICIES = ("layer", "random")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/recovery.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8, help="K: fine-tuning steps per run")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--schedule", default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--backend", default="reference",
+                   help="attention backend while fine-tuning (reference: exact; triton: the GPU kernels)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU if present)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="training precision (auto: bf16 autocast on a GPU); evaluation is always fp32")
+    p.add_argument("--calib", type=int, default=32, help="calibration sequences for observe")
+    p.add_argument("--test", type=int, default=16, help="test sequences for perplexity")
+    add_list_argument(p, "--sparsities", item=float, default=(0.8, 0.9, 0.95),
+                      help="mask sparsities (default 0.8 0.9 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/recovery")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)  # small models for tests
+    p.add_argument("--data", default="austen", help=argparse.SUPPRESS)
+    return p
+
+
+def windows(ds, tok, split: str, n: int, seq_len: int) -> torch.Tensor:
+    """The first ``n`` windows of ``seq_len`` tokens of a split (tokenizing only as many records as needed)."""
+    recs, take = ds[split], 64
+    while True:
+        ids = D.token_stream(recs[:take], tok)
+        if ids.numel() >= n * seq_len or take >= len(recs):
+            return D.chunk_tokens(ids, seq_len, max_sequences=n)
+        take *= 2
+
+
+def _batches(rows: torch.Tensor) -> list[dict]:
+    return [{"input_ids": rows[i:i + 8]} for i in range(0, rows.shape[0], 8)]
+
+
+def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
+    """Run the experiment with the parsed options ``a``; returns ``{"meta": ..., "results": ...}``
+    (also written to ``a.out``)."""
+    out = Path(a.out)
+    t_start = time.perf_counter()
+    lm = load_model(a.model)
+    model, tok, L = lm.model, lm.tokenizer, a.seq_len
+    device = default_device(a.device)
+    model.to(device)
+    ds = D.load_dataset(a.data)
+
+    n_train = a.steps * a.batch_size
+    calib, test = windows(ds, tok, "calibration", a.calib, L), windows(ds, tok, "test", a.test, L)
+    train = windows(ds, tok, "train", n_train, L)
+    if train.shape[0] < n_train:
+        raise SystemExit(f"the train split gives only {train.shape[0]} windows; need {n_train}")
+    log(f"data: {calib.shape[0]} calibration, {train.shape[0]} train, {test.shape[0]} test sequences of {L} tokens")
+
+    orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stats = observe(model, _batches(calib), progress=not a.quiet, description=ds.describe("calibration"))
+    masks = {(s, pol): make_mask(stats, s, policy=pol, seed=a.seed) for s in a.sparsities for pol in POLICIES}
+    log("observed and built masks: " + ", ".join(f"{pol}@{s}: {m.sparsity:.3f}" for (s, pol), m in masks.items()))
+
+    def ppl(mask=None) -> float:
+        if mask is None:
+            return perplexity(model, _batches(test), progress=False).value
+        with apply(model, mask):
+            return perplexity(model, _batches(test), progress=False).value
+
+    def train_run(name: str, mask=None) -> dict:
+        model.load_state_dict(orig)
+        cfg = TrainConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule, seed=a.seed,
+                          warmup_steps=a.warmup, device=str(device), precision=a.precision, backend=a.backend,
+                          final_checkpoint=False, save_weights=False, progress=not a.quiet)
+        t0 = time.perf_counter()
+        r = finetune(model, train, mask=mask, out_dir=out / "runs" / name, config=cfg)
+        return {"train_s": round(time.perf_counter() - t0, 1), "first_loss": r.history[0].loss,
+                "last_loss": r.last_loss}
+
+    res = {"dense": {"before": ppl()}}
+    log(f"dense before: {res['dense']['before']:.3f}")
+    for (s, pol), m in masks.items():
+        res[f"{pol}@{s}"] = {"sparsity": s, "policy": pol, "achieved": m.sparsity, "before": ppl(m)}
+        log(f"{pol}@{s} before: {res[f'{pol}@{s}']['before']:.3f}")
+
+    res["dense"]["train"] = train_run("dense")
+    res["dense"]["after_dense_ft"] = ppl()
+    log(f"dense after {a.steps} dense steps: {res['dense']['after_dense_ft']:.3f}")
+    for s in a.sparsities:  # fine-tune dense, then prune: the AP mask on the dense-fine-tuned weights
+        res[f"layer@{s}"]["dense_ft_then_mask"] = ppl(masks[(s, "layer")])
+    for (s, pol), m in masks.items():
+        res[f"{pol}@{s}"]["train"] = train_run(f"{pol}-{s}", m)
+        res[f"{pol}@{s}"]["after_masked_ft"] = ppl(m)
+        log(f"{pol}@{s} after {a.steps} masked steps: {res[f'{pol}@{s}']['after_masked_ft']:.3f}")
+
+    meta = {
+        "command": command,
+        "env": environment(device),
+        "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
+        "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
+        "backend": a.backend,
+        "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
+        "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "cpu_seconds": round(time.process_time(), 1),  # all threads of this process
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # others' load slows wall time
+    }
+    doc = {"meta": meta, "results": res}
+    write_json(out / "results.json", doc, indent=2)
+    write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g} "
+                      f"({a.schedule}, warm-up {a.warmup})\n\n" + table(doc) + "\n\n```\n"
+                      + json.dumps(meta, indent=2) + "\n```\n")
+    return doc
+
+
+def table(doc: dict) -> str:
+    """The Markdown table of a ``results.json`` document."""
+    res = doc["results"]
+    sparsities = [r["sparsity"] for k, r in res.items() if k.startswith("layer@")]
+    rows = ["| sparsity | mask | achieved | before FT | after K masked FT | dense FT, then this mask |",
+            "|---|---|---|---|---|---|",
+            f"| 0 | dense | 0 | {res['dense']['before']:.2f} | {res['dense']['after_dense_ft']:.2f} (K dense steps) | |"]
+    for s in sparsities:
+        for pol in POLICIES:
+            r = res[f"{pol}@{s}"]
+            then = f"{r['dense_ft_then_mask']:.2f}" if "dense_ft_then_mask" in r else ""
+            rows.append(f"| {s:g} | {'AP (layer)' if pol == 'layer' else 'random'} | {r['achieved']:.3f} | "
+                        f"{r['before']:.2f} | {r['after_masked_ft']:.2f} | {then} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
+
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    doc = run(a, command=f"bash scripts/recovery.sh {argv_text}".rstrip(), log=log)
+    print(table(doc))
+    log(f"wrote {Path(a.out) / 'results.json'} and {Path(a.out) / 'recovery.md'}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
