@@ -198,7 +198,7 @@ def test_kv_cache_decoding_uses_offset_rows():
     with torch.no_grad(), apply(model, mask):
         full = model(ids).logits
         pre = model(ids[:, :5], use_cache=True)
-        step = model(ids[:, 5:6], cache=pre.past_key_values, use_cache=True)
+        step = model(ids[:, 5:6], past_key_values=pre.past_key_values, use_cache=True)  # both transformers 5.17 and 5.24 take this name
     torch.testing.assert_close(step.logits[:, -1], full[:, 5], atol=2e-6, rtol=1e-5)
 
 
@@ -214,7 +214,7 @@ def test_encoder_decoder_incremental_decoding_with_cross_attention():
         pre = model(encoder_outputs=enc, attention_mask=b["attention_mask"], decoder_input_ids=dec[:, :3],
                     use_cache=True)
         step = model(encoder_outputs=enc, attention_mask=b["attention_mask"], decoder_input_ids=dec[:, 3:],
-                     cache=pre.past_key_values, use_cache=True)
+                     past_key_values=pre.past_key_values, use_cache=True)  # both transformers 5.17 and 5.24 take this name
     torch.testing.assert_close(step.logits[:, -1], full[:, 3], atol=2e-6, rtol=1e-5)
 
 
