@@ -365,3 +365,50 @@ def test_observe_reads_the_whole_text_file(capsys, tmp_path, word_lm):
                      "--split", "test", "-o", tmp_path / "t.safetensors")
     assert_clean_error(rc, err, "one.txt", "1 record cannot be cut into the 3 splits")
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_shared_options_after_and_before_every_subcommand_that_uses_them():
+    from attnprune.cli import build_parser
+
+    parser = build_parser()
+    rest = {"observe": ["--model", "m", "-o", "o"], "mask": ["s", "--sparsity", "0.5", "-o", "o"],
+            "finetune": ["--model", "m", "--data", "d", "-o", "o"], "eval": [], "demo": [], "bench": [],
+            "translate": ["-o", "o"]}
+    uses = {"device": ["observe", "finetune", "eval", "demo", "bench", "translate"],
+            "seed": ["observe", "mask", "finetune", "eval", "demo", "translate"],
+            "backend": ["finetune", "eval", "demo", "bench"]}
+    values = {"device": "cuda:3", "seed": "7", "backend": "flex"}
+    for option, commands in uses.items():
+        want = int(values[option]) if option == "seed" else values[option]
+        for command in commands:
+            flag = f"--{option}"
+            after = parser.parse_args([command, *rest[command], flag, values[option]])
+            before = parser.parse_args([flag, values[option], command, *rest[command]])
+            both = parser.parse_args([flag, "1" if option == "seed" else "x", command, *rest[command], flag,
+                                      values[option]])
+            assert getattr(after, option) == getattr(before, option) == getattr(both, option) == want, (option, command)
+        for command in set(rest) - set(commands):  # given before a command that does not take it: an error
+            with pytest.raises(SystemExit):
+                parser.parse_args([f"--{option}", values[option], command, *rest[command]])
+    # each command keeps its own default
+    assert parser.parse_args(["finetune", *rest["finetune"]]).backend == "auto"
+    assert parser.parse_args(["eval"]).backend == "reference" and parser.parse_args(["bench"]).backend == "triton"
+    assert parser.parse_args(["eval"]).seed == 0 and parser.parse_args(["demo"]).device is None
+
+
+def test_one_list_syntax_commas_spaces_or_both():
+    from attnprune.cli import build_parser
+
+    parser = build_parser()
+    for words in (["0.5,0.7,0.9"], ["0.5", "0.7", "0.9"], ["0.5,0.7", "0.9"]):
+        assert parser.parse_args(["eval", "--sparsities", *words]).sparsities == (0.5, 0.7, 0.9)
+        assert parser.parse_args(["bench", "--sparsities", *words]).sparsities == (0.5, 0.7, 0.9)
+    assert parser.parse_args(["eval", "--blocks", "token,16", "32"]).blocks == (None, 16, 32)
+    assert parser.parse_args(["eval", "--policies", "layer", "random,head"]).policies == ("layer", "random", "head")
+    assert parser.parse_args(["bench", "--lengths", "4096", "8192,16384"]).lengths == (4096, 8192, 16384)
+    assert parser.parse_args(["bench", "--causal", "0,1"]).causal == (False, True)
+    assert parser.parse_args(["bench"]).head_dims == (64, 128)  # defaults stay tuples
+    for argv in (["eval", "--sparsities", "0.5,x"], ["bench", "--lengths", "4k"], ["bench", "--causal", "2"],
+                 ["eval", "--blocks", "-4"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

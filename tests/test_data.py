@@ -426,3 +426,46 @@ def test_hf_datasets_roundtrip(tmp_path):
     assert again.splits == ds.splits
     with pytest.raises(files.DataFileError):
         D.load_dataset(f"hf:{tmp_path / 'nothing'}")
+
+
+def test_one_input_builder_per_task_and_data_kind():
+    from types import SimpleNamespace
+
+    from attnprune.data import Dataset
+    from attnprune.data.inputs import INPUTS, Labelled, Windows, inputs_for
+    from attnprune.errors import InvalidArgumentError
+
+    class Tok:  # one id per word
+        eos_token_id = None
+
+        def __call__(self, texts, truncation=False, max_length=None, add_special_tokens=True, **kw):
+            ids = [[len(w) for w in t.split()][:max_length if truncation else None] for t in texts]
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+    text = Dataset("t", "text", {"train": [{"text": "a bb ccc dddd"}, {"text": "ee f"}]})
+    labelled = Dataset("l", "labelled", {"train": [{"text": "a bb ccc", "label": 1}, {"text": "dd", "label": 0}]})
+    lm = SimpleNamespace(task="causal-lm", name="lm", tokenizer=Tok())
+    clf = SimpleNamespace(task="classification", name="clf", tokenizer=Tok())
+    assert isinstance(inputs_for(lm, text), Windows) and isinstance(inputs_for(clf, labelled), Labelled)
+    rows = inputs_for(lm, text).examples(text["train"], lm.tokenizer, seq_len=3)
+    assert rows.tolist() == [[1, 2, 3], [4, 2, 1]]  # one stream over the records, cut into windows
+    ex = inputs_for(clf, labelled).examples(labelled["train"], clf.tokenizer, seq_len=0, max_length=2)
+    assert [e["input_ids"].tolist() for e in ex] == [[1, 2], [2]] and [e["labels"] for e in ex] == [1, 0]
+    # training needs the task's own kind; observation reads the texts of any kind
+    with pytest.raises(InvalidArgumentError, match="causal-lm model; dataset 'l' is 'labelled', not text or tokens"):
+        inputs_for(lm, labelled)
+    with pytest.raises(InvalidArgumentError, match="'t' is 'text', not labelled"):
+        inputs_for(clf, text)
+    assert isinstance(inputs_for(clf, text, any_task=True), Windows)
+    with pytest.raises(InvalidArgumentError, match="no tokenizer"):
+        inputs_for(SimpleNamespace(task="causal-lm", name="x", tokenizer=None), text)
+    tokens = Dataset("r", "tokens", {"train": [{"input_ids": [5, 6, 7, 8]}]})
+    assert inputs_for(SimpleNamespace(task="causal-lm", name="x", tokenizer=None), tokens).examples(
+        tokens["train"], None, seq_len=2).tolist() == [[5, 6], [7, 8]]
+    with pytest.raises(InvalidArgumentError, match="seq2seq model; this command handles"):
+        inputs_for(SimpleNamespace(task="seq2seq", name="s", tokenizer=Tok()), text)
+    INPUTS.add("seq2seq:text", Windows())  # a new task plugs in by registering its builder
+    try:
+        assert isinstance(inputs_for(SimpleNamespace(task="seq2seq", name="s", tokenizer=Tok()), text), Windows)
+    finally:
+        INPUTS._items.pop("seq2seq:text")

@@ -28,8 +28,8 @@ def smollm2_and_austen():
 
 def test_demo_pipeline_on_smollm2_and_austen(tmp_path, smollm2_and_austen):
     from attnprune import data as D
-    from attnprune.commands.demo import settings
-    from attnprune.commands.eval import run_eval
+    from attnprune.experiments.sweep import demo_settings as settings
+    from attnprune.experiments.sweep import run_eval
 
     lm, ds = smollm2_and_austen
     s = settings("small", out=str(tmp_path / "demo"), progress=False)

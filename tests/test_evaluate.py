@@ -301,7 +301,7 @@ def test_eval_cli_on_tiny_model(tmp_path, capsys):
 
 
 def test_classification_subsets_are_seeded_random_not_prefixes():
-    from attnprune.commands.eval import _majority, _subset
+    from attnprune.experiments.sweep import _majority, _subset
 
     recs = [{"label": int(i >= 50), "i": i} for i in range(100)]  # labels sorted, like an id-ordered split
     a = _subset(recs, 20, 0)

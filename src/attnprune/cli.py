@@ -4,9 +4,10 @@ Subcommands live in ``attnprune.commands.<name>`` modules; each module defines
 ``register(subparsers)`` which adds its parser and sets ``func`` (called with the parsed args,
 returns an exit status). Add a module to ``COMMAND_MODULES`` to add a subcommand.
 
-``--quiet`` works before and after every subcommand (``attnprune --quiet observe ...`` and
-``attnprune observe ... --quiet``); ``--device`` and ``--seed`` are options of the subcommands
-that have them.
+Shared options (``commands.common.SHARED_OPTIONS``: ``--quiet``, ``--device``, ``--seed``,
+``--backend``) work before and after every subcommand that uses them (``attnprune --quiet observe
+...`` and ``attnprune observe ... --quiet``); a subcommand declares the ones it uses, with its
+defaults, through ``commands.common.use_shared``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import importlib
 import sys
 
+from .commands.common import add_shared_options, fill_shared_defaults
 from .errors import AttnPruneError
 
 COMMAND_MODULES = [
@@ -27,18 +29,24 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """The main parser: fills in the shared options' per-command defaults after parsing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        return fill_shared_defaults(self, ns), rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnprune",
         description="Data-informed static attention sparsity (Attention Pruning) for PyTorch models.",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
     sub.required = True
     for mod_name in COMMAND_MODULES:
         importlib.import_module(mod_name).register(sub)
-    for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --quiet given before it
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    add_shared_options(parser, sub.choices)
     return parser
 
 

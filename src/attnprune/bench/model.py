@@ -31,7 +31,7 @@ from ..errors import InvalidArgumentError, MissingDependencyError
 from ..mask import PruneMask, SiteMask
 from ..policies import check_sparsity
 from ..report import environment  # noqa: F401 - the record of this benchmark's files
-from ..train import default_device
+from ..runtime import default_device
 
 MODES = ("prefill", "train")
 

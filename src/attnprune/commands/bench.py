@@ -14,7 +14,7 @@ import argparse
 
 from .._io import write_text_atomic
 from ..errors import InvalidArgumentError, MissingDependencyError
-from .common import add_list_argument, check_output_file, zero_one
+from .common import add_list_argument, check_output_file, usable_device, use_shared, zero_one
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,13 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "prefill and a training step, dense vs masked")
     add_list_argument(wm, "--sparsities", item=float, default=(0.9,),
                       help="synthetic mask sparsities (default 0.9)")
-    wm.add_argument("--backend", default="triton", help="attnprune backend for masked rows (default triton; "
-                                                        "reference works anywhere)")
     add_list_argument(wm, "--model-modes", default=("prefill", "train"), help="prefill and/or train (default both)")
     wm.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
     wm.add_argument("--block", type=int, default=128, help="synthetic mask block size (default 128)")
     wm.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     wm.add_argument("--reps", type=int, default=3, help="timed runs, median reported (default 3)")
+    use_shared(p, backend=("triton", "--model: attnprune backend for masked rows (default triton; reference "
+                                     "works anywhere)"),
+               device=(None, "--model: cpu, cuda, cuda:1 (default: the GPU when present, else cpu); the kernel "
+                             "grid runs on the GPU"))
     p.set_defaults(func=cmd_bench)
 
 
@@ -102,10 +104,11 @@ def cmd_model_bench(args) -> int:
     lengths = args.lengths or (4096, 8192, 16384)
     for s in args.sparsities:
         check_sparsity(s)
-    env = mb.environment()
+    device = usable_device(args.device)
+    env = mb.environment(device)
     print(env)
     rows = mb.run(arch, lengths, args.sparsities, backend=args.backend, modes=args.model_modes, batch=args.batch,
-                  block=args.block, warmup=args.warmup, reps=args.reps)
+                  block=args.block, warmup=args.warmup, reps=args.reps, device=device)
     table = mb.markdown_table(rows)
     mb.save(args.output, {"env": env, "arch": arch, "backend": args.backend, "block": args.block,
                           "rows": rows, "table": table})

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CorruptFileError, InvalidArgumentError
-from .common import check_output_file, usable_device
+from .common import check_output_file, usable_device, use_shared
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="random data: draw lengths in [min-len, seq-len] (padding); default all seq-len")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--granularity", type=int, default=1, help="accumulate g x g blocks (default 1: tokens)")
-    p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1 (default: cuda:<local rank> when a GPU is present, else cpu)")
+    use_shared(p, seed=(0, "data seed (default 0)"),
+               device=(None, "cpu, cuda, cuda:1 (default: cuda:<local rank> when a GPU is present, else cpu)"))
     p.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
     p.set_defaults(func=cmd_observe)
 
@@ -46,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
     p.add_argument("--policy", default="layer", help="layer (paper), head, global or random (default layer)")
     p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    use_shared(p, seed=(0, "seed of the random policy (default 0)"))
     p.add_argument("-o", "--output", required=True, help="mask file to write (.safetensors)")
     p.set_defaults(func=cmd_mask)
 
@@ -96,22 +95,13 @@ def _batches(args, loaded, src):
                             min_len=args.min_len, pad_id=pad if isinstance(pad, int) else 0,
                             low=min(3, loaded.vocab_size - 1))
         return data, data.describe(), None
-    from .. import data
+    from ..data.inputs import inputs_for
 
     ds, split = src
     records = ds[split]
-    if ds.kind == "tokens":
-        batches = data.lm_batches(records, None, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  max_sequences=args.num_seqs)
-    elif loaded.tokenizer is None:
-        raise InvalidArgumentError(f"model {args.model!r} has no tokenizer, so it cannot read the text "
-                                   f"data {args.data!r}; use --data random")
-    elif loaded.task == "classification" and ds.kind == "labelled":
-        batches = data.classification_batches(records[: args.num_seqs], loaded.tokenizer,
-                                              batch_size=args.batch_size, max_length=args.seq_len)
-    else:
-        batches = data.lm_batches(ds.texts(split), loaded.tokenizer, seq_len=args.seq_len,
-                                  batch_size=args.batch_size, max_sequences=args.num_seqs)
+    inputs = inputs_for(loaded, ds, any_task=True)  # observation needs no labels: any model reads text
+    batches = inputs.batches(records, loaded.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_items=args.num_seqs, max_length=args.seq_len)
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
     what = f"all of {ds.name}" if split == WHOLE else f"split {split!r} of {ds.name}"
     short = f" (all there are; --num-seqs {args.num_seqs})" if n < args.num_seqs else ""
@@ -130,7 +120,7 @@ def cmd_observe(args) -> int:
 
     from ..models import load_model
     from ..observe import observe
-    from ..train import init_distributed
+    from ..runtime import init_distributed
 
     check_output_file(args.output)
     device = usable_device(args.device)

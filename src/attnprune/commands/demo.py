@@ -23,16 +23,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .eval import EvalSettings, print_outputs, run_eval
-
-PRESETS = {
-    "small": dict(seq_len=128, calib=8, test=4, batch_size=4, sparsities=(0.5, 0.9),
-                  policies=("layer", "random"), blocks=(None,)),
-    "default": dict(seq_len=256, calib=32, test=16, batch_size=4, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
-                    policies=("layer", "random"), blocks=(None,)),
-    "large": dict(seq_len=512, calib=64, test=32, batch_size=2, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
-                  policies=("layer", "head", "global", "random"), blocks=(None, 32)),
-}
+from ..experiments.sweep import DEMO_PRESETS as PRESETS
+from ..experiments.sweep import demo_settings as settings
+from .common import use_shared
+from .eval import print_outputs
 
 
 def register(sub) -> None:
@@ -42,23 +36,16 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
     p.add_argument("--data", default="austen", help="data spec (default austen)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<preset>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="reference", help="attention backend under the mask (default reference)")
+    use_shared(p, seed=0, backend="reference", device=None)
     p.set_defaults(func=main)
-
-
-def settings(preset: str, *, model: str = "smollm2", data: str = "austen", out: str | None = None,
-             seed: int = 0, backend: str = "reference", progress: bool = True) -> EvalSettings:
-    """The ``EvalSettings`` of a demo preset."""
-    return EvalSettings(model=model, data=data, out=out or f"runs/demo-{preset}", seed=seed, backend=backend,
-                        progress=progress, title=f"attnprune demo ({preset}): {model} on {data}",
-                        **PRESETS[preset])
 
 
 def main(args) -> int:
     t0 = time.perf_counter()
+    from ..experiments.sweep import run_eval
+
     s = settings(args.preset, model=args.model, data=args.data, out=args.out, seed=args.seed,
-                 backend=args.backend, progress=not getattr(args, "quiet", False))
+                 backend=args.backend, device=args.device, progress=not args.quiet)
     print(f"attnprune demo, preset {args.preset}: {s.model} on {s.data}, {s.seq_len}-token sequences, "
           f"{s.calib} calibration / {s.test} test, sparsities {' '.join(map(str, s.sparsities))}, "
           f"policies {' '.join(s.policies)}", flush=True)

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from .common import check_output_dir, usable_device
+from .common import check_output_dir, usable_device, use_shared
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,12 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=1, help="metrics line every N steps (default 1)")
     p.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; resume later with --resume")
-    p.add_argument("--seed", type=int, default=0, help="data order and RNG seed (default 0)")
-    p.add_argument("--backend", default="auto",
-                   help="attention backend: reference, triton, flex, or auto (default: triton on a GPU, else reference)")
+    use_shared(p, seed=(0, "data order and RNG seed (default 0)"),
+               backend=("auto", "attention backend: reference, triton, flex, or auto (default: triton on a GPU, "
+                                "else reference)"),
+               device=(None, "cpu, cuda, cuda:1 (default: GPU if present)"))
     p.add_argument("--beyond", default="error", choices=("error", "dense"),
                    help="inputs longer than the mask's calibrated length: error or dense outside it")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if present)")
     p.add_argument("--save-hf", action="store_true", help="also write a Hugging Face model folder out/hf")
     p.set_defaults(func=cmd_finetune)
 
@@ -70,6 +70,7 @@ def training_examples(loaded, data_spec: str, *, split: str, seq_len: int, max_l
     import torch
 
     from .. import data
+    from ..data.inputs import inputs_for
 
     if data_spec == "random":
         from ..data.random import RandomTokens
@@ -84,25 +85,12 @@ def training_examples(loaded, data_spec: str, *, split: str, seq_len: int, max_l
     if split not in ds.splits:
         raise InvalidArgumentError(f"dataset {ds.name!r} has no split {split!r}; its splits: "
                                    f"{', '.join(ds.splits)}")
-    records = ds[split]
-    if loaded.task == "causal-lm":
-        if ds.kind not in ("text", "tokens"):
-            raise InvalidArgumentError(f"{loaded.name} is a causal LM; dataset {ds.name!r} is {ds.kind!r}, not text")
-        if ds.kind == "text" and loaded.tokenizer is None:
-            raise InvalidArgumentError(f"model {loaded.name} has no tokenizer for the text data {data_spec!r}")
-        rows = data.chunk_tokens(data.token_stream(records, loaded.tokenizer), seq_len, max_sequences=max_examples)
-        return rows, f"{ds.describe(split)}: {rows.shape[0]} sequences x {seq_len} tokens"
-    if loaded.task == "classification":
-        if ds.kind != "labelled":
-            raise InvalidArgumentError(f"{loaded.name} is a classifier; dataset {ds.name!r} is {ds.kind!r}, not labelled")
-        if loaded.tokenizer is None:
-            raise InvalidArgumentError(f"model {loaded.name} has no tokenizer")
-        records = records[:max_examples] if max_examples else records
-        enc = loaded.tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
-        examples = [{"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(am), "labels": int(r["label"])}
-                    for ids, am, r in zip(enc["input_ids"], enc["attention_mask"], records)]
-        return examples, f"{ds.describe(split)}: {len(examples)} examples, <= {max_length} tokens"
-    raise InvalidArgumentError(f"finetune handles causal-lm and classification models; {loaded.name} is {loaded.task}")
+    inputs = inputs_for(loaded, ds)
+    examples = inputs.examples(ds[split], loaded.tokenizer, seq_len=seq_len, max_items=max_examples,
+                               max_length=max_length)
+    if isinstance(examples, torch.Tensor):
+        return examples, f"{ds.describe(split)}: {examples.shape[0]} sequences x {seq_len} tokens"
+    return examples, f"{ds.describe(split)}: {len(examples)} examples, <= {max_length} tokens"
 
 
 def cmd_finetune(args) -> int:

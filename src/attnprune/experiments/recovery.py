@@ -35,7 +35,8 @@ from ..models import load_model
 from ..observe import observe
 from ..policies import make_mask
 from ..report import environment
-from ..train import TrainConfig, default_device, finetune
+from ..runtime import default_device
+from ..train import TrainConfig, finetune
 
 POLICIES = ("layer", "random")
 

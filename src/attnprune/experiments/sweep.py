@@ -1,0 +1,226 @@
+"""The eval sweep workflow: load a model and data, observe, sweep policies x sparsities x
+granularities, write the report (``attnprune eval`` and ``attnprune demo`` run it).
+
+``run_eval(EvalSettings(...))`` scores causal LMs by perplexity on the dataset's test split and
+classifiers by accuracy (a linear head first trained on the train split; ``finetune=True`` trains
+the encoder too). Attention is observed on the calibration split, which never overlaps the test
+split. Writes ``report.md``, ``results.json``, PNG plots and ``stats.safetensors`` into ``out``.
+The demo's presets (:data:`DEMO_PRESETS`, :func:`demo_settings`) are settings of this sweep.
+Each task prepares its model and batches through :data:`SWEEP_TASKS`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..commands.common import check_output_dir, check_policies, usable_device
+from ..errors import InvalidArgumentError
+from ..evaluate import DEFAULT_POLICIES, DEFAULT_SPARSITIES, SweepConfig
+from ..registry import Registry
+
+
+@dataclass
+class EvalSettings:
+    """Everything one evaluation run needs (the CLI and the demo fill it)."""
+
+    model: str = "smollm2"
+    data: str = "austen"
+    out: str = "runs/eval"
+    calib_split: str = "calibration"
+    train_split: str = "train"
+    test_split: str = "test"
+    # causal LM: sequences of seq_len tokens; classification: examples (texts)
+    seq_len: int = 256
+    calib: int | None = None   # default: 32 sequences (LM) or 1000 examples (classifier)
+    test: int | None = None    # default: 16 sequences (LM) or 1000 examples (classifier)
+    train: int = 4000
+    batch_size: int = 8
+    max_length: int = 64
+    finetune: bool = False
+    lr: float | None = None
+    epochs: int = 1
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    blocks: tuple[int | None, ...] = (None, 16)
+    seed: int = 0
+    backend: str = "reference"
+    beyond: str = "error"
+    device: str | None = None  # None: the GPU when present (a passed-in model stays where it is)
+    stats: str | None = None
+    heatmaps: bool = True
+    title: str | None = None
+    progress: bool = True
+
+
+def _log(msg: str, progress: bool = True) -> None:
+    print(msg, flush=True)
+
+
+def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
+    """Load model and data, run the sweep, write the report. Returns the files written
+    (``report.md``, ``results.json``, plots, ``stats.safetensors``) plus ``"result"``, ``"seconds"``.
+
+    loaded / dataset: an already loaded ``LoadedModel`` / ``Dataset`` to use instead of
+    ``s.model`` / ``s.data`` (the model is not modified: masks are applied only inside the sweep)."""
+    import torch
+
+    from .. import data as D
+    from ..data.inputs import inputs_for
+    from ..evaluate import sweep
+    from ..models import load_model
+    from ..report import write_report
+    from ..stats import AttentionStats
+    t_start = time.perf_counter()
+    # every check that needs no model first: a bad argument must not cost the model load and observation
+    out = check_output_dir(s.out)
+    config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
+                         blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond)
+    device = usable_device(s.device) if s.device is not None or loaded is None else None
+    stats = AttentionStats.load(s.stats) if s.stats else None
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    ds = dataset if dataset is not None else D.load_dataset(s.data)
+    log(f"loaded data {ds.describe()} in {time.perf_counter() - t0:.1f} s")
+    for split in (s.calib_split, s.test_split):
+        ds[split]  # an unknown split fails here, naming the splits there are
+    t0 = time.perf_counter()
+    lm = loaded if loaded is not None else load_model(s.model)
+    if device is not None:
+        lm.model.to(device)
+    log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
+    info: dict = {"source": ds.name, "calibration_split": s.calib_split, "test_split": s.test_split}
+    timings: dict = {}
+    if lm.task not in SWEEP_TASKS:
+        raise InvalidArgumentError(f"eval handles {' and '.join(SWEEP_TASKS.names())} models; "
+                                   f"{lm.name} is {lm.task}")
+    spec = SWEEP_TASKS.get(lm.task)
+    model, calib, test = spec.prepare(s, lm, ds, inputs_for(lm, ds), info, timings, log)
+    task = lm.task
+    def on_run(r: dict) -> None:
+        lvl = "token" if r["block"] is None else f"block {r['block']}"
+        v = spec.fmt(r["value"])
+        ach = "-" if r["achieved"] is None else f"{r['achieved']:.3f}"
+        log(f"  {lvl:9s} {r['policy']:7s} sparsity {r['sparsity']:<5g} (achieved {ach}): {v}")
+
+    stats_path = out / "stats.safetensors"
+
+    def on_stats(st) -> None:
+        st.save(stats_path)
+        log(f"observed {len(st.sites)} attention sites on {st.num_sequences} calibration sequences; "
+            f"stats saved to {stats_path} (reuse with --stats)")
+
+    def on_dense(d) -> None:
+        log(f"dense {d.metric}: {spec.fmt(d.value)} ({d.count} {spec.unit}, {d.seconds:.1f} s)")
+
+    result, stats, _ = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
+                             data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
+                             on_dense=on_dense, description=ds.describe(s.calib_split))
+    result.timings.update(timings)
+    if s.stats:
+        stats_path = Path(s.stats)
+    result.timings["total_s"] = time.perf_counter() - t_start
+    files = write_report(result, out, stats=stats if s.heatmaps else None,
+                         title=s.title or f"{lm.name} on {ds.name}: {result.metric} vs attention sparsity")
+    files["stats"] = stats_path
+    files["result"] = result
+    files["seconds"] = time.perf_counter() - t_start
+    return files
+
+
+# --- per task: the model to score and its calibration / test batches ---------------------------------
+@dataclass(frozen=True)
+class SweepTask:
+    """How the sweep prepares one task: ``prepare(settings, loaded, dataset, inputs, info, timings, log)
+    -> (model, calibration batches, test batches)`` (filling ``info`` and ``timings``); ``fmt`` shows a
+    metric value; ``unit`` names what the test count counts."""
+
+    prepare: Callable
+    fmt: Callable[[float], str]
+    unit: str
+
+
+def _prepare_causal_lm(s: EvalSettings, lm, ds, inputs, info: dict, timings: dict, log):
+    n_calib, n_test = s.calib or 32, s.test or 16
+    calib = inputs.batches(ds[s.calib_split], lm.tokenizer, seq_len=s.seq_len, batch_size=s.batch_size,
+                           max_items=n_calib)
+    test = inputs.batches(ds[s.test_split], lm.tokenizer, seq_len=s.seq_len, batch_size=s.batch_size,
+                          max_items=n_test)
+    n_c = sum(b["input_ids"].shape[0] for b in calib)
+    n_t = sum(b["input_ids"].shape[0] for b in test)
+    info.update(seq_len=s.seq_len, calibration_sequences=n_c, test_sequences=n_t,
+                calibration_tokens=n_c * s.seq_len, test_tokens=n_t * s.seq_len)
+    return lm.model, calib, test
+
+
+def _prepare_classification(s: EvalSettings, lm, ds, inputs, info: dict, timings: dict, log):
+    from ..evaluate import train_classifier
+
+    n_calib, n_test = s.calib or 1000, s.test or 1000
+    recs = {k: _subset(ds[sp], n, s.seed + i) for i, (k, sp, n) in enumerate(
+        (("train", s.train_split, s.train), ("calib", s.calib_split, n_calib), ("test", s.test_split, n_test)))}
+    bs = max(s.batch_size, 32)
+    b = {k: inputs.batches(v, lm.tokenizer, seq_len=s.seq_len, batch_size=bs, max_length=s.max_length)
+         for k, v in recs.items()}
+    encoder = getattr(lm.model, "base_model", lm.model)
+    num_labels = int(lm.extra.get("num_labels", 2))
+    t0 = time.perf_counter()
+    model = train_classifier(encoder, b["train"], num_labels=num_labels, finetune=s.finetune,
+                             epochs=s.epochs, lr=s.lr, seed=s.seed, progress=s.progress)
+    timings["train_head_s"] = time.perf_counter() - t0
+    log(f"trained a linear head{' and fine-tuned the encoder' if s.finetune else ''} on "
+        f"{len(recs['train'])} {s.train_split} examples in {timings['train_head_s']:.1f} s")
+    info.update(max_length=s.max_length, subset=f"seeded random subsets (seed {s.seed})",
+                train_examples=len(recs["train"]),
+                calibration_examples=len(recs["calib"]), test_examples=len(recs["test"]),
+                head="mean-pooled linear head" + (", encoder fine-tuned" if s.finetune else ", encoder frozen"),
+                test_majority_class_share=round(_majority(recs["test"]), 4))
+    return model, b["calib"], b["test"]
+
+
+SWEEP_TASKS: Registry[SweepTask] = Registry("sweep task")
+SWEEP_TASKS.add("causal-lm", SweepTask(_prepare_causal_lm, lambda v: f"{v:.3f}", "predicted tokens"))
+SWEEP_TASKS.add("classification", SweepTask(_prepare_classification, lambda v: f"{100 * v:.2f}%", "examples"))
+
+
+def _majority(records: list) -> float:
+    """Share of the most frequent label (the accuracy of always guessing it)."""
+    from collections import Counter
+
+    c = Counter(int(r["label"]) for r in records)
+    return max(c.values()) / max(1, len(records))
+
+
+def _subset(records: list, n: int | None, seed: int) -> list:
+    """``n`` records drawn without replacement by a seeded permutation (all when ``n`` is None or
+    at least the split's size), kept in their original order. A prefix would not do: a split's
+    record order can correlate with its labels (the sentiment splits are in id order)."""
+    import torch
+
+    if n is None or n >= len(records):
+        return list(records)
+    idx = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return [records[i] for i in idx.tolist()]
+
+
+# --- the demo (``attnprune demo``): SmolLM2-135M on Jane Austen, dense vs AP vs random ---------------
+DEMO_PRESETS = {
+    "small": dict(seq_len=128, calib=8, test=4, batch_size=4, sparsities=(0.5, 0.9),
+                  policies=("layer", "random"), blocks=(None,)),
+    "default": dict(seq_len=256, calib=32, test=16, batch_size=4, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
+                    policies=("layer", "random"), blocks=(None,)),
+    "large": dict(seq_len=512, calib=64, test=32, batch_size=2, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
+                  policies=("layer", "head", "global", "random"), blocks=(None, 32)),
+}
+
+
+def demo_settings(preset: str, *, model: str = "smollm2", data: str = "austen", out: str | None = None,
+                  seed: int = 0, backend: str = "reference", device: str | None = None,
+                  progress: bool = True) -> EvalSettings:
+    """The ``EvalSettings`` of a demo preset."""
+    return EvalSettings(model=model, data=data, out=out or f"runs/demo-{preset}", seed=seed, backend=backend,
+                        device=device, progress=progress, title=f"attnprune demo ({preset}): {model} on {data}",
+                        **DEMO_PRESETS[preset])
+
