@@ -60,14 +60,16 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def _without_key_bias(w: dict) -> dict:
-    """tiny-sdpa weights with the key bias (``qkv.bias[32:64]``) zeroed. Its true gradient is 0
-    (softmax ignores a per-row constant), so AdamW turns float round-off there into full-size
-    steps: across summation orders it is noise, not a difference in training."""
+    """Weights with the key bias zeroed (tiny-sdpa's ``qkv.bias[32:64]``, BART's ``k_proj.bias``).
+    Its true gradient is 0 (softmax ignores a per-row constant), so AdamW turns float round-off
+    there into full-size steps: across summation orders it is noise, not a difference in training."""
     w = dict(w)
     for k in w:
         if k.endswith("qkv.bias"):
             w[k] = w[k].clone()
             w[k][32:64] = 0
+        elif k.endswith("k_proj.bias"):
+            w[k] = torch.zeros_like(w[k])
     return w
 
 
@@ -137,6 +139,87 @@ def test_plan_is_split_invariant_and_disjoint():
     assert len(set(e0)) == len(e0) and e0 != e1
 
 
+def test_length_bucketed_order_groups_lengths_and_splits_like_random():
+    """Each epoch: disjoint global batches of similar lengths (sorted within 50-batch windows), the
+    batch order shuffled, the same examples per step however a global batch is split."""
+    lengths = [int(x) for x in torch.randint(1, 200, (1000,), generator=torch.Generator().manual_seed(0))]
+    key = lambda i: (lengths[i],)
+    one = BatchPlan(1000, batch_size=4, grad_accum=1, world_size=1, seed=3, order="length-bucketed", sort_key=key)
+    acc = BatchPlan(1000, batch_size=1, grad_accum=2, world_size=2, seed=3, order="length-bucketed", sort_key=key)
+    batches = [one.micro_batches(s, 0)[0] for s in range(one.steps_per_epoch)]
+    flat = [i for b in batches for i in b]
+    assert one.steps_per_epoch == 250 and len(set(flat)) == len(flat) == 1000
+    # within a batch the lengths come from a 200-example sorted window: a small spread
+    spread = sum(lengths[max(b, key=key)] - lengths[min(b, key=key)] for b in batches) / len(batches)
+    assert spread < 5 < 50  # a random batch of 4 from 1..199 spreads ~120
+    assert batches != sorted(batches, key=lambda b: lengths[b[0]])  # batches are shuffled, not sorted
+    for step in (0, 7, 249, 250):
+        parts = [i for r in range(2) for mb in acc.micro_batches(step, r) for i in mb]
+        assert sorted(parts) == sorted(one.micro_batches(step, 0)[0])
+    assert one.order(1).tolist() != one.order(0).tolist()
+    with pytest.raises(InvalidArgumentError, match="lengths"):
+        BatchPlan(10, batch_size=2, grad_accum=1, world_size=1, seed=0, order="length-bucketed").order(0)
+
+
+def test_seq2seq_collate_pads_to_a_multiple_and_masks_labels():
+    from attnprune.train import Seq2Seq
+
+    ex = [{"input_ids": [5, 6, 7], "decoder_input_ids": [1, 8], "labels": [8, 2]},
+          {"input_ids": [9], "decoder_input_ids": [1, 4, 4, 4], "labels": [4, 4, 4, 2]}]
+    b = collate(ex, [0, 1], Seq2Seq(pad_multiple=4), pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert b["decoder_input_ids"].tolist() == [[1, 8, 0, 0], [1, 4, 4, 4]]
+    assert b["labels"].tolist() == [[8, 2, -100, -100], [4, 4, 4, 2]]
+    same = collate(ex, [0], Seq2Seq(pad_multiple=3, same_length=True))
+    assert same["input_ids"].shape == same["labels"].shape == (1, 3)
+    with pytest.raises(InvalidArgumentError, match="differ in length"):
+        collate([{"input_ids": [1], "decoder_input_ids": [1], "labels": [1, 2]}], [0], "seq2seq")
+
+
+def _seq2seq_data(n: int = 24) -> list[dict]:
+    """Copy tasks: the target is the source's first tokens, shifted into another id range."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        src = torch.randint(4, 20, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+        tgt = src[:int(torch.randint(2, 10, (1,), generator=g))] + 20
+        out.append({"input_ids": src, "decoder_input_ids": torch.cat([torch.tensor([1]), tgt]),
+                    "labels": torch.cat([tgt, torch.tensor([2])])})
+    return out
+
+
+def test_seq2seq_grad_accum_equals_big_batch_and_learns(tmp_path):
+    """The label-smoothed seq2seq task (a per-micro-batch mean, weighted by its targets) gives the
+    update of one big batch, and training lowers its loss."""
+    from attnprune.models import load_model
+    from attnprune.train import Seq2Seq
+
+    task = Seq2Seq(label_smoothing=0.1)
+    data = _seq2seq_data()
+    a, b = load_model("tiny-bart").model.double(), load_model("tiny-bart").model.double()
+    for mod in [*a.modules(), *b.modules()]:  # BART's dropout is functional, its rate an attribute
+        if isinstance(getattr(mod, "dropout", None), float):
+            mod.dropout = 0.0
+    start = _weights(a)
+    finetune(a, data, task=task, out_dir=None, config=_cfg(steps=3, batch_size=6, grad_accum=1))
+    finetune(b, data, task=task, out_dir=None, config=_cfg(steps=3, batch_size=2, grad_accum=3))
+    _assert_same_training(_weights(a), _weights(b), start)
+    res = finetune(load_model("tiny-bart").model, data, task=task, out_dir=tmp_path / "learn",
+                   config=_cfg(steps=30, batch_size=8, grad_accum=1, lr=3e-3, order="length-bucketed"))
+    assert res.history[-1].loss < 0.7 * res.history[0].loss
+    assert json.loads((tmp_path / "learn" / "summary.json").read_text())["task"] == "seq2seq"
+
+
+def test_in_memory_run_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = finetune(_sdpa(), _lm_data(), out_dir=None, config=_cfg(steps=2))
+    assert res.finished and res.checkpoint is None and res.metrics is None and res.weights is None
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="out_dir"):
+        finetune(_sdpa(), _lm_data(), out_dir=None, config=_cfg(), resume=True)
+
+
 def test_collate_pads_and_masks_labels():
     ex = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
     b = collate(ex, [0, 1], "causal-lm", pad_id=0)
@@ -150,6 +233,10 @@ def test_collate_pads_and_masks_labels():
 def test_lr_schedule():
     cfg = TrainConfig(steps=10, warmup_steps=2, schedule="linear")
     assert [round(lr_factor(s, cfg), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    floor = TrainConfig(steps=10, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    # cosine from 1 after the warm-up to 0.1 at the last step: halfway 0.1 + 0.9 / 2
+    assert [round(lr_factor(s, floor), 4) for s in (0, 2, 6, 10, 12)] == [0.5, 1.0, 0.55, 0.1, 0.1]
+    assert lr_factor(5, TrainConfig(steps=10, schedule="constant", min_lr_ratio=0.3)) == 1.0
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -265,6 +352,21 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path):
         finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(lr=1e-4), resume=True)
     with pytest.raises(CheckpointError, match="different model"):
         finetune(_gpt2(), _lm_data(), out_dir=tmp_path, config=_cfg(), resume=True)
+
+
+def test_checkpoint_from_before_the_order_and_floor_settings_resumes(tmp_path):
+    """A checkpoint whose config lacks ``order`` / ``min_lr_ratio`` (written before they existed)
+    resumes a run with their defaults, and is refused for other values."""
+    finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(max_steps_this_run=3))
+    ck = latest_checkpoint(tmp_path)
+    state = torch.load(ck, weights_only=True)
+    del state["config"]["order"], state["config"]["min_lr_ratio"]
+    torch.save(state, ck)
+    with pytest.raises(CheckpointError, match="order"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(order="length-bucketed"), resume=True)
+    with pytest.raises(CheckpointError, match="min_lr_ratio"):
+        finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(min_lr_ratio=0.1), resume=True)
+    assert finetune(_sdpa(), _lm_data(), out_dir=tmp_path, config=_cfg(), resume=True).finished
 
 
 def test_corrupt_checkpoint(tmp_path):

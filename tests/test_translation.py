@@ -15,8 +15,9 @@ pytest.importorskip("sacrebleu")
 import attnprune
 from attnprune import cli
 from attnprune.errors import InvalidArgumentError
-from attnprune.translation import (BOS, EOS, PAD, TranslationConfig, build_model, bleu, collate, encode_pairs,
-                                   greedy_decode, restrict_mask, run_experiment, train_model, train_tokenizer)
+from attnprune.experiments.translation import (BOS, EOS, PAD, TranslationConfig, build_model, bleu, collate,
+                                               encode_pairs, greedy_decode, restrict_mask, run_experiment,
+                                               train_model, train_tokenizer)
 
 EN = "zero one two three four five six seven eight nine".split()
 ES = "cero uno dos tres cuatro cinco seis siete ocho nueve".split()
@@ -141,6 +142,62 @@ def test_training_lowers_loss_and_cached_decoding_matches(setup):
         full = greedy_decode(model, src, max_len=TINY.max_len, batch_size=4, cfg=TINY, use_cache=False)
     assert cached == full
     assert all(len(h) <= TINY.max_len - 1 for h in cached)
+
+
+def _former_loop(model, examples, *, steps, lr, warmup, batch_size, cfg, seed, mask=None):
+    """The experiment's own loop before it trained through ``attnprune.train`` (kept here as the
+    reference): length-bucketed batches, AdamW betas 0.9/0.98 with decay on matrices, warm-up then
+    cosine to 10%, mean label-smoothed cross-entropy, clipping at 1, ``torch.manual_seed(seed)``."""
+    import contextlib
+    import math
+
+    import torch.nn.functional as F
+
+    rng = random.Random(seed * 1_000_003)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    order = []
+    for w in range(0, len(idx), batch_size * 50):
+        chunk = sorted(idx[w:w + batch_size * 50], key=lambda i: (len(examples[i][1]), len(examples[i][0])))
+        order += [chunk[b:b + batch_size] for b in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(order)
+    assert steps <= len(order)  # one epoch is enough here
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
+    factor = (lambda s: (s + 1) / warmup if s < warmup else
+              0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    ctx = attnprune.apply(model, mask, backend="reference", beyond="dense") if mask else contextlib.nullcontext()
+    model.train()
+    torch.manual_seed(seed)
+    with ctx:
+        for step in range(steps):
+            batch = collate([examples[i] for i in order[step]], same_length=True)
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100,
+                                   label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_through_the_one_loop_is_bitwise_the_former_loop(setup, masked):
+    """The experiment's numbers do not move: same batches, RNG draws (dropout on), loss scaling and
+    schedule, so every weight is bitwise equal after warm-up and decay steps, with and without a mask."""
+    _, _, ex, _ = setup
+    a, b = build_model(TINY, 80, seed=3), build_model(TINY, 80, seed=3)
+    mask = restrict_mask(attnprune.make_mask(_stats(a, ex), 0.5), ("self", "cross")) if masked else None
+    kw = dict(steps=5, lr=3e-3, warmup=2, batch_size=16, cfg=TINY, seed=7, mask=mask)
+    train_model(a, ex, progress=False, **kw)
+    _former_loop(b, ex, **kw)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
 
 
 def test_run_experiment_writes_results(tmp_path):

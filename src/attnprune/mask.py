@@ -330,6 +330,52 @@ class PruneMask:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
 
+    # -------------------------------------------------------------------------------- restriction
+    def restrict_to_kinds(self, kinds) -> "PruneMask":
+        """A copy that prunes only at sites whose kind (``self`` / ``causal`` / ``cross``) is in ``kinds``.
+
+        Every other site keeps all its entries (an all-``True`` token keep tensor [H, q_len, k_len]
+        over its calibrated lengths; the backend still applies causality and padding), so attaching
+        the result leaves those sites dense. ``meta["restricted_to"]`` records ``kinds``;
+        ``meta["sparsity"]`` is recomputed over all sites' attendable entries and
+        ``meta["selected_sparsity"]`` over the selected sites only. A block-level mask whose kept
+        sites would mix with token-level all-kept ones becomes token-level as a whole.
+        """
+        import copy
+
+        kinds = tuple(kinds)
+        unknown = [k for k in kinds if k not in ("self", "causal", "cross")]
+        if unknown:
+            raise InvalidArgumentError(f"unknown site kind(s) {unknown}; kinds are self, causal, cross")
+        meta = copy.deepcopy(self.meta)
+        site_meta = meta.setdefault("sites", {})
+        masks = []
+        for name, sm in self._sites.items():
+            if sm.info.kind in kinds:
+                masks.append(sm)
+                continue
+            keep = torch.ones(sm.info.num_heads, sm.q_len, sm.k_len, dtype=torch.bool)
+            masks.append(SiteMask(sm.info, sm.q_len, sm.k_len, keep=keep, block=None))
+            m = site_meta.setdefault(name, {})
+            att = m.get("attendable_entries", 0)
+            m.update({"target_sparsity": 0.0, "sparsity": 0.0, "paper_sparsity": 0.0, "kept_entries": att,
+                      "kept_units": int(keep.numel()), "units": int(keep.numel()), "threshold": None})
+
+        def sparsity_of(names) -> float:
+            total = sum(site_meta.get(n, {}).get("attendable_entries", 0) for n in names)
+            kept = sum(site_meta.get(n, {}).get("kept_entries", 0) for n in names)
+            return 1.0 - kept / total if total else 0.0
+
+        meta["restricted_to"] = list(kinds)
+        meta["sparsity"] = sparsity_of(self.sites)
+        meta["selected_sparsity"] = sparsity_of([n for n in self.sites if self._sites[n].info.kind in kinds])
+        if any(m.block is not None for m in masks):  # mixed levels: the mask as a whole is token-level
+            meta["block"] = None
+            masks = [m if m.block is None else SiteMask(m.info, m.q_len, m.k_len,
+                                                        keep=m._tokens(m.q_len, m.k_len, 0), block=None)
+                     for m in masks]
+        return PruneMask(masks, meta)
+
 
 def _pack(keep: torch.Tensor) -> torch.Tensor:
     """bool [...] -> uint8 [ceil(numel / 8)], 8 entries per byte (row-major, big-endian bits)."""

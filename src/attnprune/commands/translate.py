@@ -8,7 +8,7 @@ Trains a BPE tokenizer and a small BART (English -> Spanish, ``bible-en-es``) fr
 its attention, makes AP and random masks at each sparsity restricted to encoder self-attention,
 decoder self-attention, cross-attention or all of them, retrains the dense model with each mask and
 scores greedy translations of the test split with sacreBLEU. Writes ``results.json``,
-``results.md`` and PNG plots into ``--out`` (see ``attnprune.translation``).
+``results.md`` and PNG plots into ``--out`` (see ``attnprune.experiments.translation``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     """Run the experiment with the preset and overrides given on the command line."""
-    from ..translation import PRESETS, run_experiment, write_plots
+    from ..experiments.translation import PRESETS, run_experiment, write_plots
 
     if args.plots_only:
         for path in write_plots(args.out):
@@ -84,7 +84,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False)
     res = run_experiment(cfg, args.out, data_file=args.data_file, progress=not quiet, log=print)
     print()
-    from ..translation import results_markdown
+    from ..experiments.translation import results_markdown
 
     print(results_markdown(res), end="")
     return 0
