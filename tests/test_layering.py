@@ -90,3 +90,24 @@ def test_no_core_module_imports_an_experiment_or_a_benchmark():
         if found:
             bad[str(path.relative_to(PKG))] = found
     assert not bad, f"core modules import experiments / benchmarks: {bad}"
+
+
+def test_block_sparse_backends_share_one_factory_and_register_plainly():
+    """flex stands on the shared factory (backends/_block_sparse.py), not on triton.py; both register in
+    BACKENDS when imported; triton.py re-exports the factory's names (and its one warned-set)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import attnprune.backends as b\n"
+            "import attnprune.backends.flex as f\n"
+            "assert 'attnprune.backends.triton' not in sys.modules, 'flex imported triton.py'\n"
+            "assert b.BACKENDS.get('flex') is f.flex_backend\n"
+            "import attnprune.backends.triton as t, attnprune.backends._block_sparse as s\n"
+            "assert b.BACKENDS.get('triton') is t.triton_backend\n"
+            "assert t._warned is s._warned and t.split_attn_mask is s.split_attn_mask\n"
+            "assert t.block_sparse_backend is s.block_sparse_backend\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    for name in ("triton.py", "flex.py"):
+        assert "try:" not in (PKG / "backends" / name).read_text(), name  # no guarded registration

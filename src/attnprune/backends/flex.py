@@ -13,7 +13,8 @@ import torch
 
 from ..errors import MissingDependencyError
 from ..kernels import BlockLayout
-from .triton import block_sparse_backend
+from . import BACKENDS
+from ._block_sparse import block_sparse_backend
 
 __all__ = ["flex_backend", "flex_block_mask", "flex_sparse_attention", "FLEX_BLOCK"]
 
@@ -152,10 +153,4 @@ q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.
 """
 
 
-try:  # register when the registry exists (backends/__init__.py, owned by core-capture)
-    from . import BACKENDS as _REG
-
-    if "flex" not in _REG:
-        _REG.add("flex", flex_backend)
-except ImportError:  # pragma: no cover
-    pass
+BACKENDS.add("flex", flex_backend)

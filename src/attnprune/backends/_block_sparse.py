@@ -1,0 +1,104 @@
+"""The block-sparse backend factory shared by ``backend="triton"`` and ``backend="flex"``.
+
+:func:`block_sparse_backend` turns a kernel that runs a :class:`~attnprune.kernels.BlockLayout` into a
+backend (the contract in :mod:`attnprune.backends`): it reads the site's layout from its ``SiteMask``,
+expresses ``attn_mask`` as key padding plus causality (:func:`split_attn_mask`), and hands every call
+the kernel cannot express (shifted positions, dropout while training, another mask, a kernel's own
+``unsupported`` reason) to the reference backend, warning once per (site, reason, backend).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import BACKENDS
+
+__all__ = ["block_sparse_backend", "split_attn_mask"]
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+    """Express ``attn_mask`` as (key padding, causal, causal offset), or ``None`` if impossible.
+
+    attn_mask: None, bool (True = may attend) or additive float, broadcastable to [B, H, Lq, Lk].
+    Returns ``(key_padding bool [B, Lk] | None, causal: bool, offset: int)``: the allowed set is
+    ``key_padding[b, j] and (not causal or j <= i + offset)``, intersected with ``is_causal``'s
+    own rule (``j <= i + q_offset``).
+    """
+    if attn_mask is None:
+        return None, is_causal, q_offset
+    m = attn_mask
+    if m.dtype != torch.bool:
+        finite = torch.isfinite(m) & (m > torch.finfo(m.dtype).min / 2)
+        if not bool(((m == 0) | ~finite).all()):
+            return None  # a real additive bias: not expressible
+        m = finite
+    while m.dim() < 4:
+        m = m[None]
+    if m.shape[1] != 1:
+        if not bool((m == m[:, :1]).all()):
+            return None  # differs between heads
+        m = m[:, :1]
+    m = m.expand(B, 1, Lq, Lk)[:, 0]  # [B, Lq, Lk]
+    kp = m.any(dim=1)  # [B, Lk]: keys some query may see
+    if bool((m == kp[:, None, :]).all()):
+        return (None if bool(kp.all()) else kp), is_causal, q_offset
+    i = torch.arange(Lq, device=m.device)[:, None]
+    j = torch.arange(Lk, device=m.device)[None, :]
+    for off in dict.fromkeys((Lk - Lq, q_offset, 0)):
+        tri = j <= i + off
+        # keys past the causal limit of every query are not "padding": recover them from the last row
+        kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else kp
+        if bool((m == (kp_c[:, None, :] & tri[None])).all()):
+            if is_causal and off != q_offset:
+                return None
+            return (None if bool(kp_c.all()) else kp_c), True, off
+    return None
+
+
+def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
+    name = getattr(site_mask, "name", "?")
+    if (name, why, backend) not in _warned:  # once per site and reason
+        _warned.add((name, why, backend))
+        warnings.warn(f"site {name!r}: {why}; the {backend} backend hands this call to the reference backend",
+                      stacklevel=3)
+    return BACKENDS.get("reference")(q, k, v, site_mask, **kw)
+
+
+def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None):
+    """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
+    the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
+    ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
+    backend does, with the warning), or None.
+
+    Calls the kernel cannot express (dropout while training; an ``attn_mask`` that is not key padding,
+    with or without causality) go to the reference backend, with one warning per site. ``what`` names
+    the kernel in that warning; ``name`` is the backend's registry name.
+    """
+
+    def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+                q_offset=0, beyond="error", positions=None):
+        kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                  q_offset=q_offset, beyond=beyond, positions=positions)
+        if positions is not None:
+            return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
+                             "left-padded batch or a sliding-window cache)", name, **kw)
+        why = unsupported(q, k, v) if unsupported is not None else None
+        if why:
+            return _fallback(q, k, v, site_mask, why, name, **kw)
+        if dropout_p and torch.is_grad_enabled():
+            return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset)
+        if split is None:
+            return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
+        key_padding, causal, offset = split
+        layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
+                                  beyond=beyond)
+        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
+
+    return backend
