@@ -469,3 +469,29 @@ def test_one_input_builder_per_task_and_data_kind():
         assert isinstance(inputs_for(SimpleNamespace(task="seq2seq", name="s", tokenizer=Tok()), text), Windows)
     finally:
         INPUTS._items.pop("seq2seq:text")
+
+
+@pytest.mark.parametrize("registry", ["models", "data"])
+def test_a_broken_loader_module_is_an_import_error_not_an_unknown_name(tmp_path, monkeypatch, capsys, registry):
+    """A loader / source module whose own import fails names itself and the failed import; before, a
+    missing attnprune module inside it was skipped, so its names were just 'unknown'."""
+    import attnprune.data as data
+    import attnprune.models as models
+    from attnprune.cli import main
+    from attnprune.errors import PluginImportError
+
+    (tmp_path / "my_broken_loader.py").write_text("import attnprune.models.no_such_helper\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if registry == "models":
+        monkeypatch.setattr(models, "LOADER_MODULES", [*models.LOADER_MODULES, "my_broken_loader"])
+        call, argv = (lambda: models.load_model("mine")), ["observe", "--model", "mine", "-o", tmp_path / "s"]
+    else:
+        monkeypatch.setattr(data, "SOURCE_MODULES", [*data.SOURCE_MODULES, "my_broken_loader"])
+        call, argv = (lambda: data.load_dataset("mine")), ["observe", "--model", "tiny-gpt2", "--data", "mine",
+                                                           "-o", tmp_path / "s"]
+    with pytest.raises(PluginImportError, match="my_broken_loader.*attnprune.models.no_such_helper") as info:
+        call()
+    assert isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "my_broken_loader cannot be imported" in err[0] and "unknown" not in err[0]

@@ -21,11 +21,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AttnPruneError
-
-
-class OutputError(AttnPruneError):
-    """An output file or folder cannot be written (the message names it and says why)."""
+from .errors import AttnPruneError, OutputError  # OutputError also importable from here (its old home)
 
 
 class _Terminated(BaseException):

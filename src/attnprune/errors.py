@@ -43,3 +43,12 @@ class LengthError(AttnPruneError):
 
 class MissingDependencyError(AttnPruneError):
     """An optional package (or Debian package / data file) needed for this step is missing."""
+
+
+class OutputError(AttnPruneError):
+    """An output file or folder cannot be written (the message names it and says why)."""
+
+
+class PluginImportError(AttnPruneError, ImportError):
+    """A module that registers model loaders or data sources cannot be imported: the message names the
+    module and the import that failed (a broken loader is not reported as an unknown name)."""

@@ -1,10 +1,13 @@
-"""A tiny name -> object registry, used for backends, policies, models, data sources and CLI commands."""
+"""A tiny name -> object registry, used for backends, policies, models, data sources and CLI commands,
+and :func:`import_modules`, which imports the modules that fill one."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import sys
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PluginImportError
 
 T = TypeVar("T")
 
@@ -44,3 +47,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def import_modules(modules: Iterable[str], what: str) -> None:
+    """Import the modules that register entries (``what``: e.g. "model loader"). A module that fails to
+    import raises :class:`PluginImportError` naming it and the failed import, so a broken module is not
+    mistaken for a missing name. Such modules import optional packages inside their functions."""
+    for mod in modules:
+        if mod in sys.modules:
+            continue
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise PluginImportError(f"the {what} module {mod} cannot be imported ({type(e).__name__}: {e}); "
+                                    f"fix or remove it") from e

@@ -52,12 +52,12 @@ by ``bash scripts/setup_data.sh``; a missing one raises ``MissingDependencyError
 
 Sources register in :data:`SOURCES`: ``@SOURCES.register("name")`` on a function
 ``(arg: str | None, **options) -> Dataset``. Modules holding sources are listed in
-``SOURCE_MODULES`` and imported lazily (``random.py`` belongs to the tiny-model work).
+``SOURCE_MODULES`` and imported lazily; one that fails to import is a ``PluginImportError`` naming it,
+not an unknown source.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -68,7 +68,7 @@ import torch
 
 from .._io import atomic_path
 from ..errors import EmptyDatasetError, InvalidArgumentError
-from ..registry import Registry
+from ..registry import Registry, import_modules
 
 SOURCES: Registry[Callable[..., "Dataset"]] = Registry("data source")
 
@@ -178,13 +178,7 @@ def cached(name: str, build: Callable[[], Dataset], *, refresh: bool = False) ->
 
 # --- registry access -------------------------------------------------------------------------------
 def _import_sources() -> None:
-    for mod in SOURCE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a source module not written yet
-            if e.name and e.name.startswith("attnprune"):
-                continue
-            raise
+    import_modules(SOURCE_MODULES, "data source")
 
 
 def load_dataset(spec: str, **options: Any) -> Dataset:

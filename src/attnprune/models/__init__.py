@@ -1,18 +1,18 @@
 """Model loaders, by name: ``load_model("tiny-gpt2")``, ``load_model("hf:/path/to/dir")``, ``load_model("smollm2")``.
 
 A loader takes the text after ``name:`` (or ``None``) and returns a ``LoadedModel``. Loaders
-register themselves in ``MODELS``; modules holding loaders are imported lazily by ``load_model``.
+register themselves in ``MODELS``; modules holding loaders (``LOADER_MODULES``) are imported lazily by
+``load_model``; one that fails to import is a ``PluginImportError`` naming it, not an unknown model.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from ..registry import Registry
+from ..registry import Registry, import_modules
 
 
 @dataclass
@@ -42,13 +42,7 @@ LOADER_MODULES = ["attnprune.models.tiny", "attnprune.models.real"]
 
 
 def _import_loaders() -> None:
-    for mod in LOADER_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a loader module not written yet, or its optional deps
-            if e.name and e.name.startswith("attnprune"):
-                continue
-            raise
+    import_modules(LOADER_MODULES, "model loader")
 
 
 def load_model(spec: str) -> LoadedModel:
