@@ -126,3 +126,42 @@ def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):
     env = report.environment("cpu")
     assert env["device"] == "cpu" and tuple(env) == report.ENV_KEYS
     json.dumps(env, allow_nan=False)
+
+
+class _KindStats:
+    """Two sites: an encoder self-attention site and a causal one, each 2 heads x 3 x 3."""
+
+    granularity = 1
+    sites = ["enc.attn", "dec.attn"]
+
+    def __init__(self):
+        from attnprune.sites import SiteInfo
+
+        self.infos = {"enc.attn": SiteInfo("enc.attn", "self", 2, 2), "dec.attn": SiteInfo("dec.attn", "causal", 2, 2)}
+        self._m = {"enc.attn": torch.arange(18, dtype=torch.float32).view(2, 3, 3) / 18,
+                   "dec.attn": torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]).expand(2, 3, 3).clone()}
+        self._m["dec.attn"][:, 0, 1:] = float("nan")  # never observed (causal future)
+        self._m["dec.attn"][:, 1, 2] = float("nan")
+
+    def mean(self, site):
+        return self._m[site]
+
+
+def test_offset_profile_and_patterns_by_site_kind(tmp_path):
+    st = _KindStats()
+    prof = report.offset_profile(st, max_offset=2)
+    assert prof["offsets"].tolist() == [-2, -1, 0, 1, 2] and set(prof) == {"self", "causal", "cross", "offsets"}
+    # causal site: offset -1 holds (1,0)=0.5 and (2,1)=0.3 for both heads; -2 holds (2,0)=0.2; +1 never observed
+    torch.testing.assert_close(prof["causal"][:3], torch.tensor([0.2, 0.4, (1.0 + 0.5 + 0.5) / 3], dtype=torch.float64))
+    assert torch.isnan(prof["causal"][3:]).all() and torch.isnan(prof["cross"]).all()
+    enc = st.mean("enc.attn").double()
+    assert prof["self"][2] == pytest.approx(float(torch.diagonal(enc, dim1=1, dim2=2).mean()))
+    named = report.offset_profile(st, max_offset=2, groups={"self": "encoder", "causal": "decoder", "cross": "x"})
+    assert list(named) == ["encoder", "decoder", "x", "offsets"]
+    torch.testing.assert_close(named["decoder"], prof["causal"], equal_nan=True)
+    pats = report.mean_patterns(st, size=2)
+    torch.testing.assert_close(pats["self"][0], enc[:, :2, :2].float().mean(0))
+    assert pats["causal"][0][0, 1].isnan() and pats["cross"] == []
+    for fn, name in ((report.plot_patterns, "p.png"), (report.plot_offsets, "o.png")):
+        out = fn(st, tmp_path / name)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,104 +17,20 @@ the plots are skipped with a note in ``report.md``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._io import atomic_path, write_json, write_text_atomic
+from .environment import ENV_KEYS, environment  # noqa: F401 - re-exported: the record of every result file
+from .errors import MissingDependencyError
 
 POLICY_STYLE = {"layer": ("tab:blue", "o"), "head": ("tab:orange", "s"), "global": ("tab:green", "^"),
                 "random": ("tab:red", "x")}
-
-
-# --------------------------------------------------------------------------------------------
-# environment
-# --------------------------------------------------------------------------------------------
-
-ENV_KEYS = ("date_utc", "python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "cuda", "cudnn",
-            "gpu", "gpu_count", "gpu_memory_gib", "triton", "transformers", "numpy", "attnprune", "device",
-            "git_commit")
-"""The keys of :func:`environment`, always all present (``None`` where a value does not apply or is unknown)."""
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return getattr(__import__(module), "__version__", "?")
-    except Exception:  # noqa: BLE001 - optional packages (missing, or broken on this machine)
-        return None
-
-
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (``None`` outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
-
-
-def environment(device=None) -> dict:
-    """The one record of where and with what a result was made, stored in every result file.
-
-    Fixed keys (:data:`ENV_KEYS`, all always present; ``None`` when unknown or not applicable):
-    ``date_utc`` ("YYYY-MM-DD HH:MM:SS UTC"), ``python``, ``platform`` (OS and architecture, no host
-    name), ``cpu`` (model), ``cpu_count``, ``torch_threads``, ``torch``, ``cuda`` (torch's CUDA
-    version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
-    ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
-    ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit``.
-    """
-    if device is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    gpu = gpu_mem = None
-    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpu_count:
-        idx = dev.index if dev.type == "cuda" and dev.index is not None else 0
-        props = torch.cuda.get_device_properties(idx)
-        gpu, gpu_mem = props.name, round(props.total_memory / 2**30, 1)
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    env: dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": cudnn,
-        "gpu": gpu,
-        "gpu_count": gpu_count,
-        "gpu_memory_gib": gpu_mem,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "numpy": _version("numpy"),
-        "attnprune": _version("attnprune"),
-        "device": str(dev),
-        "git_commit": _git_commit(),
-    }
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +263,118 @@ def _short_site(name: str) -> str:
     parts = name.split(".")
     nums = [x for x in parts if x.isdigit()]
     return (f"L{nums[-1]} " if nums else "") + parts[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# attention patterns and offsets, by site kind
+# --------------------------------------------------------------------------------------------
+
+KINDS = {"self": "self-attention", "causal": "causal self-attention", "cross": "cross-attention"}
+
+
+def _groups(stats, groups: dict[str, str] | None) -> tuple[dict[str, str], list[str]]:
+    """``groups``: site kind -> group name (default: the kinds themselves); returns it and the names in order."""
+    groups = groups or {k: k for k in KINDS}
+    return groups, list(dict.fromkeys(groups.values()))
+
+
+def mean_patterns(stats, size: int = 48, *, groups: dict[str, str] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Per group of site kinds (``groups``: kind -> name, default the kinds), per site in model order:
+    the mean attention ``[q, k]`` over heads of the top-left ``size`` x ``size`` corner (NaN where never
+    observed)."""
+    groups, names = _groups(stats, groups)
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for site in stats.sites:
+        m = stats.mean(site)[:, :size, :size]
+        out[groups[stats.infos[site].kind]].append(torch.nanmean(m, dim=0))
+    return out
+
+
+def offset_profile(stats, max_offset: int = 24, *, groups: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Per group of site kinds: mean attention probability by key-minus-query offset
+    (``-max_offset..max_offset``: ``float64 [2 max_offset + 1]``, NaN where never observed), averaged over
+    the group's sites, heads and query positions (observed entries). ``"offsets"``: the offsets."""
+    groups, names = _groups(stats, groups)
+    prof = {}
+    offs = torch.arange(-max_offset, max_offset + 1)
+    for g in names:
+        sums = torch.zeros(len(offs), dtype=torch.float64)
+        cnt = torch.zeros(len(offs), dtype=torch.float64)
+        for site in stats.sites:
+            if groups[stats.infos[site].kind] != g:
+                continue
+            m = stats.mean(site).to(torch.float64)  # [H, Q, K]
+            q, k = m.shape[1], m.shape[2]
+            d = torch.arange(k)[None, :] - torch.arange(q)[:, None]
+            for n, o in enumerate(offs.tolist()):
+                sel = m[:, d == o]
+                sel = sel[~torch.isnan(sel)]
+                sums[n] += sel.sum()
+                cnt[n] += sel.numel()
+        prof[g] = torch.where(cnt > 0, sums / cnt.clamp(min=1), torch.full_like(sums, math.nan))
+    prof["offsets"] = offs
+    return prof
+
+
+def _need_plt():
+    plt = _plt()
+    if plt is None:
+        raise MissingDependencyError("plots need matplotlib: pip install matplotlib")
+    return plt
+
+
+def plot_patterns(stats, path: str | os.PathLike, size: int = 48, *, groups: dict[str, str] | None = None,
+                  labels: dict[str, str] | None = None) -> Path:
+    """PNG: mean attention (over heads) per site (rows) and group of site kinds (columns), a last row
+    averaging the group's sites; log colour scale. ``labels``: group -> column title."""
+    plt = _need_plt()
+    from matplotlib.colors import LogNorm
+
+    pats = mean_patterns(stats, size, groups=groups)
+    labels = {**KINDS, **(labels or {})}
+    layers = max([len(v) for v in pats.values()] + [0])
+    fig, axes = plt.subplots(layers + 1, len(pats), figsize=(10 / 3 * len(pats), 3.2 * (layers + 1)), squeeze=False)
+    im = None
+    for c, (g, maps) in enumerate(pats.items()):
+        rows = maps + ([torch.nanmean(torch.stack(maps), 0)] if maps else [])
+        for r in range(layers + 1):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if r >= len(rows):
+                ax.axis("off")
+                continue
+            im = ax.imshow(rows[r].clamp(min=1e-4).numpy(), norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis",
+                           interpolation="nearest")
+            ax.set_title(f"{labels.get(g, g)}, " + (f"layer {r}" if r < len(rows) - 1 else "mean"), fontsize=9)
+            if r == layers:
+                ax.set_xlabel("key position"), ax.set_ylabel("query position")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.5, label="mean attention probability")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_offsets(stats, path: str | os.PathLike, *, groups: dict[str, str] | None = None,
+                 labels: dict[str, str] | None = None) -> Path:
+    """PNG: mean attention by key - query offset, a line per group of site kinds (log scale)."""
+    plt = _need_plt()
+    prof = offset_profile(stats, groups=groups)
+    labels = {**KINDS, **(labels or {})}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for g, values in prof.items():
+        if g != "offsets":
+            ax.plot(prof["offsets"].numpy(), values.numpy(), marker=".", label=labels.get(g, g))
+    ax.set_yscale("log")
+    ax.set_xlabel("key position - query position")
+    ax.set_ylabel("mean attention probability")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

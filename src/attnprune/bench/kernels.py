@@ -18,7 +18,7 @@ import torch
 from .._io import write_json
 from ..kernels.attention import sparse_attention
 from ..kernels.layout import BlockLayout
-from ..report import environment
+from ..environment import environment
 
 IMPLS = ("cudnn", "flash", "flex", "ours")
 BLOCK = 128

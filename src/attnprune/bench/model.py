@@ -30,7 +30,7 @@ from .._io import write_json
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..mask import PruneMask, SiteMask
 from ..policies import check_sparsity
-from ..report import environment  # noqa: F401 - the record of this benchmark's files
+from ..environment import environment  # noqa: F401 - the record of this benchmark's files
 from ..runtime import default_device
 
 MODES = ("prefill", "train")

@@ -34,7 +34,7 @@ from ..evaluate import perplexity
 from ..models import load_model
 from ..observe import observe
 from ..policies import make_mask
-from ..report import environment
+from ..environment import environment
 from ..runtime import default_device
 from ..train import TrainConfig, finetune
 

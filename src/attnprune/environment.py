@@ -1,0 +1,94 @@
+"""The one environment record every result file carries: :func:`environment` (fixed keys, :data:`ENV_KEYS`).
+
+Versions, hardware (no host name), the device used, the date and the git commit, so a number in a
+result file can be traced to where and with what it was made. ``attnprune.report`` re-exports both.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENV_KEYS = ("date_utc", "python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "cuda", "cudnn",
+            "gpu", "gpu_count", "gpu_memory_gib", "triton", "transformers", "numpy", "attnprune", "device",
+            "git_commit")
+"""The keys of :func:`environment`, always all present (``None`` where a value does not apply or is unknown)."""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "?")
+    except Exception:  # noqa: BLE001 - optional packages (missing, or broken on this machine)
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from (``None`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def environment(device=None) -> dict:
+    """The one record of where and with what a result was made, stored in every result file.
+
+    Fixed keys (:data:`ENV_KEYS`, all always present; ``None`` when unknown or not applicable):
+    ``date_utc`` ("YYYY-MM-DD HH:MM:SS UTC"), ``python``, ``platform`` (OS and architecture, no host
+    name), ``cpu`` (model), ``cpu_count``, ``torch_threads``, ``torch``, ``cuda`` (torch's CUDA
+    version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
+    ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
+    ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit``.
+    """
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    gpu = gpu_mem = None
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpu_count:
+        idx = dev.index if dev.type == "cuda" and dev.index is not None else 0
+        props = torch.cuda.get_device_properties(idx)
+        gpu, gpu_mem = props.name, round(props.total_memory / 2**30, 1)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    env: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "gpu": gpu,
+        "gpu_count": gpu_count,
+        "gpu_memory_gib": gpu_mem,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "numpy": _version("numpy"),
+        "attnprune": _version("attnprune"),
+        "device": str(dev),
+        "git_commit": _git_commit(),
+    }
+    return env
