@@ -140,14 +140,15 @@ def _to_json(o, fallback=None):
     raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
-def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, default=None) -> None:
+def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, default=None,
+               ensure_ascii: bool = True) -> None:
     """Write ``obj`` as strict JSON (NaN and infinities become ``null``) to ``path`` atomically, with a
     final newline. Paths, tensors, numpy values and dataclasses are converted; anything else goes to
-    ``default`` (e.g. ``str``) or raises ``TypeError``."""
+    ``default`` (e.g. ``str``) or raises ``TypeError``. ``ensure_ascii=False`` keeps non-ASCII text as is."""
     def convert(o):
         return _strict(_to_json(o, default))
 
-    text = json.dumps(_strict(obj), indent=indent, default=convert, allow_nan=False)
+    text = json.dumps(_strict(obj), indent=indent, default=convert, allow_nan=False, ensure_ascii=ensure_ascii)
     write_text_atomic(path, text + "\n")
 
 

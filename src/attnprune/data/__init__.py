@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .._io import atomic_path
+from .._io import write_json
 from ..errors import EmptyDatasetError, InvalidArgumentError
 from ..registry import Registry, import_modules
 
@@ -139,8 +139,7 @@ class Dataset:
         """Write as JSON, atomically."""
         obj = {"format": "attnprune-dataset", "version": 1, "name": self.name, "kind": self.kind,
                "meta": self.meta, "splits": self.splits}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(obj, ensure_ascii=False))
+        write_json(path, obj, indent=None, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Dataset":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import write_json
 from ..errors import CorruptFileError, InvalidArgumentError, MissingDependencyError
 from . import MODELS, LoadedModel
 
@@ -107,7 +108,7 @@ def convert_smollm2(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "attnprune.json").write_text(json.dumps(_stamp(gguf)))
+        write_json(tmp / "attnprune.json", _stamp(gguf), indent=None)
         try:
             os.replace(tmp, out)
         except OSError:  # ``out`` exists: a stale copy, or another process finished first
