@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--out", default=None)
     a = ap.parse_args()
+    from attnprune._io import write_json
     from attnprune.report import environment
 
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
@@ -135,9 +136,7 @@ def main():
         print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {1e3 * r['prefill_s']:>10.1f} "
               f"{r['decode_tok_s']:>12.1f} {r['peak_mib_over_weights']:>9.0f} {share:>8}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows}, f,
-                      indent=1)
+        write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows})
 
 
 if __name__ == "__main__":
