@@ -13,6 +13,7 @@ from torch import nn
 from .backends import BACKENDS
 from .capture import AttentionCall, Interceptor, allowed_entries
 from .errors import InvalidArgumentError, MaskMismatchError
+from .mask import BEYOND
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
 
@@ -65,12 +66,12 @@ class _Patch:
         """A call over a ``PrunedKVCache`` layer's compacted keys: each head attends to its group's
         kept positions (``keep_at``), causal in positions, within the layer's sliding window."""
         pos = call.positions
-        sm.check_length(pos.q_end, pos.k_end, "error")
+        sm.check_length(pos.q_end, pos.k_end, self.beyond)
         q_pos = layer.new_pos.clamp_min(0)  # [B or 1, Lq]
         rep = call.q.shape[1] // layer.pos.shape[1]
         k_pos = layer.pos.repeat_interleave(rep, dim=1)[:, :, None, :]  # [B, Hq, 1, Lk], -1: empty slot
         qp = q_pos[:, None, :, None]
-        allowed = sm.keep_at(q_pos, layer.pos, beyond="error") & (k_pos >= 0) & (k_pos <= qp)
+        allowed = sm.keep_at(q_pos, layer.pos, beyond=self.beyond) & (k_pos >= 0) & (k_pos <= qp)
         if layer.window is not None:
             allowed = allowed & (qp - k_pos < layer.window)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,
@@ -129,8 +130,10 @@ def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = 
         model: the model the mask was made for (same site names and head counts).
         mask: a ``PruneMask``.
         backend: ``"reference"`` (dense masked, any device), ``"triton"`` or ``"flex"`` (CUDA).
-        beyond: inputs longer than the calibrated lengths raise ``LengthError`` (``"error"``) or run
-            densely outside the calibrated region (``"dense"``); shorter inputs use the top-left part.
+        beyond: inputs longer than the calibrated lengths raise ``LengthError`` (``"error"``), run
+            densely outside the calibrated region (``"dense"``), or use each head's sinks and band
+            continued past it (``"extend"``, see ``attnprune.lengthfree``; not for cross-attention
+            sites); shorter inputs use the top-left part.
             Positions past the calibrated lengths that are only padding (no query may attend to
             them, by the call's attention mask) are not "longer": they run without error.
 
@@ -139,8 +142,8 @@ def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = 
     model site unknown to the mask is an error on every call. Undo with :func:`detach`.
     Returns ``model``.
     """
-    if beyond not in ("error", "dense"):
-        raise InvalidArgumentError(f"beyond must be 'error' or 'dense', got {beyond!r}")
+    if beyond not in BEYOND:
+        raise InvalidArgumentError(f"beyond must be one of {', '.join(map(repr, BEYOND))}, got {beyond!r}")
     if model in _ATTACHED:
         raise InvalidArgumentError("a mask is already attached to this model; detach(model) first")
     for attr in ("sites", "site", "check_model"):

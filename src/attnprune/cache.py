@@ -31,19 +31,32 @@ __all__ = ["PrunedKVCache", "last_reads"]
 COMPACT_EVERY = 32  # decode steps between compactions of a layer (each costs one host sync)
 
 
-def last_reads(site_mask, num_kv_heads: int, window: int | None = None) -> torch.Tensor:
-    """long ``[Hkv, k_len]``: the last query row that reads each key position (-1: none), over the
-    query heads of each key/value head's group; with a sliding window, at most ``p + window - 1``."""
+def last_reads(site_mask, num_kv_heads: int, window: int | None = None, *, extend: bool = False,
+               length: int | None = None) -> torch.Tensor:
+    """long ``[Hkv, length]`` (default ``k_len``): the last query row that reads each key position
+    (-1: none), over the query heads of each key/value head's group. ``extend``: rows past the
+    calibrated length read by the mask's length-free form (sinks: forever, as a huge number); else
+    positions past ``k_len`` are never read. With a sliding window, at most ``p + window - 1``."""
     b = site_mask.block or 1
     keep = site_mask.keep  # [H, Q, K] tokens or [H, Qb, Kb] blocks
     H, rows = keep.shape[0], keep.shape[1]
-    group = keep.reshape(num_kv_heads, H // num_kv_heads, rows, keep.shape[2]).any(1)  # [Hkv, rows, cols]
+    G = H // num_kv_heads
+    length = site_mask.k_len if length is None else length
+    group = keep.reshape(num_kv_heads, G, rows, keep.shape[2]).any(1)  # [Hkv, rows, cols]
     seen = group.any(1)
     last_row = rows - 1 - group.flip(1).to(torch.int8).argmax(1)  # last row (block) reading each column
     last = torch.minimum((last_row + 1) * b - 1, torch.tensor(site_mask.q_len - 1))
     last = torch.where(seen, last, -1).repeat_interleave(b, dim=1)[:, :site_mask.k_len]
+    last = torch.nn.functional.pad(last, (0, max(0, length - last.shape[1])), value=-1)[:, :length]
+    if extend:
+        lf = site_mask.length_free
+        big = torch.iinfo(torch.long).max // 4
+        grid_last = lf.last_row(torch.arange(length) // b)  # [H, length], grid rows
+        tok_last = torch.where(grid_last >= big, big, (grid_last + 1) * b - 1)
+        ext = torch.where(tok_last >= site_mask.q_len, tok_last, -1)  # only rows past the calibration
+        last = torch.maximum(last, ext.reshape(num_kv_heads, G, length).max(1).values)
     if window is not None:
-        last = torch.minimum(last, torch.arange(site_mask.k_len) + window - 1)
+        last = torch.minimum(last, torch.arange(length) + window - 1)
     return last.long()
 
 
@@ -57,10 +70,11 @@ def _layer_class():
         is_compileable = False
         is_croppable = False
 
-        def __init__(self, cache, site: str, last: torch.Tensor, window: int | None):
+        def __init__(self, cache, site_mask, window: int | None):
             super().__init__()
-            self.cache, self.site, self.window = cache, site, window
-            self._last = last  # [Hkv, k_len] on the CPU; moved to the device on first use
+            self.cache, self.site, self.window, self.site_mask = cache, site_mask.name, window, site_mask
+            self._extend = False
+            self._last = last_reads(site_mask, site_mask.info.num_kv_heads, window)  # [Hkv, K], CPU first
             self.seen = 0  # tokens seen so far (cached + current)
             self.pos: torch.Tensor | None = None  # [B, Hkv, C] positions of the held entries, -1 empty
             self.held_before = 0  # entries held before the current update (0: a prompt call)
@@ -81,7 +95,9 @@ def _layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             B, Hkv, n, _ = key_states.shape
-            new = self.cache._context().own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
+            ctx, beyond = self.cache._context()
+            new = ctx.own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
+            self._table(beyond == "extend", self.seen + n)
             self._evict(new)
             self.held_before = self.pos.shape[-1]
             new_pos = new.expand(B, n)[:, None, :].expand(B, Hkv, n)
@@ -93,13 +109,21 @@ def _layer_class():
             self._last_n = n
             return self.keys, self.values
 
+        def _table(self, extend: bool, need: int) -> None:
+            """Make the last-read table cover positions ``< need`` (grown by doubling under extend)."""
+            if extend != self._extend or (extend and need > self._last.shape[1]):
+                length = max(need, 2 * self._last.shape[1]) if extend else None
+                self._last = last_reads(self.site_mask, self.site_mask.info.num_kv_heads, self.window,
+                                        extend=extend, length=length).to(self.device)
+                self._extend = extend
+
         def _live(self, first: torch.Tensor) -> torch.Tensor:
             """bool [B, Hkv, C]: held entries that a query at position >= ``first [B or 1]`` may read."""
             big = torch.iinfo(torch.long).max
             K = self._last.shape[1]
             g = torch.arange(self.pos.shape[1], device=self.device)[None, :, None]
             last = self._last[g, self.pos.clamp(0, K - 1)]
-            last = torch.where(self.pos >= K, big, last)  # past the calibration: LengthError decides
+            last = torch.where(self.pos >= K, big, last)  # past the table: LengthError decides
             return (self.pos >= 0) & (last >= first[:, None, None])
 
         def _evict(self, new: torch.Tensor) -> None:
@@ -220,7 +244,7 @@ def _build():
                 name, module = sites[i]
                 sm = mask.site(name)
                 window = _window(model, module, i)
-                layers.append(Layer(self, name, last_reads(sm, sm.info.num_kv_heads, window), window))
+                layers.append(Layer(self, sm, window))
             super().__init__(layers=layers)
             self.model, self.mask = model, mask
             self._attached = attached
@@ -230,11 +254,11 @@ def _build():
             if patch is None or patch.mask is not self.mask:
                 raise InvalidArgumentError("PrunedKVCache(model, mask) is used while that mask is not attached "
                                            "to the model: run generate inside `with attnprune.apply(model, mask):`")
-            if patch.beyond != "error":
-                raise InvalidArgumentError(f"PrunedKVCache needs beyond='error' (got {patch.beyond!r}): past the "
-                                           f"calibrated length every key may be read again, so none could be dropped")
+            if patch.beyond == "dense":
+                raise InvalidArgumentError("PrunedKVCache needs beyond='error' or 'extend' (got 'dense'): past "
+                                           "the calibrated length every key may be read again, so none could be dropped")
             patch.pruned_layers = {layer.site: layer for layer in self.layers}
-            return patch.interceptor.context
+            return patch.interceptor.context, patch.beyond
 
         def _reindex(self, idx) -> None:
             pass
@@ -281,10 +305,10 @@ class PrunedKVCache(metaclass=_Lazy):
 
     Args:
         model: a decoder-only transformers model with ``mask`` attached (``attnprune.apply``, with
-            ``beyond="error"``) while the cache is used.
+            ``beyond="error"`` or ``"extend"``) while the cache is used.
         mask: the attached ``PruneMask``.
 
     ``cache.kv_bytes()`` reports the bytes held against a dense cache's. Works with batches, left
     padding, greedy, sampling and beam search. Not supported (a clear error): encoder-decoder
-    models, cropping (assisted decoding), ``beyond`` other than ``"error"``.
+    models, cropping (assisted decoding), ``beyond="dense"``.
     """

@@ -24,6 +24,7 @@ from ._io import atomic_path
 from .errors import CorruptFileError, InvalidArgumentError, LengthError, MaskMismatchError
 from .sites import SiteInfo
 
+BEYOND = ("error", "dense", "extend")  # what lies past the calibrated region: an error, dense, the length-free form
 FORMAT = "attnprune.mask"
 VERSION = 1
 _CACHE_SIZE = 32
@@ -64,8 +65,8 @@ class SiteMask:
 
     def _check_region(self, lq: int, lk: int, q_offset: int, beyond: str) -> bool:
         """True if the region lies inside the calibrated lengths; raises on bad arguments."""
-        if beyond not in ("error", "dense"):
-            raise InvalidArgumentError(f"beyond must be 'error' or 'dense', got {beyond!r}")
+        if beyond not in BEYOND:
+            raise InvalidArgumentError(f"beyond must be one of {', '.join(map(repr, BEYOND))}, got {beyond!r}")
         if lq < 0 or lk < 0 or q_offset < 0:
             raise InvalidArgumentError(f"bad region: lq={lq}, lk={lk}, q_offset={q_offset}")
         inside = q_offset + lq <= self.q_len and lk <= self.k_len
@@ -73,8 +74,25 @@ class SiteMask:
             raise LengthError(
                 f"site {self.name!r}: input needs {q_offset + lq} query x {lk} key positions, but the "
                 f"mask was calibrated for {self.q_len} x {self.k_len}; observe with longer sequences, "
-                f"or pass beyond='dense' to compute attention densely outside the calibrated region")
+                f"or pass beyond='extend' (the mask's sinks and band continued) or beyond='dense' (attention "
+                f"computed densely) outside the calibrated region")
         return inside
+
+    @property
+    def length_free(self):
+        """The mask's :class:`~attnprune.lengthfree.LengthFree` form (sinks + band per head), fitted
+        once; ``LengthError`` for cross-attention sites."""
+        from .lengthfree import LengthFree
+
+        if "lengthfree" not in self._cache:
+            self._cache["lengthfree"] = LengthFree.fit(self._keep, self.info.kind, name=self.name)
+        return self._cache["lengthfree"]
+
+    def _outside(self, rows: torch.Tensor, cols: torch.Tensor, beyond: str) -> torch.Tensor:
+        """bool ``[H, R, C]`` on the stored grid: what rows x cols hold outside the calibrated region."""
+        if beyond == "extend":
+            return self.length_free.grid(rows, cols)
+        return torch.ones(self.info.num_heads, len(rows), len(cols), dtype=torch.bool, device=rows.device)
 
     def _cached(self, key, fn):
         if key not in self._cache:
@@ -88,12 +106,13 @@ class SiteMask:
         """bool [H, lq, lk]: queries ``q_offset .. q_offset+lq-1`` against keys ``0 .. lk-1``.
 
         Outside the calibrated ``q_len x k_len`` region: ``beyond="error"`` raises ``LengthError``,
-        ``beyond="dense"`` keeps everything there. Cached; do not modify the result in place.
+        ``beyond="dense"`` keeps everything there, ``beyond="extend"`` the length-free form
+        (``lengthfree.py``). Cached; do not modify the result in place.
         """
         self._check_region(lq, lk, q_offset, beyond)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return self._cached(("tok", lq, lk, str(dev), q_offset, beyond),
-                            lambda: self._tokens(lq, lk, q_offset).to(dev))
+                            lambda: self._tokens(lq, lk, q_offset, beyond).to(dev))
 
     def check_length(self, q_end: int, k_end: int, beyond: str) -> bool:
         """True if real positions ``< q_end`` x ``< k_end`` lie inside the calibrated region;
@@ -107,7 +126,8 @@ class SiteMask:
         row of key positions per key/value head (query head ``h`` uses row ``h // (H // Hkv)``), e.g.
         for a left-padded batch, a sliding-window cache or a pruned KV cache. Negative positions
         (empty slots) read row / column 0; callers mask them out. Positions outside the calibrated
-        region: kept under ``beyond="dense"``; ``LengthError`` under ``beyond="error"``.
+        region: kept under ``beyond="dense"``, the length-free form under ``beyond="extend"``;
+        ``LengthError`` under ``beyond="error"``.
         """
         H = self.info.num_heads
         kp = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos.repeat_interleave(H // k_pos.shape[1], dim=1)
@@ -121,10 +141,18 @@ class SiteMask:
         heads = torch.arange(H, device=dev)[None, :, None, None]
         out = keep[heads, qi[:, None, :, None], ki[:, :, None, :]]  # [B, H, Lq, Lk]
         outside = (q_pos >= self.q_len)[:, None, :, None] | (kp >= self.k_len)[:, :, None, :]
+        if beyond == "extend" and bool(outside.any()):
+            ext = self.length_free.at((q_pos // b)[:, None, :, None], (kp // b)[:, :, None, :])
+            return torch.where(outside, ext, out)
         return out | outside
 
-    def _tokens(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:
-        out = torch.ones(self.info.num_heads, lq, lk, dtype=torch.bool)
+    def _tokens(self, lq: int, lk: int, q_offset: int, beyond: str = "dense") -> torch.Tensor:
+        b = self.block or 1
+        inside = q_offset + lq <= self.q_len and lk <= self.k_len
+        if inside:
+            out = torch.empty(self.info.num_heads, lq, lk, dtype=torch.bool)
+        else:
+            out = self._outside(torch.arange(q_offset, q_offset + lq) // b, torch.arange(lk) // b, beyond)
         nq = max(0, min(q_offset + lq, self.q_len) - q_offset)
         nk = min(lk, self.k_len)
         if nq and nk:
@@ -137,10 +165,10 @@ class SiteMask:
             out[:, :nq, :nk] = part
         return out
 
-    def _blocks(self, lq: int, lk: int, q_offset: int) -> torch.Tensor:
+    def _blocks(self, lq: int, lk: int, q_offset: int, beyond: str = "dense") -> torch.Tensor:
         b = self.block
         qb0, nqb, nkb = q_offset // b, -(-lq // b), -(-lk // b)
-        out = torch.ones(self.info.num_heads, nqb, nkb, dtype=torch.bool)
+        out = self._outside(torch.arange(qb0, qb0 + nqb), torch.arange(nkb), beyond)
         have_q = max(0, min(nqb, self._keep.shape[1] - qb0))
         have_k = min(nkb, self._keep.shape[2])
         out[:, :have_q, :have_k] = self._keep[:, qb0:qb0 + have_q, :have_k]
@@ -155,7 +183,7 @@ class SiteMask:
         block straddles the calibrated edge under ``beyond="dense"``) the token mask is tiled.
         Same ``beyond`` rule as ``keep_tokens``. Cached.
         """
-        from .kernels import BlockLayout  # written by the kernels engineer
+        from .kernels import BlockLayout
 
         bq, bk = (int(block), int(block)) if isinstance(block, int) else (int(block[0]), int(block[1]))
         inside = self._check_region(lq, lk, q_offset, beyond)
@@ -167,7 +195,7 @@ class SiteMask:
 
         def build():
             if by_block:
-                return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset).to(dev), block=(bq, bk),
+                return BlockLayout.from_blocks(self._blocks(lq, lk, q_offset, beyond).to(dev), block=(bq, bk),
                                               q_len=lq, k_len=lk)
             return BlockLayout.from_tokens(self.keep_tokens(lq, lk, device=dev, q_offset=q_offset,
                                                             beyond=beyond), block=(bq, bk))
@@ -329,6 +357,13 @@ class PruneMask:
     def __repr__(self) -> str:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
+
+    def extend(self, length: int) -> "PruneMask":
+        """This mask at ``length`` x ``length`` positions: past the calibrated lengths, each head's
+        sinks and band continued (``attnprune.lengthfree``). What ``beyond="extend"`` computes."""
+        from .lengthfree import extend_mask
+
+        return extend_mask(self, length)
 
     # -------------------------------------------------------------------------------- restriction
     def restrict_to_kinds(self, kinds) -> "PruneMask":

@@ -1,0 +1,120 @@
+"""The length-free form (sinks + band per head) and ``beyond="extend"``."""
+
+import pytest
+import torch
+
+from attnprune import PrunedKVCache, apply
+from attnprune.errors import LengthError
+from attnprune.lengthfree import LengthFree
+from attnprune.mask import PruneMask, SiteMask
+from attnprune.sites import SiteInfo
+from test_positions import V, _close, _family, _generate, _mask
+
+
+def _band(L, sinks, width, H=2):
+    """bool [H, L, L]: ``sinks`` leading columns + a causal band of ``width(r)`` ending at the diagonal."""
+    r, c = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    w = torch.tensor([width(i) for i in range(L)])[:, None]
+    keep = ((c < sinks) | ((r - c >= 0) & (r - c < w))) & (c <= r)
+    return keep.expand(H, L, L).clone()
+
+
+def test_fit_recovers_a_constant_sink_and_band_and_continues_it():
+    keep = _band(64, 3, lambda r: 5)
+    lf = LengthFree.fit(keep[:, :32, :32], "causal")
+    assert lf.sinks.tolist() == [3, 3]
+    torch.testing.assert_close(lf.growth, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(lf.band, torch.full((2,), 5.0, dtype=torch.float64))
+    grid = lf.grid(torch.arange(64), torch.arange(64)) & torch.ones(64, 64, dtype=torch.bool).tril()
+    assert torch.equal(grid[:, 32:], keep[:, 32:])  # the rows past the calibration, exactly
+
+
+def test_fit_follows_a_growing_band():
+    """A band widening by one key every 4 rows: the fit's width stays within one of it past the
+    calibration (least squares over integer widths)."""
+    width = lambda r: 2 + r // 4
+    lf = LengthFree.fit(_band(48, 1, width)[:, :48, :48], "causal")
+    assert 0.2 < float(lf.growth[0]) < 0.3
+    got = lf.width(torch.arange(48, 128))[0]
+    want = torch.tensor([float(width(r)) for r in range(48, 128)], dtype=torch.float64)
+    assert (got - want).abs().max() <= 1.0
+
+
+def test_last_row_is_the_last_row_reading_each_column():
+    """PrunedKVCache drops a key after ``last_row``: it must never be earlier than the last row of
+    the form that reads the key, and at most one row later."""
+    for width in (lambda r: 4, lambda r: 2 + r // 3):
+        lf = LengthFree.fit(_band(40, 2, width)[:, :40, :40], "causal")
+        rows, cols = torch.arange(400), torch.arange(120)
+        grid = lf.grid(rows, cols) & (cols[None, :] <= rows[:, None])
+        last = lf.last_row(cols)
+        for c in range(2, 120):
+            true_last = int(rows[grid[0, :, c]].max())
+            assert true_last <= int(last[0, c]) <= true_last + 1, c
+        assert (last[:, :2] > 10**15).all()  # sinks: read forever
+
+
+def _model_and_mask():
+    model = _family("llama")
+    return model, _mask(model)
+
+
+def test_extend_equals_the_materialised_mask_and_keeps_the_calibrated_region():
+    model, mask = _model_and_mask()
+    ext = mask.extend(80)
+    for s in mask.sites:
+        assert torch.equal(ext.site(s).keep[:, :32, :32], mask.site(s).keep)
+    ids = torch.randint(3, V, (2, 80), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with apply(model, mask, beyond="extend"):
+            got = model(ids).logits
+        with apply(model, ext):
+            want = model(ids).logits
+        with apply(model, mask, beyond="dense"):
+            dense = model(ids).logits
+        with apply(model, mask):
+            with pytest.raises(LengthError, match="beyond='extend'"):
+                model(ids)
+    _close(got, want)
+    assert (got - dense).abs().max() > 1e-2  # extend is not dense
+
+
+def test_block_masks_extend_by_blocks():
+    from attnprune import make_mask, observe
+
+    model = _family("llama")
+    g = torch.Generator().manual_seed(1)
+    stats = observe(model, [{"input_ids": torch.randint(3, V, (2, 32), generator=g)}], granularity=8,
+                    progress=False)
+    mask = make_mask(stats, 0.5, block=8)
+    ext = mask.extend(64)
+    s = ext.site(mask.sites[0])
+    assert s.block == 8 and s.keep.shape[1:] == (8, 8)
+    assert torch.equal(s.keep[:, :4, :4], mask.site(mask.sites[0]).keep)
+
+
+def test_cross_attention_has_no_length_free_form():
+    info = SiteInfo("dec.cross", "cross", 2, 2)
+    mask = PruneMask([SiteMask(info, 4, 6, keep=torch.ones(2, 4, 6, dtype=torch.bool))], {})
+    with pytest.raises(LengthError, match="cross-attention"):
+        mask.extend(8)
+    with pytest.raises(LengthError, match="cross-attention"):
+        mask.site("dec.cross").keep_tokens(8, 6, beyond="extend")
+    assert mask.site("dec.cross").keep_tokens(4, 6, beyond="extend").all()  # inside: fine
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+def test_generation_past_the_calibration_with_extend_and_pruned_cache(family):
+    """64 tokens past a 32-token calibration: the pruned cache gives what full recomputation under
+    ``beyond="extend"`` gives, and holds a bounded share of a dense cache."""
+    model = _family(family)
+    mask = _mask(model)
+    prompt = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), apply(model, mask, beyond="extend"):
+        cache = PrunedKVCache(model, mask)
+        seq_p, log_p = _generate(model, prompt, 88, past_key_values=cache)
+        seq_n, log_n = _generate(model, prompt, 88, use_cache=False)
+    assert torch.equal(seq_p, seq_n)
+    _close(log_p, log_n)
+    # a sliding window of 4 already bounds the dense cache to 3 tokens: never more than that
+    assert cache.kv_bytes()["share"] < (1.0 + 1e-9 if family.endswith("sliding") else 0.5)
