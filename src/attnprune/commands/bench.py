@@ -21,15 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the block-sparse attention kernels (GPU)",
                        description="Time SDPA cuDNN, SDPA flash, FlexAttention and attnprune's Triton kernels "
                                    "on identical random block masks, forward and forward+backward.")
-    add_list_argument(p, "--head-dims", item=int, default=(64, 128), help="head dimensions (default 64,128)")
-    add_list_argument(p, "--lengths", item=int, default=None,
+    add_list_argument(p, "--head-dims", item=int, what="d", default=(64, 128), help="head dimensions (default 64,128)")
+    add_list_argument(p, "--lengths", item=int, what="length", default=None,
                       help="sequence lengths (default 4096,16384,32768; with --model 4096,8192,16384)")
     add_list_argument(p, "--densities", item=float, default=(1.0, 0.5, 0.1),
                       help="fractions of 128x128 blocks kept (default 1,0.5,0.1)")
     add_list_argument(p, "--causal", item=zero_one, what="0/1", default=(False, True),
                       help="0, 1 or 0,1 (default both)")
-    add_list_argument(p, "--modes", default=("fwd", "fwd+bwd"), help="fwd and/or fwd+bwd")
-    add_list_argument(p, "--impls", default=("cudnn", "flash", "flex", "ours"), help="implementations to time")
+    add_list_argument(p, "--modes", what="mode", default=("fwd", "fwd+bwd"), help="fwd and/or fwd+bwd")
+    add_list_argument(p, "--impls", what="impl", default=("cudnn", "flash", "flex", "ours"), help="implementations to time")
     p.add_argument("--heads", type=int, default=16, help="query = kv heads (default 16)")
     p.add_argument("--tokens", type=int, default=32768, help="batch * length (default 32768)")
     p.add_argument("-o", "--output", default="bench.json", help="JSON file to write")
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "prefill and a training step, dense vs masked")
     add_list_argument(wm, "--sparsities", item=float, default=(0.9,),
                       help="synthetic mask sparsities (default 0.9)")
-    add_list_argument(wm, "--model-modes", default=("prefill", "train"), help="prefill and/or train (default both)")
+    add_list_argument(wm, "--model-modes", what="mode", default=("prefill", "train"), help="prefill and/or train (default both)")
     wm.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
     wm.add_argument("--block", type=int, default=128, help="synthetic mask block size (default 128)")
     wm.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")

@@ -34,7 +34,7 @@ def _block(v: str) -> int | None:
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_list_argument(p, "--sparsities", item=float, default=None,
                       help=f"target sparsities in [0, 1) (default {' '.join(map(str, DEFAULT_SPARSITIES))})")
-    add_list_argument(p, "--policies", default=None, help=f"mask policies (default {' '.join(DEFAULT_POLICIES)})")
+    add_list_argument(p, "--policies", what="policy", default=None, help=f"mask policies (default {' '.join(DEFAULT_POLICIES)})")
     add_list_argument(p, "--blocks", item=_block, what="block", default=None,
                       help="granularities: 'token' for token level, an integer b for b x b blocks (default: token 16)")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="reference", device=None)
