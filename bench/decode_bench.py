@@ -91,9 +91,11 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
                     if variant == "pruned":
                         held = cache.kv_bytes()
                     seqs = out.sequences
+                    step_ms = _step_ms(model, ids, variant, mask, sync, steps=16)
                 row = {"context": ctx, "batch": B, "variant": variant, "new_tokens": new,
                        "prefill_s": t_pre, "decode_tok_s": B * (new - 1) / max(t_all - t_pre, 1e-9),
-                       "peak_mib_over_weights": peak / 2**20, "kv_bytes": held, "sparsity": achieved}
+                       "peak_mib_over_weights": peak / 2**20, "kv_bytes": held, "sparsity": achieved,
+                       "bare_step_ms": step_ms}
                 if variant == "masked":
                     ref = seqs
                 if variant == "pruned":
@@ -104,6 +106,26 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
         if cuda:
             torch.cuda.empty_cache()
     return rows
+
+
+def _step_ms(model, ids, variant, mask, sync, steps: int) -> float:
+    """Median ms of one bare decode forward (no ``generate``): prefill into a cache, then ``steps``
+    single-token forwards feeding back the argmax, each synchronised."""
+    from transformers import DynamicCache
+
+    from attnprune import PrunedKVCache
+
+    cache = PrunedKVCache(model, mask) if variant == "pruned" else DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    for _ in range(steps):
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 class _null:
@@ -130,11 +152,12 @@ def main():
 
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
                a.backend, a.block, a.sparsity, a.device)
-    print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'peak MiB':>9} {'KV share':>8}")
+    print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'step ms':>8} {'peak MiB':>9} "
+          f"{'KV share':>8}")
     for r in rows:
         share = f"{r['kv_bytes']['share']:.3f}" if r["kv_bytes"] else "-"
         print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {1e3 * r['prefill_s']:>10.1f} "
-              f"{r['decode_tok_s']:>12.1f} {r['peak_mib_over_weights']:>9.0f} {share:>8}")
+              f"{r['decode_tok_s']:>12.1f} {r['bare_step_ms']:>8.2f} {r['peak_mib_over_weights']:>9.0f} {share:>8}")
     if a.out:
         write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows})
 

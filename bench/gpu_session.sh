@@ -63,8 +63,8 @@ while [ $# -gt 0 ]; do
         stage tests 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/test_kernels.py tests/test_backend_triton.py ;;
     tests12)
-        stage tests12 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs -x \
-            tests/test_positions.py tests/test_cache.py tests/test_apply.py tests/test_observe.py ;;
+        stage tests12 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
+            tests/test_positions.py tests/test_cache.py tests/test_extend.py tests/test_apply.py tests/test_observe.py ;;
     decode)
         stage decode 330 python3 bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 \
             -o "$RUNS/decode.json" ;;

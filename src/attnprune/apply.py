@@ -71,7 +71,7 @@ class _Patch:
         rep = call.q.shape[1] // layer.pos.shape[1]
         k_pos = layer.pos.repeat_interleave(rep, dim=1)[:, :, None, :]  # [B, Hq, 1, Lk], -1: empty slot
         qp = q_pos[:, None, :, None]
-        allowed = sm.keep_at(q_pos, layer.pos, beyond=self.beyond) & (k_pos >= 0) & (k_pos <= qp)
+        allowed = sm.keep_at(q_pos, layer.pos, beyond=self.beyond, checked=True) & (k_pos >= 0) & (k_pos <= qp)
         if layer.window is not None:
             allowed = allowed & (qp - k_pos < layer.window)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,

@@ -119,7 +119,8 @@ class SiteMask:
         ``LengthError`` under ``beyond="error"`` when they do not."""
         return self._check_region(q_end, k_end, 0, beyond)
 
-    def keep_at(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, beyond: str = "error") -> torch.Tensor:
+    def keep_at(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, beyond: str = "error",
+                checked: bool = False) -> torch.Tensor:
         """bool ``[B, H, Lq, Lk]``: the mask at rows ``q_pos`` and columns ``k_pos`` of each sequence.
 
         q_pos: long ``[B or 1, Lq]``; k_pos: long ``[B or 1, Lk]``, or ``[B or 1, Hkv, Lk]`` with one
@@ -127,11 +128,14 @@ class SiteMask:
         for a left-padded batch, a sliding-window cache or a pruned KV cache. Negative positions
         (empty slots) read row / column 0; callers mask them out. Positions outside the calibrated
         region: kept under ``beyond="dense"``, the length-free form under ``beyond="extend"``;
-        ``LengthError`` under ``beyond="error"``.
+        ``LengthError`` under ``beyond="error"`` (unless ``checked``: the caller knows the real
+        positions are inside, and no GPU->CPU synchronisation is spent on finding out).
         """
         H = self.info.num_heads
         kp = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos.repeat_interleave(H // k_pos.shape[1], dim=1)
-        if q_pos.numel() and kp.numel():
+        if beyond not in BEYOND:
+            self._check_region(0, 0, 0, beyond)  # raises the unknown-value error
+        if not checked and q_pos.numel() and kp.numel():
             self._check_region(int(q_pos.max()) + 1, int(kp.max()) + 1, 0, beyond)
         dev = q_pos.device
         keep = self._cached(("dev", str(dev)), lambda: self._keep.to(dev))
@@ -141,7 +145,11 @@ class SiteMask:
         heads = torch.arange(H, device=dev)[None, :, None, None]
         out = keep[heads, qi[:, None, :, None], ki[:, :, None, :]]  # [B, H, Lq, Lk]
         outside = (q_pos >= self.q_len)[:, None, :, None] | (kp >= self.k_len)[:, :, None, :]
-        if beyond == "extend" and bool(outside.any()):
+        if beyond == "extend" and self.info.kind == "cross":
+            if bool(outside.any()):
+                self.length_free  # raises the LengthError naming the site
+            return out
+        if beyond == "extend":
             ext = self.length_free.at((q_pos // b)[:, None, :, None], (kp // b)[:, :, None, :])
             return torch.where(outside, ext, out)
         return out | outside

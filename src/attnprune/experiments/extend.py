@@ -1,0 +1,113 @@
+"""Experiment: masks used past their calibrated length (``beyond="extend"`` vs ``"dense"``).
+
+A mask is calibrated on ``--calib-len``-token windows; perplexity is then measured on test windows of
+``--factor`` times that length, on the tokens past the calibrated length only (teacher forcing: what
+generation past the calibration would read). Compared: the dense model; the mask with
+``beyond="dense"`` (mask inside the calibrated region, dense past it); the mask with
+``beyond="extend"`` (its sinks and band continued, ``attnprune.lengthfree``); and, for scale, the
+calibrated-region perplexity of the mask on windows of the calibrated length.
+
+    python -m attnprune.experiments.extend --model smollm2 --data austen --calib-len 256 --factor 2 \\
+        --sparsity 0.5,0.8 -o extend.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+
+def _nll_past(model, rows: torch.Tensor, start: int, batch_size: int) -> tuple[float, int]:
+    """Summed next-token NLL of the tokens at positions > ``start`` of ``rows [n, L]``, and their count."""
+    from attnprune.evaluate import token_nll
+
+    total, count = 0.0, 0
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, rows.shape[0], batch_size):
+            ids = rows[i:i + batch_size].to(dev)
+            labels = ids.clone()
+            labels[:, :start + 1] = -100  # only predictions of tokens past the calibrated length
+            s, c = token_nll(model(input_ids=ids).logits, ids, None, labels)
+            total, count = total + s, count + c
+    return total, count
+
+
+def run(model_name: str, data: str, calib_len: int, factor: int, sparsities, *, calib_seqs: int = 16,
+        test_seqs: int = 8, policy: str = "layer", block: int | None = None, batch_size: int = 2,
+        device: str = "cpu", progress: bool = True) -> dict:
+    from attnprune import apply, make_mask, observe
+    from attnprune.data import load_dataset, lm_batches
+    from attnprune.models import load_model
+    from attnprune.report import environment
+
+    t0 = time.time()
+    loaded = load_model(model_name)
+    model = loaded.model.to(device).eval()
+    ds = load_dataset(data)
+    calib = lm_batches(ds.texts("calibration"), loaded.tokenizer, seq_len=calib_len, batch_size=batch_size,
+                       max_sequences=calib_seqs)
+    long_len = factor * calib_len
+    rows = torch.cat([b["input_ids"] for b in lm_batches(ds.texts("test"), loaded.tokenizer, seq_len=long_len,
+                                                         batch_size=batch_size, max_sequences=test_seqs)])
+    stats = observe(model, calib, granularity=block or 1, progress=progress, description=ds.describe("calibration"))
+    ppl = lambda s, c: math.exp(s / c)
+    dense = ppl(*_nll_past(model, rows, calib_len - 1, batch_size))
+    out = {"model": model_name, "data": data, "calib_len": calib_len, "eval_len": long_len, "policy": policy,
+           "block": block, "calib_seqs": calib_seqs, "test_seqs": int(rows.shape[0]),
+           "dense_ppl_past": dense, "rows": []}
+    for s in sparsities:
+        mask = make_mask(stats, s, policy=policy, block=block)
+        row = {"sparsity": s, "achieved": mask.sparsity}
+        for beyond in ("dense", "extend"):
+            with apply(model, mask, beyond=beyond):
+                row[f"{beyond}_ppl_past"] = ppl(*_nll_past(model, rows, calib_len - 1, batch_size))
+            row[f"{beyond}_vs_dense"] = row[f"{beyond}_ppl_past"] / dense - 1
+        ext = mask.extend(long_len)
+        kept = sum(int(ext.site(n).keep_tokens(long_len, long_len).tril().sum()) for n in ext.sites)
+        total = len(ext.sites) * ext.site(ext.sites[0]).info.num_heads * long_len * (long_len + 1) // 2
+        row["extended_sparsity"] = 1 - kept / total  # causal entries of the extended mask, all sites
+        out["rows"].append(row)
+        print(row, file=sys.stderr, flush=True)
+    out["seconds"] = time.time() - t0
+    out["environment"] = environment(device)
+    return out
+
+
+def main(argv=None) -> int:
+    from attnprune._io import write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default="austen")
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--factor", type=int, default=2)
+    ap.add_argument("--sparsity", default="0.5,0.8")
+    ap.add_argument("--policy", default="layer")
+    ap.add_argument("--block", type=int, default=None)
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--test-seqs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("-o", "--out", default=None)
+    a = ap.parse_args(argv)
+    res = run(a.model, a.data, a.calib_len, a.factor, [float(x) for x in a.sparsity.split(",")],
+              calib_seqs=a.calib_seqs, test_seqs=a.test_seqs, policy=a.policy, block=a.block,
+              batch_size=a.batch_size, device=a.device)
+    res["command"] = "python -m attnprune.experiments.extend " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"dense perplexity past {a.calib_len} tokens: {res['dense_ppl_past']:.3f}")
+    for r in res["rows"]:
+        print(f"sparsity {r['sparsity']:.2f}: beyond=dense {r['dense_ppl_past']:.3f} ({100 * r['dense_vs_dense']:+.1f}%)"
+              f"  beyond=extend {r['extend_ppl_past']:.3f} ({100 * r['extend_vs_dense']:+.1f}%), "
+              f"extended mask sparsity {r['extended_sparsity']:.3f}")
+    if a.out:
+        write_json(a.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
