@@ -13,6 +13,7 @@ against a dense cache's. Also checks that the PrunedKVCache tokens equal the sto
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -79,6 +80,7 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
                     gen(1, variant)
                     sync()
                     t_pre = time.perf_counter() - t0
+                    gc.collect()
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     t0 = time.perf_counter()
@@ -91,11 +93,13 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
                     if variant == "pruned":
                         held = cache.kv_bytes()
                     seqs = out.sequences
-                    step_ms = _step_ms(model, ids, variant, mask, sync, steps=16)
+                    gc.collect()
+                    step_ms, steady = _step_ms(model, ids, variant, mask, sync, steps=16)
+                    gc.collect()
                 row = {"context": ctx, "batch": B, "variant": variant, "new_tokens": new,
                        "prefill_s": t_pre, "decode_tok_s": B * (new - 1) / max(t_all - t_pre, 1e-9),
                        "peak_mib_over_weights": peak / 2**20, "kv_bytes": held, "sparsity": achieved,
-                       "bare_step_ms": step_ms}
+                       "bare_step_ms": step_ms, "steady_mib_over_weights": steady - weights / 2**20}
                 if variant == "masked":
                     ref = seqs
                 if variant == "pruned":
@@ -108,9 +112,10 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
     return rows
 
 
-def _step_ms(model, ids, variant, mask, sync, steps: int) -> float:
+def _step_ms(model, ids, variant, mask, sync, steps: int) -> tuple[float, float]:
     """Median ms of one bare decode forward (no ``generate``): prefill into a cache, then ``steps``
-    single-token forwards feeding back the argmax, each synchronised."""
+    single-token forwards feeding back the argmax, each synchronised. Also the GPU memory allocated
+    after them (MiB): weights + the cache in its steady decode state + the last logits."""
     from transformers import DynamicCache
 
     from attnprune import PrunedKVCache
@@ -125,7 +130,8 @@ def _step_ms(model, ids, variant, mask, sync, steps: int) -> float:
         out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
         sync()
         times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
+    mem = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return 1e3 * sorted(times)[len(times) // 2], mem
 
 
 class _null:
@@ -153,11 +159,12 @@ def main():
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
                a.backend, a.block, a.sparsity, a.device)
     print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'step ms':>8} {'peak MiB':>9} "
-          f"{'KV share':>8}")
+          f"{'KV share':>8} {'steady MiB':>10}")
     for r in rows:
         share = f"{r['kv_bytes']['share']:.3f}" if r["kv_bytes"] else "-"
         print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {1e3 * r['prefill_s']:>10.1f} "
-              f"{r['decode_tok_s']:>12.1f} {r['bare_step_ms']:>8.2f} {r['peak_mib_over_weights']:>9.0f} {share:>8}")
+              f"{r['decode_tok_s']:>12.1f} {r['bare_step_ms']:>8.2f} {r['peak_mib_over_weights']:>9.0f} {share:>8} "
+              f"{r['steady_mib_over_weights']:>10.0f}")
     if a.out:
         write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows})
 

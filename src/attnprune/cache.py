@@ -21,6 +21,8 @@ Usage::
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -72,7 +74,9 @@ def _layer_class():
 
         def __init__(self, cache, site_mask, window: int | None):
             super().__init__()
-            self.cache, self.site, self.window, self.site_mask = cache, site_mask.name, window, site_mask
+            # a weak reference: no cache <-> layer cycle keeping the tensors alive until a gc pass
+            self.cache = weakref.proxy(cache)
+            self.site, self.window, self.site_mask = site_mask.name, window, site_mask
             self._extend = False
             self._last = last_reads(site_mask, site_mask.info.num_kv_heads, window)  # [Hkv, K], CPU first
             self.seen = 0  # tokens seen so far (cached + current)
@@ -164,7 +168,6 @@ def _layer_class():
                 self.keys, self.values, self.pos = (t.index_select(0, idx) for t in (self.keys, self.values, self.pos))
                 if self.new_pos is not None and self.new_pos.shape[0] > 1:
                     self.new_pos = self.new_pos.index_select(0, idx)
-                self.cache._reindex(idx)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.is_initialized:
@@ -259,9 +262,6 @@ def _build():
                                            "the calibrated length every key may be read again, so none could be dropped")
             patch.pruned_layers = {layer.site: layer for layer in self.layers}
             return patch.interceptor.context, patch.beyond
-
-        def _reindex(self, idx) -> None:
-            pass
 
         def kv_bytes(self) -> dict:
             """Key and value bytes over all layers: ``held`` (kept for the next step: what a query at
