@@ -58,9 +58,9 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for ctx in contexts:
-        model = smollm2(ctx + new + 8, dev, torch.bfloat16)
+        model = smollm2(ctx + new + 24, dev, torch.bfloat16)
         weights = torch.cuda.memory_allocated() if cuda else 0
-        mask, achieved = band_mask(model, ctx + new, block, sparsity)
+        mask, achieved = band_mask(model, ctx + new + 16, block, sparsity)  # + the bare steps
         for B in batches:
             ids = torch.randint(3, 49152, (B, ctx), device=dev, generator=torch.Generator(dev).manual_seed(1))
 
