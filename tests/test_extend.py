@@ -118,3 +118,24 @@ def test_generation_past_the_calibration_with_extend_and_pruned_cache(family):
     _close(log_p, log_n)
     # a sliding window of 4 already bounds the dense cache to 3 tokens: never more than that
     assert cache.kv_bytes()["share"] < (1.0 + 1e-9 if family.endswith("sliding") else 0.5)
+
+
+def test_hold_density_keeps_the_calibrated_share_of_each_row():
+    """hold="width" continues the line of kept counts per row, hold="density" the kept share: on a
+    random mask keeping ~30% of each row both extend at ~30%; on a constant band of 5 the width rule
+    keeps 5 per far row (~1%) and the density rule the calibrated rows' share (~14%)."""
+    g = torch.Generator().manual_seed(3)
+    L, H = 48, 2
+    tril = torch.ones(L, L, dtype=torch.bool).tril()
+    rand = (torch.rand(H, L, L, generator=g) < 0.3) & tril
+    far = torch.arange(400, 480)
+    for keep, bounds in ((rand, {"width": (0.22, 0.4), "density": (0.22, 0.4)}),
+                         (_band(L, 0, lambda r: 5), {"width": (0.0, 0.03), "density": (0.1, 0.2)})):
+        mask = PruneMask([SiteMask(SiteInfo("l0", "causal", H, H), L, L, keep=keep)], {})
+        for hold, (lo, hi) in bounds.items():
+            ext = mask.extend(480, hold=hold).site("l0").keep
+            share = ext[:, far].sum(-1).double() / (far + 1).double()
+            assert lo < float(share.mean()) < hi, hold
+            assert torch.equal(ext[:, :L, :L], keep)
+    with pytest.raises(Exception, match="hold"):
+        mask.extend(64, hold="nope")

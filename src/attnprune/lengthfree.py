@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LengthError
+from .errors import InvalidArgumentError, LengthError
 
 __all__ = ["LengthFree"]
 
@@ -37,8 +37,17 @@ class LengthFree:
         self.sinks, self.band, self.growth, self.causal = sinks.long(), band.double(), growth.double(), causal
 
     @classmethod
-    def fit(cls, keep: torch.Tensor, kind: str, *, name: str = "?", grow: bool = True) -> "LengthFree":
-        """Fit from a keep grid ``keep [H, R, C]`` (bool) of a site of ``kind``."""
+    def fit(cls, keep: torch.Tensor, kind: str, *, name: str = "?", grow: bool = True,
+            hold: str = "width") -> "LengthFree":
+        """Fit from a keep grid ``keep [H, R, C]`` (bool) of a site of ``kind``.
+
+        hold: ``"width"`` (the default above: the band's width line, growth clipped at 0) or
+        ``"density"`` (a band through the origin keeping each fitted row's kept share of its
+        attendable entries: ``w(r) = f * (r + 1)``, so the extension is as dense as the calibration,
+        and a pruned KV cache keeps keys for longer).
+        """
+        if hold not in ("width", "density"):
+            raise InvalidArgumentError(f"hold must be 'width' or 'density', got {hold!r}")
         if kind == "cross":
             raise LengthError(f"site {name!r} is cross-attention: its mask has no length-free form to extend "
                               "past the calibrated length; use beyond='dense' or calibrate longer")
@@ -54,6 +63,10 @@ class LengthFree:
         outside = cols[None, None, :] >= sinks[:, None, None]  # [H, 1, C]
         width = (k * outside).sum(-1)  # [H, F]: kept entries outside the sinks per fitted row
         r = rows.double()
+        if hold == "density":
+            attendable = (r + 1 - sinks[:, None].double()).clamp_min(1.0) if causal else float(C)
+            f = (width / attendable).mean(1)  # [H]
+            return cls(sinks, f, f, causal)
         if grow and len(rows) > 1:
             rc = r - r.mean()
             growth = ((width - width.mean(1, keepdim=True)) @ rc / (rc @ rc)).clamp_min(0.0)
@@ -96,13 +109,13 @@ class LengthFree:
         return last.clamp(max=float(big)).long()
 
 
-def extend_mask(mask, length: int):
+def extend_mask(mask, length: int, *, hold: str = "width"):
     """``mask`` with every site materialised at ``length`` x ``length`` positions: the calibrated
-    region as it is, the rest from each head's length-free form. Block masks stay block masks.
-    ``meta["extended_to"]`` records the length; ``LengthError`` for cross-attention sites."""
+    region as it is, the rest from each head's length-free form (``hold``: see
+    :meth:`LengthFree.fit`). Block masks stay block masks. ``meta["extended_to"]`` records the
+    length and ``meta["extended_hold"]`` the rule; ``LengthError`` for cross-attention sites."""
     import copy
 
-    from .errors import InvalidArgumentError
     from .mask import PruneMask, SiteMask
 
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
@@ -112,11 +125,13 @@ def extend_mask(mask, length: int):
         sm = mask.site(name)
         if sm.info.kind == "cross" and (length > sm.q_len or length > sm.k_len):
             sm.length_free  # raises the LengthError naming the site
-        if sm.block is None:
-            keep = sm.keep_tokens(length, length, beyond="extend").clone()
-        else:
-            keep = sm._blocks(length, length, 0, "extend")
-        sms.append(SiteMask(sm.info, length, length, keep=keep, block=sm.block))
+        b = sm.block or 1
+        n = -(-length // b)
+        lf = sm.length_free if hold == "width" else LengthFree.fit(sm.keep, sm.info.kind, name=name, hold=hold)
+        grid = lf.grid(torch.arange(n), torch.arange(n))  # [H, n, n] on the mask's grid
+        R, C = sm.keep.shape[1:]
+        grid[:, :min(R, n), :min(C, n)] = sm.keep[:, :n, :n]
+        sms.append(SiteMask(sm.info, length, length, keep=grid, block=sm.block))
     meta = copy.deepcopy(mask.meta)
-    meta["extended_to"] = length
+    meta["extended_to"], meta["extended_hold"] = length, hold
     return PruneMask(sms, meta)

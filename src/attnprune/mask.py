@@ -366,12 +366,13 @@ class PruneMask:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
 
-    def extend(self, length: int) -> "PruneMask":
+    def extend(self, length: int, *, hold: str = "width") -> "PruneMask":
         """This mask at ``length`` x ``length`` positions: past the calibrated lengths, each head's
-        sinks and band continued (``attnprune.lengthfree``). What ``beyond="extend"`` computes."""
+        sinks and band continued (``attnprune.lengthfree``; with the default ``hold="width"``, what
+        ``beyond="extend"`` computes; ``hold="density"`` keeps the calibration's density instead)."""
         from .lengthfree import extend_mask
 
-        return extend_mask(self, length)
+        return extend_mask(self, length, hold=hold)
 
     # -------------------------------------------------------------------------------- restriction
     def restrict_to_kinds(self, kinds) -> "PruneMask":

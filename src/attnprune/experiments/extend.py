@@ -4,8 +4,8 @@ A mask is calibrated on ``--calib-len``-token windows; perplexity is then measur
 ``--factor`` times that length, on the tokens past the calibrated length only (teacher forcing: what
 generation past the calibration would read). Compared: the dense model; the mask with
 ``beyond="dense"`` (mask inside the calibrated region, dense past it); the mask with
-``beyond="extend"`` (its sinks and band continued, ``attnprune.lengthfree``); and, for scale, the
-calibrated-region perplexity of the mask on windows of the calibrated length.
+``beyond="extend"`` (its sinks and band continued, ``attnprune.lengthfree``); and
+``PruneMask.extend(..., hold="density")`` (the same structures keeping the calibration's density).
 
     python -m attnprune.experiments.extend --model smollm2 --data austen --calib-len 256 --factor 2 \\
         --sparsity 0.5,0.8 -o extend.json
@@ -35,6 +35,18 @@ def _nll_past(model, rows: torch.Tensor, start: int, batch_size: int) -> tuple[f
             s, c = token_nll(model(input_ids=ids).logits, ids, None, labels)
             total, count = total + s, count + c
     return total, count
+
+
+def _past_sparsity(mask, start: int, length: int) -> float:
+    """Sparsity over the causal entries of rows ``start .. length-1`` (the extension), all sites."""
+    kept = total = 0
+    rows = torch.arange(start, length)
+    for n in mask.sites:
+        k = mask.site(n).keep_tokens(length, length)[:, start:]
+        k = k & (torch.arange(length)[None, None, :] <= rows[None, :, None])
+        kept += int(k.sum())
+        total += k.shape[0] * int((rows + 1).sum())
+    return 1 - kept / total
 
 
 def run(model_name: str, data: str, calib_len: int, factor: int, sparsities, *, calib_seqs: int = 16,
@@ -67,10 +79,13 @@ def run(model_name: str, data: str, calib_len: int, factor: int, sparsities, *, 
             with apply(model, mask, beyond=beyond):
                 row[f"{beyond}_ppl_past"] = ppl(*_nll_past(model, rows, calib_len - 1, batch_size))
             row[f"{beyond}_vs_dense"] = row[f"{beyond}_ppl_past"] / dense - 1
-        ext = mask.extend(long_len)
-        kept = sum(int(ext.site(n).keep_tokens(long_len, long_len).tril().sum()) for n in ext.sites)
-        total = len(ext.sites) * ext.site(ext.sites[0]).info.num_heads * long_len * (long_len + 1) // 2
-        row["extended_sparsity"] = 1 - kept / total  # causal entries of the extended mask, all sites
+        for hold in ("width", "density"):
+            ext = mask.extend(long_len, hold=hold)
+            if hold == "density":
+                with apply(model, ext):
+                    row["density_ppl_past"] = ppl(*_nll_past(model, rows, calib_len - 1, batch_size))
+                row["density_vs_dense"] = row["density_ppl_past"] / dense - 1
+            row[f"{hold}_extended_sparsity"] = _past_sparsity(ext, calib_len, long_len)
         out["rows"].append(row)
         print(row, file=sys.stderr, flush=True)
     out["seconds"] = time.time() - t0
@@ -102,8 +117,9 @@ def main(argv=None) -> int:
     print(f"dense perplexity past {a.calib_len} tokens: {res['dense_ppl_past']:.3f}")
     for r in res["rows"]:
         print(f"sparsity {r['sparsity']:.2f}: beyond=dense {r['dense_ppl_past']:.3f} ({100 * r['dense_vs_dense']:+.1f}%)"
-              f"  beyond=extend {r['extend_ppl_past']:.3f} ({100 * r['extend_vs_dense']:+.1f}%), "
-              f"extended mask sparsity {r['extended_sparsity']:.3f}")
+              f"  beyond=extend {r['extend_ppl_past']:.3f} ({100 * r['extend_vs_dense']:+.1f}%, extension sparsity "
+              f"{r['width_extended_sparsity']:.3f})  extend(hold=density) {r['density_ppl_past']:.3f} "
+              f"({100 * r['density_vs_dense']:+.1f}%, {r['density_extended_sparsity']:.3f})")
     if a.out:
         write_json(a.out, res)
     return 0
