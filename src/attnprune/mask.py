@@ -4,29 +4,20 @@ A mask is made by ``attnprune.make_mask`` (see ``policies.py``). Per site it hol
 keep tensor bool [H, q_len, k_len] or a block keep tensor bool [H, ceil(q_len/b), ceil(k_len/b)]
 (``True`` = computed). ``q_len``/``k_len`` are the calibrated token lengths.
 
-File format: safetensors; tensor ``keep.<i>`` is site ``i``'s keep tensor, bit-packed (uint8,
-8 entries a byte, row-major; its shape is in the header); the safetensors
-metadata key ``"attnprune"`` holds a JSON header (``format = "attnprune.mask"``, version, site
-infos, policy, sparsities, per-tensor checksums). Files are written atomically.
+The file format (safetensors, bit-packed, checksummed, written atomically) is in ``maskfile.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from ._io import atomic_path
-from .errors import CorruptFileError, InvalidArgumentError, LengthError, MaskMismatchError
+from .errors import InvalidArgumentError, LengthError, MaskMismatchError
+from .maskfile import FORMAT, VERSION  # noqa: F401  (re-exported)
 from .sites import SiteInfo
 
 BEYOND = ("error", "dense", "extend")  # what lies past the calibrated region: an error, dense, the length-free form
-FORMAT = "attnprune.mask"
-VERSION = 1
 _CACHE_SIZE = 32
 
 
@@ -294,52 +285,17 @@ class PruneMask:
 
     # -------------------------------------------------------------------------------- file I/O
     def save(self, path: str | os.PathLike) -> None:
-        """Write the mask to ``path`` (safetensors + JSON header), atomically."""
-        from safetensors.torch import save_file
+        """Write the mask to ``path`` (safetensors + JSON header), atomically (``maskfile.py``)."""
+        from .maskfile import save_mask
 
-        tensors = {f"keep.{i}": _pack(m.keep) for i, m in enumerate(self._sites.values())}
-        header = {
-            "format": FORMAT, "version": VERSION, "meta": self.meta,
-            "sites": [{"info": m.info.to_dict(), "q_len": m.q_len, "k_len": m.k_len, "block": m.block,
-                       "shape": list(m.keep.shape), "checksum": _checksum(tensors[f"keep.{i}"])}
-                      for i, m in enumerate(self._sites.values())],
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"attnprune": json.dumps(header)})
+        save_mask(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruneMask":
         """Read a mask written by ``save``; ``CorruptFileError`` if it is not a valid mask file."""
-        from safetensors import safe_open
+        from .maskfile import load_mask
 
-        p = Path(path)
-        if not p.is_file():
-            raise InvalidArgumentError(f"{p}: no such mask file")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                raw = (f.metadata() or {}).get("attnprune")
-                if raw is None:
-                    raise CorruptFileError(f"{p}: not an attnprune mask file (no attnprune header)")
-                header = json.loads(raw)
-                if header.get("format") != FORMAT:
-                    raise CorruptFileError(f"{p}: not an attnprune mask file (format "
-                                           f"{header.get('format')!r}, expected {FORMAT!r})")
-                if header.get("version") != VERSION:
-                    raise CorruptFileError(f"{p}: unsupported mask file version {header.get('version')!r}")
-                masks = []
-                for i, s in enumerate(header["sites"]):
-                    packed = f.get_tensor(f"keep.{i}")
-                    if _checksum(packed) != s["checksum"]:
-                        raise CorruptFileError(f"{p}: checksum mismatch for site {s['info']['name']!r}")
-                    keep = _unpack(packed, s["shape"])
-                    masks.append(SiteMask(SiteInfo.from_dict(s["info"]), s["q_len"], s["k_len"],
-                                          keep=keep, block=s["block"]))
-                return cls(masks, header["meta"])
-        except CorruptFileError:
-            raise
-        except Exception as e:  # safetensors / json / missing keys / bad shapes
-            raise CorruptFileError(f"{p}: truncated or corrupted mask file ({type(e).__name__}: {e}); "
-                                   f"make it again with `attnprune mask`") from None
+        return load_mask(path)
 
     # -------------------------------------------------------------------------------- display
     def summary(self) -> str:
@@ -419,22 +375,6 @@ class PruneMask:
                                                         keep=m._tokens(m.q_len, m.k_len, 0), block=None)
                      for m in masks]
         return PruneMask(masks, meta)
-
-
-def _pack(keep: torch.Tensor) -> torch.Tensor:
-    """bool [...] -> uint8 [ceil(numel / 8)], 8 entries per byte (row-major, big-endian bits)."""
-    return torch.from_numpy(np.packbits(keep.detach().cpu().contiguous().numpy().reshape(-1)))
-
-
-def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    n = int(np.prod(shape))
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-n // 8):
-        raise ValueError(f"packed keep tensor has {packed.numel()} {packed.dtype} values for shape {shape}")
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool).reshape(shape))
-
-
-def _checksum(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _short(items: list[str], n: int = 5) -> str:
