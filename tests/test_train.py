@@ -607,6 +607,19 @@ def test_too_long_example_anywhere_fails_before_training(tmp_path):
     assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 
+def test_extend_trains_past_the_calibrated_length(tmp_path):
+    """beyond="extend": examples longer than the 16-token calibration train (the mask's sinks and
+    band continued); an unknown value is refused up front."""
+    data = _lm_data()
+    model = _sdpa()
+    mask = _observed_mask(model, data, 0.5)
+    data[-1] = torch.randint(3, VOCAB, (20,))
+    result = finetune(model, data, mask=mask, out_dir=tmp_path, config=_cfg(steps=2, beyond="extend", shuffle=False))
+    assert result.step == 2 and result.finished
+    with pytest.raises(InvalidArgumentError, match="beyond"):
+        finetune(model, data, mask=mask, out_dir=tmp_path / "bad", config=_cfg(beyond="nope"))
+
+
 def test_backend_auto_resolution(monkeypatch):
     """auto: the block-sparse kernels on a GPU when Triton loads, the reference backend otherwise."""
     from attnprune import backends

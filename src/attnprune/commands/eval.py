@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..mask import BEYOND
 from ..evaluate import DEFAULT_POLICIES, DEFAULT_SPARSITIES
 from .common import add_list_argument, use_shared
 
@@ -59,8 +60,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=1, help="classifier with --finetune: fine-tuning epochs (default 1)")
     p.add_argument("--lr", type=float, default=None, help="classifier with --finetune: AdamW learning rate (default 2e-5)")
     p.add_argument("--stats", default=None, help="reuse attention stats observed earlier on the calibration split")
-    p.add_argument("--beyond", choices=("error", "dense"), default="error",
-                   help="inputs longer than the calibrated length: error (default) or dense there")
+    p.add_argument("--beyond", choices=BEYOND, default="error",
+                   help="inputs longer than the calibrated length: error (default), dense there, or extend "
+                        "(each head's sinks and band continued)")
     p.add_argument("--calib-split", default="calibration")
     p.add_argument("--test-split", default="test")
     p.add_argument("--train-split", default="train")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..mask import BEYOND
 from ..errors import InvalidArgumentError
 from .common import check_output_dir, usable_device, use_shared
 
@@ -54,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                backend=("auto", "attention backend: reference, triton, flex, or auto (default: triton on a GPU, "
                                 "else reference)"),
                device=(None, "cpu, cuda, cuda:1 (default: GPU if present)"))
-    p.add_argument("--beyond", default="error", choices=("error", "dense"),
-                   help="inputs longer than the mask's calibrated length: error or dense outside it")
+    p.add_argument("--beyond", default="error", choices=BEYOND,
+                   help="inputs longer than the mask's calibrated length: error, dense outside it, or extend "
+                        "(each head's sinks and band continued)")
     p.add_argument("--save-hf", action="store_true", help="also write a Hugging Face model folder out/hf")
     p.set_defaults(func=cmd_finetune)
 

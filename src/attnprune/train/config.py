@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..mask import BEYOND
 from ..errors import InvalidArgumentError
 from ..runtime import PRECISIONS
 
@@ -59,7 +60,7 @@ class TrainConfig:
         time-sliced jobs; ``None``: run to ``steps``.
     backend: attention backend for the mask (``"reference"``, ``"triton"``, ``"flex"``), or ``"auto"``:
         ``"triton"`` on a CUDA device when Triton is installed, else ``"reference"``.
-    beyond: what the mask does on inputs longer than its calibrated length (``"error"``/``"dense"``).
+    beyond: what the mask does on inputs longer than its calibrated length (``"error"``/``"dense"``/``"extend"``).
     pad_id: token id used to pad ``input_ids`` in a micro-batch (padding is masked out).
     device: ``None``: ``cuda:<local rank>`` when a GPU is present, else the CPU.
     progress: show a tqdm progress bar (rank 0 only).
@@ -131,8 +132,8 @@ class TrainConfig:
             bad("log_every", "must be >= 1")
         if self.max_steps_this_run is not None and self.max_steps_this_run < 1:
             bad("max_steps_this_run", "must be >= 1 or None")
-        if self.beyond not in ("error", "dense"):
-            bad("beyond", "must be 'error' or 'dense'")
+        if self.beyond not in BEYOND:
+            bad("beyond", f"must be one of {', '.join(BEYOND)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
