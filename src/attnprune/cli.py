@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "attnprune.commands.demo",  # demo
     "attnprune.commands.bench",  # bench (GPU)
     "attnprune.commands.translate",  # translate (translation experiment)
+    "attnprune.commands.generate",  # generate
 ]
 
 
