@@ -321,7 +321,7 @@ def test_quiet_after_every_subcommand():
 
     argv = {"observe": ["--model", "m", "-o", "o"], "mask": ["s", "--sparsity", "0.5", "-o", "o"], "info": ["f"],
             "finetune": ["--model", "m", "--data", "d", "-o", "o"], "eval": [], "demo": [], "bench": [],
-            "translate": ["-o", "o"]}
+            "translate": ["-o", "o"], "generate": ["--model", "m", "--prompt-ids", "1"]}
     parser = build_parser()
     assert sorted(argv) == sorted(parser._subparsers._group_actions[0].choices)
     for command, rest in argv.items():
