@@ -4,52 +4,28 @@ Markdown result table (from ``results.json`` and the dense model's ``stats.safet
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
 
+from .. import report
 from .._io import atomic_path
 from ..errors import InvalidArgumentError, MissingDependencyError
 from .translation_data import ATTENTION_TYPES, TYPE_LABELS
 
-def _type_of(kind: str) -> str:
-    return {"self": "encoder", "causal": "decoder", "cross": "cross"}[kind]
+GROUPS = {"self": "encoder", "causal": "decoder", "cross": "cross"}  # site kind -> attention type
 
 
 def mean_patterns(stats, size: int = 48) -> dict[str, list[torch.Tensor]]:
-    """Per attention type, per layer: the mean attention [q, k] over heads (top-left ``size`` x
-    ``size`` corner, NaN where never observed)."""
-    out: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": [], "cross": []}
-    for site in stats.sites:
-        m = stats.mean(site)[:, :size, :size]
-        out[_type_of(stats.infos[site].kind)].append(torch.nanmean(m, dim=0))
-    return out
+    """Per attention type (encoder, decoder, cross), per layer: the mean attention [q, k] over heads
+    (``report.mean_patterns`` with the kinds named by attention type)."""
+    return report.mean_patterns(stats, size, groups=GROUPS)
 
 
 def offset_profile(stats, max_offset: int = 24) -> dict[str, torch.Tensor]:
-    """Per attention type: mean attention probability by key-minus-query offset
-    (-max_offset..max_offset), averaged over sites, heads and query positions (observed entries)."""
-    prof = {}
-    offs = torch.arange(-max_offset, max_offset + 1)
-    for t in ("encoder", "decoder", "cross"):
-        sums = torch.zeros(len(offs), dtype=torch.float64)
-        cnt = torch.zeros(len(offs), dtype=torch.float64)
-        for site in stats.sites:
-            if _type_of(stats.infos[site].kind) != t:
-                continue
-            m = stats.mean(site).to(torch.float64)  # [H, Q, K]
-            q, k = m.shape[1], m.shape[2]
-            d = torch.arange(k)[None, :] - torch.arange(q)[:, None]
-            for n, o in enumerate(offs.tolist()):
-                sel = m[:, d == o]
-                sel = sel[~torch.isnan(sel)]
-                sums[n] += sel.sum()
-                cnt[n] += sel.numel()
-        prof[t] = torch.where(cnt > 0, sums / cnt.clamp(min=1), torch.full_like(sums, math.nan))
-    prof["offsets"] = offs
-    return prof
+    """Per attention type: mean attention probability by key-minus-query offset (``report.offset_profile``)."""
+    return report.offset_profile(stats, max_offset, groups=GROUPS)
 
 
 def _plt():
@@ -64,50 +40,13 @@ def _plt():
 
 
 def plot_patterns(stats, path: str | os.PathLike, size: int = 48) -> None:
-    """PNG: mean attention (over heads) per layer (rows) and attention type (columns), with a
-    last row averaging the layers; log colour scale."""
-    plt = _plt()
-    from matplotlib.colors import LogNorm
-
-    pats = mean_patterns(stats, size)
-    types = ["encoder", "decoder", "cross"]
-    layers = max(len(v) for v in pats.values())
-    fig, axes = plt.subplots(layers + 1, 3, figsize=(10, 3.2 * (layers + 1)), squeeze=False)
-    for c, t in enumerate(types):
-        rows = pats[t] + ([torch.nanmean(torch.stack(pats[t]), 0)] if pats[t] else [])
-        for r in range(layers + 1):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if r >= len(rows):
-                ax.axis("off")
-                continue
-            img = rows[r].clamp(min=1e-4).numpy()
-            im = ax.imshow(img, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis", interpolation="nearest")
-            short = {"encoder": "encoder self", "decoder": "decoder self", "cross": "cross"}[t]
-            ax.set_title(f"{short}, " + (f"layer {r}" if r < len(rows) - 1 else "mean"), fontsize=9)
-            if r == layers:
-                ax.set_xlabel("key position"), ax.set_ylabel("query position")
-    fig.colorbar(im, ax=axes, shrink=0.5, label="mean attention probability")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    """PNG: mean attention per layer and attention type (``report.plot_patterns``)."""
+    report.plot_patterns(stats, path, size, groups=GROUPS, labels=TYPE_LABELS)
 
 
 def plot_offsets(stats, path: str | os.PathLike) -> None:
-    """PNG: mean attention by key - query offset per attention type (log scale)."""
-    plt = _plt()
-    prof = offset_profile(stats)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for t in ("encoder", "decoder", "cross"):
-        ax.plot(prof["offsets"].numpy(), prof[t].numpy(), marker=".", label=TYPE_LABELS[t])
-    ax.set_yscale("log")
-    ax.set_xlabel("key position - query position")
-    ax.set_ylabel("mean attention probability")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    """PNG: mean attention by key - query offset per attention type (``report.plot_offsets``)."""
+    report.plot_offsets(stats, path, groups=GROUPS, labels=TYPE_LABELS)
 
 
 def plot_bleu(results: dict, path: str | os.PathLike) -> None:
