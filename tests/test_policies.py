@@ -271,3 +271,48 @@ def test_never_prunes_more_than_asked():
     m, keep = one([[[0.1 * i for i in range(10)]]], 0.77)
     assert int(keep.sum()) == 3 and keep[0, 0, 7:].all()
     assert m.meta["sites"]["s"]["sparsity"] == pytest.approx(0.7)
+
+
+# ---- structured ----------------------------------------------------------------------------------
+
+def _far_scores(L):
+    """Causal means largest far from the diagonal (key near query / 2): ``layer`` keeps no band."""
+    q, k = torch.arange(L)[:, None].double(), torch.arange(L)[None, :].double()
+    m = (-(k - q / 2).abs()).exp().expand(2, L, L).clone()
+    m[1] *= 0.5
+    return torch.where(torch.ones(L, L).tril().bool(), m, torch.tensor(NAN, dtype=torch.float64))
+
+
+def test_structured_keeps_sinks_and_a_band_and_fills_the_rest_by_score():
+    from attnprune.policies import BAND_SHARE, SINK_TOKENS
+
+    L, s = 128, 0.8
+    means = _far_scores(L)
+    m, keep = one(means, s, kind="causal", policy="structured")
+    _, layer = one(means, s, kind="causal", policy="layer")
+    att = ~torch.isnan(means)
+    assert abs(m.sparsity - s) < 1e-3
+    assert keep[:, :, :SINK_TOKENS][att[:, :, :SINK_TOKENS]].all()  # sink columns
+    assert keep.diagonal(0, 1, 2).all() and keep.diagonal(-1, 1, 2).all()  # the band's first two diagonals
+    assert not layer.diagonal(-2, 1, 2)[:, 32:].any()  # the paper's rule keeps no band here
+    # sinks + band hold at most BAND_SHARE of the budget: the rest was chosen by score
+    budget = att.sum() - math.floor(s * att.sum())
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    width = next(w for w in range(1, L) if not keep.diagonal(-w, 1, 2).all())  # diagonals 0..w-1 kept
+    structure = (j < SINK_TOKENS) | ((i - j >= 0) & (i - j < width))
+    assert (structure.expand(2, L, L) & att).sum() <= BAND_SHARE * budget + L  # + the row guarantee
+    rest = att & ~structure
+    assert means[keep & rest].min() >= means[~keep & rest].max()
+
+
+def test_structured_at_block_level_and_for_bidirectional_sites():
+    L = 256
+    st = stats_of({"c": _far_scores(L)}, {"c": "causal"})
+    m = make_mask(st, 0.75, policy="structured", block=16)
+    kb = m.site("c").keep  # [2, 16, 16] blocks
+    assert kb[:, :, 0].all() and kb.diagonal(0, 1, 2).all()
+    assert 0.7 < m.sparsity <= 0.75  # whole blocks: at most the target, near it
+    g = torch.Generator().manual_seed(0)
+    st2 = stats_of({"s": torch.rand(2, 32, 32, generator=g, dtype=torch.float64)}, {"s": "self"})
+    keep = make_mask(st2, 0.5, policy="structured")["s"]
+    assert keep.diagonal(1, 1, 2).all() and keep.diagonal(-1, 1, 2).all()  # a symmetric band

@@ -38,6 +38,8 @@ Policies (registry ``POLICIES``)
 * ``global``: one threshold for the whole model (all sites pooled).
 * ``random``: the paper's control: per site as many kept entries as ``layer`` keeps, placed
   uniformly at random among attendable units (seeded by ``seed``).
+* ``structured``: sink columns and a local band kept as fixed structure (at most half the site's
+  budget), the rest by score as ``layer`` (StreamingLLM / MoA-style structure, data-filled).
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -46,32 +48,14 @@ keeps all of its entries, causal-future ones on the diagonal included; the backe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .errors import EmptyDatasetError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .registry import Registry
-
-
-@dataclass
-class Units:
-    """The selection units of one site.
-
-    score: float [H, R, C], attention mass per unit, NaN where nothing is attendable.
-    weight: float [H, R, C], attendable token entries per unit (0 where none).
-    (float32 for token units, float64 for blocks; sums are taken in float64.)
-    """
-
-    site: str
-    score: torch.Tensor
-    weight: torch.Tensor
-
-    @property
-    def attendable(self) -> torch.Tensor:
-        return self.weight > 0
+from .units import Units, geometric_weight, resolve_block, site_units  # noqa: F401  (re-exported)
 
 
 # A policy maps (units of every site, sparsity, generator) to bool keep tensors [H, R, C], one per site.
@@ -234,71 +218,52 @@ def random_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> 
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# From stats to units
+SINK_TOKENS = 4  # ``structured``: leading key columns always kept (at least one unit)
+BAND_SHARE = 0.5  # ``structured``: at most this share of a site's budget goes to sinks + local band
 
 
-def geometric_weight(kind: str, q_len: int, k_len: int, g: int) -> torch.Tensor:
-    """float64 [ceil(q_len/g), ceil(k_len/g)]: token entries of each g x g block inside the lengths.
+def _band_width(u: Units, sink: torch.Tensor, cap: float) -> int:
+    """Widest local band (in units: ``0 <= r - c < w``, or ``|r - c| < w`` for non-causal sites) whose
+    attendable weight, with the sink columns', stays within ``cap`` (at least 1: the diagonal)."""
+    w = torch.where(sink, 0.0, u.weight.to(torch.float64))
+    R, C = w.shape[1:]
+    per = []
+    for d in range(min(R, C)):  # weight on each diagonal offset below (and above) the main one
+        tot = float(w.diagonal(-d, dim1=1, dim2=2).sum()) if d < R else 0.0
+        if u.kind != "causal" and d:
+            tot += float(w.diagonal(d, dim1=1, dim2=2).sum())
+        per.append(tot)
+    used = _total(u.weight[sink])
+    width = 0
+    for tot in per:
+        if used + tot > cap and width >= 1:
+            break
+        used, width = used + tot, width + 1
+    return width
 
-    Under ``kind == "causal"`` only entries with ``key <= query + (k_len - q_len)`` count.
+
+@POLICIES.register("structured")
+def structured_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """Sink columns and a local band kept as fixed structure, the rest of each site's budget by score.
+
+    Per site: the first ``SINK_TOKENS`` key positions (at least one unit column) and the widest band
+    around the diagonal whose weight, with the sinks', is at most ``BAND_SHARE`` of the site's budget
+    are kept first (with the row guarantee); the remaining budget goes to the highest-scoring units
+    of the site pooled over its heads, as ``layer`` does.
     """
-    qb, kb = -(-q_len // g), -(-k_len // g)
-    col0 = torch.arange(kb, dtype=torch.float64) * g
-    width = torch.clamp(k_len - col0, max=g)  # [Kb]
-    if kind != "causal":
-        height = torch.clamp(q_len - torch.arange(qb, dtype=torch.float64) * g, max=g)
-        return height[:, None] * width[None, :]
-    rows = torch.arange(q_len, dtype=torch.float64) + (k_len - q_len)  # last visible key per row
-    per_row = torch.minimum(torch.clamp(rows[:, None] - col0[None, :] + 1, min=0), width[None, :])
-    per_row = torch.nn.functional.pad(per_row, (0, 0, 0, qb * g - q_len))
-    return per_row.view(qb, g, kb).sum(1)
-
-
-def _pool(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Sum [H, R, C] over r x r groups -> [H, ceil(R/r), ceil(C/r)] (zero padding)."""
-    if r == 1:
-        return x
-    h, rr, cc = x.shape
-    x = torch.nn.functional.pad(x, (0, -cc % r, 0, -rr % r))
-    return x.view(h, x.shape[1] // r, r, x.shape[2] // r, r).sum((2, 4))
-
-
-def site_units(stats, site: str, block: int | None) -> Units:
-    """Selection units of ``site``: tokens (``block`` None, token stats) or ``block x block`` blocks."""
-    g = stats.granularity
-    if hasattr(stats, "observed") and not stats.observed(site):
-        raise EmptyDatasetError(f"site {site!r} was never observed; the stats hold no attention for it")
-    mean = stats.mean(site)  # [H, Qg, Kg], NaN where never observed
-    observed = ~torch.isnan(mean)
-    if g == 1 and block is None:  # token units: score = mean, weight 1 where observed
-        return Units(site, mean, observed.to(mean.dtype))
-    mean = mean.to(torch.float64)
-    if g == 1:
-        weight = observed.to(torch.float64)
-    else:
-        info = stats.infos[site]
-        geo = geometric_weight(info.kind, stats.q_len(site), stats.k_len(site), g)
-        geo = geo[: mean.shape[1], : mean.shape[2]]
-        weight = torch.where(observed, geo.expand_as(mean), torch.zeros_like(mean))
-    mass = torch.nan_to_num(mean, nan=0.0) * weight
-    r = 1 if block is None else block // g
-    mass, weight = _pool(mass, r), _pool(weight, r)
-    score = torch.where(weight > 0, mass, torch.full_like(mass, math.nan))
-    return Units(site, score, weight)
-
-
-def resolve_block(granularity: int, block: int | None) -> int | None:
-    """The mask's block size: ``block``, or the stats' granularity when that is > 1."""
-    if block is None:
-        return granularity if granularity > 1 else None
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise InvalidArgumentError(f"block must be a positive integer, got {block!r}")
-    if block % granularity:
-        raise InvalidArgumentError(
-            f"block={block} is not a multiple of the stats granularity {granularity}; "
-            f"use a block size divisible by {granularity} or observe at a finer granularity")
-    return block
+    out = []
+    for u in units:
+        H, R, C = u.score.shape
+        target = budget(_total(u.weight), sparsity)
+        att = u.attendable
+        cols = torch.arange(C)[None, None, :]
+        sink = (cols < max(1, math.ceil(SINK_TOKENS / u.unit))) & att
+        w = _band_width(u, sink, BAND_SHARE * target)
+        d = torch.arange(R)[None, :, None] - cols
+        band = ((d >= 0) & (d < w) if u.kind == "causal" else d.abs() < w) & att
+        forced = sink | band | row_best(u)
+        out.append(select(u.score.flatten(), u.weight.flatten(), forced.flatten(), target).view(H, R, C))
+    return out
 
 
 def check_sparsity(sparsity) -> float:
@@ -317,7 +282,7 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
 
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
-    policy: ``"layer"`` (paper), ``"head"``, ``"global"`` or ``"random"`` (see module docs).
+    policy: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"`` or ``"structured"`` (see module docs).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.
