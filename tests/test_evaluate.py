@@ -1,4 +1,5 @@
-"""Metrics against hand-computed values on toy models; the sweep on a tiny model."""
+"""Metrics (``evaluate.py``) against hand-computed values on toy models; the sweep (``experiments/sweep_loop.py``,
+``experiments/sweep.py``) on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from torch import nn
 
 from attnprune.errors import EmptyDatasetError, InvalidArgumentError
-from attnprune.evaluate import (SweepConfig, accuracy, check_disjoint, kept_mass, perplexity, sweep, token_nll,
-                                train_classifier)
+from attnprune.evaluate import accuracy, perplexity, token_nll, train_classifier
+from attnprune.experiments.sweep_loop import SweepConfig, check_disjoint, kept_mass, sweep
 
 
 class Bigram(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnprune import report
-from attnprune.evaluate import SweepResult
+from attnprune.experiments.sweep_loop import SweepResult
 
 
 def _result(metric="perplexity"):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..experiments.sweep_loop import DEFAULT_POLICIES, DEFAULT_SPARSITIES
 from ..mask import BEYOND
-from ..evaluate import DEFAULT_POLICIES, DEFAULT_SPARSITIES
 from .common import add_list_argument, use_shared
 
 

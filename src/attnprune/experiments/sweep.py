@@ -6,7 +6,8 @@ classifiers by accuracy (a linear head first trained on the train split; ``finet
 the encoder too). Attention is observed on the calibration split, which never overlaps the test
 split. Writes ``report.md``, ``results.json``, PNG plots and ``stats.safetensors`` into ``out``.
 The demo's presets (:data:`DEMO_PRESETS`, :func:`demo_settings`) are settings of this sweep.
-Each task prepares its model and batches through :data:`SWEEP_TASKS`.
+Each task prepares its model and batches through :data:`SWEEP_TASKS`; the measuring loop itself
+(``sweep``, ``SweepConfig``, ``SweepResult``, re-exported here) is ``sweep_loop.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Callable
 
 from ..commands.common import check_output_dir, check_policies, usable_device
 from ..errors import InvalidArgumentError
-from ..evaluate import DEFAULT_POLICIES, DEFAULT_SPARSITIES, SweepConfig
 from ..registry import Registry
+from .sweep_loop import (DEFAULT_POLICIES, DEFAULT_SPARSITIES, SweepConfig, SweepResult,  # noqa: F401 - re-exported
+                         sweep)
 
 
 @dataclass
@@ -69,7 +71,6 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
 
     from .. import data as D
     from ..data.inputs import inputs_for
-    from ..evaluate import sweep
     from ..models import load_model
     from ..report import write_report
     from ..stats import AttentionStats
