@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from attnprune import report
+from attnprune import plots, report
 from attnprune.experiments.sweep_loop import SweepResult
 
 
@@ -107,9 +107,9 @@ def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
 
 def test_pool_ignores_unobserved():
     m = torch.tensor([[[1.0, float("nan")], [0.5, 0.5]]])
-    p = report._pool(m, 1)
+    p = plots._pool(m, 1)
     assert p.shape == (1, 1, 1) and p.item() == pytest.approx((1.0 + 0.5 + 0.5) / 3)
-    assert math.isnan(report._pool(torch.full((1, 2, 2), float("nan")), 1).item())
+    assert math.isnan(plots._pool(torch.full((1, 2, 2), float("nan")), 1).item())
 
 
 def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):

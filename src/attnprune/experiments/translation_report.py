@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .. import report
+from .. import plots
 from .._io import atomic_path
 from ..errors import InvalidArgumentError, MissingDependencyError
+from ..plots import need_pyplot
 from .translation_data import ATTENTION_TYPES, TYPE_LABELS
 
 GROUPS = {"self": "encoder", "causal": "decoder", "cross": "cross"}  # site kind -> attention type
@@ -19,40 +20,29 @@ GROUPS = {"self": "encoder", "causal": "decoder", "cross": "cross"}  # site kind
 
 def mean_patterns(stats, size: int = 48) -> dict[str, list[torch.Tensor]]:
     """Per attention type (encoder, decoder, cross), per layer: the mean attention [q, k] over heads
-    (``report.mean_patterns`` with the kinds named by attention type)."""
-    return report.mean_patterns(stats, size, groups=GROUPS)
+    (``plots.mean_patterns`` with the kinds named by attention type)."""
+    return plots.mean_patterns(stats, size, groups=GROUPS)
 
 
 def offset_profile(stats, max_offset: int = 24) -> dict[str, torch.Tensor]:
-    """Per attention type: mean attention probability by key-minus-query offset (``report.offset_profile``)."""
-    return report.offset_profile(stats, max_offset, groups=GROUPS)
-
-
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("plots need matplotlib: pip install matplotlib") from None
-    return plt
+    """Per attention type: mean attention probability by key-minus-query offset (``plots.offset_profile``)."""
+    return plots.offset_profile(stats, max_offset, groups=GROUPS)
 
 
 def plot_patterns(stats, path: str | os.PathLike, size: int = 48) -> None:
-    """PNG: mean attention per layer and attention type (``report.plot_patterns``)."""
-    report.plot_patterns(stats, path, size, groups=GROUPS, labels=TYPE_LABELS)
+    """PNG: mean attention per layer and attention type (``plots.plot_patterns``)."""
+    plots.plot_patterns(stats, path, size, groups=GROUPS, labels=TYPE_LABELS)
 
 
 def plot_offsets(stats, path: str | os.PathLike) -> None:
-    """PNG: mean attention by key - query offset per attention type (``report.plot_offsets``)."""
-    report.plot_offsets(stats, path, groups=GROUPS, labels=TYPE_LABELS)
+    """PNG: mean attention by key - query offset per attention type (``plots.plot_offsets``)."""
+    plots.plot_offsets(stats, path, groups=GROUPS, labels=TYPE_LABELS)
 
 
 def plot_bleu(results: dict, path: str | os.PathLike) -> None:
     """PNG: retrained BLEU versus sparsity, one panel per attention type, AP versus random, with the
     dense and dense-continued lines."""
-    plt = _plt()
+    plt = need_pyplot()
     types = [t for t in ATTENTION_TYPES if any(r["type"] == t for r in results["runs"])]
     if not types:
         return
