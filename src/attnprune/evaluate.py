@@ -248,6 +248,26 @@ def _hidden_size(encoder: nn.Module) -> int:
     raise InvalidArgumentError("train_classifier: cannot tell the encoder's hidden size; pass hidden_size=")
 
 
+def _finetune_classifier(clf: nn.Module, batches: Sequence[dict], *, epochs: int, lr: float, seed: int,
+                         progress: bool, device) -> None:
+    """Fine-tune encoder and head together through the one training loop (``attnprune.train``, the
+    classification task): AdamW at a constant ``lr``, weight decay 0.01 on matrices, no clipping,
+    fp32, ``epochs`` seeded random passes over the examples in batches of the given batches' size."""
+    from .train import TrainConfig, finetune as train_loop
+
+    examples = []
+    for b in batches:
+        am = b.get("attention_mask")
+        for i in range(b["input_ids"].shape[0]):
+            ids = b["input_ids"][i] if am is None else b["input_ids"][i][am[i].bool()]
+            examples.append({"input_ids": ids, "labels": int(b["labels"].view(-1)[i])})
+    size = int(batches[0]["input_ids"].shape[0])
+    cfg = TrainConfig(steps=max(1, epochs * -(-len(examples) // size)), lr=lr, batch_size=size,
+                      schedule="constant", weight_decay=0.01, max_grad_norm=None, precision="fp32", seed=seed,
+                      backend="reference", device=str(device), progress=progress)
+    train_loop(clf, examples, task="classification", out_dir=None, config=cfg, desc="fine-tune")
+
+
 def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels: int = 2,
                      hidden_size: int | None = None, finetune: bool = False, epochs: int = 1,
                      lr: float | None = None, head_iters: int = 200, weight_decay: float = 1e-4, seed: int = 0,
@@ -258,8 +278,9 @@ def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels:
     ``attention_mask: [batch, seq]`` and ``labels: [batch]``.
     Head only (default): the encoder's pooled features are computed once (no grad), then the head
     is trained full-batch with L-BFGS on the cross-entropy (``head_iters`` iterations, ``lr``
-    its step, default 1). ``finetune=True``: then encoder and head are trained together with AdamW
-    for ``epochs`` passes over the batches (``lr`` default 2e-5), starting from that head. Returns the classifier in eval mode. Deterministic for a given ``seed``.
+    its step, default 1). ``finetune=True``: then encoder and head are trained together for
+    ``epochs`` passes (``lr`` default 2e-5), starting from that head, through the one training loop
+    (:func:`attnprune.train.finetune`, classification task). Returns the classifier in eval mode. Deterministic for a given ``seed``.
     """
     if not batches:
         raise EmptyDatasetError("train_classifier: no training batches")
@@ -296,15 +317,7 @@ def train_classifier(encoder: nn.Module, batches: Sequence[dict], *, num_labels:
         clf.head.weight.copy_(lin.weight / sd)
         clf.head.bias.copy_(lin.bias - (lin.weight / sd) @ mu)
     if finetune:
-        clf.train()
-        opt2 = torch.optim.AdamW(clf.parameters(), lr=lr or 2e-5, weight_decay=0.01)
-        for ep in range(epochs):
-            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + ep))
-            for i in progress_bar(order.tolist(), progress, f"fine-tune {ep + 1}"):
-                b = batches[i]
-                loss = F.cross_entropy(clf(**_to(model_inputs(b), device)), b["labels"].to(device).long().view(-1))
-                opt2.zero_grad()
-                loss.backward()
-                opt2.step()
+        _finetune_classifier(clf, batches, epochs=epochs, lr=lr or 2e-5, seed=seed, progress=progress,
+                             device=device)
         clf.eval()
     return clf
