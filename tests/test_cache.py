@@ -41,6 +41,7 @@ def _band_mask(model, L, sinks, band):
     return PruneMask(sms, {"model": {"name": "tiny"}}), keep
 
 
+@pytest.mark.slow
 def test_sink_and_band_mask_holds_sinks_plus_band_only():
     """90% sparsity as 4 sinks + a 20-wide band at 512 tokens: between steps the cache keeps the
     sinks and the band's last 19 positions per head (4.5% of a dense cache), nothing more."""

@@ -281,6 +281,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @needs_hf
 def test_write_failing_at_the_end_is_a_clean_error(tmp_path):
     # the real write (safetensors, in Rust) fails after the check passed: the disk filled meanwhile

@@ -140,6 +140,7 @@ def bert_tok():
     return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
 
 
+@pytest.mark.needs_data
 def test_classification_batches(bert_tok):
     recs = [{"text": "a good film", "label": 1}, {"text": "bad " * 300, "label": 0}, {"text": "ok", "label": 1}]
     b = D.classification_batches(recs, bert_tok, batch_size=2, max_length=16)
@@ -169,6 +170,7 @@ def austen_ds(austen_dir):
     return austen.build(austen_dir)
 
 
+@pytest.mark.needs_data
 def test_austen_splits(austen_ds):
     ds = austen_ds
     assert ds.kind == "text" and list(ds.splits) == ["train", "calibration", "test"]
@@ -193,6 +195,7 @@ def test_austen_splits(austen_ds):
     assert ds["test"][-1] == {"text": "Finis", "book": "Persuasion", "index": ds["test"][-1]["index"]}
 
 
+@pytest.mark.needs_data
 def test_austen_cached_and_reproducible(austen_ds, austen_dir, empty_cache, monkeypatch):
     # Raw input from the real cache, the built dataset into the empty one.
     monkeypatch.setattr(austen, "data_dir", lambda: austen_dir)
@@ -257,6 +260,7 @@ def test_bible_chapter_split_proportions():
     assert bible.chapter_split("John", 3) == bible.chapter_split("John", 3)
 
 
+@pytest.mark.needs_data
 def test_bible_slice_real():
     ds = bible.build("John 3-4")
     pairs = [r for s in ds.splits.values() for r in s]
@@ -273,6 +277,7 @@ def test_bible_slice_real():
 
 
 @pytest.mark.slow
+@pytest.mark.needs_data
 def test_bible_full_build():
     ds = D.load_dataset("bible-en-es")  # built into the real cache the first time (~20-40 s)
     sizes = ds.sizes()
@@ -302,6 +307,7 @@ def senti():
     return sentiment.build()
 
 
+@pytest.mark.needs_data
 def test_sentiment_splits_and_labels(senti):
     ds = senti
     assert ds.kind == "labelled"

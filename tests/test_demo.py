@@ -26,6 +26,8 @@ def smollm2_and_austen():
         pytest.skip(f"real model or corpus missing: {e}")
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_demo_pipeline_on_smollm2_and_austen(tmp_path, smollm2_and_austen):
     from attnprune import data as D
     from attnprune.experiments.sweep import demo_settings as settings

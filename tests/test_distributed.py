@@ -54,6 +54,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_process_gloo_equals_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -86,6 +87,7 @@ def _observe_cli(tmp_path, out: str, nproc: int, num_seqs: int):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_observe_cli_under_torchrun_equals_one_process(tmp_path):
     """`torchrun -m attnprune observe` splits the batches, all-reduces, and rank 0 writes the same stats."""

@@ -286,6 +286,7 @@ def test_head_dim_not_power_of_two_and_dv():
     run_case(1, Hq, Hq, Lq, Lk, 24, lay, tok, DV=16)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="GPU-sized shapes (d = 32..256, 1000 tokens) need CUDA")
 @pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])

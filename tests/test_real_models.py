@@ -27,6 +27,7 @@ def test_registered():
     assert "smollm2" in names and "minilm" in names
 
 
+@pytest.mark.needs_data
 def test_smollm2_architecture(smol):
     cfg = smol.model.config
     assert smol.task == "causal-lm"
@@ -42,6 +43,7 @@ def test_smollm2_architecture(smol):
     assert getattr(smol.model.config, "quantization_config", None) is None
 
 
+@pytest.mark.needs_data
 def test_smollm2_loss_on_austen(smol):
     from attnprune.data import lm_batches, load_dataset
 
@@ -55,6 +57,7 @@ def test_smollm2_loss_on_austen(smol):
     assert 5 < ppl < 200, ppl
 
 
+@pytest.mark.needs_data
 def test_smollm2_batches_limit_is_prefix(smol):
     from attnprune.data import lm_batches, load_dataset
 
@@ -65,6 +68,7 @@ def test_smollm2_batches_limit_is_prefix(smol):
     assert torch.equal(few, full[:6])
 
 
+@pytest.mark.needs_data
 def test_smollm2_greedy_continuation(smol):
     tok = smol.tokenizer
     ids = tok("The capital of France is", return_tensors="pt").input_ids
@@ -91,6 +95,7 @@ def test_smollm2_missing_package(monkeypatch):
         load_model("smollm2")
 
 
+@pytest.mark.needs_data
 def test_minilm_architecture_and_head():
     lm = load_model("minilm")
     cfg = lm.model.config

@@ -511,6 +511,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, mask_path: str, out: str,
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(tmp_path):
     """Two gloo ranks (batch 2 each, accumulation 2, interrupted and resumed) = one process, batch 4."""
     import torch.multiprocessing as mp
