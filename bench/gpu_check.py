@@ -118,8 +118,8 @@ def main():
         t0 = time.time()
         env = dict(os.environ, PYTHONPATH="src")
         try:
-            p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                                "tests/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
+            p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/unit/test_kernels.py",
+                                "tests/unit/test_backend_triton.py", "-rs"], capture_output=True, text=True, env=env,
                                timeout=args.tests_timeout)
         except subprocess.TimeoutExpired as e:
             p = subprocess.CompletedProcess(e.cmd, -9, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "TIMEOUT")

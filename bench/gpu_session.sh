@@ -61,10 +61,10 @@ while [ $# -gt 0 ]; do
             --markdown "$RUNS/model_minilm.md" --warmup 2 --reps 10 ;;
     tests)
         stage tests 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
-            tests/test_kernels.py tests/test_backend_triton.py ;;
+            tests/unit/test_kernels.py tests/unit/test_backend_triton.py ;;
     tests12)
         stage tests12 240 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
-            tests/test_positions.py tests/test_cache.py tests/test_extend.py tests/test_apply.py tests/test_observe.py ;;
+            tests/integration/test_positions.py tests/unit/test_cache.py tests/unit/test_extend.py tests/unit/test_apply.py tests/unit/test_observe.py ;;
     decode)
         stage decode 330 python3 bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 \
             -o "$RUNS/decode.json" ;;

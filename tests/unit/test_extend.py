@@ -8,7 +8,7 @@ from attnprune.errors import LengthError
 from attnprune.lengthfree import LengthFree
 from attnprune.mask import PruneMask, SiteMask
 from attnprune.sites import SiteInfo
-from test_positions import V, _close, _family, _generate, _mask
+from lm_helpers import V, _close, _family, _generate, _mask
 
 
 def _band(L, sinks, width, H=2):

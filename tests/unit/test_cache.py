@@ -7,7 +7,7 @@ import torch
 from attnprune import PrunedKVCache, apply
 from attnprune.errors import InvalidArgumentError, LengthError, UnsupportedModelError
 from attnprune.mask import PruneMask, SiteMask
-from test_positions import CAL, PROMPT, V, _close, _family, _generate, _left_padded, _mask
+from lm_helpers import CAL, PROMPT, V, _close, _family, _generate, _left_padded, _mask
 
 
 def _prompt(n=PROMPT, seed=2, batch=1):
