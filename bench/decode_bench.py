@@ -1,7 +1,7 @@
 """Decode speed and memory: dense vs masked (stock cache) vs masked with PrunedKVCache.
 
-SmolLM2-135M architecture (random weights, bf16), a synthetic sink + band block mask (block 64:
-the first block column and a band of diagonal blocks, ~90% sparsity at 8k), greedy generation of
+SmolLM2-135M architecture (``attnprune bench --model smollm2``'s config, random weights, bf16), a
+synthetic sink + band block mask (block 64: the first block column and a band of diagonal blocks, ~90% sparsity at 8k), greedy generation of
 ``--new`` tokens after a ``--context``-token prompt. Reports, per variant: prefill time, decode
 tokens/s (batch x new tokens over the decode time: time of the whole generation minus the time of
 a 1-token generation), peak GPU memory over the weights, and for PrunedKVCache the bytes it holds
@@ -20,25 +20,12 @@ import time
 import torch
 
 
-def smollm2(max_len: int, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max_len,
-                      rope_theta=100000.0, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-
-
 def band_mask(model, length: int, block: int, sparsity: float):
     """Sink block column + a band of diagonal blocks, wide enough for ~``sparsity``."""
-    from attnprune.capture import intercept
+    from attnprune.bench.model import discover_sites
     from attnprune.mask import PruneMask, SiteMask
 
-    infos = {}
-    dev = next(model.parameters()).device
-    with torch.no_grad(), intercept(model, lambda c: infos.setdefault(c.site, c.info) and None):
-        model(torch.zeros(1, 8, dtype=torch.long, device=dev))
+    infos = discover_sites(model, 49152, next(model.parameters()).device)
     nb = -(-length // block)
     i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
     width = max(1, round((1 - sparsity) * nb / 2))
@@ -52,13 +39,14 @@ def band_mask(model, length: int, block: int, sparsity: float):
 def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, device: str = "cuda"):
     import attnprune
     from attnprune import PrunedKVCache
+    from attnprune.bench.model import build_model
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for ctx in contexts:
-        model = smollm2(ctx + new + 24, dev, torch.bfloat16)
+        model = build_model("smollm2", ctx + new + 24, dev, torch.bfloat16)[0].eval()
         weights = torch.cuda.memory_allocated() if cuda else 0
         mask, achieved = band_mask(model, ctx + new + 16, block, sparsity)  # + the bare steps
         for B in batches:
