@@ -15,7 +15,6 @@ Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
 """
 
 from .apply import apply, attach, detach
-from .cache import PrunedKVCache
 from .errors import (
     AttnPruneError,
     CorruptFileError,
@@ -36,6 +35,16 @@ from .stats import AttentionStats
 from .train import TrainConfig, finetune
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``attnprune.PrunedKVCache`` is imported on first use: it subclasses transformers' ``Cache``, and
+    importing attnprune must not need transformers."""
+    if name == "PrunedKVCache":
+        from .cache import PrunedKVCache
+
+        return PrunedKVCache
+    raise AttributeError(f"module 'attnprune' has no attribute {name!r}")
 
 __all__ = [
     "observe", "make_mask", "apply", "attach", "detach", "finetune", "TrainConfig", "PrunedKVCache",

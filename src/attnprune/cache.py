@@ -25,6 +25,7 @@ import weakref
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import InvalidArgumentError, UnsupportedModelError
 
@@ -62,220 +63,197 @@ def last_reads(site_mask, num_kv_heads: int, window: int | None = None, *, exten
     return last.long()
 
 
-def _layer_class():
-    from transformers.cache_utils import CacheLayerMixin
+class PrunedLayer(CacheLayerMixin):
+    """One layer of a :class:`PrunedKVCache` (see the module docstring)."""
 
-    class PrunedLayer(CacheLayerMixin):
-        """One layer of a :class:`PrunedKVCache` (see the module docstring)."""
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
 
-        is_sliding = False
-        is_compileable = False
-        is_croppable = False
+    def __init__(self, cache, site_mask, window: int | None):
+        super().__init__()
+        # a weak reference: no cache <-> layer cycle keeping the tensors alive until a gc pass
+        self.cache = weakref.proxy(cache)
+        self.site, self.window, self.site_mask = site_mask.name, window, site_mask
+        self._extend = False
+        self._last = last_reads(site_mask, site_mask.info.num_kv_heads, window)  # [Hkv, K], CPU first
+        self.seen = 0  # tokens seen so far (cached + current)
+        self.pos: torch.Tensor | None = None  # [B, Hkv, C] positions of the held entries, -1 empty
+        self.held_before = 0  # entries held before the current update (0: a prompt call)
+        self.new_pos: torch.Tensor | None = None  # [B or 1, n] positions of the current queries
+        self._since_compact = 0  # updates since the last compaction
+        self._last_n = 0  # tokens of the last update (> 1: a prompt, compact at the next)
 
-        def __init__(self, cache, site_mask, window: int | None):
-            super().__init__()
-            # a weak reference: no cache <-> layer cycle keeping the tensors alive until a gc pass
-            self.cache = weakref.proxy(cache)
-            self.site, self.window, self.site_mask = site_mask.name, window, site_mask
-            self._extend = False
-            self._last = last_reads(site_mask, site_mask.info.num_kv_heads, window)  # [Hkv, K], CPU first
-            self.seen = 0  # tokens seen so far (cached + current)
-            self.pos: torch.Tensor | None = None  # [B, Hkv, C] positions of the held entries, -1 empty
-            self.held_before = 0  # entries held before the current update (0: a prompt call)
-            self.new_pos: torch.Tensor | None = None  # [B or 1, n] positions of the current queries
-            self._since_compact = 0  # updates since the last compaction
-            self._last_n = 0  # tokens of the last update (> 1: a prompt, compact at the next)
+    def lazy_initialization(self, key_states, value_states) -> None:
+        B, Hkv, _, D = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(B, Hkv, 0, D)
+        self.values = value_states.new_zeros(B, Hkv, 0, value_states.shape[-1])
+        self.pos = torch.zeros(B, Hkv, 0, dtype=torch.long, device=self.device)
+        self._last = self._last.to(self.device)
+        self.is_initialized = True
 
-        def lazy_initialization(self, key_states, value_states) -> None:
-            B, Hkv, _, D = key_states.shape
-            self.device, self.dtype = key_states.device, key_states.dtype
-            self.keys = key_states.new_zeros(B, Hkv, 0, D)
-            self.values = value_states.new_zeros(B, Hkv, 0, value_states.shape[-1])
-            self.pos = torch.zeros(B, Hkv, 0, dtype=torch.long, device=self.device)
-            self._last = self._last.to(self.device)
-            self.is_initialized = True
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, Hkv, n, _ = key_states.shape
+        ctx, beyond = self.cache._context()
+        new = ctx.own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
+        self._table(beyond == "extend", self.seen + n)
+        self._evict(new)
+        self.held_before = self.pos.shape[-1]
+        new_pos = new.expand(B, n)[:, None, :].expand(B, Hkv, n)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.pos = torch.cat([self.pos, new_pos], dim=-1)
+        self.new_pos = new
+        self.seen += n
+        self._last_n = n
+        return self.keys, self.values
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            B, Hkv, n, _ = key_states.shape
-            ctx, beyond = self.cache._context()
-            new = ctx.own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
-            self._table(beyond == "extend", self.seen + n)
-            self._evict(new)
-            self.held_before = self.pos.shape[-1]
-            new_pos = new.expand(B, n)[:, None, :].expand(B, Hkv, n)
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.pos = torch.cat([self.pos, new_pos], dim=-1)
-            self.new_pos = new
-            self.seen += n
-            self._last_n = n
-            return self.keys, self.values
+    def _table(self, extend: bool, need: int) -> None:
+        """Make the last-read table cover positions ``< need`` (grown by doubling under extend)."""
+        if extend != self._extend or (extend and need > self._last.shape[1]):
+            length = max(need, 2 * self._last.shape[1]) if extend else None
+            self._last = last_reads(self.site_mask, self.site_mask.info.num_kv_heads, self.window,
+                                    extend=extend, length=length).to(self.device)
+            self._extend = extend
 
-        def _table(self, extend: bool, need: int) -> None:
-            """Make the last-read table cover positions ``< need`` (grown by doubling under extend)."""
-            if extend != self._extend or (extend and need > self._last.shape[1]):
-                length = max(need, 2 * self._last.shape[1]) if extend else None
-                self._last = last_reads(self.site_mask, self.site_mask.info.num_kv_heads, self.window,
-                                        extend=extend, length=length).to(self.device)
-                self._extend = extend
+    def _live(self, first: torch.Tensor) -> torch.Tensor:
+        """bool [B, Hkv, C]: held entries that a query at position >= ``first [B or 1]`` may read."""
+        big = torch.iinfo(torch.long).max
+        K = self._last.shape[1]
+        g = torch.arange(self.pos.shape[1], device=self.device)[None, :, None]
+        last = self._last[g, self.pos.clamp(0, K - 1)]
+        last = torch.where(self.pos >= K, big, last)  # past the table: LengthError decides
+        return (self.pos >= 0) & (last >= first[:, None, None])
 
-        def _live(self, first: torch.Tensor) -> torch.Tensor:
-            """bool [B, Hkv, C]: held entries that a query at position >= ``first [B or 1]`` may read."""
-            big = torch.iinfo(torch.long).max
-            K = self._last.shape[1]
-            g = torch.arange(self.pos.shape[1], device=self.device)[None, :, None]
-            last = self._last[g, self.pos.clamp(0, K - 1)]
-            last = torch.where(self.pos >= K, big, last)  # past the table: LengthError decides
-            return (self.pos >= 0) & (last >= first[:, None, None])
+    def _evict(self, new: torch.Tensor) -> None:
+        """Drop entries no query at or after this forward's first query can read: mark them empty
+        (no host sync), and compact after a prompt and every ``COMPACT_EVERY`` updates (one sync)."""
+        if self.pos.shape[-1] == 0:
+            return
+        first = torch.where(new >= 0, new, torch.iinfo(torch.long).max).min(-1).values  # [B or 1]
+        live = self._live(first)
+        self._since_compact += 1
+        if self._last_n <= 1 and self._since_compact < COMPACT_EVERY:
+            self.pos = torch.where(live, self.pos, -1)
+            return
+        self._since_compact = 0
+        keep = int(live.sum(-1).max())  # the one host sync, per layer and compaction
+        order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[..., :keep]
+        self.pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
+        idx = order[..., None]
+        self.keys = self.keys.gather(2, idx.expand(*idx.shape[:-1], self.keys.shape[-1]))
+        self.values = self.values.gather(2, idx.expand(*idx.shape[:-1], self.values.shape[-1]))
 
-        def _evict(self, new: torch.Tensor) -> None:
-            """Drop entries no query at or after this forward's first query can read: mark them empty
-            (no host sync), and compact after a prompt and every ``COMPACT_EVERY`` updates (one sync)."""
-            if self.pos.shape[-1] == 0:
-                return
-            first = torch.where(new >= 0, new, torch.iinfo(torch.long).max).min(-1).values  # [B or 1]
-            live = self._live(first)
-            self._since_compact += 1
-            if self._last_n <= 1 and self._since_compact < COMPACT_EVERY:
-                self.pos = torch.where(live, self.pos, -1)
-                return
-            self._since_compact = 0
-            keep = int(live.sum(-1).max())  # the one host sync, per layer and compaction
-            order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[..., :keep]
-            self.pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
-            idx = order[..., None]
-            self.keys = self.keys.gather(2, idx.expand(*idx.shape[:-1], self.keys.shape[-1]))
-            self.values = self.values.gather(2, idx.expand(*idx.shape[:-1], self.values.shape[-1]))
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        held = 0 if self.pos is None else self.pos.shape[-1]
+        return held + query_length, 0
 
-        def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-            held = 0 if self.pos is None else self.pos.shape[-1]
-            return held + query_length, 0
+    def get_seq_length(self, *args) -> int:
+        return self.seen
 
-        def get_seq_length(self, *args) -> int:
-            return self.seen
+    def get_max_length(self) -> int:
+        return -1
 
-        def get_max_length(self) -> int:
-            return -1
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
 
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            self.batch_select_indices(beam_idx)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            idx = indices.to(self.device)
+            self.keys, self.values, self.pos = (t.index_select(0, idx) for t in (self.keys, self.values, self.pos))
+            if self.new_pos is not None and self.new_pos.shape[0] > 1:
+                self.new_pos = self.new_pos.index_select(0, idx)
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.is_initialized:
-                idx = indices.to(self.device)
-                self.keys, self.values, self.pos = (t.index_select(0, idx) for t in (self.keys, self.values, self.pos))
-                if self.new_pos is not None and self.new_pos.shape[0] > 1:
-                    self.new_pos = self.new_pos.index_select(0, idx)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.pos = (t.repeat_interleave(repeats, 0)
+                                                for t in (self.keys, self.values, self.pos))
 
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.is_initialized:
-                self.keys, self.values, self.pos = (t.repeat_interleave(repeats, 0)
-                                                    for t in (self.keys, self.values, self.pos))
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedModelError("PrunedKVCache cannot be cropped (assisted / speculative decoding); "
+                                    "use the default cache for it")
 
-        def crop(self, tokens_to_remove: int) -> None:
-            raise UnsupportedModelError("PrunedKVCache cannot be cropped (assisted / speculative decoding); "
-                                        "use the default cache for it")
+    def reset(self) -> None:
+        self.keys = self.values = self.pos = None
+        self.is_initialized = False
+        self.seen = self._since_compact = self._last_n = 0
 
-        def reset(self) -> None:
-            self.keys = self.values = self.pos = None
-            self.is_initialized = False
-            self.seen = self._since_compact = self._last_n = 0
-
-        def nbytes(self) -> tuple[int, int, int]:
-            """Bytes of keys and values: (kept for later steps: the entries a query at the next
-            position may read, compacted as the next update will; allocated now; a dense cache's
-            for the same tokens: all of them, or the last ``window - 1`` on a sliding layer)."""
-            if not self.is_initialized:
-                return 0, 0, 0
-            B, Hkv = self.keys.shape[:2]
-            per = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
-            nxt = torch.full((1,), self.seen, dtype=torch.long, device=self.device)
-            kept = int(self._live(nxt).sum(-1).max()) if self.pos.shape[-1] else 0
-            dense = self.seen if self.window is None else min(self.seen, self.window - 1)
-            return B * Hkv * kept * per, B * Hkv * self.pos.shape[-1] * per, B * Hkv * dense * per
-
-    return PrunedLayer
+    def nbytes(self) -> tuple[int, int, int]:
+        """Bytes of keys and values: (kept for later steps: the entries a query at the next
+        position may read, compacted as the next update will; allocated now; a dense cache's
+        for the same tokens: all of them, or the last ``window - 1`` on a sliding layer)."""
+        if not self.is_initialized:
+            return 0, 0, 0
+        B, Hkv = self.keys.shape[:2]
+        per = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+        nxt = torch.full((1,), self.seen, dtype=torch.long, device=self.device)
+        kept = int(self._live(nxt).sum(-1).max()) if self.pos.shape[-1] else 0
+        dense = self.seen if self.window is None else min(self.seen, self.window - 1)
+        return B * Hkv * kept * per, B * Hkv * self.pos.shape[-1] * per, B * Hkv * dense * per
 
 
-def _cache_base():
-    from transformers.cache_utils import Cache
+class PrunedKVCache(Cache):
+    """A transformers ``Cache`` keeping, per layer and key/value head, only the positions that a later
+    query can still read under the attached mask (see the module docstring).
 
-    return Cache
+    Args:
+        model: a decoder-only transformers model with ``mask`` attached (``attnprune.apply``, with
+            ``beyond="error"`` or ``"extend"``) while the cache is used.
+        mask: the attached ``PruneMask``.
 
+    ``cache.kv_bytes()`` reports the bytes held against a dense cache's. Works with batches, left
+    padding, greedy, sampling and beam search. Not supported (a clear error): encoder-decoder
+    models, cropping (assisted decoding), ``beyond="dense"``.
+    """
 
-class _Lazy(type):
-    """Builds ``PrunedKVCache`` on first use, so importing attnprune does not import transformers."""
+    def __init__(self, model: nn.Module, mask):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise UnsupportedModelError("PrunedKVCache supports decoder-only models; an encoder-decoder "
+                                        "model keeps its default cache")
+        sites = {}
+        for name, module in model.named_modules():
+            idx = getattr(module, "layer_idx", None)
+            if isinstance(idx, int) and name in mask and mask.site(name).info.kind == "causal":
+                sites[idx] = (name, module)
+        n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0) or len(sites)
+        missing = [i for i in range(n) if i not in sites]
+        if not sites or missing:
+            raise UnsupportedModelError(
+                f"PrunedKVCache needs a causal mask site for every attention layer of the model; layers "
+                f"{missing[:5] or 'all'} have none (is the mask for this model?)")
+        layers = []
+        for i in range(n):
+            name, module = sites[i]
+            sm = mask.site(name)
+            window = _window(model, module, i)
+            layers.append(PrunedLayer(self, sm, window))
+        super().__init__(layers=layers)
+        self.model, self.mask = model, mask
 
-    _cls = None
+    def _context(self):
+        patch = _patch(self.model)
+        if patch is None or patch.mask is not self.mask:
+            raise InvalidArgumentError("PrunedKVCache(model, mask) is used while that mask is not attached "
+                                       "to the model: run generate inside `with attnprune.apply(model, mask):`")
+        if patch.beyond == "dense":
+            raise InvalidArgumentError("PrunedKVCache needs beyond='error' or 'extend' (got 'dense'): past "
+                                       "the calibrated length every key may be read again, so none could be dropped")
+        patch.pruned_layers = {layer.site: layer for layer in self.layers}
+        return patch.interceptor.context, patch.beyond
 
-    def __call__(cls, *args, **kwargs):
-        return _build()(*args, **kwargs)
-
-    def __instancecheck__(cls, obj):
-        return _Lazy._cls is not None and isinstance(obj, _Lazy._cls)
-
-
-def _build():
-    if _Lazy._cls is not None:
-        return _Lazy._cls
-    Layer = _layer_class()
-
-    class _PrunedKVCache(_cache_base()):
-        __doc__ = PrunedKVCache.__doc__
-
-        def __init__(self, model: nn.Module, mask):
-            from .apply import attached
-
-            if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-                raise UnsupportedModelError("PrunedKVCache supports decoder-only models; an encoder-decoder "
-                                            "model keeps its default cache")
-            sites = {}
-            for name, module in model.named_modules():
-                idx = getattr(module, "layer_idx", None)
-                if isinstance(idx, int) and name in mask and mask.site(name).info.kind == "causal":
-                    sites[idx] = (name, module)
-            n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0) or len(sites)
-            missing = [i for i in range(n) if i not in sites]
-            if not sites or missing:
-                raise UnsupportedModelError(
-                    f"PrunedKVCache needs a causal mask site for every attention layer of the model; layers "
-                    f"{missing[:5] or 'all'} have none (is the mask for this model?)")
-            layers = []
-            for i in range(n):
-                name, module = sites[i]
-                sm = mask.site(name)
-                window = _window(model, module, i)
-                layers.append(Layer(self, sm, window))
-            super().__init__(layers=layers)
-            self.model, self.mask = model, mask
-            self._attached = attached
-
-        def _context(self):
-            patch = _patch(self.model)
-            if patch is None or patch.mask is not self.mask:
-                raise InvalidArgumentError("PrunedKVCache(model, mask) is used while that mask is not attached "
-                                           "to the model: run generate inside `with attnprune.apply(model, mask):`")
-            if patch.beyond == "dense":
-                raise InvalidArgumentError("PrunedKVCache needs beyond='error' or 'extend' (got 'dense'): past "
-                                           "the calibrated length every key may be read again, so none could be dropped")
-            patch.pruned_layers = {layer.site: layer for layer in self.layers}
-            return patch.interceptor.context, patch.beyond
-
-        def kv_bytes(self) -> dict:
-            """Key and value bytes over all layers: ``held`` (kept for the next step: what a query at
-            the next position may still read), ``allocated`` (the tensors right now, which also hold
-            what the last step read), ``dense`` (what transformers' default cache keeps between steps
-            for the same tokens) and ``share = held / dense``."""
-            held = alloc = dense = 0
-            for layer in self.layers:
-                h, a, d = layer.nbytes()
-                held, alloc, dense = held + h, alloc + a, dense + d
-            return {"held": held, "allocated": alloc, "dense": dense, "share": held / dense if dense else 0.0}
-
-    _Lazy._cls = _PrunedKVCache
-    return _PrunedKVCache
+    def kv_bytes(self) -> dict:
+        """Key and value bytes over all layers: ``held`` (kept for the next step: what a query at
+        the next position may still read), ``allocated`` (the tensors right now, which also hold
+        what the last step read), ``dense`` (what transformers' default cache keeps between steps
+        for the same tokens) and ``share = held / dense``."""
+        held = alloc = dense = 0
+        for layer in self.layers:
+            h, a, d = layer.nbytes()
+            held, alloc, dense = held + h, alloc + a, dense + d
+        return {"held": held, "allocated": alloc, "dense": dense, "share": held / dense if dense else 0.0}
 
 
 def _patch(model):
@@ -297,18 +275,3 @@ def _window(model, module, idx: int) -> int | None:
     if types is not None:
         return w if types[idx] == "sliding_attention" else None
     return w if getattr(cfg, "use_sliding_window", True) else None
-
-
-class PrunedKVCache(metaclass=_Lazy):
-    """A transformers ``Cache`` keeping, per layer and key/value head, only the positions that a later
-    query can still read under the attached mask (see the module docstring).
-
-    Args:
-        model: a decoder-only transformers model with ``mask`` attached (``attnprune.apply``, with
-            ``beyond="error"`` or ``"extend"``) while the cache is used.
-        mask: the attached ``PruneMask``.
-
-    ``cache.kv_bytes()`` reports the bytes held against a dense cache's. Works with batches, left
-    padding, greedy, sampling and beam search. Not supported (a clear error): encoder-decoder
-    models, cropping (assisted decoding), ``beyond="dense"``.
-    """
