@@ -18,6 +18,11 @@
 #   ddp         scripts/ddp_check.py on 2 GPUs, NCCL (issue 5)
 #   tests12     positions / PrunedKVCache / apply / observe suites on the GPU machine's stack (issue 12, 13)
 #   decode      bench/decode_bench.py: decode tok/s and memory, dense vs masked vs PrunedKVCache (issue 13)
+#   fa4stash    copy the first part of the FA4 wheels (.gpu-fa4/a, carried; ../shared/device/fa4-wheels.sh) to /root/stash
+#   fa4         install FA4 from /root/stash + .gpu-fa4/b (carried) into /tmp/site (issue 9)
+#   flash       bench/fa4_check.py: flash backend vs float64, and its speed vs FA4 direct / cuDNN / triton (issue 9)
+#   overhead    bench/overhead.py: per-call host overhead of the masked model at 4k x 1 (issue 9)
+#   tests9      flash-backend, host-sync and decode-kernel suites on the GPU (issues 9, 13)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
 set -u
@@ -77,6 +82,18 @@ while [ $# -gt 0 ]; do
     ddp)
         stage ddp 320 python3 scripts/ddp_check.py --model smollm2 --data austen --seq-len 256 \
             --batch-size 4 --steps 20 --num-seqs 64 --mask --backend triton --out "$RUNS/ddp" ;;
+    fa4stash) mkdir -p /root/stash && cp .gpu-fa4/a/* /root/stash/ && echo "stashed FA4 part 1" ;;
+    fa4)
+        source .gpu-fa4/b/install.sh
+        stage fa4 120 python3 -c "import flash_attn.cute as f; print('flash_attn.cute', getattr(f, '__version__', '?'))" ;;
+    flash) stage flash 300 python3 bench/fa4_check.py --out "$RUNS/fa4_check.json" ;;
+    overhead)
+        stage overhead 150 python3 bench/overhead.py --backend triton --out "$RUNS/overhead_triton.json"
+        stage overhead_flash 150 python3 bench/overhead.py --backend flash --out "$RUNS/overhead_flash.json" ;;
+    tests9)
+        stage tests9 300 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
+            tests/unit/test_backend_flash.py tests/unit/test_host_sync.py tests/unit/test_decode_kernel.py \
+            tests/unit/test_cache.py tests/unit/test_kernels.py tests/unit/test_backend_triton.py ;;
     pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
     esac
