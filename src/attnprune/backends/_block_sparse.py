@@ -10,6 +10,8 @@ the kernel cannot express (shifted positions, dropout while training, another ma
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -27,35 +29,72 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     Returns ``(key_padding bool [B, Lk] | None, causal: bool, offset: int)``: the allowed set is
     ``key_padding[b, j] and (not causal or j <= i + offset)``, intersected with ``is_causal``'s
     own rule (``j <= i + q_offset``).
+
+    The analysis of a mask tensor needs one GPU->CPU synchronisation; it is memoised per (tensor,
+    its in-place version, the call's shapes), so the layers of one forward, which receive the same
+    mask tensor, share one analysis (a weak reference: the memo keeps no mask alive).
     """
     if attn_mask is None:
         return None, is_causal, q_offset
+    key = (id(attn_mask), attn_mask._version, B, Lq, Lk, bool(is_causal), int(q_offset))
+    hit = _split_memo.get(key)
+    if hit is not None and hit[0]() is attn_mask:
+        _split_memo.move_to_end(key)
+        return hit[1]
+    ANALYSES[0] += 1
+    out = _analyse(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    try:
+        ref = weakref.ref(attn_mask)
+    except TypeError:  # pragma: no cover - tensors support weak references
+        return out
+    _split_memo[key] = (ref, out)
+    while len(_split_memo) > _MEMO_SIZE:
+        _split_memo.popitem(last=False)
+    return out
+
+
+_MEMO_SIZE = 16
+_split_memo: "OrderedDict[tuple, tuple]" = OrderedDict()
+ANALYSES = [0]  # number of mask analyses run (tests count them)
+
+
+def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+    """:func:`split_attn_mask` without the memo: every candidate form is tested on the device and the
+    answers come back to the host together (one synchronisation)."""
     m = attn_mask
+    checks = []  # bool 0-d device tensors, read in one go
     if m.dtype != torch.bool:
         finite = torch.isfinite(m) & (m > torch.finfo(m.dtype).min / 2)
-        if not bool(((m == 0) | ~finite).all()):
-            return None  # a real additive bias: not expressible
+        checks.append(((m == 0) | ~finite).all())  # else a real additive bias: not expressible
         m = finite
     while m.dim() < 4:
         m = m[None]
     if m.shape[1] != 1:
-        if not bool((m == m[:, :1]).all()):
-            return None  # differs between heads
+        checks.append((m == m[:, :1]).all())  # else it differs between heads
         m = m[:, :1]
     m = m.expand(B, 1, Lq, Lk)[:, 0]  # [B, Lq, Lk]
     kp = m.any(dim=1)  # [B, Lk]: keys some query may see
-    if bool((m == kp[:, None, :]).all()):
-        return (None if bool(kp.all()) else kp), is_causal, q_offset
+    forms = [(kp, is_causal, q_offset)]
+    checks += [(m == kp[:, None, :]).all(), kp.all()]
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
     for off in dict.fromkeys((Lk - Lq, q_offset, 0)):
         tri = j <= i + off
         # keys past the causal limit of every query are not "padding": recover them from the last row
         kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else kp
-        if bool((m == (kp_c[:, None, :] & tri[None])).all()):
-            if is_causal and off != q_offset:
-                return None
-            return (None if bool(kp_c.all()) else kp_c), True, off
+        forms.append((kp_c, True, off))
+        checks += [(m == (kp_c[:, None, :] & tri[None])).all(), kp_c.all()]
+    flags = torch.stack(checks).tolist()
+    n_pre = len(checks) - 2 * len(forms)
+    if not all(flags[:n_pre]):
+        return None
+    for f, (kp_f, causal, off) in enumerate(forms):
+        same, full = flags[n_pre + 2 * f], flags[n_pre + 2 * f + 1]
+        if not same:
+            continue
+        if f and is_causal and off != q_offset:
+            return None
+        return (None if full else kp_f), causal, off
     return None
 
 

@@ -56,16 +56,42 @@ class Positions:
 
 
 class _Side:
-    """One 2-D padding mask ``[B, T]`` and the positions it implies (computed once, two syncs)."""
+    """One 2-D padding mask ``[B, T]`` and the positions it implies.
+
+    ``valid`` and ``own`` stay on the mask's device (no synchronisation); ``shifted`` and ``end``
+    are host values, computed together on first use: one GPU->CPU synchronisation per side and
+    model forward (none for a mask on the CPU)."""
 
     def __init__(self, mask: torch.Tensor):
         self.valid = mask != 0
         self.length = int(mask.shape[1])
-        count = self.valid.cumsum(1)
-        self.own = ((count - 1).clamp_min(0) * self.valid).long()  # [B, T]; padding -> 0
-        later = self.valid.flip(1).cummax(1).values.flip(1)  # a real token at or after this index
-        self.shifted = bool((~self.valid & later).any())  # padding before a real token somewhere
-        self.end = int(count[:, -1].max()) if self.length else 0
+        self._count = self.valid.cumsum(1)
+        self.own = ((self._count - 1).clamp_min(0) * self.valid).long()  # [B, T]; padding -> 0
+        self._host: tuple[bool, int] | None = None
+
+    def _read(self) -> tuple[bool, int]:
+        if self._host is None:
+            HOST_READS[0] += 1
+            if not self.length or not self.valid.shape[0]:
+                self._host = (False, 0)
+            else:
+                later = self.valid.flip(1).cummax(1).values.flip(1)  # a real token at or after this index
+                shifted = (~self.valid & later).any()  # padding before a real token somewhere
+                end = self._count[:, -1].max()
+                sh, en = torch.stack([shifted.long(), end.long()]).tolist()
+                self._host = (bool(sh), int(en))
+        return self._host
+
+    @property
+    def shifted(self) -> bool:
+        return self._read()[0]
+
+    @property
+    def end(self) -> int:
+        return self._read()[1]
+
+
+HOST_READS = [0]  # host reads of 2-D padding masks (tests count them)
 
 
 def _past_length(kwargs: dict, trusted: bool) -> int | None:
