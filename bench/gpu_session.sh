@@ -20,6 +20,7 @@
 #   decode      bench/decode_bench.py: decode tok/s and memory, dense vs masked vs PrunedKVCache (issue 13)
 #   fa4stash    copy the first part of the FA4 wheels (.gpu-fa4/a, carried; ../shared/device/fa4-wheels.sh) to /root/stash
 #   fa4         install FA4 from /root/stash + .gpu-fa4/b (carried) into /tmp/site (issue 9)
+#   fa4env      a later call on the same (warm) machine: put the installed FA4 back on PYTHONPATH
 #   flash       bench/fa4_check.py: flash backend vs float64, and its speed vs FA4 direct / cuDNN / triton (issue 9)
 #   overhead    bench/overhead.py: per-call host overhead of the masked model at 4k x 1 (issue 9)
 #   tests9      flash-backend, host-sync and decode-kernel suites on the GPU (issues 9, 13)
@@ -86,6 +87,7 @@ while [ $# -gt 0 ]; do
     fa4)
         source .gpu-fa4/b/install.sh
         stage fa4 120 python3 -c "import flash_attn.cute as f; print('flash_attn.cute', getattr(f, '__version__', '?'))" ;;
+    fa4env) export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH ;;  # a later call, same machine
     flash) stage flash 300 python3 bench/fa4_check.py --out "$RUNS/fa4_check.json" ;;
     overhead)
         stage overhead 150 python3 bench/overhead.py --backend triton --out "$RUNS/overhead_triton.json"
