@@ -118,6 +118,10 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     the kernel in that warning; ``name`` is the backend's registry name.
     """
 
+    # site mask -> {(Lq, Lk, device, q_offset, beyond): layout}: the per-call lookup without
+    # SiteMask.layout's checks and key building (a hit means those checks passed for these arguments)
+    layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
                 q_offset=0, beyond="error", positions=None):
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
@@ -136,8 +140,19 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         if split is None:
             return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
         key_padding, causal, offset = split
-        layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
-                                  beyond=beyond)
+        key = (Lq, Lk, q.device, q_offset, beyond)
+        per = layouts.get(site_mask)
+        layout = per.get(key) if per is not None else None
+        if layout is None:
+            layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
+                                      beyond=beyond)
+            try:
+                per = layouts.setdefault(site_mask, {})
+            except TypeError:  # not weakly referenceable: no memo
+                per = {}
+            if len(per) >= 8:
+                per.pop(next(iter(per)))
+            per[key] = layout
         return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
 
     return backend
