@@ -1,0 +1,201 @@
+"""``backend="flash"``: a site's mask run through FlashAttention-4's block-sparse attention (CuTe DSL).
+
+Needs ``flash-attn-4`` (``pip install 'attnprune[hopper]'``) and an sm90+ GPU. The site's
+:class:`~attnprune.kernels.BlockLayout` (128 x 128 blocks) becomes FA4's FlexAttention-style metadata
+(:func:`fa4_metadata`, pure torch, cached on the layout): per query block the kv blocks to run unmasked
+("full") and those that need a ``mask_mod`` ("mask": partly kept, causal diagonal, past the end of the
+keys, or touched by key padding), each list in ascending block order, plus the transposed lists (per kv
+block) for the backward. The ``mask_mod`` reads the layout's packed bitmask, the causal offset and the
+key padding from ``aux_tensors``, so partial blocks stay token-exact and new offsets/lengths do not
+recompile (FA4 compiles once per configuration).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import InvalidArgumentError, MissingDependencyError
+from ..kernels import BlockLayout
+from . import BACKENDS
+from ._block_sparse import block_sparse_backend
+
+__all__ = ["flash_backend", "flash_sparse_attention", "fa4_block_tables", "fa4_metadata", "FLASH_BLOCK"]
+
+FLASH_BLOCK = (128, 128)
+PACK_GQA = False  # FA4's packed-GQA path with block sparsity is not verified here
+
+
+def fa4_block_tables(layout: BlockLayout, lq: int, lk: int, causal: bool = False, q_offset: int = 0):
+    """(full, part) bool ``[H, ceil(lq/bq), ceil(lk/bk)]``: blocks run without / with the mask_mod.
+
+    Blocks in the causal future (``j <= i + q_offset``) or past the ends are dropped; partly kept
+    blocks, causal-diagonal blocks and the block holding the end of the keys are ``part``.
+    Cached on the layout.
+    """
+    key = ("fa4_tables", int(lq), int(lk), bool(causal), int(q_offset) if causal else 0)
+    if key in layout._cache:
+        return layout._cache[key]
+    bq, bk = layout.block
+    qn, kn = -(-lq // bq), -(-lk // bk)
+    if qn > layout.q_blocks or kn > layout.k_blocks:
+        raise InvalidArgumentError(f"layout covers {layout.q_blocks * bq} x {layout.k_blocks * bk} tokens, "
+                                   f"the inputs {lq} x {lk}")
+    codes = layout.code_table()[:, :qn, :kn]
+    dev = codes.device
+    qb = torch.arange(qn, device=dev)[:, None]
+    kb = torch.arange(kn, device=dev)[None, :]
+    kept = codes >= -1
+    needs = ((kb + 1) * bk > lk).expand(qn, kn)
+    if causal:
+        last_q = torch.clamp((qb + 1) * bq, max=lq) - 1
+        kept = kept & (kb * bk <= last_q + q_offset)[None]
+        needs = needs | ((kb + 1) * bk - 1 > qb * bq + q_offset)
+    part = kept & ((codes >= 0) | needs[None])
+    full = kept & ~part
+    layout._cache[key] = (full, part)
+    return full, part
+
+
+def _lists(table: torch.Tensor):
+    """bool [B, H, A, C] -> (cnt int32 [B, H, A], idx int32 [B, H, A, C]): kept columns first, ascending."""
+    cnt = table.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return cnt.contiguous(), idx.contiguous()
+
+
+def fa4_metadata(layout: BlockLayout, lq: int, lk: int, *, causal: bool = False, q_offset: int = 0,
+                 key_padding: torch.Tensor | None = None) -> dict:
+    """FA4 block-sparse lists for this call: ``fwd`` and ``bwd`` tuples
+    ``(mask_cnt, mask_idx, full_cnt, full_idx)``, shapes ``[B|1, H, Qn(, Kn)]`` and ``[B|1, H, Kn(, Qn)]``.
+
+    key_padding: bool ``[B, lk]`` (True = real key) or None. With it, blocks holding a padded key move
+    to the mask lists and blocks without any real key are dropped (per batch element; not cached, no
+    host sync). Without it the result is cached on the layout.
+    """
+    ck = ("fa4_meta", int(lq), int(lk), bool(causal), int(q_offset) if causal else 0)
+    if key_padding is None and ck in layout._cache:
+        return layout._cache[ck]
+    full, part = fa4_block_tables(layout, lq, lk, causal, q_offset)
+    full, part = full[None], part[None]
+    if key_padding is not None:
+        bk = layout.block[1]
+        kn = full.shape[-1]
+        kp = key_padding.to(full.device).bool()
+        pad = kn * bk - lk
+        all_ = torch.nn.functional.pad(kp, (0, pad), value=True).view(-1, kn, bk).all(-1)[:, None, None, :]
+        any_ = torch.nn.functional.pad(kp, (0, pad), value=False).view(-1, kn, bk).any(-1)[:, None, None, :]
+        part = (part | (full & ~all_)) & any_
+        full = full & all_
+    meta = {"fwd": _lists(part) + _lists(full),
+            "bwd": _lists(part.transpose(-1, -2)) + _lists(full.transpose(-1, -2))}
+    if key_padding is None:
+        layout._cache[ck] = meta
+    return meta
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_mod(has_bits: bool, causal: bool, has_kp: bool, shared: bool, bq: int, bk: int):
+    """A CuTe mask_mod; aux_tensors = [params int32 [2] (causal offset, lk), codes [H, Qn, Kn],
+    bits [P, bq, bk/32], key padding int32 [B, lk]]."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def mask_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        i = q_idx[0]
+        j = kv_idx[0]
+        params = aux_tensors[0]
+        ok = j < params[1]
+        if cutlass.const_expr(causal):
+            ok = ok & (j <= i + params[0])
+        if cutlass.const_expr(has_bits):
+            codes = aux_tensors[1]
+            bits = aux_tensors[2]
+            if cutlass.const_expr(shared):
+                code = codes[0, i // bq, j // bk]
+            else:
+                code = codes[head[0], i // bq, j // bk]
+            word = bits[cutlass.max(code, cutlass.Int32(0)), i % bq, (j % bk) // 32]
+            bit = ((word >> (j % 32)) & 1) == 1
+            ok = ok & ((code == -1) | ((code >= 0) & bit))
+        if cutlass.const_expr(has_kp):
+            kp = aux_tensors[3]
+            ok = ok & (kp[batch[0], j] != 0)
+        return scalar_to_ssa(ok, cutlass.Boolean)
+
+    return mask_mod
+
+
+def _aux(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    t.__leading_dim__ = t.dim() - 1
+    return t
+
+
+def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=None, key_padding=None, q_offset=0):
+    """Same contract as :func:`attnprune.kernels.sparse_attention`, computed by FA4's block-sparse kernels.
+
+    q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` (CUDA, fp16/bf16) -> ``[B, Hq, Lq, Dv]``.
+    """
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except ImportError as e:
+        raise MissingDependencyError(f"backend='flash' needs FlashAttention-4 ({e}): pip install 'attnprune[hopper]' "
+                                     "(an sm90+ GPU)") from None
+    if tuple(layout.block) != FLASH_BLOCK:
+        raise InvalidArgumentError(f"the flash backend needs 128 x 128 layout blocks, got {layout.block}")
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    dev = q.device
+    if key_padding is not None and key_padding.dtype != torch.bool:
+        key_padding = torch.arange(Lk, device=dev)[None, :] < key_padding.to(dev)[:, None]
+    layout = layout.to(dev)
+    meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
+    has_bits = layout.num_partial > 0
+    use_mod = has_bits or causal or key_padding is not None
+    mask_mod, aux = None, None
+    if use_mod:
+        bq, bk = layout.block
+        qn, kn = -(-Lq // bq), -(-Lk // bk)
+        codes = layout.code_table()[:, :qn, :kn] if has_bits else torch.full((1, 1, 1), -1, dtype=torch.int32,
+                                                                              device=dev)
+        bits = layout.bits if has_bits else torch.full((1, bq, (bk + 31) // 32), -1, dtype=torch.int32, device=dev)
+        kp = key_padding.to(torch.int32) if key_padding is not None else torch.ones(1, 1, dtype=torch.int32,
+                                                                                     device=dev)
+        params = torch.tensor([int(q_offset), int(Lk)], dtype=torch.int32, device=dev)
+        aux = [_aux(params), _aux(codes), _aux(bits), _aux(kp)]
+        mask_mod = _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk)
+    fwd = BlockSparseTensorsTorch(*meta["fwd"], block_size=FLASH_BLOCK)
+    bwd = BlockSparseTensorsTorch(*meta["bwd"], block_size=FLASH_BLOCK)
+    res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
+                          pack_gqa=PACK_GQA, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=fwd,
+                          block_sparse_tensors_bwd=bwd)
+    out = res[0] if isinstance(res, tuple) else res
+    return out.transpose(1, 2)
+
+
+def _flash_unsupported(q, k, v) -> str | None:
+    if q.device.type != "cuda":
+        return "FlashAttention-4 needs a CUDA GPU"
+    if torch.cuda.get_device_capability(q.device) < (9, 0):
+        return "FlashAttention-4 needs an sm90+ GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"FlashAttention-4 runs float16/bfloat16 only, got {q.dtype}"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % 8 or dv % 8 or not (8 <= d <= 256 and 8 <= dv <= 256):
+        return f"FlashAttention-4 does not support head dims ({d}, {dv})"
+    return None
+
+
+flash_backend = block_sparse_backend(flash_sparse_attention, lambda site_mask, lq, lk: FLASH_BLOCK, "flash",
+                                     "FlashAttention-4 here", _flash_unsupported)
+flash_backend.__doc__ = """Masked attention for one site with FA4 block-sparse attention on the site's layout (128 x 128).
+
+q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.
+"""
+
+BACKENDS.add("flash", flash_backend)
