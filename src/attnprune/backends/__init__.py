@@ -12,8 +12,9 @@ each query's and key's position in its own sequence (left-padded batches, slidin
 then ``q_offset`` is unused and mask entry ``(q_pos[b, i], k_pos[b, j])`` applies. Pruned entries get
 exactly ``-inf`` before the softmax; a row with nothing left is 0.
 
-``"reference"`` (dense, any device) is always registered; ``"triton"`` and ``"flex"`` are imported
-on first use (they need a CUDA GPU and Triton / FlexAttention).
+``"reference"`` (dense, any device) is always registered; ``"triton"``, ``"flex"`` and ``"flash"``
+(FlashAttention-4, sm90+) are imported on first use. ``"auto"`` (:data:`AUTO`) picks one per device:
+:func:`resolve_backend`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,52 @@ import importlib
 from ..errors import MissingDependencyError
 from ..registry import Registry
 
-_LAZY = {"triton": "attnprune.backends.triton", "flex": "attnprune.backends.flex"}
+_LAZY = {"triton": "attnprune.backends.triton", "flex": "attnprune.backends.flex", "flash": "attnprune.backends.flash"}
+AUTO = "auto"
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - a broken optional install counts as absent
+        return False
+
+
+def resolve_backend(name: str, device=None) -> str:
+    """The backend name ``name`` stands for on ``device``: ``name`` itself unless it is ``"auto"``;
+    then ``"flash"`` where ``flash_attn.cute`` imports and ``device`` is a CUDA device of compute
+    capability >= 9.0, else ``"triton"`` where Triton imports and ``device`` is CUDA, else
+    ``"reference"``. ``device``: None = the current CUDA device if there is one, else the CPU."""
+    if name != AUTO:
+        return name
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.cuda.get_device_capability(device) >= (9, 0) and _importable("flash_attn.cute"):
+            return "flash"
+        if _importable("triton"):
+            return "triton"
+    return "reference"
 
 
 class _BackendRegistry(Registry):
     """A ``Registry`` that imports the optional backend modules the first time they are asked for."""
 
     def get(self, name: str):
+        if name == AUTO:
+            name = resolve_backend(name)
         if name not in self and name in _LAZY:
             try:
                 importlib.import_module(_LAZY[name])
             except ImportError as e:
+                if name == "flash":
+                    raise MissingDependencyError(
+                        f"backend 'flash' cannot be loaded ({e}); it needs FlashAttention-4 and an sm90+ GPU "
+                        f"(pip install 'attnprune[hopper]'); use backend='triton' or 'reference' meanwhile") from None
                 raise MissingDependencyError(
                     f"backend {name!r} cannot be loaded ({e}); it needs a CUDA GPU with Triton "
                     f"(pip install 'attnprune[kernels]'); use backend='reference' meanwhile") from None
@@ -50,4 +86,4 @@ BACKENDS: Registry = _BackendRegistry("backend")
 
 from .reference import reference_backend  # noqa: E402  (registers "reference")
 
-__all__ = ["BACKENDS", "reference_backend"]
+__all__ = ["BACKENDS", "AUTO", "reference_backend", "resolve_backend"]
