@@ -62,6 +62,10 @@ class _BackendRegistry(Registry):
     def get(self, name: str):
         if name == AUTO:
             name = resolve_backend(name)
+        if name == "flash" and not _importable("flash_attn.cute"):
+            raise MissingDependencyError(
+                "backend 'flash' needs FlashAttention-4 (flash_attn.cute does not import) and an sm90+ GPU "
+                "(pip install 'attnprune[hopper]'); use backend='triton' or 'reference' meanwhile")
         if name not in self and name in _LAZY:
             try:
                 importlib.import_module(_LAZY[name])
