@@ -1,0 +1,190 @@
+"""``backend="flash"`` (FlashAttention-4 block sparsity): the FA4 metadata against a brute-force
+construction from the dense block table (CPU), ``resolve_backend``, the missing-dependency error, and
+on an sm90+ GPU with FA4 the backend's output and gradients against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnprune.backends as backends
+from attnprune.backends import AUTO, BACKENDS, resolve_backend
+from attnprune.backends.flash import fa4_block_tables, fa4_metadata
+from attnprune.errors import MissingDependencyError
+from attnprune.kernels import BlockLayout
+
+B = 128
+
+
+def brute(layout, lq, lk, causal, off, kp=None):
+    """Dense reference: (full, part) bool [Bt, H, Qn, Kn] from the token mask."""
+    dense = layout.to_dense(layout.q_blocks * B, layout.k_blocks * B)
+    qn, kn = -(-lq // B), -(-lk // B)
+    i = torch.arange(qn * B)[:, None]
+    j = torch.arange(kn * B)[None, :]
+    allowed = (j < lk) & (i >= 0)  # rows past lq: FA4 skips them itself, they decide nothing
+    rows = (i < lq)[None, :, :]
+    if causal:
+        allowed = allowed & (j <= i + off)
+    tok = dense[:, :qn * B, :kn * B] & allowed
+    kps = [None] if kp is None else list(kp)
+    fulls, parts = [], []
+    for kpb in kps:
+        t = tok if kpb is None else tok & torch.nn.functional.pad(kpb, (0, kn * B - lk))[None, None, :]
+        blocks = t.view(-1, qn, B, kn, B)
+        r = rows.reshape(1, qn, B, 1, 1)
+        anyb = (blocks & r).any(4).any(2)
+        allb = (blocks | ~r).all(4).all(2)
+        fulls.append(allb)
+        parts.append(anyb & ~allb)
+    return torch.stack(fulls), torch.stack(parts)
+
+
+def check_lists(cnt, idx, table):
+    assert torch.equal(cnt, table.sum(-1, dtype=torch.int32))
+    for pos in torch.cartesian_prod(*[torch.arange(s) for s in table.shape[:-1]]):
+        p = tuple(pos.tolist())
+        got = idx[p][: cnt[p]].tolist()
+        assert got == table[p].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("lq,lk,causal,off", [(300, 260, False, 0), (300, 300, True, 0), (129, 400, True, 271),
+                                             (256, 256, True, -100), (100, 77, False, 0)])
+@pytest.mark.parametrize("kind", ["tokens", "blocks", "shared"])
+def test_metadata_matches_brute_force(lq, lk, causal, off, kind):
+    torch.manual_seed(lq + lk)
+    qn, kn = -(-lq // B), -(-lk // B)
+    if kind == "tokens":
+        keep = torch.rand(3, lq, lk) < 0.5
+        keep[0, : min(lq, 128)] = False  # an empty query block
+        layout = BlockLayout.from_tokens(keep, (B, B))
+    else:
+        h = 1 if kind == "shared" else 3
+        keep = torch.rand(h, qn, kn) < 0.5
+        layout = BlockLayout.from_blocks(keep, (B, B), q_len=lq, k_len=lk)
+    meta = fa4_metadata(layout, lq, lk, causal=causal, q_offset=off)
+    full, part = brute(layout, lq, lk, causal, off)
+    # the block holding the end of the keys always goes through the mask lists
+    if lk % B:
+        anyk = full[..., -1] | part[..., -1]
+        part[..., -1], full[..., -1] = anyk, False
+    mc, mi, fc, fi = meta["fwd"]
+    assert mc.shape == (1, layout.num_heads, qn) and mi.shape == (1, layout.num_heads, qn, kn)
+    assert mc.dtype == torch.int32 and mi.dtype == torch.int32
+    check_lists(mc, mi, part)
+    check_lists(fc, fi, full)
+    bmc, bmi, bfc, bfi = meta["bwd"]
+    assert bmc.shape == (1, layout.num_heads, kn)
+    check_lists(bmc, bmi, part.transpose(-1, -2))
+    check_lists(bfc, bfi, full.transpose(-1, -2))
+    assert fa4_metadata(layout, lq, lk, causal=causal, q_offset=off) is meta  # cached
+
+
+def test_metadata_key_padding_per_batch():
+    torch.manual_seed(0)
+    lq, lk = 200, 390
+    layout = BlockLayout.from_tokens(torch.rand(2, lq, lk) < 0.7, (B, B))
+    kp = torch.ones(3, lk, dtype=torch.bool)
+    kp[1, 300:] = False  # right padding inside the last blocks
+    kp[2, :256] = False  # left padding over two whole blocks
+    meta = fa4_metadata(layout, lq, lk, causal=True, q_offset=lk - lq, key_padding=kp)
+    full, part = brute(layout, lq, lk, True, lk - lq, kp)
+    part[..., -1], full[..., -1] = part[..., -1] | full[..., -1], False
+    # a kept block touched by padding is partial even where the padded keys are pruned anyway
+    mc, mi, fc, fi = meta["fwd"]
+    assert mc.shape[0] == 3
+    check_lists(fc, fi, full & ~part)
+    got_part = torch.zeros_like(part)
+    for pos in torch.cartesian_prod(*[torch.arange(s) for s in mc.shape]):
+        p = tuple(pos.tolist())
+        got_part[p][mi[p][: mc[p]].long()] = True
+    assert not (got_part & full).any()
+    assert torch.equal(got_part | full, part | full | (got_part & ~part & ~full))
+    assert not got_part[2, :, :, :2].any()  # blocks without any real key are dropped
+    bmc, bmi, _, _ = meta["bwd"]
+    assert torch.equal(bmc, got_part.transpose(-1, -2).sum(-1, dtype=torch.int32))
+
+
+def test_tables_are_cached_and_empty_rows():
+    layout = BlockLayout.from_blocks(torch.zeros(1, 3, 3, dtype=torch.bool), (B, B))
+    full, part = fa4_block_tables(layout, 384, 384)
+    assert not full.any() and not part.any()
+    meta = fa4_metadata(layout, 384, 384)
+    assert int(meta["fwd"][0].sum()) == 0 and int(meta["fwd"][2].sum()) == 0
+    assert fa4_block_tables(layout, 384, 384)[0] is full
+
+
+def test_resolve_backend(monkeypatch):
+    assert resolve_backend("triton", "cpu") == "triton"
+    assert resolve_backend(AUTO, "cpu") == "reference"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, fa, tr, want in [((9, 0), True, True, "flash"), ((8, 0), True, True, "triton"),
+                              ((9, 0), False, True, "triton"), ((9, 0), False, False, "reference"),
+                              ((10, 0), True, False, "flash")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        monkeypatch.setattr(backends, "_importable",
+                            lambda m, fa=fa, tr=tr: fa if m.startswith("flash_attn") else tr)
+        assert resolve_backend(AUTO, "cuda") == want, (cap, fa, tr)
+    assert resolve_backend(AUTO, "cpu") == "reference"
+
+
+def test_missing_flash_attn_message(monkeypatch):
+    monkeypatch.setattr(backends, "_importable", lambda m: False)
+    with pytest.raises(MissingDependencyError, match=r"attnprune\[hopper\].*|sm90"):
+        BACKENDS.get("flash")
+    with pytest.raises(MissingDependencyError) as e:
+        BACKENDS.get("flash")
+    assert "attnprune[hopper]" in str(e.value) and "sm90" in str(e.value)
+
+
+def _fa4_ok():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return False
+    return backends._importable("flash_attn.cute")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fa4_ok(), reason="needs an sm90+ GPU with FlashAttention-4")
+@pytest.mark.parametrize("case", ["odd", "gqa", "causal", "padding", "empty", "blocks"])
+def test_flash_backend_matches_float64(case):
+    from attnprune.mask import SiteMask
+    from attnprune.sites import SiteInfo
+
+    torch.manual_seed(1)
+    Bt, H, Hkv, D, lq, lk = 2, 4, 4, 64, 333, 333
+    causal = case in ("causal", "padding")
+    if case == "gqa":
+        Hkv, D, lq, lk = 2, 128, 260, 517
+    block = 128 if case == "blocks" else None
+    info = SiteInfo("layers.0.self_attn", "self", H, Hkv)
+    if block:
+        keep = torch.rand(H, -(-lq // block), -(-lk // block)) < 0.5
+    else:
+        keep = torch.rand(H, lq, lk) < 0.5
+    if case == "empty":
+        keep[1, :140] = False
+    site = SiteMask(info, lq, lk, keep=keep, block=block)
+    dev = "cuda"
+    q = torch.randn(Bt, H, lq, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(Bt, Hkv, lk, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(Bt, Hkv, lk, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    attn_mask = None
+    if case == "padding":
+        attn_mask = torch.ones(Bt, 1, 1, lk, dtype=torch.bool, device=dev)
+        attn_mask[1, ..., 200:] = False
+    kw = dict(attn_mask=attn_mask, is_causal=causal)
+    with torch.autograd.set_detect_anomaly(False):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no silent fallback to the reference backend
+            out = BACKENDS.get("flash")(q, k, v, site, **kw)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = BACKENDS.get("reference")(q64, k64, v64, site, **kw)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    for a, b in zip((out, *grads), (ref, *rgrads)):
+        assert torch.isfinite(a).all()
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert err < 2e-2, err
