@@ -50,6 +50,8 @@ def _batch(pad: str, device="cpu"):
     return ids, (None if pad == "none" else am.to(device))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts on the CPU path (Triton interpreter); on a GPU the sync test below counts")
 @pytest.mark.parametrize("pad", ["none", "ones", "right"])
 def test_mask_analysed_once_per_forward_not_per_layer(pad):
     model, mask = _setup()
@@ -74,6 +76,8 @@ def test_mask_analysed_once_per_forward_not_per_layer(pad):
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts on the CPU path (Triton interpreter); on a GPU the sync test below counts")
 def test_left_padding_reads_the_2d_mask_once_and_matches_reference():
     model, mask = _setup()
     ids, am = _batch("left")
