@@ -14,7 +14,7 @@ The public API:
 Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
 """
 
-from .apply import apply, attach, detach
+from .apply import apply, attach, attached_backend, detach
 from .errors import (
     AttnPruneError,
     CorruptFileError,
@@ -47,7 +47,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'attnprune' has no attribute {name!r}")
 
 __all__ = [
-    "observe", "make_mask", "apply", "attach", "detach", "finetune", "TrainConfig", "PrunedKVCache",
+    "observe", "make_mask", "apply", "attach", "detach", "attached_backend", "finetune", "TrainConfig", "PrunedKVCache",
     "AttentionStats", "PruneMask", "SiteInfo",
     "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
     "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",

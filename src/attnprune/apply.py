@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BACKENDS
+from .backends import AUTO, BACKENDS, resolve_backend
 from .capture import AttentionCall, Interceptor, allowed_entries
 from .errors import InvalidArgumentError, MaskMismatchError
 from .mask import BEYOND
@@ -22,6 +22,9 @@ class _Patch:
     """The handler installed on a model: looks up the site's mask and calls the backend."""
 
     def __init__(self, model: nn.Module, mask, backend: str, beyond: str):
+        if backend == AUTO:  # the fastest backend that loads on the model's device
+            device = next((p.device for p in model.parameters()), None)
+            backend = resolve_backend(backend, device)
         self.mask, self.beyond, self.backend_name = mask, beyond, backend
         self.backend = BACKENDS.get(backend)
         self.checked = False
@@ -123,13 +126,17 @@ def _padding_only(call: AttentionCall, sm, q_offset: int, decoder_pad_from: int 
     return lq == lk and q_offset == 0 and not bool(used[sm.q_len:].any())
 
 
-def attach(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> nn.Module:
+def attach(model: nn.Module, mask, *, backend: str = "auto", beyond: str = "error") -> nn.Module:
     """Patch ``model`` in place so that every attention site computes only the entries ``mask`` keeps.
 
     Args:
         model: the model the mask was made for (same site names and head counts).
         mask: a ``PruneMask``.
-        backend: ``"reference"`` (dense masked, any device), ``"triton"`` or ``"flex"`` (CUDA).
+        backend: ``"auto"`` (default: ``"flash"`` on an sm90+ GPU with FlashAttention-4, else
+            ``"triton"`` on a CUDA device, else ``"reference"``; decided on the model's device),
+            ``"reference"`` (dense masked, any device), ``"triton"``, ``"flex"`` (CUDA) or ``"flash"``
+            (sm90+, ``pip install 'attnprune[hopper]'``). ``attnprune.attached_backend(model)`` names
+            the one in use.
         beyond: inputs longer than the calibrated lengths raise ``LengthError`` (``"error"``), run
             densely outside the calibrated region (``"dense"``), or use each head's sinks and band
             continued past it (``"extend"``, see ``attnprune.lengthfree``; not for cross-attention
@@ -170,8 +177,14 @@ def attached(model: nn.Module):
     return None if patch is None else patch.mask
 
 
+def attached_backend(model: nn.Module) -> str | None:
+    """The name of the backend computing ``model``'s masked attention (``"auto"`` resolved), or None."""
+    patch = _ATTACHED.get(model)
+    return None if patch is None else patch.backend_name
+
+
 @contextlib.contextmanager
-def apply(model: nn.Module, mask, *, backend: str = "reference", beyond: str = "error") -> Iterator[nn.Module]:
+def apply(model: nn.Module, mask, *, backend: str = "auto", beyond: str = "error") -> Iterator[nn.Module]:
     """Context manager form of :func:`attach` / :func:`detach`::
 
         with attnprune.apply(model, mask):

@@ -99,17 +99,8 @@ def autocast_policy(precision: str, device: torch.device) -> tuple[Callable[[], 
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``"auto"``: ``"triton"`` on a CUDA device when the Triton backend can load, else ``"reference"``;
-    any other name is returned as given."""
-    if name != "auto":
-        return name
-    if device.type != "cuda":
-        return "reference"
-    from .backends import BACKENDS
-    from .errors import MissingDependencyError
+    """``"auto"``: the fastest backend that loads on ``device`` (``attnprune.backends.resolve_backend``:
+    flash on sm90+ with FlashAttention-4, else triton on CUDA, else reference); any other name as given."""
+    from .backends import resolve_backend as resolve
 
-    try:
-        BACKENDS.get("triton")
-    except MissingDependencyError:
-        return "reference"
-    return "triton"
+    return resolve(name, device)

@@ -439,3 +439,28 @@ def test_padded_decoder_batch_applies_on_the_batch_it_was_observed_on():
     longer = dict(b, decoder_attention_mask=torch.ones_like(b["decoder_attention_mask"]))
     with pytest.raises(LengthError), torch.no_grad(), apply(model, mask):
         model(**longer)
+
+
+def test_auto_backend_resolves_on_the_models_device(monkeypatch):
+    """``backend="auto"`` (the default) picks by the model's device: reference on the CPU, and what
+    ``resolve_backend`` names for the model's device (patched here: no GPU needed)."""
+    import sys
+
+    import attnprune
+
+    ap = sys.modules["attnprune.apply"]  # the module (attnprune.apply is the function)
+
+    model = tm.llama()
+    ids = torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    mask = build_mask(model_infos(model, {"input_ids": ids}), 7, density=0.5, seed=5)
+    with apply(model, mask):
+        assert attnprune.attached_backend(model) == "reference"
+    seen = []
+    monkeypatch.setattr(ap, "resolve_backend", lambda name, device: seen.append((name, device)) or "triton")
+    with apply(model, mask, backend="auto"):
+        assert attnprune.attached_backend(model) == "triton"
+    assert seen == [("auto", torch.device("cpu"))]
+    with apply(model, mask, backend="reference"):
+        assert attnprune.attached_backend(model) == "reference"
+    assert len(seen) == 1  # a named backend is not resolved
+    assert attnprune.attached_backend(model) is None

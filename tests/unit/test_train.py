@@ -622,18 +622,22 @@ def test_extend_trains_past_the_calibrated_length(tmp_path):
 
 
 def test_backend_auto_resolution(monkeypatch):
-    """auto: the block-sparse kernels on a GPU when Triton loads, the reference backend otherwise."""
+    """auto: flash on an sm90+ GPU where FA4 imports, else triton on a GPU where Triton imports, else reference."""
     from attnprune import backends
-    from attnprune.errors import MissingDependencyError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert TrainConfig().backend == "auto"
     assert resolve_backend("auto", cpu) == "reference" and resolve_backend("flex", cpu) == "flex"
-    pytest.importorskip("triton")
+    # a GPU without FlashAttention-4 (or older than sm90): triton where it imports, else reference
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    have = {"triton": True, "flash_attn.cute": False}
+    monkeypatch.setattr(backends, "_importable", lambda name: have[name])
     assert resolve_backend("auto", gpu) == "triton"
-
-    def no_triton(name):
-        raise MissingDependencyError("no triton")
-
-    monkeypatch.setattr(backends.BACKENDS, "get", no_triton)
+    have["flash_attn.cute"] = True
+    assert resolve_backend("auto", gpu) == "flash"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_backend("auto", gpu) == "triton"
+    have["triton"] = False
     assert resolve_backend("auto", gpu) == "reference"
+    assert resolve_backend("auto", cpu) == "reference"

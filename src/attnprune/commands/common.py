@@ -33,8 +33,9 @@ SHARED_OPTIONS.add("quiet", SharedOption("--quiet", dict(action="store_true"), "
 SHARED_OPTIONS.add("device", SharedOption("--device", {}, "cpu, cuda, cuda:1 (default: the GPU when present, "
                                                           "else cpu)"))
 SHARED_OPTIONS.add("seed", SharedOption("--seed", dict(type=int), "random seed (default {default})"))
-SHARED_OPTIONS.add("backend", SharedOption("--backend", {}, "attention backend under the mask: reference, triton, "
-                                                            "flex (default {default})"))
+SHARED_OPTIONS.add("backend", SharedOption("--backend", {}, "attention backend under the mask: auto (flash on "
+                                                            "an sm90+ GPU with FlashAttention-4, else triton on a GPU, else reference), "
+                                                            "reference, triton, flex, flash (default {default})"))
 EVERY_COMMAND = {"quiet": (False, None)}  # options every subcommand takes
 
 

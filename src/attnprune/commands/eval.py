@@ -38,7 +38,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_list_argument(p, "--policies", what="policy", default=None, help=f"mask policies (default {' '.join(DEFAULT_POLICIES)})")
     add_list_argument(p, "--blocks", item=_block, what="block", default=None,
                       help="granularities: 'token' for token level, an integer b for b x b blocks (default: token 16)")
-    use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="reference", device=None)
+    use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
 

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="with --sample (default 50)")
     use_shared(p, seed=(0, "sampling seed (default 0)"),
-               backend=("reference", "attention backend for the prompt: reference (default), triton, flex"),
+               backend=("auto", "attention backend for the prompt: auto (default), reference, triton, flex, flash"),
                device=(None, "cpu, cuda, cuda:1 (default: GPU if present)"))
     p.set_defaults(func=cmd_generate)
 

@@ -12,6 +12,7 @@ Each task prepares its model and batches through :data:`SWEEP_TASKS`; the measur
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
                          blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond)
     device = usable_device(s.device) if s.device is not None or loaded is None else None
+    if config.backend == "auto":  # recorded in the results as the backend that ran
+        from ..backends import resolve_backend
+        config = dataclasses.replace(config, backend=resolve_backend("auto", device))
     stats = AttentionStats.load(s.stats) if s.stats else None
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
