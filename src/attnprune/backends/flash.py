@@ -135,6 +135,21 @@ def _aux(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+
+_PARAMS: dict = {}
+
+
+def _params(q_offset: int, lk: int, device) -> torch.Tensor:
+    """int32 ``[2]`` = (causal offset, key length) on ``device``, made once per value: building it per
+    call copies from the host, which synchronises (one sync per attention call, measured)."""
+    key = (q_offset, lk, str(device))
+    t = _PARAMS.get(key)
+    if t is None:
+        if len(_PARAMS) > 256:
+            _PARAMS.clear()
+        t = _PARAMS[key] = torch.tensor([q_offset, lk], dtype=torch.int32, device=device)
+    return t
+
 def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=None, key_padding=None, q_offset=0):
     """Same contract as :func:`attnprune.kernels.sparse_attention`, computed by FA4's block-sparse kernels.
 
@@ -166,7 +181,7 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
         bits = layout.bits if has_bits else torch.full((1, bq, (bk + 31) // 32), -1, dtype=torch.int32, device=dev)
         kp = key_padding.to(torch.int32) if key_padding is not None else torch.ones(1, 1, dtype=torch.int32,
                                                                                      device=dev)
-        params = torch.tensor([int(q_offset), int(Lk)], dtype=torch.int32, device=dev)
+        params = _params(int(q_offset), int(Lk), dev)
         aux = [_aux(params), _aux(codes), _aux(bits), _aux(kp)]
         mask_mod = _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk)
     fwd = BlockSparseTensorsTorch(*meta["fwd"], block_size=FLASH_BLOCK)
