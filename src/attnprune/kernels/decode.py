@@ -1,0 +1,268 @@
+"""``masked_decode``: split-KV ("flash-decoding") Triton attention of a few queries over a compacted,
+position-tagged KV cache (``PrunedKVCache``), with the site's static keep mask looked up in the kernel.
+
+Semantics, for query ``i`` of head ``h`` (kv head ``g = h // (Hq // Hkv)``) and cache slot ``c``::
+
+    allowed(b, h, i, c) = pos[b, g, c] >= 0                       # -1: an empty slot
+                          and pos[b, g, c] <= q_pos[b, i]          # causal in positions
+                          and (window is None or q_pos[b, i] - pos[b, g, c] < window)
+                          and keep(h, q_pos[b, i], pos[b, g, c])   # the site mask
+    keep(h, p, k) = keep_table[h, p // block, k // block]  if p < q_len and k < k_len  else True
+    out[b, h, i] = softmax over allowed c of (q . k_c * scale) applied to v_c; 0 if nothing is allowed
+
+(positions outside the calibrated ``q_len x k_len`` region are kept, as ``SiteMask.keep_at`` does
+under ``beyond="dense"``/``"error"``; ``beyond="extend"`` past the calibration is not handled here.)
+Grid: one program per (batch, kv head, split of the cache); each program computes all ``G * n`` query
+rows of its kv head's group against its split of the keys (one read of K/V per group) and writes a
+partial output and log-sum-exp; a second small kernel combines the splits. With one split the first
+kernel writes the output directly. fp32 accumulation; scores in the log2 domain.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["masked_decode", "masked_decode_reference", "MAX_QUERIES"]
+
+_LOG2E = 1.4426950408889634
+MAX_QUERIES = 16  # queries per call the kernel is meant for (decode steps; a prompt runs elsewhere)
+_SM_COUNT: dict = {}
+
+try:  # the kernels are defined only where Triton is installed
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        Q, K, V, POS, QPOS, KEEP, OP, LP, O,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skc, skd,
+        svb, svh, svc, svd,
+        spb, sph, spc,
+        sqpb, sqpn,
+        skeh, skeq, skek,
+        sob, soh, son, sod,
+        Hkv, G, N, C, chunk, S, q_len, k_len, blk, window, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        DP: tl.constexpr, DVP: tl.constexpr, HAS_WINDOW: tl.constexpr, SINGLE: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        bg = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bg // Hkv
+        g = bg % Hkv
+        Hq = Hkv * G
+
+        offs_m = tl.arange(0, BLOCK_M)  # row r: head g * G + r // N, query r % N
+        row_ok = offs_m < G * N
+        h = g * G + offs_m // N
+        qi = offs_m % N
+        offs_d = tl.arange(0, DP)
+        offs_dv = tl.arange(0, DVP)
+        d_ok = offs_d < D
+        dv_ok = offs_dv < DV
+
+        q = tl.load(Q + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + qi[:, None] * sqn
+                    + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qp = tl.load(QPOS + b.to(tl.int64) * sqpb + qi * sqpn, mask=row_ok, other=0)  # [M] long
+        q_in = qp < q_len
+        keep_row = KEEP + h.to(tl.int64) * skeh + (qp // blk) * skeq  # [M] pointers
+
+        k_base = K + b.to(tl.int64) * skb + g.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + g.to(tl.int64) * svh
+        p_base = POS + b.to(tl.int64) * spb + g.to(tl.int64) * sph
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DVP], tl.float32)
+
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, C)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < hi
+            kp = tl.load(p_base + offs_n * spc, mask=col_ok, other=-1)  # [N] long, -1 empty
+            k = tl.load(k_base + offs_n[None, :] * skc + offs_d[:, None] * skd,
+                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [DP, BLOCK_N]
+            v = tl.load(v_base + offs_n[:, None] * svc + offs_dv[None, :] * svd,
+                        mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, DVP]
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee")
+            else:
+                qk = tl.dot(q, k)
+            ok = row_ok[:, None] & (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+            if HAS_WINDOW:
+                ok = ok & (qp[:, None] - kp[None, :] < window)
+            inside = q_in[:, None] & (kp[None, :] < k_len)
+            kv = tl.load(keep_row[:, None] + (kp[None, :] // blk) * skek, mask=ok & inside, other=1)
+            ok = ok & (kv != 0)
+            s = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        if SINGLE:
+            o_ptrs = (O + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + qi[:, None] * son
+                      + offs_dv[None, :] * sod)
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        else:
+            row = ((b * Hq + h) * N + qi).to(tl.int64)  # [M]
+            lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+            tl.store(OP + (row[:, None] * S + split) * DVP + offs_dv[None, :], out, mask=row_ok[:, None])
+            tl.store(LP + row * S + split, lse, mask=row_ok)
+
+    @triton.jit
+    def _combine_kernel(OP, LP, O, sob, soh, son, sod, Hq, N, S,
+                        SP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+        row = tl.program_id(0)
+        b = row // (Hq * N)
+        h = (row // N) % Hq
+        i = row % N
+        offs_s = tl.arange(0, SP)
+        offs_dv = tl.arange(0, DVP)
+        s_ok = offs_s < S
+        lse = tl.load(LP + row.to(tl.int64) * S + offs_s, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m_use)  # 0 for empty splits
+        o = tl.load(OP + (row.to(tl.int64) * S + offs_s[:, None]) * DVP + offs_dv[None, :], mask=s_ok[:, None],
+                    other=0.0)
+        tot = tl.sum(w, 0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
+        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * son + offs_dv * sod,
+                 out.to(O.dtype.element_ty), mask=offs_dv < DV)
+
+
+def _p2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor,
+                  keep: torch.Tensor, block: int = 1, *, scale: float | None = None, window: int | None = None,
+                  q_len: int | None = None, k_len: int | None = None, splits: int | None = None,
+                  block_n: int | None = None) -> torch.Tensor:
+    """Masked attention of decode queries over a compacted KV cache (semantics: the module docstring).
+
+    Args:
+        q: ``[B, Hq, n, D]`` queries (``n`` small: 1..``MAX_QUERIES``).
+        k: ``[B, Hkv, C, D]`` and v: ``[B, Hkv, C, Dv]``: the cache's keys and values (any strides;
+            ``Hq`` a multiple of ``Hkv``; query head ``h`` reads kv head ``h // (Hq // Hkv)``).
+        pos: long ``[B, Hkv, C]``: the position of each slot, -1 for an empty one.
+        q_pos: long ``[B or 1, n]``: the queries' positions (>= 0).
+        keep: ``[Hq, Qt, Kt]`` bool / uint8 / int8: the site's keep table, token level (``block=1``)
+            or block level (entry ``[h, p // block, k // block]``).
+        block: the keep table's block size (1: tokens).
+        scale: softmax scale (None: ``1 / sqrt(D)``). window: sliding window (None: none).
+        q_len, k_len: the calibrated lengths (default ``Qt * block``, ``Kt * block``); positions at or
+            past them are kept.
+        splits, block_n: override the number of key splits / the key tile (tests, tuning).
+
+    Returns ``[B, Hq, n, Dv]`` in ``q``'s dtype (fp32 accumulation); rows with nothing allowed are 0.
+    """
+    if triton is None:  # pragma: no cover - depends on the install
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError("masked_decode needs the 'triton' package: pip install 'attnprune[kernels]'")
+    B, Hq, n, D = q.shape
+    Hkv, C, DV = k.shape[1], k.shape[2], v.shape[3]
+    if Hq % Hkv or k.shape[0] != B or v.shape[:3] != k.shape[:3] or tuple(pos.shape) != (B, Hkv, C):
+        raise InvalidArgumentError(f"masked_decode: bad shapes q {list(q.shape)}, k {list(k.shape)}, "
+                                   f"v {list(v.shape)}, pos {list(pos.shape)}")
+    if q_pos.dim() != 2 or q_pos.shape[1] != n or q_pos.shape[0] not in (1, B):
+        raise InvalidArgumentError(f"masked_decode: q_pos must be [B or 1, {n}], got {list(q_pos.shape)}")
+    if keep.dim() != 3 or keep.shape[0] != Hq:
+        raise InvalidArgumentError(f"masked_decode: keep must be [{Hq}, Qt, Kt], got {list(keep.shape)}")
+    if keep.dtype == torch.bool:
+        keep = keep.view(torch.uint8)
+    G = Hq // Hkv
+    block = int(block)
+    q_len = keep.shape[1] * block if q_len is None else int(q_len)
+    k_len = keep.shape[2] * block if k_len is None else int(k_len)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    o = torch.empty(B, Hq, n, DV, dtype=q.dtype, device=q.device)
+    if B == 0 or n == 0:
+        return o
+    interp = q.device.type != "cuda"
+    BLOCK_M = max(16, _p2(G * n))
+    DP, DVP = max(16, _p2(D)), max(16, _p2(DV))
+    if block_n is None:
+        block_n = 16 if interp else (64 if BLOCK_M * max(DP, DVP) <= 64 * 128 else 32)
+    BLOCK_N = int(block_n)
+    tiles = max(1, -(-C // BLOCK_N))
+    if splits is None:
+        splits = max(1, min(tiles, -(-2 * _sm_count(q.device) // (B * Hkv)), 64))
+    per = -(-tiles // max(1, min(int(splits), tiles)))  # tiles per split
+    chunk = per * BLOCK_N
+    S = max(1, -(-C // chunk))
+    single = S == 1
+    if single:
+        op = lp = o  # unused
+    else:
+        op = torch.empty(B * Hq * n, S, DVP, dtype=torch.float32, device=q.device)
+        lp = torch.empty(B * Hq * n, S, dtype=torch.float32, device=q.device)
+    sqpb = q_pos.stride(0) if q_pos.shape[0] > 1 else 0
+    ieee = q.dtype == torch.float32
+    kw = {} if interp else {"num_warps": 4, "num_stages": 2}
+    _decode_kernel[(B * Hkv, S)](
+        q, k, v, pos, q_pos, keep, op, lp, o,
+        *q.stride(), *k.stride(), *v.stride(), *pos.stride(), sqpb, q_pos.stride(1), *keep.stride(),
+        *o.stride(),
+        Hkv, G, n, C, chunk, S, q_len, k_len, block, int(window) if window is not None else 0, scale * _LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
+        SINGLE=single, IEEE=ieee, **kw)
+    if not single:
+        _combine_kernel[(B * Hq * n,)](op, lp, o, *o.stride(), Hq, n, S, SP=max(2, _p2(S)), DV=DV, DVP=DVP)
+    return o
+
+
+def masked_decode_reference(q, k, v, pos, q_pos, keep, block: int = 1, *, scale=None, window=None,
+                            q_len=None, k_len=None, dtype=torch.float64) -> torch.Tensor:
+    """Plain PyTorch, same arguments and semantics as :func:`masked_decode` (computed in ``dtype``)."""
+    B, Hq, n, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    keep = keep.bool()
+    q_len = keep.shape[1] * block if q_len is None else q_len
+    k_len = keep.shape[2] * block if k_len is None else k_len
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kp = pos.repeat_interleave(G, dim=1)[:, :, None, :]  # [B, Hq, 1, C]
+    qp = q_pos.expand(B, n)[:, None, :, None]  # [B, 1, n, 1]
+    heads = torch.arange(Hq, device=q.device)[None, :, None, None]
+    table = keep[heads, (qp.clamp(0, q_len - 1) // block), (kp.clamp(0, k_len - 1) // block)]
+    inside = (qp < q_len) & (kp < k_len)
+    allowed = (kp >= 0) & (kp <= qp) & (table | ~inside)
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    kk = k.to(dtype).repeat_interleave(G, dim=1)
+    vv = v.to(dtype).repeat_interleave(G, dim=1)
+    s = (q.to(dtype) @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vv).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
