@@ -71,6 +71,15 @@ class _Patch:
         pos = call.positions
         sm.check_length(pos.q_end, pos.k_end, self.beyond)
         q_pos = layer.new_pos.clamp_min(0)  # [B or 1, Lq]
+        from .kernels import decode
+
+        # the Triton decode kernel (CUDA): the keep table is looked up inside it; positions past the
+        # calibration under beyond="extend" (known on the host from layer.seen) take the path below
+        if decode.usable(call.q) and (self.beyond != "extend" or layer.seen <= min(sm.q_len, sm.k_len)):
+            dev = call.q.device
+            keep = sm._cached(("decode_keep", str(dev)), lambda: sm.keep.to(dev).to(torch.uint8))
+            return decode.masked_decode(call.q, call.k, call.v, layer.pos, q_pos, keep, sm.block or 1,
+                                        scale=call.scale, window=layer.window, q_len=sm.q_len, k_len=sm.k_len)
         rep = call.q.shape[1] // layer.pos.shape[1]
         k_pos = layer.pos.repeat_interleave(rep, dim=1)[:, :, None, :]  # [B, Hq, 1, Lk], -1: empty slot
         qp = q_pos[:, None, :, None]

@@ -88,3 +88,27 @@ def test_strided_inputs():
     big_k[:, :, :20] = k
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, n, H, D] memory, as HF passes it
     _check([qt, big_k[:, :, :20], v, pos, q_pos, keep], splits=2, block_n=16)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+def test_pruned_cache_generation_through_the_kernel(family, monkeypatch):
+    """PrunedKVCache decoding with attention through masked_decode (forced on the CPU under the
+    interpreter) gives the tokens and logits of masked full recomputation, left padding included."""
+    from attnprune import PrunedKVCache, apply
+    from attnprune.kernels import decode
+    from lm_helpers import _close, _family, _generate, _left_padded, _mask
+
+    calls = []
+    real = decode.masked_decode
+    monkeypatch.setattr(decode, "FORCE", True)
+    monkeypatch.setattr(decode, "masked_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _family(family)
+    mask = _mask(model)
+    g = torch.Generator().manual_seed(3)
+    ids, am = _left_padded([torch.randint(3, 97, (n,), generator=g) for n in (8, 5)])
+    with torch.no_grad(), apply(model, mask):
+        seq_p, log_p = _generate(model, ids, 10, attention_mask=am, past_key_values=PrunedKVCache(model, mask))
+        seq_n, log_n = _generate(model, ids, 10, attention_mask=am, use_cache=False)
+    assert calls
+    assert torch.equal(seq_p, seq_n)
+    _close(log_p, log_n)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["masked_decode", "masked_decode_reference", "MAX_QUERIES"]
+__all__ = ["masked_decode", "masked_decode_reference", "usable", "MAX_QUERIES"]
 
 _LOG2E = 1.4426950408889634
 MAX_QUERIES = 16  # queries per call the kernel is meant for (decode steps; a prompt runs elsewhere)
@@ -149,6 +149,15 @@ if triton is not None:
         out = tl.sum(o * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
         tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * son + offs_dv * sod,
                  out.to(O.dtype.element_ty), mask=offs_dv < DV)
+
+
+FORCE = False  # tests: use the kernel on CPU tensors too (under TRITON_INTERPRET=1)
+
+
+def usable(q: torch.Tensor) -> bool:
+    """True when :func:`masked_decode` can run on ``q``'s device: Triton installed and a CUDA tensor
+    (or ``FORCE`` under the interpreter) with at most ``MAX_QUERIES`` queries."""
+    return triton is not None and (q.is_cuda or FORCE) and q.shape[2] <= MAX_QUERIES
 
 
 def _p2(x: int) -> int:
