@@ -15,9 +15,12 @@ from .stats import AttentionStats
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
 
 
+SCORES = ("prob", "value", "influence")
+
+
 def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progress: bool = True,
-            description: str = "") -> AttentionStats:
-    """Run ``model`` over ``batches`` and return the mean attention probability of every site.
+            description: str = "", score: str = "prob") -> AttentionStats:
+    """Run ``model`` over ``batches`` and return the mean score of every attention entry of every site.
 
     Args:
         model: any ``nn.Module`` whose attention goes through transformers' ``AttentionInterface`` or
@@ -29,7 +32,26 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
         granularity: 1 for token statistics, ``g`` for ``g x g`` block sums.
         progress: show a tqdm progress bar.
         description: stored in the stats (what the calibration data was).
+        score: what is accumulated per entry (recorded in ``stats.score``; policies rank by its mean):
 
+            * ``"prob"`` (default, the paper's): the attention probability ``p_ij``.
+            * ``"value"``: ``p_ij * ||v_j||``, the probability times the L2 norm of the key's value
+              vector (its kv head's), i.e. the magnitude of the entry's contribution to the output.
+            * ``"influence"``: the absolute first-order change of the loss when the entry is removed
+              from its row and the row renormalised (MoA-style). With ``g = dL/dp`` for the row's
+              probabilities ``p``, removing ``j`` gives ``p'_i = p_i / (1 - p_j)`` (``i != j``),
+              ``p'_j = 0``, so ``dp_i = p_i p_j / (1 - p_j)`` and ``dp_j = -p_j``; to first order
+              ``dL = sum_i g_i dp_i = p_j / (1 - p_j) * (sum_i p_i g_i - g_j)``, and to first order
+              in ``p_j``: ``dL ~= p_j * (sum_i p_i g_i - g_j)``. ``|p_j (sum_i p_i g_i - g_j)|`` is
+              accumulated. ``L`` is the batch's *summed* next-token NLL (``input_ids`` shifted, or
+              the batch's ``labels``; ``-100`` and padding ignored), so an entry's score is the change
+              of its own sequence's total loss, independent of batching. Each batch runs forward and
+              backward: attention is computed explicitly in float32 by the capture handler (the
+              probabilities stay in the autograd graph, ``torch.autograd.grad`` gives ``dL/dp`` of
+              every site; parameters get no ``.grad``). Cost: about 3x a forward's compute, and the
+              memory of eager-attention training: every layer's ``B x H x Lq x Lk`` float32
+              probabilities (plus the activations) are held until the backward. Needs a causal LM
+              returning logits ``[batch, seq, vocab]`` that match ``input_ids``.
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
     scale, masks and causality, exactly as softmax attention defines them. An entry is counted when
     its query is real and its key attendable: padded keys (masked out), causal-future keys and padded
@@ -44,30 +66,59 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     """
     if not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 1:
         raise InvalidArgumentError(f"granularity must be a positive integer, got {granularity!r}")
+    if score not in SCORES:
+        raise InvalidArgumentError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     from tqdm.auto import tqdm
 
-    stats = AttentionStats([], granularity, model_name=model_name(model), description=description)
+    stats = AttentionStats([], granularity, model_name=model_name(model), description=description,
+                           score=score)
+    pending: list = []  # influence: (call, differentiable probabilities) of the running forward
+
+    def add(call, out):
+        if out is not None:
+            stats.add(call.site, out[0], out[1], q_len=out[2], k_len=out[3])
 
     def handler(call: AttentionCall):
         stats.add_site(call.info)
         call.q_valid = call.positions.q_valid
-        out = site_sums(call, granularity)
-        if out is not None:
-            stats.add(call.site, out[0], out[1], q_len=out[2], k_len=out[3])
+        if score == "influence":
+            out, probs = explicit_attention(call)
+            pending.append((call, probs))
+            return out
+        add(call, site_sums(call, granularity, values=_value_weighted(call) if score == "value" else None))
         return None
 
     device = next((p.device for p in model.parameters()), None)
     was_training = model.training
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
     n = 0
     model.eval()
     try:
-        with torch.no_grad(), intercept(model, handler):
+        if score == "influence":  # the graph must reach the first layer; no parameter gets a .grad
+            for p in params:
+                p.requires_grad_(True)
+        grad_mode = torch.enable_grad() if score == "influence" else torch.no_grad()
+        with grad_mode, intercept(model, handler):
             for batch in tqdm(batches, desc="observe", disable=not progress, unit="batch"):
                 args, kwargs = _split(batch, device)
                 stats.num_sequences += _batch_size(args, kwargs)
-                model(*args, **kwargs)
+                pending.clear()
+                out = model(*args, **kwargs)
+                if score == "influence" and pending:
+                    loss = lm_loss_sum(out, args, kwargs)
+                    grads = torch.autograd.grad(loss, [p for _, p in pending], allow_unused=True)
+                    with torch.no_grad():
+                        for (call, probs), g in zip(pending, grads):
+                            infl = influence(probs.detach(), g)
+                            add(call, site_sums(call, granularity, values=lambda s, e, _p, t=infl: t[:, :, s:e]))
+                    del loss, grads, out
+                    pending.clear()
                 n += 1
     finally:
+        pending.clear()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
         model.train(was_training)
     if n == 0:
         raise EmptyDatasetError("observe got no batches: the dataset is empty")
@@ -79,10 +130,88 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     return stats.to("cpu")
 
 
-def site_sums(call: AttentionCall, g: int = 1):
-    """Probability sums of one attention call on a ``g x g`` grid.
+def influence(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """``|p_j * (sum_i p_i g_i - g_j)|`` per entry: the first-order loss change of removing entry ``j``
+    from its row and renormalising (see ``observe``). ``p``, ``g``: ``[..., Lk]`` (``g`` None: zeros)."""
+    if g is None:
+        return torch.zeros_like(p)
+    g = g.to(p.dtype)
+    return (p * ((p * g).sum(-1, keepdim=True) - g)).abs()
 
-    Returns ``(prob_sum [H, Qg, Kg] float64, count [Qg, Kg] float64, q_len, k_len)`` trimmed to the
+
+def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``call`` computed explicitly and differentiably, in float32 (float64 for
+    float64 inputs): ``(output [B, Hq, Lq, Dv] in q's dtype, probabilities [B, Hq, Lq, Lk])``.
+    Rows with no attendable key get zero probabilities (and a zero output). Dropout is not applied."""
+    q, k, v = call.q, call.k, call.v
+    H, D = q.shape[1], q.shape[-1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = k.to(dt), v.to(dt)
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
+    scores = (q.to(dt) @ k.transpose(-1, -2)) * scale
+    Lq, Lk = scores.shape[-2:]
+    allowed = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    mask = call.attn_mask
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.to(dt)
+            allowed = allowed & (mask > torch.finfo(mask.dtype).min / 2)
+    if call.is_causal:
+        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    none = ~allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(none, 0.0)
+    probs = torch.softmax(scores, dim=-1) * (~none).to(dt)
+    return (probs @ v).to(call.q.dtype), probs
+
+
+def lm_loss_sum(out, args, kwargs) -> torch.Tensor:
+    """Differentiable summed next-token NLL of a batch (as ``evaluate.token_nll`` counts it)."""
+    from .evaluate import _logits
+
+    logits = _logits(out)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise InvalidArgumentError(
+            "score='influence' needs a causal LM: batches with input_ids [batch, seq] and a model returning "
+            f"logits [batch, seq, vocab] (got logits {tuple(logits.shape)})")
+    labels = kwargs.get("labels")
+    target = (labels if labels is not None else ids)[:, 1:]
+    valid = target != -100
+    am = kwargs.get("attention_mask")
+    if am is not None and am.dim() == 2 and tuple(am.shape) == tuple(ids.shape):
+        am = am.bool()
+        valid = valid & am[:, 1:] & am[:, :-1]
+    lg = logits[:, :-1]
+    lg = lg.to(torch.float64 if lg.dtype == torch.float64 else torch.float32)
+    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.clamp_min(0).reshape(-1).long(),
+                                            reduction="none")
+    return (nll * valid.reshape(-1).to(nll.dtype)).sum()
+
+
+def _value_weighted(call: AttentionCall):
+    """``values`` for ``site_sums``: probabilities times each key's value norm (its kv head's)."""
+    v = call.v
+    dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    norm = v.to(dt).norm(dim=-1)  # [B, Hkv, Lk]
+    H = call.q.shape[1]
+    if norm.shape[1] != H:
+        norm = norm.repeat_interleave(H // norm.shape[1], dim=1)
+    norm = norm[:, :, None, :]
+    return lambda s, e, probs: probs * norm
+
+
+def site_sums(call: AttentionCall, g: int = 1, values=None):
+    """Probability sums (or other per-entry scores) of one attention call on a ``g x g`` grid.
+
+    values: None to sum the probabilities, or ``values(s, e, probs)`` giving the scores
+    ``[B, H, e - s, Lk]`` of query rows ``s:e`` to sum instead (``probs``: those rows' probabilities).
+    Returns ``(sum [H, Qg, Kg] float64, count [Qg, Kg] float64, q_len, k_len)`` trimmed to the
     last query / key position observed, or None when nothing in the call is observable.
     """
     q, k = call.q, call.k
@@ -126,6 +255,10 @@ def site_sums(call: AttentionCall, g: int = 1):
             raise NonFiniteAttentionError(
                 f"attention probabilities at site {call.site!r} contain NaN or Inf; check the model's "
                 "weights and inputs (an overflow in half precision is a common cause)")
+        if values is not None:
+            probs = values(s, e, probs).to(probs.dtype)
+            if bool((~torch.isfinite(probs) & valid).any()):
+                raise NonFiniteAttentionError(f"attention scores at site {call.site!r} contain NaN or Inf")
         if pos is not None and not pos.simple:  # realign each sequence to its own positions
             _add_at_positions(psum, cnt, q_any, k_any, torch.where(valid, probs, 0.0), valid.any(1),
                               pos.q[:, s:e], pos.k, g)

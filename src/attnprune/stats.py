@@ -13,6 +13,12 @@ description, sequences, site infos with lengths and per-tensor checksums, and a 
 header itself). Loading checks the checksums and the values (finite, counts non-negative integers,
 ``0 <= sum <= count``): a damaged file is a ``CorruptFileError``, never silently wrong statistics.
 Version 1 files (no checksums) still load, with the value checks only.
+
+Scores: ``score`` says what was summed per entry (``observe(..., score=...)``): ``"prob"`` (attention
+probabilities, the default), ``"value"`` (probability times value norm) or ``"influence"`` (first-order
+loss change of removing the entry). The header holds ``"score"`` only when it is not ``"prob"``, so
+probability files are unchanged and files without it load as ``"prob"``. For scores other than
+``"prob"`` the ``sum <= count`` check does not apply (a score is not bounded by 1).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ FORMAT = "attnprune.stats"
 VERSION = 2
 # summed probabilities are float32 (or float64) softmax outputs, each at most 1 up to its rounding
 _SUM_SLACK = 4 * torch.finfo(torch.float32).eps
+SCORES = ("prob", "value", "influence")
 
 
 def _grow(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -53,10 +60,14 @@ class AttentionStats:
         granularity: 1 for token-level statistics, ``g > 1`` for ``g x g`` block sums.
         model_name: identity of the observed model (architecture and sizes).
         description: free text describing the calibration data.
+        score: what the sums add up per entry: ``"prob"``, ``"value"`` or ``"influence"``.
     """
 
     def __init__(self, infos: Iterable[SiteInfo] = (), granularity: int = 1, model_name: str = "",
-                 description: str = ""):
+                 description: str = "", score: str = "prob"):
+        if score not in SCORES:
+            raise InvalidArgumentError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.score = score
         if not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 1:
             raise InvalidArgumentError(f"granularity must be a positive integer, got {granularity!r}")
         self._infos: dict[str, SiteInfo] = {}
@@ -174,8 +185,9 @@ class AttentionStats:
         return self
 
     def __repr__(self) -> str:
+        extra = "" if self.score == "prob" else f", score={self.score!r}"
         return (f"AttentionStats({len(self._infos)} sites, granularity={self.granularity}, "
-                f"sequences={self.num_sequences}, model={self.model_name!r})")
+                f"sequences={self.num_sequences}, model={self.model_name!r}{extra})")
 
     # ---- merging ---------------------------------------------------------------------------
     def __add__(self, other: "AttentionStats") -> "AttentionStats":
@@ -183,6 +195,8 @@ class AttentionStats:
             return NotImplemented
         if other.granularity != self.granularity:
             raise MaskMismatchError(f"cannot add stats of granularity {self.granularity} and {other.granularity}")
+        if other.score != self.score:
+            raise MaskMismatchError(f"cannot add stats of different scores: {self.score!r} and {other.score!r}")
         if other.model_name != self.model_name:
             raise MaskMismatchError(f"cannot add stats of different models: {self.model_name or '(unnamed)'!r} "
                                     f"and {other.model_name or '(unnamed)'!r}; add only stats observed on the "
@@ -190,7 +204,8 @@ class AttentionStats:
         if self._infos != other._infos or list(self._infos) != list(other._infos):
             diff = sorted({i.name for i in set(self._infos.values()) ^ set(other._infos.values())})
             raise MaskMismatchError(f"cannot add stats of different models: sites differ ({', '.join(diff) or 'order'})")
-        out = AttentionStats(self._infos.values(), self.granularity, self.model_name, self.description)
+        out = AttentionStats(self._infos.values(), self.granularity, self.model_name, self.description,
+                             score=self.score)
         for src in (self, other):
             for site in src._sum:
                 q, k = src._len[site]
@@ -213,7 +228,7 @@ class AttentionStats:
             dev = torch.device("cuda", torch.cuda.current_device())
         n = len(self._infos)
         code = zlib.crc32(json.dumps([i.to_dict() for i in self._infos.values()]
-                                     + [self.granularity, self.model_name]).encode())
+                                     + [self.granularity, self.model_name, self.score]).encode())
         ident = torch.tensor([code, -code], dtype=torch.int64, device=dev)
         dist.all_reduce(ident, op=dist.ReduceOp.MAX, group=group)
         if int(ident[0]) != code or int(ident[1]) != -code:
@@ -256,7 +271,7 @@ class AttentionStats:
             entry = info.to_dict()
             if site in self._sum:
                 s, c = self._sum[site].detach().cpu().contiguous(), self._count[site].detach().cpu().contiguous()
-                problem = _bad_values(info, s, c, *self._len[site], self.granularity)
+                problem = _bad_values(info, s, c, *self._len[site], self.granularity, self.score == "prob")
                 if problem:
                     raise InvalidArgumentError(f"cannot save the stats: site {site!r} {problem}, which no "
                                                f"observation gives; these are not attention statistics")
@@ -267,6 +282,8 @@ class AttentionStats:
         header = {"format": FORMAT, "version": VERSION, "granularity": self.granularity,
                   "model_name": self.model_name, "description": self.description,
                   "num_sequences": self.num_sequences, "sites": sites}
+        if self.score != "prob":
+            header["score"] = self.score
         header["checksum"] = json_checksum(header)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"attnprune": json.dumps(header)})
@@ -320,8 +337,11 @@ class AttentionStats:
             body = {k: v for k, v in header.items() if k != "checksum"}
             if header.get("checksum") != json_checksum(body):
                 raise _Damage("the attnprune header does not match its checksum")
+        score = header.get("score", "prob")
+        if score not in SCORES:
+            raise _Damage(f"score is {score!r}, not one of {', '.join(SCORES)}")
         out = cls([SiteInfo.from_dict(d) for d in header["sites"]], _nonneg_int(header["granularity"], "granularity"),
-                  str(header.get("model_name", "")), str(header.get("description", "")))
+                  str(header.get("model_name", "")), str(header.get("description", "")), score=score)
         out.num_sequences = _nonneg_int(header.get("num_sequences", 0), "num_sequences")
         names = set()
         for i, d in enumerate(header["sites"]):
@@ -338,7 +358,7 @@ class AttentionStats:
                     if tensor_checksum(t) != want[what]:
                         raise _Damage(f"site {site!r}: the {what} tensor does not match its checksum")
             ql, kl = _nonneg_int(d["q_len"], "q_len"), _nonneg_int(d["k_len"], "k_len")
-            problem = _bad_values(out._infos[site], s, c, ql, kl, out.granularity)
+            problem = _bad_values(out._infos[site], s, c, ql, kl, out.granularity, score == "prob")
             if problem:
                 raise _Damage(f"site {site!r} {problem}")
             out.add(site, s, c, q_len=ql, k_len=kl)
@@ -357,13 +377,15 @@ def _nonneg_int(x, what: str) -> int:
     return x
 
 
-def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_len: int, g: int) -> str | None:
+def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_len: int, g: int,
+                bounded: bool = True) -> str | None:
     """What is impossible about one site's sums ``s`` and counts ``c``, or None.
 
     Exact for anything ``observe`` (or adding / all-reducing its results) produces: float64 tensors
     ``s [H, Qg, Kg]`` and ``c [Qg, Kg]`` with ``Qg = ceil(q_len / g)``, ``Kg = ceil(k_len / g)``;
     counts are non-negative integers; sums are finite, ``>= 0`` and ``<= count`` (probabilities are
-    at most 1), so where nothing was observed the sum is 0.
+    at most 1), so where nothing was observed the sum is 0. ``bounded=False`` (scores other than
+    probabilities): sums are finite, ``>= 0`` and 0 where the count is 0, but not bounded by the count.
     """
     grid = (math.ceil(q_len / g), math.ceil(k_len / g))
     if s.dtype != torch.float64 or c.dtype != torch.float64:
@@ -377,6 +399,10 @@ def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_
         return "has non-finite (NaN or infinite) probability sums"
     if bool((s < 0).any()):
         return f"has negative probability sums (down to {float(s.min()):.4g})"
+    if not bounded:
+        if bool(((s > 0) & (c == 0)).any()):
+            return "has score mass where nothing was observed (count 0)"
+        return None
     over = s > c * (1 + _SUM_SLACK)
     if bool((over & (c == 0)).any()):
         return "has probability mass where nothing was observed (count 0)"

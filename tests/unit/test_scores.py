@@ -1,0 +1,110 @@
+"""observe(score=...): value and influence scores against direct computations; score metadata in files."""
+
+import torch
+
+import tiny_models as T
+from attnprune import observe
+from attnprune.capture import intercept
+from attnprune.observe import explicit_attention, lm_loss_sum
+from attnprune.stats import AttentionStats
+
+
+def _model64():
+    return T.llama().double().eval()
+
+
+def _loss(model, batch, site=None, h=0, i=0, j=0):
+    """Summed NLL; with ``site``: entry (h, i, j) of that site removed and its row renormalised."""
+    def handler(call):
+        out, p = explicit_attention(call)
+        if call.site != site:
+            return out
+        p = p.clone()
+        p[0, h, i, j] = 0.0
+        p[0, h, i] = p[0, h, i] / p[0, h, i].sum()
+        v = call.v.repeat_interleave(p.shape[1] // call.v.shape[1], dim=1).to(p.dtype)
+        return (p @ v).to(call.q.dtype)
+
+    with torch.no_grad(), intercept(model, handler):
+        out = model(**batch)
+    return float(lm_loss_sum(out, (), batch))
+
+
+def test_influence_matches_brute_force_removal():
+    model = _model64()
+    batch = T.batch([40])
+    stats = observe(model, [batch], score="influence", progress=False)
+    probs = observe(model, [batch], progress=False)
+    assert stats.score == "influence"
+    base = _loss(model, batch)
+    checked = 0
+    for site in stats.sites[:2]:
+        pred, p = stats.mean(site), probs.mean(site)
+        H, Q, K = pred.shape
+        for h in range(H):
+            for i in range(20, Q):
+                for j in range(i + 1):
+                    if not (0.01 < float(p[h, i, j]) < 0.08) or float(pred[h, i, j]) < 1e-4:
+                        continue
+                    actual = abs(_loss(model, batch, site, h, i, j) - base)
+                    # first order in p_j: the error is O(p_j) relative
+                    assert abs(actual - float(pred[h, i, j])) <= 0.25 * float(pred[h, i, j]) + 1e-6, \
+                        (site, h, i, j, float(p[h, i, j]), actual, float(pred[h, i, j]))
+                    checked += 1
+                    if checked >= 12:
+                        return
+    assert checked >= 4
+
+
+def test_value_score_is_prob_times_value_norm():
+    model = _model64()
+    batch = T.batch([9])
+    seen = {}
+
+    def handler(call):
+        seen[call.site] = (explicit_attention(call)[1], call.v)
+        return None
+
+    with torch.no_grad(), intercept(model, handler):
+        model(**batch)
+    stats = observe(model, [batch], score="value", progress=False)
+    assert stats.score == "value"
+    for site, (p, v) in seen.items():
+        rep = p.shape[1] // v.shape[1]
+        norm = v.norm(dim=-1).repeat_interleave(rep, dim=1)  # [1, H, Lk]
+        want = (p * norm[:, :, None, :])[0]
+        got = stats.mean(site).to(torch.float64)
+        causal = torch.ones(want.shape[-2:], dtype=torch.bool).tril()
+        torch.testing.assert_close(got[:, causal], want[:, causal], rtol=1e-5, atol=1e-6)
+
+
+def test_score_metadata_round_trip(tmp_path):
+    model = T.llama()
+    batch = T.batch([8, 5])
+    prob = observe(model, [batch], progress=False)
+    prob.save(tmp_path / "p.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert '"score"' not in f.metadata()["attnprune"]  # probability files are unchanged
+    assert AttentionStats.load(tmp_path / "p.safetensors").score == "prob"
+    for score in ("value", "influence"):
+        st = observe(model, [batch], score=score, progress=False)
+        st.save(tmp_path / f"{score}.safetensors")
+        back = AttentionStats.load(tmp_path / f"{score}.safetensors")
+        assert back.score == score
+        for site in st.sites:
+            torch.testing.assert_close(back.sum(site), st.sum(site))
+        try:
+            prob + back
+        except Exception as e:
+            assert "score" in str(e)
+        else:
+            raise AssertionError("adding stats of different scores must fail")
+
+
+def test_influence_leaves_model_untouched():
+    model = T.llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    observe(model, [T.batch([6, 4])], score="influence", progress=False)
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
