@@ -83,14 +83,17 @@ class PrunedLayer(CacheLayerMixin):
         self.new_pos: torch.Tensor | None = None  # [B or 1, n] positions of the current queries
         self._since_compact = 0  # updates since the last compaction
         self._last_n = 0  # tokens of the last update (> 1: a prompt, compact at the next)
+        # keys / values / pos are views of the first C slots of these buffers, which have room
+        # for later entries: an update writes its entries in place (no concatenation per step)
+        self._kbuf = self._vbuf = self._pbuf = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         B, Hkv, _, D = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.keys = key_states.new_zeros(B, Hkv, 0, D)
-        self.values = value_states.new_zeros(B, Hkv, 0, value_states.shape[-1])
-        self.pos = torch.zeros(B, Hkv, 0, dtype=torch.long, device=self.device)
+        self._set(key_states.new_zeros(B, Hkv, 0, D), value_states.new_zeros(B, Hkv, 0, value_states.shape[-1]),
+                  torch.zeros(B, Hkv, 0, dtype=torch.long, device=self.device), 0)
         self._last = self._last.to(self.device)
+        self._heads = torch.arange(Hkv, device=self.device)[None, :, None]
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -101,15 +104,32 @@ class PrunedLayer(CacheLayerMixin):
         new = ctx.own_positions(self.seen, n, self.device)  # [B or 1, n]; -1 padding
         self._table(beyond == "extend", self.seen + n)
         self._evict(new)
-        self.held_before = self.pos.shape[-1]
-        new_pos = new.expand(B, n)[:, None, :].expand(B, Hkv, n)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.pos = torch.cat([self.pos, new_pos], dim=-1)
+        C = self.held_before = self.pos.shape[-1]
+        if C + n > self._pbuf.shape[-1]:  # no room: a larger buffer (the prompt: exactly its size)
+            self._set(self.keys, self.values, self.pos, C + n + (COMPACT_EVERY if C else 0))
+        self._kbuf[:, :, C:C + n] = key_states
+        self._vbuf[:, :, C:C + n] = value_states
+        self._pbuf[:, :, C:C + n] = new[:, None, :]
+        self._view(C + n)
         self.new_pos = new
         self.seen += n
         self._last_n = n
         return self.keys, self.values
+
+    def _set(self, keys, values, pos, capacity: int) -> None:
+        """Hold ``keys``/``values``/``pos`` (C slots) in buffers of ``capacity >= C`` slots."""
+        C = pos.shape[-1]
+        if capacity > C:
+            kb = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+            vb = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+            pb = pos.new_empty(*pos.shape[:2], capacity)
+            kb[:, :, :C], vb[:, :, :C], pb[:, :, :C] = keys, values, pos
+            keys, values, pos = kb, vb, pb
+        self._kbuf, self._vbuf, self._pbuf = keys, values, pos
+        self._view(C)
+
+    def _view(self, C: int) -> None:
+        self.keys, self.values, self.pos = self._kbuf[:, :, :C], self._vbuf[:, :, :C], self._pbuf[:, :, :C]
 
     def _table(self, extend: bool, need: int) -> None:
         """Make the last-read table cover positions ``< need`` (grown by doubling under extend)."""
@@ -123,8 +143,7 @@ class PrunedLayer(CacheLayerMixin):
         """bool [B, Hkv, C]: held entries that a query at position >= ``first [B or 1]`` may read."""
         big = torch.iinfo(torch.long).max
         K = self._last.shape[1]
-        g = torch.arange(self.pos.shape[1], device=self.device)[None, :, None]
-        last = self._last[g, self.pos.clamp(0, K - 1)]
+        last = self._last[self._heads, self.pos.clamp(0, K - 1)]
         last = torch.where(self.pos >= K, big, last)  # past the table: LengthError decides
         return (self.pos >= 0) & (last >= first[:, None, None])
 
@@ -137,15 +156,17 @@ class PrunedLayer(CacheLayerMixin):
         live = self._live(first)
         self._since_compact += 1
         if self._last_n <= 1 and self._since_compact < COMPACT_EVERY:
-            self.pos = torch.where(live, self.pos, -1)
+            self.pos.masked_fill_(~live, -1)  # in place: the slots stay in the buffer
             return
         self._since_compact = 0
         keep = int(live.sum(-1).max())  # the one host sync, per layer and compaction
         order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[..., :keep]
-        self.pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
+        pos = torch.where(live.gather(-1, order), self.pos.gather(-1, order), -1)
         idx = order[..., None]
-        self.keys = self.keys.gather(2, idx.expand(*idx.shape[:-1], self.keys.shape[-1]))
-        self.values = self.values.gather(2, idx.expand(*idx.shape[:-1], self.values.shape[-1]))
+        keys = self.keys.gather(2, idx.expand(*idx.shape[:-1], self.keys.shape[-1]))
+        values = self.values.gather(2, idx.expand(*idx.shape[:-1], self.values.shape[-1]))
+        # room for this update and the steps up to the next compaction
+        self._set(keys, values, pos, keep + new.shape[-1] + COMPACT_EVERY)
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         held = 0 if self.pos is None else self.pos.shape[-1]
@@ -163,14 +184,18 @@ class PrunedLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             idx = indices.to(self.device)
-            self.keys, self.values, self.pos = (t.index_select(0, idx) for t in (self.keys, self.values, self.pos))
+            C = self.pos.shape[-1]
+            self._kbuf, self._vbuf, self._pbuf = (t.index_select(0, idx) for t in (self._kbuf, self._vbuf, self._pbuf))
+            self._view(C)
             if self.new_pos is not None and self.new_pos.shape[0] > 1:
                 self.new_pos = self.new_pos.index_select(0, idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys, self.values, self.pos = (t.repeat_interleave(repeats, 0)
-                                                for t in (self.keys, self.values, self.pos))
+            C = self.pos.shape[-1]
+            self._kbuf, self._vbuf, self._pbuf = (t.repeat_interleave(repeats, 0)
+                                                  for t in (self._kbuf, self._vbuf, self._pbuf))
+            self._view(C)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedModelError("PrunedKVCache cannot be cropped (assisted / speculative decoding); "
@@ -178,6 +203,7 @@ class PrunedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pos = None
+        self._kbuf = self._vbuf = self._pbuf = None
         self.is_initialized = False
         self.seen = self._since_compact = self._last_n = 0
 
