@@ -8,6 +8,14 @@ a 1-token generation), peak GPU memory over the weights, and for PrunedKVCache t
 against a dense cache's. Also checks that the PrunedKVCache tokens equal the stock cache's.
 
     python bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 -o decode.json
+
+``--kernel-only``: the attention of one decode step alone (SmolLM2 shape: B=8, Hq=9, Hkv=3, D=64,
+bf16, 8k context, a sink + band block mask keeping ~10%): ``masked_decode`` over the dense 8k cache
+(mask looked up in the kernel) and over the compacted cache (the kept ~10% of slots), against SDPA
+over the dense cache unmasked, and the pre-kernel path (``keep_at`` mask + SDPA with a bool mask +
+``where``) over the compacted cache.
+
+    python bench/decode_bench.py --kernel-only [--contexts 8192 --batches 8]
 """
 
 from __future__ import annotations
@@ -122,6 +130,75 @@ def _step_ms(model, ids, variant, mask, sync, steps: int) -> tuple[float, float]
     return 1e3 * sorted(times)[len(times) // 2], mem
 
 
+def kernel_only(contexts, batches, block: int, sparsity: float, device: str = "cuda"):
+    """Per-step attention time (ms, CUDA events, median of 200) of the decode variants above."""
+    import torch.nn.functional as F
+
+    from attnprune.kernels.decode import masked_decode
+
+    dev = torch.device(device)
+    Hq, Hkv, D, dt = 9, 3, 64, torch.bfloat16
+    rows = []
+    for L in contexts:
+        nb = -(-L // block)
+        i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+        width = max(1, round((1 - sparsity) * nb / 2))
+        keep_b = (((j == 0) | ((i - j >= 0) & (i - j < width))) & (j <= i)).expand(Hq, nb, nb).contiguous()
+        keep = keep_b.to(dev, torch.uint8)
+        qpos = L - 1
+        kept_pos = torch.arange(L)[keep_b[0, qpos // block].repeat_interleave(block)[:L]]  # what row L-1 reads
+        for B in batches:
+            g = torch.Generator(dev).manual_seed(0)
+            q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt, generator=g)
+            k = torch.randn(B, Hkv, L, D, device=dev, dtype=dt, generator=g)
+            v = torch.randn(B, Hkv, L, D, device=dev, dtype=dt, generator=g)
+            pos = torch.arange(L, device=dev).expand(B, Hkv, L).contiguous()
+            q_pos = torch.full((1, 1), qpos, device=dev, dtype=torch.long)
+            kc, vc = k[:, :, kept_pos.to(dev)].contiguous(), v[:, :, kept_pos.to(dev)].contiguous()
+            pc = kept_pos.to(dev).expand(B, Hkv, -1).contiguous()
+
+            def old_path():  # what _Patch._pruned did before the kernel, over the compacted cache
+                kp = pc.repeat_interleave(Hq // Hkv, dim=1)[:, :, None, :]
+                qi = q_pos[:, None, :, None]
+                kb = keep.bool()[torch.arange(Hq, device=dev)[None, :, None, None], qi // block, kp // block]
+                allowed = kb & (kp >= 0) & (kp <= qi)
+                out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed, enable_gqa=True)
+                return torch.where(allowed.any(-1, keepdim=True), out, 0.0)
+
+            variants = {
+                "sdpa_dense_unmasked": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                "masked_decode_dense_cache": lambda: masked_decode(q, k, v, pos, q_pos, keep, block),
+                "masked_decode_compacted": lambda: masked_decode(q, kc, vc, pc, q_pos, keep, block),
+                "old_path_compacted": old_path,
+            }
+            for name, fn in variants.items():
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(200):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    times.append((a, b))
+                torch.cuda.synchronize()
+                ms = sorted(x.elapsed_time(y) for x, y in times)[len(times) // 2]
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    fn()
+                host_us = (time.perf_counter() - t0) / 100 * 1e6  # launch cost (not synchronised)
+                torch.cuda.synchronize()
+                row = {"context": L, "batch": B, "variant": name, "gpu_ms": ms, "host_us_per_call": host_us,
+                       "kept_slots": int(len(kept_pos)) if "compacted" in name else L}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            ref = F.scaled_dot_product_attention(q.float(), kc.float(), vc.float(), enable_gqa=True)
+            err = (masked_decode(q, k, v, pos, q_pos, keep, block).float() - ref).abs().max().item()
+            print(json.dumps({"context": L, "batch": B, "max_abs_err_vs_fp32_sdpa_on_kept": err}), flush=True)
+    return rows
+
+
 class _null:
     def __enter__(self):
         return None
@@ -139,10 +216,20 @@ def main():
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernel-only", action="store_true", help="time the decode attention alone (see above)")
     ap.add_argument("-o", "--out", default=None)
     a = ap.parse_args()
     from attnprune._io import write_json
     from attnprune.report import environment
+
+    if a.kernel_only:
+        ctxs = [int(x) for x in a.contexts.split(",")] if a.contexts != "4096,8192" else [8192]
+        bs = [int(x) for x in a.batches.split(",")] if a.batches != "1,8" else [8]
+        rows = kernel_only(ctxs, bs, a.block, a.sparsity, a.device)
+        if a.out:
+            write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py --kernel-only",
+                               "rows": rows})
+        return
 
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
                a.backend, a.block, a.sparsity, a.device)

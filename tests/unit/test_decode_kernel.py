@@ -100,12 +100,13 @@ def test_pruned_cache_generation_through_the_kernel(family, monkeypatch):
 
     calls = []
     real = decode.masked_decode
-    monkeypatch.setattr(decode, "FORCE", True)
+    monkeypatch.setattr(decode, "FORCE", DEV == "cpu")
     monkeypatch.setattr(decode, "masked_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _family(family)
     mask = _mask(model)
     g = torch.Generator().manual_seed(3)
     ids, am = _left_padded([torch.randint(3, 97, (n,), generator=g) for n in (8, 5)])
+    model, ids, am = model.to(DEV), ids.to(DEV), am.to(DEV)
     with torch.no_grad(), apply(model, mask):
         seq_p, log_p = _generate(model, ids, 10, attention_mask=am, past_key_values=PrunedKVCache(model, mask))
         seq_n, log_n = _generate(model, ids, 10, attention_mask=am, use_cache=False)

@@ -226,7 +226,8 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
     BLOCK_N = int(block_n)
     tiles = max(1, -(-C // BLOCK_N))
     if splits is None:
-        splits = max(1, min(tiles, -(-2 * _sm_count(q.device) // (B * Hkv)), 64))
+        # split only long caches (one launch, no combine, for a compacted one): >= 512 keys a split
+        splits = max(1, min(tiles, -(-C // 512), -(-2 * _sm_count(q.device) // (B * Hkv)), 64))
     per = -(-tiles // max(1, min(int(splits), tiles)))  # tiles per split
     chunk = per * BLOCK_N
     S = max(1, -(-C // chunk))
