@@ -139,6 +139,17 @@ def influence(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     return (p * ((p * g).sum(-1, keepdim=True) - g)).abs()
 
 
+def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores [B, H, rows, Lk]`` with a 4-D ``attn_mask`` (bool: True = may attend, or additive float;
+    None: no mask) applied: ``(scores + the additive mask, allowed bool [B or 1, H or 1, rows, Lk])``."""
+    allowed = torch.ones(1, 1, *scores.shape[-2:], dtype=torch.bool, device=scores.device)
+    if mask is None:
+        return scores, allowed
+    if mask.dtype == torch.bool:
+        return scores, allowed & mask
+    return scores + mask.to(scores.dtype), allowed & (mask > torch.finfo(mask.dtype).min / 2)
+
+
 def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``call`` computed explicitly and differentiably, in float32 (float64 for
     float64 inputs): ``(output [B, Hq, Lq, Dv] in q's dtype, probabilities [B, Hq, Lq, Lk])``.
@@ -153,15 +164,10 @@ def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
     scores = (q.to(dt) @ k.transpose(-1, -2)) * scale
     Lq, Lk = scores.shape[-2:]
-    allowed = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=q.device)
     mask = call.attn_mask
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            scores = scores + mask.to(dt)
-            allowed = allowed & (mask > torch.finfo(mask.dtype).min / 2)
+    scores, allowed = _masked_scores(scores, mask)
     if call.is_causal:
         allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     none = ~allowed.any(-1, keepdim=True)
@@ -236,14 +242,8 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
         scores = (q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale
-        allowed = torch.ones(1, 1, e - s, Lk, dtype=torch.bool, device=q.device)
-        if mask is not None:
-            ms = mask[..., s:e, :] if mask.shape[-2] != 1 else mask
-            if ms.dtype == torch.bool:
-                allowed = allowed & ms
-            else:
-                scores = scores + ms.to(dt)
-                allowed = allowed & (ms > torch.finfo(ms.dtype).min / 2)
+        ms = None if mask is None else (mask[..., s:e, :] if mask.shape[-2] != 1 else mask)
+        scores, allowed = _masked_scores(scores, ms)
         if call.is_causal:
             allowed = allowed & (torch.arange(s, e, device=q.device)[:, None] >= kpos[None, :])
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
