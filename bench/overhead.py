@@ -32,22 +32,6 @@ import warnings
 import torch
 
 
-def _syncs(fn) -> tuple[int, list[str]]:
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    msgs = [str(x.message) for x in w if "synchroniz" in str(x.message).lower()]
-    where = []
-    for x in w:
-        if "synchroniz" in str(x.message).lower():
-            where.append(f"{x.filename}:{x.lineno}")
-    return len(msgs), sorted(set(where))
-
-
 def _time(fn, warmup: int, reps: int) -> tuple[float, float]:
     for _ in range(warmup):
         fn()
@@ -84,6 +68,7 @@ def main(argv=None) -> int:
 
     import attnprune
     from attnprune.bench.model import _no_attention, build_model, discover_sites, synthetic_mask
+    from attnprune.bench.syncs import count_syncs
     from attnprune.capture import intercept
     from attnprune.backends import BACKENDS
 
@@ -121,11 +106,11 @@ def main(argv=None) -> int:
                 try:
                     if ctx is None:
                         ms, host = _time(fwd, a.warmup, a.reps)
-                        n_sync, where = _syncs(fwd)
+                        n_sync, where = count_syncs(fwd)
                     else:
                         with ctx():
                             ms, host = _time(fwd, a.warmup, a.reps)
-                            n_sync, where = _syncs(fwd)
+                            n_sync, where = count_syncs(fwd)
                 except Exception as e:  # keep the other rows
                     ms = host = None
                     n_sync, where, note = None, [], f"{type(e).__name__}: {e}"[:300]

@@ -23,6 +23,7 @@ import attnprune  # noqa: E402
 from attnprune.backends import _block_sparse  # noqa: E402
 from attnprune.backends._block_sparse import split_attn_mask  # noqa: E402
 from attnprune.bench.model import discover_sites, synthetic_mask  # noqa: E402
+from attnprune.bench.syncs import count_syncs  # noqa: E402
 from attnprune.capture import positions  # noqa: E402
 
 import tiny_models  # noqa: E402
@@ -120,17 +121,6 @@ def test_split_memo_follows_identity_and_version():
     assert ref() is None
 
 
-def _syncs(fn) -> int:
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(x.message).lower() for x in w)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("pad", ["none", "ones", "right"])
@@ -143,10 +133,10 @@ def test_masked_forward_adds_no_sync_per_layer(pad):
             model(input_ids=ids, attention_mask=am)
 
     fwd()
-    dense = _syncs(fwd)
+    dense = count_syncs(fwd)[0]
     with attnprune.apply(model, mask, backend="triton"):
         fwd()  # layouts and plans built, sites found
-        masked = _syncs(fwd)
+        masked = count_syncs(fwd)[0]
     # no padding: nothing more than the dense model; a 2-D mask: one read of it per forward, and
     # for right padding one analysis of transformers' 4-D mask per forward (not per layer)
     allowed = {"none": 0, "ones": 1, "right": 2}[pad]
