@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .capture import AttentionCall, intercept
@@ -42,16 +43,17 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
               probabilities ``p``, removing ``j`` gives ``p'_i = p_i / (1 - p_j)`` (``i != j``),
               ``p'_j = 0``, so ``dp_i = p_i p_j / (1 - p_j)`` and ``dp_j = -p_j``; to first order
               ``dL = sum_i g_i dp_i = p_j / (1 - p_j) * (sum_i p_i g_i - g_j)``, and to first order
-              in ``p_j``: ``dL ~= p_j * (sum_i p_i g_i - g_j)``. ``|p_j (sum_i p_i g_i - g_j)|`` is
-              accumulated. ``L`` is the batch's *summed* next-token NLL (``input_ids`` shifted, or
-              the batch's ``labels``; ``-100`` and padding ignored), so an entry's score is the change
-              of its own sequence's total loss, independent of batching. Each batch runs forward and
-              backward: attention is computed explicitly in float32 by the capture handler (the
-              probabilities stay in the autograd graph, ``torch.autograd.grad`` gives ``dL/dp`` of
-              every site; parameters get no ``.grad``). Cost: about 3x a forward's compute, and the
-              memory of eager-attention training: every layer's ``B x H x Lq x Lk`` float32
-              probabilities (plus the activations) are held until the backward. Needs a causal LM
-              returning logits ``[batch, seq, vocab]`` that match ``input_ids``.
+              in ``p_j``: ``dL ~= p_j * (sum_i p_i g_i - g_j)``. Since the row's output is
+              ``o = sum_j p_j v_j``, ``g_j = do . v_j`` and ``sum_i p_i g_i = do . o`` with ``do = dL/do``,
+              so ``|p_j do . (o - v_j)|`` is accumulated: only the attention *outputs'* gradients are
+              needed, not a probability tensor per layer. ``L`` is the batch's *summed* next-token NLL
+              (``input_ids`` shifted, or the batch's ``labels``; ``-100`` and padding ignored), so an
+              entry's score is the change of its own sequence's total loss, independent of batching.
+              Each batch runs forward (attention through ``scaled_dot_product_attention``, memory
+              ``O(L)`` per layer as in training) and backward to the attention outputs
+              (``torch.autograd.grad``; parameters get no ``.grad``); the probabilities are then
+              recomputed in float32 chunks as for ``"prob"``. Cost: about 3x a forward. Needs a causal
+              LM returning logits ``[batch, seq, vocab]`` that match ``input_ids``.
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
     scale, masks and causality, exactly as softmax attention defines them. An entry is counted when
     its query is real and its key attendable: padded keys (masked out), causal-future keys and padded
@@ -82,8 +84,8 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
         stats.add_site(call.info)
         call.q_valid = call.positions.q_valid
         if score == "influence":
-            out, probs = explicit_attention(call)
-            pending.append((call, probs))
+            out = attention_output(call)
+            pending.append((call, out))
             return out
         add(call, site_sums(call, granularity, values=_value_weighted(call) if score == "value" else None))
         return None
@@ -107,11 +109,10 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
                 out = model(*args, **kwargs)
                 if score == "influence" and pending:
                     loss = lm_loss_sum(out, args, kwargs)
-                    grads = torch.autograd.grad(loss, [p for _, p in pending], allow_unused=True)
+                    grads = torch.autograd.grad(loss, [o for _, o in pending], allow_unused=True)
                     with torch.no_grad():
-                        for (call, probs), g in zip(pending, grads):
-                            infl = influence(probs.detach(), g)
-                            add(call, site_sums(call, granularity, values=lambda s, e, _p, t=infl: t[:, :, s:e]))
+                        for (call, _), g in zip(pending, grads):
+                            add(call, site_sums(call, granularity, values=_influence_of(call, g)))
                     del loss, grads, out
                     pending.clear()
                 n += 1
@@ -132,11 +133,51 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
 
 def influence(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     """``|p_j * (sum_i p_i g_i - g_j)|`` per entry: the first-order loss change of removing entry ``j``
-    from its row and renormalising (see ``observe``). ``p``, ``g``: ``[..., Lk]`` (``g`` None: zeros)."""
+    from its row and renormalising (see ``observe``). ``p``, ``g = dL/dp``: ``[..., Lk]`` (``g`` None: zeros)."""
     if g is None:
         return torch.zeros_like(p)
     g = g.to(p.dtype)
     return (p * ((p * g).sum(-1, keepdim=True) - g)).abs()
+
+
+def _influence_of(call: AttentionCall, d_out: torch.Tensor | None):
+    """``values`` for ``site_sums``: ``influence(p, g)`` with ``g_j = do . v_j`` from the gradient
+    ``d_out = dL/do [B, Hq, Lq, Dv]`` of the call's output (None: the output did not reach the loss)."""
+    dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    H = call.q.shape[1]
+    v = call.v.detach().to(dt)
+    if v.shape[1] != H:
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+
+    def values(s: int, e: int, probs: torch.Tensor) -> torch.Tensor:
+        if d_out is None:
+            return torch.zeros_like(probs)
+        do = d_out[:, :, s:e].to(dt)
+        return influence(probs, do @ v.transpose(-1, -2))
+    return values
+
+
+def attention_output(call: AttentionCall) -> torch.Tensor:
+    """The call's softmax attention ``[B, Hq, Lq, Dv]`` through ``scaled_dot_product_attention``,
+    differentiable, memory ``O(L)`` where the backend allows; rows with no attendable key give 0
+    (as ``explicit_attention``), with no NaN in the forward or the backward. Dropout is not applied."""
+    q, k, v = call.q, call.k, call.v
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    gqa = k.shape[1] != q.shape[1]
+    mask = call.attn_mask
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=call.is_causal, scale=call.scale, enable_gqa=gqa)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    _, allowed = _masked_scores(torch.zeros(1, 1, Lq, Lk, device=q.device), mask)
+    if call.is_causal:
+        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    none = ~allowed.any(-1, keepdim=True)  # such rows attend to every key, then are zeroed
+    if mask.dtype == torch.bool:
+        m = allowed | none
+    else:
+        m = mask.to(q.dtype).masked_fill(~allowed, float("-inf")).masked_fill(none, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=call.scale, enable_gqa=gqa)
+    return out.masked_fill(none, 0.0)
 
 
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

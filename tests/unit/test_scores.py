@@ -108,3 +108,44 @@ def test_influence_leaves_model_untouched():
         p.requires_grad_(False)
     observe(model, [T.batch([6, 4])], score="influence", progress=False)
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_influence_equals_probability_gradient_formula_on_padded_batch():
+    """The output-gradient route (do . (o - v_j)) equals influence(p, dL/dp) with dL/dp taken through
+    explicitly materialised probabilities, on a left/right-padded GQA batch."""
+    from attnprune.observe import influence
+
+    model = _model64()
+    batch = T.batch([11, 7])  # padded batch of two sequences
+    seen = []
+
+    def handler(call):
+        out, p = explicit_attention(call)
+        seen.append((call.site, p))
+        return out
+
+    with torch.enable_grad(), intercept(model, handler):
+        out = model(**batch)
+        loss = lm_loss_sum(out, (), batch)
+        # the graph must reach the first layer through the parameters' requires_grad (default True)
+        grads = torch.autograd.grad(loss, [p for _, p in seen])
+    stats = observe(model, [batch], score="influence", progress=False)
+    am = batch["attention_mask"].bool()
+    for (site, p), g in zip(seen, grads):
+        want = influence(p.detach(), g)  # [B, H, L, L] in padded coordinates
+        H, L = want.shape[1], want.shape[-1]
+        # realign to each sequence's own positions and average over sequences, as observe counts
+        acc = torch.zeros(H, L, L, dtype=torch.float64)
+        cnt = torch.zeros(L, L, dtype=torch.float64)
+        for b in range(want.shape[0]):
+            idx = am[b].nonzero().flatten()
+            n = len(idx)
+            sub = want[b][:, idx][:, :, idx]
+            tri = torch.ones(n, n, dtype=torch.bool).tril()
+            acc[:, :n, :n] += torch.where(tri, sub, 0.0)
+            cnt[:n, :n] += tri.double()
+        got = stats.mean(site).to(torch.float64)
+        n = got.shape[-1]
+        ok = cnt[:n, :n] > 0
+        torch.testing.assert_close(got[:, ok], (acc[:, :n, :n] / cnt[:n, :n].clamp_min(1))[:, ok],
+                                   rtol=1e-7, atol=1e-9)
