@@ -40,6 +40,8 @@ Policies (registry ``POLICIES``)
   uniformly at random among attendable units (seeded by ``seed``).
 * ``structured``: sink columns and a local band kept as fixed structure (at most half the site's
   budget), the rest by score as ``layer`` (StreamingLLM / MoA-style structure, data-filled).
+* ``streaming``: the data-free control of that structure: sink columns, then the diagonals nearest
+  the main one until the site's budget (StreamingLLM's sink + recent window at equal budget).
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -266,6 +268,27 @@ def structured_policy(units: list[Units], sparsity: float, gen: torch.Generator)
     return out
 
 
+@POLICIES.register("streaming")
+def streaming_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """A data-free baseline (StreamingLLM-style): per site the sink columns, then the diagonals nearest
+    the main one (``r - c`` for causal sites, ``|r - c|`` otherwise), until the site's budget is kept.
+
+    Units are kept in order of distance to the diagonal, earlier heads / rows / keys first on ties,
+    so the last diagonal taken may be partial; the scores are not used.
+    """
+    out = []
+    for u in units:
+        H, R, C = u.score.shape
+        att = u.attendable
+        cols = torch.arange(C)[None, None, :]
+        sink = (cols < max(1, math.ceil(SINK_TOKENS / u.unit))) & att
+        d = torch.arange(R)[None, :, None] - cols
+        key = -(d if u.kind == "causal" else d.abs()).to(torch.float64).expand(H, R, C)
+        target = budget(_total(u.weight), sparsity)
+        out.append(select(key.flatten(), u.weight.flatten(), sink.flatten(), target).view(H, R, C))
+    return out
+
+
 def check_sparsity(sparsity) -> float:
     try:
         s = float(sparsity)
@@ -282,7 +305,8 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
 
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
-    policy: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"`` or ``"structured"`` (see module docs).
+    policy: a name of ``POLICIES``: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"``,
+        ``"structured"``, ``"streaming"`` (see module docs).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.

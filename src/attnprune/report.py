@@ -58,6 +58,12 @@ def _fmt_delta(metric: str, d: float | None) -> str:
     return f"{d:+.3f}"
 
 
+def run_label(x: dict) -> str:
+    """A run's policy, with the score that ranked its mask when that is not the attention probability."""
+    score = x.get("score") or "prob"
+    return x["policy"] if score == "prob" else f"{x['policy']} ({score})"
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -78,25 +84,33 @@ def markdown(result, *, title: str | None = None, env: dict | None = None, plots
                  "pruned (causal-future entries not counted); achieved values are in the last table.")
     runs = r["runs"]
     blocks = list(dict.fromkeys(x["block"] for x in runs))
-    for block in blocks:
-        sub = [x for x in runs if x["block"] == block]
-        sps = sorted(dict.fromkeys(x["sparsity"] for x in sub))
-        pols = list(dict.fromkeys(x["policy"] for x in sub))
-        lines += ["", f"## {_level(block)}", ""]
-        lines.append("| policy | " + " | ".join(f"{s:g}" for s in sps) + " |")
-        lines.append("|---|" + "---|" * len(sps))
-        for p in pols:
-            cells = []
-            for s in sps:
-                x = next((x for x in sub if x["policy"] == p and x["sparsity"] == s), None)
-                cells.append("-" if x is None else f"{_fmt(metric, x['value'])} ({_fmt_delta(metric, x['delta'])})")
-            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    extra = list(r.get("extra_dense") or {})
+    for name in [None] + extra:  # the test split, then every extra test set (e.g. another domain)
+        ref = dense if name is None else r["extra_dense"][name]["value"]
+
+        def value(x):
+            return x["value"] if name is None else (x.get("extra") or {}).get(name, {}).get("value")
+        for block in blocks:
+            sub = [x for x in runs if x["block"] == block]
+            sps = sorted(dict.fromkeys(x["sparsity"] for x in sub))
+            pols = list(dict.fromkeys(run_label(x) for x in sub))
+            head = _level(block) + ("" if name is None else f", on {name} (dense {_fmt(metric, ref)})")
+            lines += ["", f"## {head}", ""]
+            lines.append("| policy | " + " | ".join(f"{s:g}" for s in sps) + " |")
+            lines.append("|---|" + "---|" * len(sps))
+            for p in pols:
+                cells = []
+                for s in sps:
+                    x = next((x for x in sub if run_label(x) == p and x["sparsity"] == s), None)
+                    v = None if x is None else value(x)
+                    cells.append("-" if v is None else f"{_fmt(metric, v)} ({_fmt_delta(metric, v - ref)})")
+                lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += ["", "## All runs", "",
               "| granularity | policy | target | achieved | paper convention | " + metric
               + " | change | kept attention mass | eval s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for x in runs:
-        lines.append(f"| {_level(x['block'])} | {x['policy']} | {x['sparsity']:g} | {_pct(x.get('achieved'))} | "
+        lines.append(f"| {_level(x['block'])} | {run_label(x)} | {x['sparsity']:g} | {_pct(x.get('achieved'))} | "
                      f"{_pct(x.get('achieved_paper'))} | {_fmt(metric, x['value'])} | "
                      f"{_fmt_delta(metric, x['delta'])} | {_pct(x.get('mean_kept_mass'))} | "
                      f"{x.get('seconds', 0):.1f} |")
@@ -129,9 +143,9 @@ def plot_quality(result, path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4), squeeze=False, sharey=True)
     for ax, block in zip(axes[0], blocks):
         sub = [x for x in r["runs"] if x["block"] == block]
-        for p in dict.fromkeys(x["policy"] for x in sub):
+        for p in dict.fromkeys(run_label(x) for x in sub):
             pts = sorted((x["achieved"] if x.get("achieved") is not None else x["sparsity"], x["value"])
-                         for x in sub if x["policy"] == p)
+                         for x in sub if run_label(x) == p)
             color, marker = POLICY_STYLE.get(p, (None, "o"))
             ax.plot([100 * a for a, _ in pts], [v * (100 if metric == "accuracy" else 1) for _, v in pts],
                     marker=marker, color=color, label=p)
@@ -153,14 +167,14 @@ def plot_kept_mass(result, path: str | os.PathLike) -> Path:
     (granularity, policy), a line per sparsity."""
     plt = _plt()
     r = result if isinstance(result, dict) else result.to_dict()
-    keys = list(dict.fromkeys((x["block"], x["policy"]) for x in r["runs"]))
+    keys = list(dict.fromkeys((x["block"], run_label(x)) for x in r["runs"] if x.get("kept_mass")))
     ncol = min(4, max(1, len(keys)))
     nrow = math.ceil(len(keys) / ncol) if keys else 1
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
     for i, (block, policy) in enumerate(keys):
         ax = axes[i // ncol][i % ncol]
-        sub = sorted((x for x in r["runs"] if x["block"] == block and x["policy"] == policy),
+        sub = sorted((x for x in r["runs"] if x["block"] == block and run_label(x) == policy),
                      key=lambda x: x["sparsity"])
         for j, x in enumerate(sub):
             vals = list(x["kept_mass"].values())

@@ -218,7 +218,7 @@ def test_sweep_on_tiny_llama():
         # the run's value is what the mask gives when applied by hand
     from attnprune.apply import apply
 
-    m = masks[(None, "layer", 0.5)]
+    m = masks[("prob", None, "layer", 0.5)]
     with apply(lm.model, m):
         again = perplexity(lm.model, test, progress=False)
     r = next(r for r in result.runs if r["block"] is None and r["policy"] == "layer" and r["sparsity"] == 0.5)
@@ -312,3 +312,53 @@ def test_classification_subsets_are_seeded_random_not_prefixes():
     assert 0.2 < sum(r["label"] for r in a) / 20 < 0.8
     assert _subset(recs, None, 0) == recs and _subset(recs, 500, 0) == recs
     assert _majority(recs[:10]) == 1.0 and _majority(recs) == 0.5
+
+
+def test_sweep_scores_block_observation_and_extra_test_set():
+    """Scores x blocks with block-granularity observation; an extra test set measured dense and masked;
+    kept mass from block stats equals kept mass from token stats for the same block mask."""
+    from attnprune import observe
+    from attnprune.evaluate import perplexity
+    from attnprune.policies import make_mask
+
+    lm = _tiny_lm()
+    calib = _random_batches(lm.vocab_size, 2, 32, 0)
+    test = _random_batches(lm.vocab_size, 1, 32, 1)
+    other = _random_batches(lm.vocab_size, 1, 32, 2)
+    cfg = SweepConfig(sparsities=(0.0, 0.6), policies=("layer", "streaming"), blocks=(8, 16),
+                      scores=("prob", "influence"))
+    seen = []
+    res, stats, masks = sweep(lm.model, calib, test, config=cfg, progress=False, keep_masks=True,
+                              extra_tests={"other": other}, on_stats=seen.append)
+    assert [s.score for s in seen] == ["prob", "influence"] and stats.score == "prob"
+    assert all(s.granularity == 8 for s in seen)  # gcd of the blocks, no token-level stats
+    assert {(r["score"], r["block"], r["policy"], r["sparsity"]) for r in res.runs} == {
+        (sc, b, p, sp) for sc in cfg.scores for b in cfg.blocks for p in cfg.policies for sp in cfg.sparsities}
+    want = perplexity(lm.model, other, progress=False).value
+    assert res.extra_dense["other"]["value"] == pytest.approx(want, rel=1e-6)
+    for r in res.runs:
+        assert r["extra"]["other"]["count"] == res.extra_dense["other"]["count"]
+        if r["sparsity"] == 0.0:  # keeps everything: the dense numbers on both sets
+            assert r["value"] == pytest.approx(res.dense["value"], rel=1e-5)
+            assert r["extra"]["other"]["value"] == pytest.approx(want, rel=1e-5)
+    pruned = [r for r in res.runs if r["sparsity"] == 0.6]
+    assert all(r["extra"]["other"]["value"] != pytest.approx(want, rel=1e-6) for r in pruned)
+    # kept mass from the block stats == from token stats (same block mask)
+    tok = observe(lm.model, calib, progress=False)
+    m = make_mask(stats, 0.6, policy="layer", block=16)
+    a, b = kept_mass(stats, m), kept_mass(tok, m)
+    assert a.keys() == b.keys()
+    for site in a:
+        assert a[site] == pytest.approx(b[site], rel=1e-5)
+
+
+def test_sweep_rejects_stats_of_another_score():
+    from attnprune import observe
+
+    lm = _tiny_lm()
+    calib = _random_batches(lm.vocab_size, 1, 16, 0)
+    test = _random_batches(lm.vocab_size, 1, 16, 1)
+    st = observe(lm.model, calib, progress=False, score="value")
+    with pytest.raises(InvalidArgumentError, match="score"):
+        sweep(lm.model, calib, test, config=SweepConfig(sparsities=(0.5,), policies=("layer",), blocks=(None,)),
+              stats=st, progress=False)

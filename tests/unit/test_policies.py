@@ -316,3 +316,39 @@ def test_structured_at_block_level_and_for_bidirectional_sites():
     st2 = stats_of({"s": torch.rand(2, 32, 32, generator=g, dtype=torch.float64)}, {"s": "self"})
     keep = make_mask(st2, 0.5, policy="structured")["s"]
     assert keep.diagonal(1, 1, 2).all() and keep.diagonal(-1, 1, 2).all()  # a symmetric band
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+
+def test_streaming_keeps_sinks_then_nearest_diagonals_to_the_budget():
+    from attnprune.policies import SINK_TOKENS
+
+    L, s = 64, 0.85
+    means = _far_scores(L)  # the scores would pull a score-based policy away from the diagonal
+    m, keep = one(means, s, kind="causal", policy="streaming")
+    att = ~torch.isnan(means)
+    n_att = int(att.sum())
+    assert int(keep.sum()) == n_att - math.floor(s * n_att)  # token units: exactly the budget
+    assert not (keep & ~att).any()
+    assert keep[:, :, :SINK_TOKENS][att[:, :, :SINK_TOKENS]].all()
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    dist = (i - j).expand(2, L, L)
+    rest = att & (j >= SINK_TOKENS).expand(2, L, L)
+    assert dist[keep & rest].max() <= dist[~keep & rest].min()  # nearer diagonals first, scores ignored
+
+
+def test_streaming_at_block_level_and_bidirectional():
+    L = 512  # 16 block rows: the sink column and the diagonal fit in 20% of the entries
+    st = stats_of({"c": _far_scores(L)}, {"c": "causal"})
+    m = make_mask(st, 0.8, policy="streaming", block=32)
+    kb = m.site("c").keep  # [2, 16, 16]
+    assert kb[:, :, 0].all() and kb.diagonal(0, 1, 2).all()
+    assert not kb.triu(1).any()  # never a block above the diagonal (not attendable)
+    assert m.sparsity <= 0.8
+    g = torch.Generator().manual_seed(0)
+    st2 = stats_of({"s": torch.rand(2, 32, 32, generator=g, dtype=torch.float64)}, {"s": "self"})
+    keep = make_mask(st2, 0.7, policy="streaming")["s"]
+    i, j = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    dist = (i - j).abs().expand(2, 32, 32)
+    rest = (j >= 4).expand(2, 32, 32)
+    assert dist[keep & rest].max() <= dist[~keep & rest].min()  # a symmetric band

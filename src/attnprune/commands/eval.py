@@ -32,12 +32,24 @@ def _block(v: str) -> int | None:
     return b
 
 
+def _score(v: str) -> str:
+    from ..observe import SCORES
+
+    if v not in SCORES:
+        raise argparse.ArgumentTypeError(f"unknown score {v!r}; choose from {', '.join(SCORES)}")
+    return v
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_list_argument(p, "--sparsities", item=float, default=None,
                       help=f"target sparsities in [0, 1) (default {' '.join(map(str, DEFAULT_SPARSITIES))})")
     add_list_argument(p, "--policies", what="policy", default=None, help=f"mask policies (default {' '.join(DEFAULT_POLICIES)})")
     add_list_argument(p, "--blocks", item=_block, what="block", default=None,
-                      help="granularities: 'token' for token level, an integer b for b x b blocks (default: token 16)")
+                      help="granularities: 'token' for token level, an integer b for b x b blocks (default: token 16); "
+                           "without 'token' attention is observed on blocks (memory bounded at long lengths)")
+    add_list_argument(p, "--scores", item=_score, what="score", default=None,
+                      help="what ranks the masks, each observed once: prob (the paper's mean attention), value "
+                           "(probability x value norm), influence (first-order loss change; causal LMs) (default prob)")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
@@ -63,6 +75,10 @@ def register(sub) -> None:
     p.add_argument("--beyond", choices=BEYOND, default="error",
                    help="inputs longer than the calibrated length: error (default), dense there, or extend "
                         "(each head's sinks and band continued)")
+    p.add_argument("--ood-data", default=None,
+                   help="causal LM: a second data spec (e.g. text:bible.txt) whose --ood-split is measured too, "
+                        "dense and under every mask (text of another domain than the calibration data)")
+    p.add_argument("--ood-split", default="test", help="the split of --ood-data to measure (default test)")
     p.add_argument("--calib-split", default="calibration")
     p.add_argument("--test-split", default="test")
     p.add_argument("--train-split", default="train")
@@ -81,6 +97,7 @@ def main(args) -> int:
         max_length=args.max_length, finetune=args.finetune, epochs=args.epochs, lr=args.lr,
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), policies=tuple(args.policies or DEFAULT_POLICIES),
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
+        scores=tuple(dict.fromkeys(args.scores or ("prob",))), ood_data=args.ood_data, ood_split=args.ood_split,
         beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
         progress=not args.quiet,
     )

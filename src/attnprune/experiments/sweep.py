@@ -48,6 +48,9 @@ class EvalSettings:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     policies: tuple[str, ...] = DEFAULT_POLICIES
     blocks: tuple[int | None, ...] = (None, 16)
+    scores: tuple[str, ...] = ("prob",)  # what ranks the masks (observe's score); each observed once
+    ood_data: str | None = None  # causal LM: a second data spec whose ood_split is measured too
+    ood_split: str = "test"
     seed: int = 0
     backend: str = "reference"
     beyond: str = "error"
@@ -79,18 +82,27 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     # every check that needs no model first: a bad argument must not cost the model load and observation
     out = check_output_dir(s.out)
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
-                         blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond)
+                         blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond,
+                         scores=tuple(s.scores))
     device = usable_device(s.device) if s.device is not None or loaded is None else None
     if config.backend == "auto":  # recorded in the results as the backend that ran
         from ..backends import resolve_backend
         config = dataclasses.replace(config, backend=resolve_backend("auto", device))
     stats = AttentionStats.load(s.stats) if s.stats else None
+    if stats is not None and stats.score not in config.scores:
+        raise InvalidArgumentError(f"--stats {s.stats} holds score {stats.score!r}; add it to the scores "
+                                   f"(now {' '.join(config.scores)}) or observe again")
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else D.load_dataset(s.data)
     log(f"loaded data {ds.describe()} in {time.perf_counter() - t0:.1f} s")
     for split in (s.calib_split, s.test_split):
         ds[split]  # an unknown split fails here, naming the splits there are
+    ood = None
+    if s.ood_data:
+        ood = D.load_dataset(s.ood_data)
+        ood[s.ood_split]
+        log(f"loaded out-of-domain data {ood.describe()}")
     t0 = time.perf_counter()
     lm = loaded if loaded is not None else load_model(s.model)
     if device is not None:
@@ -102,34 +114,47 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         raise InvalidArgumentError(f"eval handles {' and '.join(SWEEP_TASKS.names())} models; "
                                    f"{lm.name} is {lm.task}")
     spec = SWEEP_TASKS.get(lm.task)
+    if ood is not None and lm.task != "causal-lm":
+        raise InvalidArgumentError(f"--ood-data is measured for causal LMs only; {lm.name} is {lm.task}")
     model, calib, test = spec.prepare(s, lm, ds, inputs_for(lm, ds), info, timings, log)
+    extra = {}
+    if ood is not None:
+        name = f"{ood.name}:{s.ood_split}"
+        extra[name] = inputs_for(lm, ood).batches(ood[s.ood_split], lm.tokenizer, seq_len=s.seq_len,
+                                                  batch_size=s.batch_size, max_items=s.test or 16)
+        info["ood_test"] = f"{name}, {sum(b['input_ids'].shape[0] for b in extra[name])} sequences"
     task = lm.task
+    from ..report import run_label
+
     def on_run(r: dict) -> None:
         lvl = "token" if r["block"] is None else f"block {r['block']}"
-        v = spec.fmt(r["value"])
+        v = spec.fmt(r["value"]) + "".join(f", {k} {spec.fmt(x['value'])}" for k, x in (r.get("extra") or {}).items())
         ach = "-" if r["achieved"] is None else f"{r['achieved']:.3f}"
-        log(f"  {lvl:9s} {r['policy']:7s} sparsity {r['sparsity']:<5g} (achieved {ach}): {v}")
+        log(f"  {lvl:9s} {run_label(r):7s} sparsity {r['sparsity']:<5g} (achieved {ach}): {v}")
 
     stats_path = out / "stats.safetensors"
+    stats_files: list = []
 
     def on_stats(st) -> None:
-        st.save(stats_path)
-        log(f"observed {len(st.sites)} attention sites on {st.num_sequences} calibration sequences; "
-            f"stats saved to {stats_path} (reuse with --stats)")
+        path = stats_path if st.score == "prob" else out / f"stats-{st.score}.safetensors"
+        st.save(path)
+        stats_files.append(path)
+        log(f"observed {len(st.sites)} attention sites ({st.score}) on {st.num_sequences} calibration sequences; "
+            f"stats saved to {path} (reuse with --stats)")
 
     def on_dense(d) -> None:
         log(f"dense {d.metric}: {spec.fmt(d.value)} ({d.count} {spec.unit}, {d.seconds:.1f} s)")
 
     result, stats, _ = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
                              data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
-                             on_dense=on_dense, description=ds.describe(s.calib_split))
+                             on_dense=on_dense, description=ds.describe(s.calib_split), extra_tests=extra)
     result.timings.update(timings)
     if s.stats:
         stats_path = Path(s.stats)
     result.timings["total_s"] = time.perf_counter() - t_start
     files = write_report(result, out, stats=stats if s.heatmaps else None,
                          title=s.title or f"{lm.name} on {ds.name}: {result.metric} vs attention sparsity")
-    files["stats"] = stats_path
+    files["stats"] = stats_files[0] if stats_files and not s.stats else stats_path
     files["result"] = result
     files["seconds"] = time.perf_counter() - t_start
     return files
