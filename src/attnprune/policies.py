@@ -289,6 +289,14 @@ def streaming_policy(units: list[Units], sparsity: float, gen: torch.Generator) 
     return out
 
 
+streaming_policy.uses_scores = False  # the sweep builds it once, not once per score
+
+
+def uses_scores(policy: str) -> bool:
+    """Whether the policy's masks depend on the observed scores (``streaming`` does not)."""
+    return getattr(POLICIES.get(policy), "uses_scores", True)
+
+
 def check_sparsity(sparsity) -> float:
     try:
         s = float(sparsity)

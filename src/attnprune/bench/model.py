@@ -221,9 +221,20 @@ def _runners(model, ids, kind: str):
     return {"prefill": prefill, "train": train}, opt
 
 
+def mask_length(mask: PruneMask) -> int:
+    """The calibrated query length of a (self-attention) mask: the longest site's ``q_len``."""
+    return max(mask.site(s).q_len for s in mask.sites)
+
+
 def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MODES, batch: int = 1,
-        block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print) -> list[ModelBenchRow]:
-    """Run the grid; returns one row per (length, mode, variant[, sparsity])."""
+        block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print,
+        masks: dict[str, PruneMask] | None = None) -> list[ModelBenchRow]:
+    """Run the grid; returns one row per (length, mode, variant[, sparsity]).
+
+    masks: ``{label: PruneMask}`` of real masks (e.g. saved by ``attnprune eval --save-masks``), each
+    timed at its calibrated length (which is added to ``lengths``) as variant ``ap-mask`` (``note``: the
+    label), next to a synthetic mask of the same achieved sparsity (variant ``masked``, ``note``
+    ``"density of <label>"``). The masks must match the model's sites (checked before timing)."""
     from ..apply import apply
     from ..capture import intercept
 
@@ -243,21 +254,31 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
     from ..backends import BACKENDS
 
     BACKENDS.get(backend)  # MissingDependencyError early, before building anything
+    real = dict(masks or {})
+    lengths = list(dict.fromkeys(lengths + sorted({mask_length(m) for m in real.values()})))
     model, cfg, kind = build_model(arch, max(lengths), device, dtype)
     model.eval()
     infos = discover_sites(model, cfg.vocab_size, device)
+    for label, m in real.items():
+        try:
+            m.check_model(infos)
+        except Exception as e:
+            raise InvalidArgumentError(f"mask {label}: it does not fit the {arch} architecture: {e}") from None
     rows: list[ModelBenchRow] = []
     for n in lengths:
         g = torch.Generator().manual_seed(n)
         ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=g).to(device)
+        here = {label: m for label, m in real.items() if mask_length(m) == n}
         masks = {s: synthetic_mask(infos, n, s, block, seed=n) for s in sparsities}
+        matched = {label: synthetic_mask(infos, n, float(m.sparsity), m.block or block, seed=n)
+                   for label, m in here.items()}
         fns, opt = _runners(model, ids, kind)
         for mode in modes:
             fn = fns[mode]
             base: dict[str, float | None] = {}
 
-            def one(variant, bk, ctx, s=None, achieved=None):
-                note = ""
+            def one(variant, bk, ctx, s=None, achieved=None, label=""):
+                note = label
                 try:
                     if ctx is None:
                         ms, peak = _measure(fn, device, warmup, reps)
@@ -265,7 +286,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
                         with ctx():
                             ms, peak = _measure(fn, device, warmup, reps)
                 except torch.OutOfMemoryError:
-                    ms, peak, note = None, None, "out of memory"
+                    ms, peak, note = None, None, "out of memory" + (f"; {label}" if label else "")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     opt.zero_grad(set_to_none=True)
@@ -280,6 +301,12 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
             for s in sparsities:
                 mk = masks[s]
                 one("masked", backend, lambda mk=mk: apply(model, mk, backend=backend), s, round(mk.sparsity, 4))
+            for label, mk in here.items():
+                one("ap-mask", backend, lambda mk=mk: apply(model, mk, backend=backend), mk.meta.get("target_sparsity"),
+                    round(mk.sparsity, 4), label=label)
+                syn = matched[label]
+                one("masked", backend, lambda mk=syn: apply(model, mk, backend=backend), round(float(here[label].sparsity), 4),
+                    round(syn.sparsity, 4), label=f"density of {label}")
             for r in rows:
                 if r.length == n and r.mode == mode and r.ms:
                     if base["none"] is not None and r.variant != "no-attention":

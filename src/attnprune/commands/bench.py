@@ -44,10 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(wm, "--model-modes", what="mode", default=("prefill", "train"), help="prefill and/or train (default both)")
     wm.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
     wm.add_argument("--block", type=int, default=128, help="synthetic mask block size (default 128)")
+    add_list_argument(wm, "--masks", what="file", default=(),
+                      help="real masks (PruneMask files, e.g. from attnprune eval --save-masks), each timed at its "
+                           "calibrated length next to a synthetic mask of the same sparsity")
     wm.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     wm.add_argument("--reps", type=int, default=3, help="timed runs, median reported (default 3)")
-    use_shared(p, backend=("triton", "--model: attnprune backend for masked rows (default triton; reference "
-                                     "works anywhere)"),
+    use_shared(p, backend=("auto", "--model: attnprune backend for masked rows (default auto: flash on Hopper "
+                                   "with FA4, triton on other GPUs, reference on the CPU)"),
                device=(None, "--model: cpu, cuda, cuda:1 (default: the GPU when present, else cpu); the kernel "
                              "grid runs on the GPU"))
     p.set_defaults(func=cmd_bench)
@@ -104,13 +107,24 @@ def cmd_model_bench(args) -> int:
     lengths = args.lengths or (4096, 8192, 16384)
     for s in args.sparsities:
         check_sparsity(s)
+    from pathlib import Path
+
+    from ..backends import resolve_backend
+    from ..mask import PruneMask
+
+    masks = {}
+    for f in args.masks:
+        if not Path(f).is_file():
+            raise InvalidArgumentError(f"--masks: {f} is not a file (give PruneMask files saved by mask.save)")
+        masks[Path(f).stem] = PruneMask.load(f)
     device = usable_device(args.device)
+    backend = resolve_backend(args.backend, device)
     env = mb.environment(device)
     print(env)
-    rows = mb.run(arch, lengths, args.sparsities, backend=args.backend, modes=args.model_modes, batch=args.batch,
-                  block=args.block, warmup=args.warmup, reps=args.reps, device=device)
+    rows = mb.run(arch, lengths, args.sparsities, backend=backend, modes=args.model_modes, batch=args.batch,
+                  block=args.block, warmup=args.warmup, reps=args.reps, device=device, masks=masks)
     table = mb.markdown_table(rows)
-    mb.save(args.output, {"env": env, "arch": arch, "backend": args.backend, "block": args.block,
-                          "rows": rows, "table": table})
+    mb.save(args.output, {"env": env, "arch": arch, "backend": backend, "backend_asked": args.backend,
+                          "block": args.block, "masks": list(args.masks), "rows": rows, "table": table})
     _write_table(args, table)
     return 0

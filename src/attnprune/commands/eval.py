@@ -53,6 +53,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
+    p.add_argument("--save-masks", action="store_true",
+                   help="write every mask to OUT/masks/<score>-<policy>-<sparsity>-<granularity>.safetensors "
+                        "(e.g. for attnprune bench --model ... --masks)")
 
 
 def register(sub) -> None:
@@ -99,6 +102,7 @@ def main(args) -> int:
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
         scores=tuple(dict.fromkeys(args.scores or ("prob",))), ood_data=args.ood_data, ood_split=args.ood_split,
         beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
+        save_masks=args.save_masks,
         progress=not args.quiet,
     )
     files = run_eval(s)
@@ -108,7 +112,7 @@ def main(args) -> int:
 
 def print_outputs(files: dict) -> None:
     print("wrote:")
-    for k in ("markdown", "json", "quality_plot", "kept_mass_plot", "heatmaps", "stats"):
+    for k in ("markdown", "json", "quality_plot", "kept_mass_plot", "heatmaps", "stats", "masks"):
         v = files.get(k)
         if v is None:
             continue

@@ -57,6 +57,7 @@ class EvalSettings:
     device: str | None = None  # None: the GPU when present (a passed-in model stays where it is)
     stats: str | None = None
     heatmaps: bool = True
+    save_masks: bool = False  # write every mask to out/masks/<score>-<policy>-<sparsity>-<granularity>.safetensors
     title: str | None = None
     progress: bool = True
 
@@ -145,9 +146,16 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     def on_dense(d) -> None:
         log(f"dense {d.metric}: {spec.fmt(d.value)} ({d.count} {spec.unit}, {d.seconds:.1f} s)")
 
-    result, stats, _ = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
-                             data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
-                             on_dense=on_dense, description=ds.describe(s.calib_split), extra_tests=extra)
+    result, stats, masks = sweep(model, calib, test, task=task, config=config, stats=stats, model_name=lm.name,
+                                 data_info=info, progress=s.progress, on_run=on_run, on_stats=on_stats,
+                                 on_dense=on_dense, description=ds.describe(s.calib_split), extra_tests=extra,
+                                 keep_masks=s.save_masks)
+    mask_files = []
+    for (score, block, policy, sp), m in masks.items():
+        (out / "masks").mkdir(exist_ok=True)
+        path = out / "masks" / f"{score}-{policy}-{sp:g}-{'token' if block is None else f'b{block}'}.safetensors"
+        m.save(path)
+        mask_files.append(path)
     result.timings.update(timings)
     if s.stats:
         stats_path = Path(s.stats)
@@ -155,6 +163,8 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     files = write_report(result, out, stats=stats if s.heatmaps else None,
                          title=s.title or f"{lm.name} on {ds.name}: {result.metric} vs attention sparsity")
     files["stats"] = stats_files[0] if stats_files and not s.stats else stats_path
+    if mask_files:
+        files["masks"] = mask_files
     files["result"] = result
     files["seconds"] = time.perf_counter() - t_start
     return files

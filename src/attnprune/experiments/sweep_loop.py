@@ -25,7 +25,7 @@ from ..errors import EmptyDatasetError, InvalidArgumentError
 from ..evaluate import HIGHER_IS_BETTER, METRICS, TASK_METRICS, MetricResult, model_inputs, progress_bar
 from ..apply import apply
 from ..observe import observe
-from ..policies import check_sparsity, make_mask
+from ..policies import check_sparsity, make_mask, uses_scores
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_POLICIES = ("layer", "head", "global", "random")
@@ -263,7 +263,7 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
     masks: dict = {}
     means = _grid_mass(observed["prob"]) if "prob" in observed else None
     combos = [(sc, b, p, s) for sc in config.scores for b in config.blocks for p in config.policies
-              for s in config.sparsities]
+              for s in config.sparsities if sc == config.scores[0] or uses_scores(p)]
     t_masks, t_evals = 0.0, 0.0
     for score, block, policy, sp in progress_bar(combos, progress, "sweep"):
         st = observed[score]
