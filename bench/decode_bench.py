@@ -16,6 +16,17 @@ over the dense cache unmasked, and the pre-kernel path (``keep_at`` mask + SDPA 
 ``where``) over the compacted cache.
 
     python bench/decode_bench.py --kernel-only [--contexts 8192 --batches 8]
+
+``--host`` (CPU): the host work of one decode step (one new token per sequence) with the same
+model and mask (fp32, default 512 context x batch 2, left padding with ``--pad``): aten ops
+dispatched per step, split into the cache update, the attention call and the rest of the model;
+host syncs per step (``aten._local_scalar_dense`` and ``Tensor.tolist`` calls, plus ops of
+data-dependent output size) and the median / mean wall time of a bare step, for transformers'
+``DynamicCache`` (dense), ``PrunedKVCache`` on the CPU path (SDPA with the keep mask) and
+``PrunedKVCache`` on the CUDA path (``masked_decode``, its kernel launch replaced by a no-op: the
+host work a GPU step spends around the kernel).
+
+    python bench/decode_bench.py --host [--contexts 512 --batches 2 --steps 64 --pad 0]
 """
 
 from __future__ import annotations
@@ -199,6 +210,151 @@ def kernel_only(contexts, batches, block: int, sparsity: float, device: str = "c
     return rows
 
 
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive"}
+
+
+def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int = 0, block: int = 64,
+                 sparsity: float = 0.9, variants=("dense", "pruned_cpu", "pruned_cuda_path")):
+    """Per decode step on the CPU: aten ops by region (cache update / attention call / rest), host
+    syncs by region, wall ms (median and mean over ``steps`` steps; compactions included in the mean)."""
+    import contextlib
+    import statistics
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_utils import AttentionInterface
+
+    import attnprune
+    from attnprune import PrunedKVCache
+    from attnprune.bench.model import build_model
+    from attnprune.cache import PrunedLayer
+    from attnprune.kernels import decode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.region, self.ops, self.syncs, self.sites = ["model"], Counter(), Counter(), Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[self.region[-1]] += 1
+            if func.overloadpacket.__name__ in SYNC_OPS:
+                self.syncs[self.region[-1]] += 1
+                self.sites[_caller()] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter: list = [None]
+    spent = Counter()  # seconds in each region (the timed pass)
+
+    def region(name, fn):
+        def wrapped(*a, **k):
+            c = counter[0]
+            if c is None:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[name] += time.perf_counter() - t0
+            c.region.append(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                c.region.pop()
+        return wrapped
+
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        if counter[0] is not None:
+            counter[0].syncs[counter[0].region[-1]] += 1
+            counter[0].sites[_caller()] += 1
+        return real_tolist(t)
+
+    class NoLaunch:  # masked_decode's launch replaced: what remains is its host work
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # steadier timings on a shared CPU
+    model = build_model("smollm2", context + steps + 24, torch.device("cpu"), torch.float32)[0].eval()
+    mask, achieved = band_mask(model, context + steps + 16, block, sparsity)
+    ids = torch.randint(3, 49152, (batch, context), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(batch, context, dtype=torch.long)
+    am[0, :pad] = 0
+    mapping = AttentionInterface._global_mapping
+    rows = []
+    for variant in variants:
+        with contextlib.ExitStack() as st:
+            saved = {k: mapping[k] for k in ("sdpa", "attnprune") if k in mapping}
+            st.callback(mapping.update, saved)
+            for cls in (PrunedLayer, DynamicLayer):
+                st.callback(setattr, cls, "update", cls.update)
+                cls.update = region("cache", cls.update)
+            st.callback(setattr, torch.Tensor, "tolist", real_tolist)
+            torch.Tensor.tolist = tolist
+            if variant == "pruned_cuda_path":
+                st.callback(setattr, decode, "FORCE", decode.FORCE)
+                st.callback(setattr, decode, "_decode_kernel", decode._decode_kernel)
+                decode.FORCE, decode._decode_kernel = True, NoLaunch()
+            if variant != "dense":
+                st.enter_context(attnprune.apply(model, mask, backend="reference"))
+            for k in list(saved) + (["attnprune"] if "attnprune" not in saved and "attnprune" in mapping else []):
+                mapping[k] = region("attention", mapping[k])
+            st.enter_context(torch.no_grad())
+            per = {"ops": [], "syncs": [], "ms": [], "region_ms": []}
+            sites = Counter()
+            for counting in (False, True):
+                cache = DynamicCache(config=model.config) if variant == "dense" else PrunedKVCache(model, mask)
+                m = am.clone()
+                out = model(input_ids=ids, attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                for _ in range(steps):
+                    nxt = out.logits[:, -1:].argmax(-1).clamp(0, 49151)
+                    m = torch.cat([m, m.new_ones(batch, 1)], 1)
+                    c = counter[0] = Count() if counting else None
+                    spent.clear()
+                    t0 = time.perf_counter()
+                    with c if c is not None else contextlib.nullcontext():
+                        out = model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
+                    dt = time.perf_counter() - t0
+                    counter[0] = None
+                    if counting:
+                        per["ops"].append(dict(c.ops))
+                        per["syncs"].append(dict(c.syncs))
+                        sites.update(c.sites)
+                    else:
+                        per["ms"].append(1e3 * dt)
+                        per["region_ms"].append({k: 1e3 * v for k, v in spent.items()})
+        ops = per["ops"][1:]  # the first step compacts the prompt: left out
+        syncs = per["syncs"][1:]
+        regions = ("cache", "attention", "model")
+        row = {"variant": variant, "context": context, "batch": batch, "pad": pad, "steps": steps,
+               "sparsity": achieved,
+               "ops_median": {r: statistics.median(o.get(r, 0) for o in ops) for r in regions},
+               "ops_mean": {r: statistics.mean(o.get(r, 0) for o in ops) for r in regions},
+               "syncs_per_step_max": {r: max(s.get(r, 0) for s in syncs) for r in regions},
+               "syncs_total": {r: sum(s.get(r, 0) for s in syncs) for r in regions},
+               "sync_sites": dict(sites),
+               "step_ms_median": statistics.median(per["ms"][1:]), "step_ms_mean": statistics.mean(per["ms"][1:]),
+               "region_ms_median": {r: statistics.median(t.get(r, 0.0) for t in per["region_ms"][1:])
+                                    for r in ("cache", "attention")},
+               "region_ms_mean": {r: statistics.mean(t.get(r, 0.0) for t in per["region_ms"][1:])
+                                  for r in ("cache", "attention")}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this file (where a sync came from)."""
+    import sys
+
+    f = sys._getframe(2)
+    while f is not None and ("/torch/" in f.f_code.co_filename or f.f_code.co_filename == __file__):
+        f = f.f_back
+    return "?" if f is None else f"{f.f_code.co_filename.split('site-packages/')[-1].split('src/')[-1]}:{f.f_lineno}"
+
+
 class _null:
     def __enter__(self):
         return None
@@ -217,10 +373,29 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kernel-only", action="store_true", help="time the decode attention alone (see above)")
+    ap.add_argument("--host", action="store_true", help="CPU: ops, syncs and wall time of one decode step")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--pad", type=int, default=0, help="--host: left padding of the first sequence")
     ap.add_argument("-o", "--out", default=None)
     a = ap.parse_args()
     from attnprune._io import write_json
     from attnprune.report import environment
+
+    if a.host:
+        ctx = int(a.contexts) if a.contexts != "4096,8192" else 512
+        B = int(a.batches) if a.batches != "1,8" else 2
+        rows = host_profile(ctx, B, a.steps, a.pad, a.block, a.sparsity)
+        print(f"{'variant':>17} {'cache ops':>9} {'attn ops':>8} {'model ops':>9} {'syncs/step':>10} "
+              f"{'cache ms':>8} {'attn ms':>7} {'step ms':>7} (medians; syncs: mean, all regions)")
+        for r in rows:
+            o, t = r["ops_median"], r["region_ms_median"]
+            print(f"{r['variant']:>17} {o['cache']:>9.0f} {o['attention']:>8.0f} {o['model']:>9.0f} "
+                  f"{sum(r['syncs_total'].values()) / (r['steps'] - 1):>10.2f} {t['cache']:>8.2f} "
+                  f"{t['attention']:>7.2f} {r['step_ms_median']:>7.2f}")
+        if a.out:
+            write_json(a.out, {"environment": environment("cpu"), "command": "bench/decode_bench.py --host",
+                               "rows": rows})
+        return
 
     if a.kernel_only:
         ctxs = [int(x) for x in a.contexts.split(",")] if a.contexts != "4096,8192" else [8192]
