@@ -270,8 +270,9 @@ def structured_policy(units: list[Units], sparsity: float, gen: torch.Generator)
 
 @POLICIES.register("streaming")
 def streaming_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
-    """A data-free baseline (StreamingLLM-style): per site the sink columns, then the diagonals nearest
-    the main one (``r - c`` for causal sites, ``|r - c|`` otherwise), until the site's budget is kept.
+    """A data-free baseline (StreamingLLM-style): per site the sink columns and the diagonal, then the
+    diagonals nearest the main one (``r - c`` for causal sites, ``|r - c|`` otherwise), until the
+    site's budget is kept (sinks and diagonal are kept even when they alone exceed it, as in ``structured``).
 
     Units are kept in order of distance to the diagonal, earlier heads / rows / keys first on ties,
     so the last diagonal taken may be partial; the scores are not used.
@@ -285,7 +286,8 @@ def streaming_policy(units: list[Units], sparsity: float, gen: torch.Generator) 
         d = torch.arange(R)[None, :, None] - cols
         key = -(d if u.kind == "causal" else d.abs()).to(torch.float64).expand(H, R, C)
         target = budget(_total(u.weight), sparsity)
-        out.append(select(key.flatten(), u.weight.flatten(), sink.flatten(), target).view(H, R, C))
+        forced = sink | ((d == 0) & att)  # as ``structured``: sinks and the diagonal even past the budget
+        out.append(select(key.flatten(), u.weight.flatten(), forced.flatten(), target).view(H, R, C))
     return out
 
 

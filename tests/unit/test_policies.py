@@ -352,3 +352,10 @@ def test_streaming_at_block_level_and_bidirectional():
     dist = (i - j).abs().expand(2, 32, 32)
     rest = (j >= 4).expand(2, 32, 32)
     assert dist[keep & rest].max() <= dist[~keep & rest].min()  # a symmetric band
+
+
+def test_streaming_keeps_the_diagonal_even_past_the_budget():
+    L = 256  # 8 block rows of 32: the sink column alone is over 20% of the entries
+    st = stats_of({"c": _far_scores(L)}, {"c": "causal"})
+    kb = make_mask(st, 0.8, policy="streaming", block=32).site("c").keep
+    assert kb[:, :, 0].all() and kb.diagonal(0, 1, 2).all()

@@ -82,6 +82,8 @@ def register(sub) -> None:
                    help="causal LM: a second data spec (e.g. text:bible.txt) whose --ood-split is measured too, "
                         "dense and under every mask (text of another domain than the calibration data)")
     p.add_argument("--ood-split", default="test", help="the split of --ood-data to measure (default test)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the model's weights during the run (default auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--calib-split", default="calibration")
     p.add_argument("--test-split", default="test")
     p.add_argument("--train-split", default="train")
@@ -102,7 +104,7 @@ def main(args) -> int:
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
         scores=tuple(dict.fromkeys(args.scores or ("prob",))), ood_data=args.ood_data, ood_split=args.ood_split,
         beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
-        save_masks=args.save_masks,
+        save_masks=args.save_masks, dtype=args.dtype,
         progress=not args.quiet,
     )
     files = run_eval(s)

@@ -55,6 +55,7 @@ class EvalSettings:
     backend: str = "reference"
     beyond: str = "error"
     device: str | None = None  # None: the GPU when present (a passed-in model stays where it is)
+    dtype: str = "auto"  # the model's weights: float32, bfloat16, or auto (bfloat16 on CUDA, else float32)
     stats: str | None = None
     heatmaps: bool = True
     save_masks: bool = False  # write every mask to out/masks/<score>-<policy>-<sparsity>-<granularity>.safetensors
@@ -82,6 +83,8 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     t_start = time.perf_counter()
     # every check that needs no model first: a bad argument must not cost the model load and observation
     out = check_output_dir(s.out)
+    if s.dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype {s.dtype!r}: use one of {', '.join(DTYPES)}")
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
                          blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond,
                          scores=tuple(s.scores))
@@ -108,8 +111,12 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     lm = loaded if loaded is not None else load_model(s.model)
     if device is not None:
         lm.model.to(device)
+    dtype = model_dtype(s.dtype, next(lm.model.parameters()).device)
+    if loaded is None and dtype is not None:
+        lm.model.to(dtype)
     log(f"loaded model {lm.name} ({lm.task}) in {time.perf_counter() - t0:.1f} s")
-    info: dict = {"source": ds.name, "calibration_split": s.calib_split, "test_split": s.test_split}
+    info: dict = {"source": ds.name, "calibration_split": s.calib_split, "test_split": s.test_split,
+                  "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", "")}
     timings: dict = {}
     if lm.task not in SWEEP_TASKS:
         raise InvalidArgumentError(f"eval handles {' and '.join(SWEEP_TASKS.names())} models; "
@@ -168,6 +175,20 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     files["result"] = result
     files["seconds"] = time.perf_counter() - t_start
     return files
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def model_dtype(name: str, device):
+    """The ``torch.dtype`` of ``EvalSettings.dtype`` on ``device`` (``auto``: bfloat16 on CUDA, else float32)."""
+    import torch
+
+    if name not in DTYPES:
+        raise InvalidArgumentError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 # --- per task: the model to score and its calibration / test batches ---------------------------------
