@@ -40,6 +40,8 @@ Policies (registry ``POLICIES``)
   uniformly at random among attendable units (seeded by ``seed``).
 * ``structured``: sink columns and a local band kept as fixed structure (at most half the site's
   budget), the rest by score as ``layer`` (StreamingLLM / MoA-style structure, data-filled).
+* ``structured-global``: ``structured``'s sinks and band per site, the rest of the model's budget on
+  one threshold over all sites and heads (a model-wide per-head allocation, as MoA allocates).
 * ``streaming``: the data-free control of that structure: sink columns, then the diagonals nearest
   the main one until the site's budget (StreamingLLM's sink + recent window at equal budget).
 
@@ -244,6 +246,19 @@ def _band_width(u: Units, sink: torch.Tensor, cap: float) -> int:
     return width
 
 
+def _structure(u: Units, target: float) -> torch.Tensor:
+    """``structured``'s fixed part of a site: bool [H, R, C] sink columns, the widest local band within
+    ``BAND_SHARE * target`` and the row guarantee."""
+    att = u.attendable
+    R, C = u.score.shape[1:]
+    cols = torch.arange(C)[None, None, :]
+    sink = (cols < max(1, math.ceil(SINK_TOKENS / u.unit))) & att
+    w = _band_width(u, sink, BAND_SHARE * target)
+    d = torch.arange(R)[None, :, None] - cols
+    band = ((d >= 0) & (d < w) if u.kind == "causal" else d.abs() < w) & att
+    return sink | band | row_best(u)
+
+
 @POLICIES.register("structured")
 def structured_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
     """Sink columns and a local band kept as fixed structure, the rest of each site's budget by score.
@@ -255,17 +270,28 @@ def structured_policy(units: list[Units], sparsity: float, gen: torch.Generator)
     """
     out = []
     for u in units:
-        H, R, C = u.score.shape
         target = budget(_total(u.weight), sparsity)
-        att = u.attendable
-        cols = torch.arange(C)[None, None, :]
-        sink = (cols < max(1, math.ceil(SINK_TOKENS / u.unit))) & att
-        w = _band_width(u, sink, BAND_SHARE * target)
-        d = torch.arange(R)[None, :, None] - cols
-        band = ((d >= 0) & (d < w) if u.kind == "causal" else d.abs() < w) & att
-        forced = sink | band | row_best(u)
-        out.append(select(u.score.flatten(), u.weight.flatten(), forced.flatten(), target).view(H, R, C))
+        forced = _structure(u, target)
+        out.append(select(u.score.flatten(), u.weight.flatten(), forced.flatten(), target).view(u.score.shape))
     return out
+
+
+@POLICIES.register("structured-global")
+def structured_global_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """``structured``'s fixed part per site, the rest of the *model's* budget by score over all sites.
+
+    One model-wide allocation: every site keeps its sinks and band (sized from its own budget, as in
+    ``structured``), then the units of all sites and heads compete for the remaining budget on one
+    threshold (as ``global`` does), so a site or head whose scores are high gets more than its share.
+    With ``observe(score="influence")`` the scores are first-order loss changes, comparable across sites.
+    """
+    if not units:
+        return []
+    forced = [_structure(u, budget(_total(u.weight), sparsity)) for u in units]
+    key = torch.cat([u.score.flatten() for u in units])
+    weight = torch.cat([u.weight.flatten() for u in units])
+    keep = select(key, weight, torch.cat([f.flatten() for f in forced]), budget(_total(weight), sparsity))
+    return [part.view(u.score.shape) for part, u in zip(keep.split([u.score.numel() for u in units]), units)]
 
 
 @POLICIES.register("streaming")
@@ -316,7 +342,7 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
     policy: a name of ``POLICIES``: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"``,
-        ``"structured"``, ``"streaming"`` (see module docs).
+        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.

@@ -359,3 +359,21 @@ def test_streaming_keeps_the_diagonal_even_past_the_budget():
     st = stats_of({"c": _far_scores(L)}, {"c": "causal"})
     kb = make_mask(st, 0.8, policy="streaming", block=32).site("c").keep
     assert kb[:, :, 0].all() and kb.diagonal(0, 1, 2).all()
+
+
+def test_structured_global_gives_the_rest_of_the_budget_to_the_higher_scoring_site():
+    from attnprune.policies import POLICIES, site_units  # noqa: F401
+
+    L, s = 96, 0.8
+    hi, lo = _far_scores(L), _far_scores(L) * 0.01  # same shape of scores, one site 100x weaker
+    st = stats_of({"a": hi, "b": lo}, {"a": "causal", "b": "causal"})
+    per_site = make_mask(st, s, policy="structured")
+    model_wide = make_mask(st, s, policy="structured-global")
+    att = int((~torch.isnan(hi)).sum()) * 2
+    kept = lambda m: {k: int(m[k].sum()) for k in ("a", "b")}  # noqa: E731
+    ps, mw = kept(per_site), kept(model_wide)
+    assert ps["a"] == ps["b"]  # per site: equal budgets
+    assert mw["a"] > ps["a"] and mw["b"] < ps["b"]  # model-wide: the strong site takes the rest
+    assert sum(mw.values()) == att - math.floor(s * att)  # one budget for the whole model
+    for k in ("a", "b"):  # both keep structured's fixed part: sinks and the diagonal
+        assert model_wide[k][:, :, 0].all() and model_wide[k].diagonal(0, 1, 2).all()
