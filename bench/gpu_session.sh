@@ -24,7 +24,11 @@
 #   flash       bench/fa4_check.py: flash backend vs float64, and its speed vs FA4 direct / cuDNN / triton (issue 9)
 #   overhead    bench/overhead.py: per-call host overhead of the masked model at 4k x 1 (issue 9)
 #   tests9      flash-backend, host-sync and decode-kernel suites on the GPU (issues 9, 13)
+#   long2k / long4k / long8k   attnprune eval at 2k (64-blocks), 4k (64 and 128), 8k (128): scores prob /
+#               value / influence x policies, 80/90/95%, Austen and (out of domain) Bible text; masks saved (issue 11)
+#   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
+# bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
 set -u
 cd "$(dirname "$0")/.."
@@ -96,6 +100,26 @@ while [ $# -gt 0 ]; do
         stage tests9 300 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/unit/test_backend_flash.py tests/unit/test_host_sync.py tests/unit/test_decode_kernel.py \
             tests/unit/test_cache.py tests/unit/test_kernels.py tests/unit/test_backend_triton.py ;;
+    long2k|long4k|long8k)
+        case $1 in
+            long2k) args=(--seq-len 2048 --calib 32 --test 32 --batch-size 4 --blocks 64) ;;
+            long4k) args=(--seq-len 4096 --calib 16 --test 16 --batch-size 2 --blocks 64 128) ;;
+            long8k) args=(--seq-len 8192 --calib 8 --test 8 --batch-size 1 --blocks 128) ;;
+        esac
+        stage "$1" 560 python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
+            --scores prob value influence --policies layer global structured structured-global streaming random \
+            --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
+            --save-masks --no-heatmaps -o "$RUNS/$1" ;;
+    maskbench)
+        m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
+        stage maskbench8k 300 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \
+            --lengths 8192 --sparsities 0.9 --masks $m8/prob-layer-0.9-b128.safetensors \
+            $m8/influence-structured-global-0.9-b128.safetensors $m8/prob-streaming-0.9-b128.safetensors \
+            --warmup 2 --reps 5 -o "$RUNS/maskbench8k.json" --markdown "$RUNS/maskbench8k.md"
+        stage maskbench2k 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 16 \
+            --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
+            $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
+            --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
     pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
     esac
