@@ -19,6 +19,11 @@ path component is a known cross-attention name (``encoder_attn``, ``crossattenti
 ``nn.TransformerDecoderLayer``); else ``causal`` when the call is causal (SDPA ``is_causal=True``, a
 Hugging Face module with ``is_causal=True``, or an explicit mask that hides every key to the right
 of the diagonal); else ``cross`` when ``Lq != Lk`` (no KV cache can be told apart here); else ``self``.
+
+Hook scope: every module of the model carries a forward pre-hook and a forward hook until the first
+completed forward of the model decides whether the SDPA mode is needed. When it is not (a Hugging
+Face model whose attention all goes through the HF path), only the modules where the hooks can still
+change anything keep them (``Interceptor._narrow``), so the rest of the model runs without Python hooks.
 """
 
 from __future__ import annotations
@@ -118,14 +123,31 @@ def site_kind(name: str, module: nn.Module | None, parent: nn.Module | None, cau
 
 
 class Interceptor:
-    """Hooks on every module of ``model`` that name attention calls and route them to ``handler``."""
+    """Hooks on the modules of ``model`` that name attention calls and route them to ``handler``.
+
+    What the per-module hooks do: the stack of modules whose forward runs names the owner of an SDPA
+    call (its top) and tells a module entered outside any forward (the model, a submodule called
+    directly such as ``model.get_encoder()``, or a layer recomputed by activation checkpointing): it
+    starts a ``ForwardContext`` (when ``ForwardContext.starts_forward``) and turns the SDPA mode on; a
+    module's pre-hook also resets its attention call count (``name#1`` ...). On the Hugging Face path
+    the owner is the module that calls the attention function, so once the SDPA mode is known to be
+    unneeded only these hooks can matter: on the modules that call attention and on the modules that
+    may be entered from outside around them (their ancestors). ``_narrow`` keeps exactly those,
+    together with every module the forwards seen so far never entered (nothing is known about them
+    yet) and their ancestors; a module that calls attention later anyway gets its hooks back then
+    (``_widen``; its first such call is named as before, its count being 0).
+    """
 
     def __init__(self, model: nn.Module, handler: Handler):
         from .sdpa import SDPAMode
 
         self.model, self.handler = model, handler
         self.names = {m: n for n, m in model.named_modules()}
-        self.parents = {c: m for m in model.modules() for c in m.children()}
+        self.up: dict[nn.Module, list[nn.Module]] = {}  # every parent of a module (a shared module has several)
+        for m in model.modules():
+            for c in m.children():
+                self.up.setdefault(c, []).append(m)
+        self.parents = {c: ps[-1] for c, ps in self.up.items()}
         self.stack: list[nn.Module] = []
         self.counts: dict[nn.Module, int] = {}
         self.infos: dict[str, SiteInfo] = {}
@@ -142,7 +164,11 @@ class Interceptor:
         self.after_forward: Callable[[dict], None] | None = None  # called after a successful model forward
         self._root_kwargs: dict = {}
         self.context = ForwardContext()  # positions of the forward running now (or last run)
-        self._handles = []
+        self.hooked: dict[nn.Module, tuple] = {}  # module -> the handles of its two per-module hooks
+        self.narrowed = False  # the per-module hooks are on the modules of ``_narrow`` only
+        self._seen: set | None = None  # modules entered before the SDPA mode is decided (HF path)
+        self._owners: set = set()  # modules that owned an attention call then
+        self._root_handles = []
         self._hf = None
 
     # ---- installation ----------------------------------------------------------------------
@@ -157,18 +183,51 @@ class Interceptor:
         for m in mods:
             _BUSY[m] = self
         for m in mods:
-            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(m.register_forward_hook(self._post, always_call=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._root_done))
+            self._hook(m)
+        self._root_handles = [self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                              self.model.register_forward_hook(self._root_done)]
         self._hf = hf.switch(self.model, self)
+        if self._hf is not None:
+            self._seen = set()
+
+    def _hook(self, m: nn.Module) -> None:
+        self.hooked[m] = (m.register_forward_pre_hook(self._pre, with_kwargs=True),
+                          m.register_forward_hook(self._post, always_call=True))
+
+    def _upward(self, mods) -> set:
+        """``mods`` and all their ancestors in the model."""
+        out, todo = set(mods), list(mods)
+        while todo:
+            for p in self.up.get(todo.pop(), ()):
+                if p not in out:
+                    out.add(p)
+                    todo.append(p)
+        return out
+
+    def _narrow(self) -> None:
+        """Remove the per-module hooks that can no longer change anything (the SDPA mode is off for
+        good): keep them on the model, the modules that owned an attention call, the modules not
+        entered yet, and the ancestors of all these."""
+        owners = {m for m in self._owners if m in self.hooked}
+        keep = self._upward({self.model} | owners | (self.hooked.keys() - self._seen))
+        for m in [m for m in self.hooked if m not in keep]:
+            for h in self.hooked.pop(m):
+                h.remove()
+        self._seen, self._owners, self.narrowed = None, set(), True
+
+    def _widen(self, owner: nn.Module) -> None:
+        """Hooks back on ``owner`` (an attention call's owner without them) and its ancestors."""
+        for m in self._upward({owner}):
+            if m not in self.hooked:
+                self._hook(m)
 
     def remove(self) -> None:
         from . import hf
 
-        for h in self._handles:
+        for h in [h for hs in self.hooked.values() for h in hs] + self._root_handles:
             h.remove()
-        self._handles.clear()
+        self.hooked.clear()
+        self._root_handles.clear()
         for m in self.model.modules():
             if _BUSY.get(m) is self:
                 del _BUSY[m]
@@ -190,6 +249,8 @@ class Interceptor:
                 self.mode_on = True
             if module is self.model:
                 self.forwards += 1
+        if self._seen is not None:
+            self._seen.add(module)
         self.stack.append(module)
         self.counts[module] = 0
         return None
@@ -202,6 +263,10 @@ class Interceptor:
     def _root_done(self, module, args, output):
         if not self.stack and self._hf is not None and self.mode_needed is None:
             self.mode_needed = self.mode_caught  # decided by the first completed forward of the model
+            if self.mode_needed:
+                self._seen, self._owners = None, set()
+            else:
+                self._narrow()
         if not self.stack and self.after_forward is not None:
             self.after_forward(self._root_kwargs)
         return None
@@ -223,6 +288,10 @@ class Interceptor:
                  causal_hint: bool, window: int | None = None):
         """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
+        if self._seen is not None:
+            self._owners.add(owner)
+        elif self.narrowed and owner not in self.hooked and owner in self.names:
+            self._widen(owner)
         base = self.names.get(owner, type(owner).__name__ if owner is not None else "<root>")
         idx = self.counts.get(owner, 0)
         self.counts[owner] = idx + 1
