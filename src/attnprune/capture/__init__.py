@@ -125,17 +125,13 @@ def site_kind(name: str, module: nn.Module | None, parent: nn.Module | None, cau
 class Interceptor:
     """Hooks on the modules of ``model`` that name attention calls and route them to ``handler``.
 
-    What the per-module hooks do: the stack of modules whose forward runs names the owner of an SDPA
-    call (its top) and tells a module entered outside any forward (the model, a submodule called
-    directly such as ``model.get_encoder()``, or a layer recomputed by activation checkpointing): it
-    starts a ``ForwardContext`` (when ``ForwardContext.starts_forward``) and turns the SDPA mode on; a
-    module's pre-hook also resets its attention call count (``name#1`` ...). On the Hugging Face path
-    the owner is the module that calls the attention function, so once the SDPA mode is known to be
-    unneeded only these hooks can matter: on the modules that call attention and on the modules that
-    may be entered from outside around them (their ancestors). ``_narrow`` keeps exactly those,
-    together with every module the forwards seen so far never entered (nothing is known about them
-    yet) and their ancestors; a module that calls attention later anyway gets its hooks back then
-    (``_widen``; its first such call is named as before, its count being 0).
+    The per-module hooks keep the stack of modules whose forward runs: its top owns an SDPA call; a
+    module entered while it is empty (the model, a submodule called directly such as
+    ``model.get_encoder()``, a layer recomputed by activation checkpointing) turns the SDPA mode on and
+    may start a ``ForwardContext`` (``ForwardContext.starts_forward``); a module's pre-hook resets its
+    call count (``name#1`` ...). Once the SDPA mode is known to be unneeded (HF path only), the owner
+    of a call is the module calling the attention function and the hooks matter only where a forward
+    can be entered around such a module: ``_narrow`` then removes the others.
     """
 
     def __init__(self, model: nn.Module, handler: Handler):
@@ -167,7 +163,7 @@ class Interceptor:
         self.hooked: dict[nn.Module, tuple] = {}  # module -> the handles of its two per-module hooks
         self.narrowed = False  # the per-module hooks are on the modules of ``_narrow`` only
         self._seen: set | None = None  # modules entered before the SDPA mode is decided (HF path)
-        self._owners: set = set()  # modules that owned an attention call then
+        self._keep: set = set()  # modules seen then that keep their hooks (``_narrow``)
         self._root_handles = []
         self._hf = None
 
@@ -206,14 +202,20 @@ class Interceptor:
 
     def _narrow(self) -> None:
         """Remove the per-module hooks that can no longer change anything (the SDPA mode is off for
-        good): keep them on the model, the modules that owned an attention call, the modules not
-        entered yet, and the ancestors of all these."""
-        owners = {m for m in self._owners if m in self.hooked}
-        keep = self._upward({self.model} | owners | (self.hooked.keys() - self._seen))
+        good). They stay on the model; on the modules that owned an attention call or ran around one;
+        on those entered with a forward's inputs (``ForwardContext.starts_forward``: entered from
+        outside, they start a context); on those no forward has entered yet (unknown); and on the
+        ancestors of all these, so a module without hooks has none below it. Hence a forward entered
+        at a hooked module runs the hooks and starts the context it did before, and one entered at a
+        module without hooks owns no attention call and starts no context, with or without hooks.
+        A module that calls attention later anyway gets its hooks back then (``_widen``); that first
+        call is named as before (its count is 0: it has had none)."""
+        keep = {m for m in self._keep if m in self.hooked} | (self.hooked.keys() - self._seen)
+        keep = self._upward(keep | {self.model})
         for m in [m for m in self.hooked if m not in keep]:
             for h in self.hooked.pop(m):
                 h.remove()
-        self._seen, self._owners, self.narrowed = None, set(), True
+        self._seen, self._keep, self.narrowed = None, set(), True
 
     def _widen(self, owner: nn.Module) -> None:
         """Hooks back on ``owner`` (an attention call's owner without them) and its ancestors."""
@@ -251,6 +253,8 @@ class Interceptor:
                 self.forwards += 1
         if self._seen is not None:
             self._seen.add(module)
+            if ForwardContext.starts_forward(kwargs, False):
+                self._keep.add(module)
         self.stack.append(module)
         self.counts[module] = 0
         return None
@@ -264,7 +268,7 @@ class Interceptor:
         if not self.stack and self._hf is not None and self.mode_needed is None:
             self.mode_needed = self.mode_caught  # decided by the first completed forward of the model
             if self.mode_needed:
-                self._seen, self._owners = None, set()
+                self._seen, self._keep = None, set()
             else:
                 self._narrow()
         if not self.stack and self.after_forward is not None:
@@ -289,7 +293,8 @@ class Interceptor:
         """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
         if self._seen is not None:
-            self._owners.add(owner)
+            self._keep.add(owner)
+            self._keep.update(self.stack)
         elif self.narrowed and owner not in self.hooked and owner in self.names:
             self._widen(owner)
         base = self.names.get(owner, type(owner).__name__ if owner is not None else "<root>")
