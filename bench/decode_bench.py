@@ -236,9 +236,11 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
         def __init__(self):
             super().__init__()
             self.region, self.ops, self.syncs, self.sites = ["model"], Counter(), Counter(), Counter()
+            self.names = Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops[self.region[-1]] += 1
+            self.names[f"{self.region[-1]}:{func.overloadpacket.__name__}"] += 1
             if func.overloadpacket.__name__ in SYNC_OPS:
                 self.syncs[self.region[-1]] += 1
                 self.sites[_caller()] += 1
@@ -322,6 +324,7 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                         per["ops"].append(dict(c.ops))
                         per["syncs"].append(dict(c.syncs))
                         sites.update(c.sites)
+                        names = dict(c.names)  # the last step's ops by name
                     else:
                         per["ms"].append(1e3 * dt)
                         per["region_ms"].append({k: 1e3 * v for k, v in spent.items()})
@@ -335,6 +338,7 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                "syncs_per_step_max": {r: max(s.get(r, 0) for s in syncs) for r in regions},
                "syncs_total": {r: sum(s.get(r, 0) for s in syncs) for r in regions},
                "sync_sites": dict(sites),
+               "last_step_ops": {k: v for k, v in sorted(names.items()) if not k.startswith("model:")},
                "step_ms_median": statistics.median(per["ms"][1:]), "step_ms_mean": statistics.mean(per["ms"][1:]),
                "region_ms_median": {r: statistics.median(t.get(r, 0.0) for t in per["region_ms"][1:])
                                     for r in ("cache", "attention")},

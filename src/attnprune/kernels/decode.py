@@ -31,6 +31,7 @@ __all__ = ["masked_decode", "masked_decode_reference", "usable", "MAX_QUERIES"]
 _LOG2E = 1.4426950408889634
 MAX_QUERIES = 16  # queries per call the kernel is meant for (decode steps; a prompt runs elsewhere)
 _SM_COUNT: dict = {}
+_PLANS: dict = {}  # call shapes -> checked launch parameters (masked_decode)
 
 try:  # the kernels are defined only where Triton is installed
     import triton
@@ -199,6 +200,37 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("masked_decode needs the 'triton' package: pip install 'attnprune[kernels]'")
+    if keep.dtype == torch.bool:
+        keep = keep.view(torch.uint8)
+    key = (q.shape, k.shape, v.shape, pos.shape, q_pos.shape, keep.shape, q.dtype, q.device, block, scale, window,
+           q_len, k_len, splits, block_n)
+    plan = _PLANS.get(key)
+    if plan is None:  # shapes checked and launch parameters worked out once per shape (decode: per compaction)
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n)
+    B, Hq, n, Hkv, DV, S, single, args, meta = plan
+    o = torch.empty(B, Hq, n, DV, dtype=q.dtype, device=q.device)
+    if B == 0 or n == 0:
+        return o
+    if single:
+        op = lp = o  # unused
+    else:
+        op = torch.empty(B * Hq * n, S, meta["DVP"], dtype=torch.float32, device=q.device)
+        lp = torch.empty(B * Hq * n, S, dtype=torch.float32, device=q.device)
+    sqpb = q_pos.stride(0) if q_pos.shape[0] > 1 else 0
+    _decode_kernel[(B * Hkv, S)](
+        q, k, v, pos, q_pos, keep, op, lp, o,
+        *q.stride(), *k.stride(), *v.stride(), *pos.stride(), sqpb, q_pos.stride(1), *keep.stride(),
+        *o.stride(), *args, **meta)
+    if not single:
+        _combine_kernel[(B * Hq * n,)](op, lp, o, *o.stride(), Hq, n, S, SP=max(2, _p2(S)), DV=DV, DVP=meta["DVP"])
+    return o
+
+
+def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n) -> tuple:
+    """Check the shapes of a :func:`masked_decode` call and work out its launch: ``(B, Hq, n, Hkv, DV,
+    S, single, the kernel's scalar arguments after the strides, its keyword arguments)``."""
     B, Hq, n, D = q.shape
     Hkv, C, DV = k.shape[1], k.shape[2], v.shape[3]
     if Hq % Hkv or k.shape[0] != B or v.shape[:3] != k.shape[:3] or tuple(pos.shape) != (B, Hkv, C):
@@ -208,16 +240,11 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
         raise InvalidArgumentError(f"masked_decode: q_pos must be [B or 1, {n}], got {list(q_pos.shape)}")
     if keep.dim() != 3 or keep.shape[0] != Hq:
         raise InvalidArgumentError(f"masked_decode: keep must be [{Hq}, Qt, Kt], got {list(keep.shape)}")
-    if keep.dtype == torch.bool:
-        keep = keep.view(torch.uint8)
     G = Hq // Hkv
     block = int(block)
     q_len = keep.shape[1] * block if q_len is None else int(q_len)
     k_len = keep.shape[2] * block if k_len is None else int(k_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    o = torch.empty(B, Hq, n, DV, dtype=q.dtype, device=q.device)
-    if B == 0 or n == 0:
-        return o
     interp = q.device.type != "cuda"
     BLOCK_M = max(16, _p2(G * n))
     DP, DVP = max(16, _p2(D)), max(16, _p2(DV))
@@ -227,29 +254,17 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
     tiles = max(1, -(-C // BLOCK_N))
     if splits is None:
         # split only long caches (one launch, no combine, for a compacted one): >= 512 keys a split
-        splits = max(1, min(tiles, -(-C // 512), -(-2 * _sm_count(q.device) // (B * Hkv)), 64))
+        splits = max(1, min(tiles, -(-C // 512), -(-2 * _sm_count(q.device) // max(1, B * Hkv)), 64))
     per = -(-tiles // max(1, min(int(splits), tiles)))  # tiles per split
     chunk = per * BLOCK_N
     S = max(1, -(-C // chunk))
     single = S == 1
-    if single:
-        op = lp = o  # unused
-    else:
-        op = torch.empty(B * Hq * n, S, DVP, dtype=torch.float32, device=q.device)
-        lp = torch.empty(B * Hq * n, S, dtype=torch.float32, device=q.device)
-    sqpb = q_pos.stride(0) if q_pos.shape[0] > 1 else 0
-    ieee = q.dtype == torch.float32
-    kw = {} if interp else {"num_warps": 4, "num_stages": 2}
-    _decode_kernel[(B * Hkv, S)](
-        q, k, v, pos, q_pos, keep, op, lp, o,
-        *q.stride(), *k.stride(), *v.stride(), *pos.stride(), sqpb, q_pos.stride(1), *keep.stride(),
-        *o.stride(),
-        Hkv, G, n, C, chunk, S, q_len, k_len, block, int(window) if window is not None else 0, scale * _LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
-        SINGLE=single, IEEE=ieee, **kw)
-    if not single:
-        _combine_kernel[(B * Hq * n,)](op, lp, o, *o.stride(), Hq, n, S, SP=max(2, _p2(S)), DV=DV, DVP=DVP)
-    return o
+    args = (Hkv, G, n, C, chunk, S, q_len, k_len, block, int(window) if window is not None else 0, scale * _LOG2E)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
+                SINGLE=single, IEEE=q.dtype == torch.float32)
+    if not interp:
+        meta.update(num_warps=4, num_stages=2)
+    return B, Hq, n, Hkv, DV, S, single, args, meta
 
 
 def masked_decode_reference(q, k, v, pos, q_pos, keep, block: int = 1, *, scale=None, window=None,
