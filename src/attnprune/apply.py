@@ -67,27 +67,23 @@ class _Patch:
 
     def _pruned(self, call: AttentionCall, sm, layer):
         """A call over a ``PrunedKVCache`` layer's compacted keys: each head attends to its group's
-        kept positions (``keep_at``), causal in positions, within the layer's sliding window."""
+        kept positions (``keep_at``), causal in positions, within the layer's sliding window. The
+        query positions are the layer's (computed once per forward for all layers)."""
         pos = call.positions
         sm.check_length(pos.q_end, pos.k_end, self.beyond)
-        q_pos = layer.new_pos.clamp_min(0)  # [B or 1, Lq]
+        q_pos = layer.q_pos  # [B or 1, Lq], >= 0
         from .kernels import decode
 
-        # the Triton decode kernel (CUDA): the keep table is looked up inside it; positions past the
-        # calibration under beyond="extend" (known on the host from layer.seen) take the path below
-        if decode.usable(call.q) and (self.beyond != "extend" or layer.seen <= min(sm.q_len, sm.k_len)):
-            dev = call.q.device
-            keep = sm._cached(("decode_keep", str(dev)), lambda: sm.keep.to(dev).to(torch.uint8))
+        # positions inside the calibration (known on the host from layer.seen): the keep table
+        # read directly; past it under beyond="extend", keep_at's length-free form
+        inside = layer.seen <= min(sm.q_len, sm.k_len)
+        if decode.usable(call.q) and (self.beyond != "extend" or inside):  # the Triton decode kernel (CUDA)
+            keep = layer.decode_keep(call.q.device, torch.uint8)
             return decode.masked_decode(call.q, call.k, call.v, layer.pos, q_pos, keep, sm.block or 1,
                                         scale=call.scale, window=layer.window, q_len=sm.q_len, k_len=sm.k_len)
-        rep = call.q.shape[1] // layer.pos.shape[1]
-        k_pos = layer.pos.repeat_interleave(rep, dim=1)[:, :, None, :]  # [B, Hq, 1, Lk], -1: empty slot
-        qp = q_pos[:, None, :, None]
-        allowed = sm.keep_at(q_pos, layer.pos, beyond=self.beyond, checked=True) & (k_pos >= 0) & (k_pos <= qp)
-        if layer.window is not None:
-            allowed = allowed & (qp - k_pos < layer.window)
+        allowed = _pruned_allowed(sm, layer, q_pos, self.beyond, inside)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,
-                                             enable_gqa=rep > 1)
+                                             enable_gqa=call.q.shape[1] != layer.pos.shape[1])
         return torch.where(allowed.any(-1, keepdim=True), out, 0.0)  # a row with nothing kept: 0
 
     def after_forward(self, kwargs: dict) -> None:
@@ -98,6 +94,44 @@ class _Patch:
         if not self.checked and not partial:
             self.mask.check_model(it.infos)
             self.checked = True
+
+
+def _pruned_allowed(sm, layer, q_pos: torch.Tensor, beyond: str, inside: bool) -> torch.Tensor:
+    """bool ``[B, Hq, Lq, C]``: query ``q_pos`` may attend to slot ``c`` of ``layer`` (a PrunedKVCache
+    layer): the slot holds a position (``>= 0``) at or before the query, within the window, kept by
+    ``sm``. ``inside``: every position lies in the calibrated region, so the keep table is read
+    directly (what ``keep_at`` reads there, in fewer ops)."""
+    kp = layer.pos  # [B, Hkv, C], -1: an empty slot
+    B, Hkv, C = kp.shape
+    H, (Bq, n) = sm.info.num_heads, q_pos.shape
+    G = H // Hkv
+    qp, k4 = q_pos.view(Bq, 1, n, 1), kp.view(B, Hkv, 1, C)
+    ok = (k4 <= qp) & (k4 >= 0)  # [B, Hkv, Lq, C]
+    if layer.window is not None:
+        ok = ok & (qp - k4 < layer.window)
+    if not inside:
+        return sm.keep_at(q_pos, kp, beyond=beyond, checked=True) & ok.repeat_interleave(G, dim=1)
+    b = sm.block or 1
+    keep = layer.decode_keep(kp.device, torch.bool)
+    keep = keep.view(Hkv, G, *keep.shape[1:])  # [Hkv, G, Qt, Kt]
+    hg, hi = _group_index(Hkv, G, kp.device)
+    qi = layer.q_block(b).view(Bq, 1, 1, n, 1)  # q_pos // b, once per forward
+    # empty slots (-1) read the last column (a valid index): ``ok`` masks them out
+    ki = (kp if b == 1 else kp // b).view(B, Hkv, 1, 1, C)
+    table = keep[hg, hi, qi, ki]  # [B, Hkv, G, Lq, C]
+    return (table & ok.view(B, Hkv, 1, n, C)).view(B, H, n, C)
+
+
+_GROUP_INDEX: dict = {}
+
+
+def _group_index(hkv: int, g: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors ``[1, Hkv, 1, 1, 1]`` and ``[1, 1, G, 1, 1]`` (cached per shape and device)."""
+    key = (hkv, g, device)
+    if key not in _GROUP_INDEX:
+        _GROUP_INDEX[key] = (torch.arange(hkv, device=device)[None, :, None, None, None],
+                             torch.arange(g, device=device)[None, None, :, None, None])
+    return _GROUP_INDEX[key]
 
 
 def _used_keys(call: AttentionCall) -> torch.Tensor | None:
