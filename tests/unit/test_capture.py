@@ -64,6 +64,7 @@ def test_sdpa_mode_is_dropped_for_pure_hf_models_and_kept_for_mixed_ones():
                 hf_sites = [s for s in seen if s.endswith("self_attn")]
                 assert len(hf_sites) == 2 and [s for s in seen if s not in hf_sites] == extra_sites
                 assert it.mode_needed is needed and not it.mode_on
+                assert it.narrowed is not needed  # hooks kept on every module while the mode is needed
 
 
 def test_generic_sites():
