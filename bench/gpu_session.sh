@@ -106,10 +106,12 @@ while [ $# -gt 0 ]; do
             long4k) args=(--seq-len 4096 --calib 16 --test 16 --batch-size 2 --blocks 64 128) ;;
             long8k) args=(--seq-len 8192 --calib 8 --test 8 --batch-size 1 --blocks 128) ;;
         esac
-        stage "$1" 560 python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
-            --scores prob value influence --policies layer global structured structured-global streaming random \
+        name=$1${TAG:-}  # SCORES / POLICIES / TAG (suffix of the run's folder) from the environment
+        stage "$name" 560 python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
+            --scores ${SCORES:-prob value influence loss} \
+            --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
-            --save-masks --no-heatmaps -o "$RUNS/$1" ;;
+            --save-masks --no-heatmaps -o "$RUNS/$name" ;;
     maskbench)
         m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
         stage maskbench8k 300 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \

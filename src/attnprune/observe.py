@@ -11,12 +11,12 @@ from torch import nn
 
 from .capture import AttentionCall, intercept
 from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionError
-from .stats import AttentionStats
+from .stats import SCORES, AttentionStats  # noqa: F401 - SCORES re-exported: prob, value, influence, loss
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
 
 
-SCORES = ("prob", "value", "influence")
+_GRADIENT_SCORES = {"influence": True, "loss": False}  # need the outputs' gradients; True: absolute value
 
 
 def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progress: bool = True,
@@ -54,6 +54,11 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
               (``torch.autograd.grad``; parameters get no ``.grad``); the probabilities are then
               recomputed in float32 chunks as for ``"prob"``. Cost: about 3x a forward. Needs a causal
               LM returning logits ``[batch, seq, vocab]`` that match ``input_ids``.
+            * ``"loss"``: the same first-order loss change *with its sign*,
+              ``p_j do . (o - v_j)``: its mean over the calibration data is the expected loss increase of
+              removing the entry, and a block's sum is the first-order change of removing the whole
+              block (magnitudes of entries that help and hurt do not add up, as with ``"influence"``).
+              Negative where removing the entry lowers the loss; policies keep the highest first.
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
     scale, masks and causality, exactly as softmax attention defines them. An entry is counted when
     its query is real and its key attendable: padded keys (masked out), causal-future keys and padded
@@ -83,7 +88,7 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     def handler(call: AttentionCall):
         stats.add_site(call.info)
         call.q_valid = call.positions.q_valid
-        if score == "influence":
+        if score in _GRADIENT_SCORES:
             out = attention_output(call)
             pending.append((call, out))
             return out
@@ -97,22 +102,23 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     n = 0
     model.eval()
     try:
-        if score == "influence":  # the graph must reach the first layer; no parameter gets a .grad
+        if score in _GRADIENT_SCORES:  # the graph must reach the first layer; no parameter gets a .grad
             for p in params:
                 p.requires_grad_(True)
-        grad_mode = torch.enable_grad() if score == "influence" else torch.no_grad()
+        grad_mode = torch.enable_grad() if score in _GRADIENT_SCORES else torch.no_grad()
         with grad_mode, intercept(model, handler):
             for batch in tqdm(batches, desc="observe", disable=not progress, unit="batch"):
                 args, kwargs = _split(batch, device)
                 stats.num_sequences += _batch_size(args, kwargs)
                 pending.clear()
                 out = model(*args, **kwargs)
-                if score == "influence" and pending:
+                if score in _GRADIENT_SCORES and pending:
                     loss = lm_loss_sum(out, args, kwargs)
                     grads = torch.autograd.grad(loss, [o for _, o in pending], allow_unused=True)
                     with torch.no_grad():
                         for (call, _), g in zip(pending, grads):
-                            add(call, site_sums(call, granularity, values=_influence_of(call, g)))
+                            add(call, site_sums(call, granularity,
+                                                values=_influence_of(call, g, _GRADIENT_SCORES[score])))
                     del loss, grads, out
                     pending.clear()
                 n += 1
@@ -131,16 +137,18 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     return stats.to("cpu")
 
 
-def influence(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-    """``|p_j * (sum_i p_i g_i - g_j)|`` per entry: the first-order loss change of removing entry ``j``
-    from its row and renormalising (see ``observe``). ``p``, ``g = dL/dp``: ``[..., Lk]`` (``g`` None: zeros)."""
+def influence(p: torch.Tensor, g: torch.Tensor | None, absolute: bool = True) -> torch.Tensor:
+    """``|p_j * (sum_i p_i g_i - g_j)|`` per entry (``absolute=False``: without the absolute value): the
+    first-order loss change of removing entry ``j`` from its row and renormalising (see ``observe``).
+    ``p``, ``g = dL/dp``: ``[..., Lk]`` (``g`` None: zeros)."""
     if g is None:
         return torch.zeros_like(p)
     g = g.to(p.dtype)
-    return (p * ((p * g).sum(-1, keepdim=True) - g)).abs()
+    d = p * ((p * g).sum(-1, keepdim=True) - g)
+    return d.abs() if absolute else d
 
 
-def _influence_of(call: AttentionCall, d_out: torch.Tensor | None):
+def _influence_of(call: AttentionCall, d_out: torch.Tensor | None, absolute: bool = True):
     """``values`` for ``site_sums``: ``influence(p, g)`` with ``g_j = do . v_j`` from the gradient
     ``d_out = dL/do [B, Hq, Lq, Dv]`` of the call's output (None: the output did not reach the loss)."""
     dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
@@ -153,7 +161,7 @@ def _influence_of(call: AttentionCall, d_out: torch.Tensor | None):
         if d_out is None:
             return torch.zeros_like(probs)
         do = d_out[:, :, s:e].to(dt)
-        return influence(probs, do @ v.transpose(-1, -2))
+        return influence(probs, do @ v.transpose(-1, -2), absolute)
     return values
 
 

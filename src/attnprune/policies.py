@@ -283,7 +283,7 @@ def structured_global_policy(units: list[Units], sparsity: float, gen: torch.Gen
     One model-wide allocation: every site keeps its sinks and band (sized from its own budget, as in
     ``structured``), then the units of all sites and heads compete for the remaining budget on one
     threshold (as ``global`` does), so a site or head whose scores are high gets more than its share.
-    With ``observe(score="influence")`` the scores are first-order loss changes, comparable across sites.
+    With ``observe(score="loss")`` (or ``"influence"``) the scores are first-order loss changes, comparable across sites.
     """
     if not units:
         return []

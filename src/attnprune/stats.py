@@ -15,10 +15,11 @@ header itself). Loading checks the checksums and the values (finite, counts non-
 Version 1 files (no checksums) still load, with the value checks only.
 
 Scores: ``score`` says what was summed per entry (``observe(..., score=...)``): ``"prob"`` (attention
-probabilities, the default), ``"value"`` (probability times value norm) or ``"influence"`` (first-order
-loss change of removing the entry). The header holds ``"score"`` only when it is not ``"prob"``, so
-probability files are unchanged and files without it load as ``"prob"``. For scores other than
-``"prob"`` the ``sum <= count`` check does not apply (a score is not bounded by 1).
+probabilities, the default), ``"value"`` (probability times value norm), ``"influence"`` (absolute
+first-order loss change of removing the entry) or ``"loss"`` (the signed first-order loss change). The
+header holds ``"score"`` only when it is not ``"prob"``, so probability files are unchanged and files
+without it load as ``"prob"``. For scores other than ``"prob"`` the ``sum <= count`` check does not
+apply (a score is not bounded by 1), and ``"loss"`` sums may be negative (``SCORE_RANGES``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ FORMAT = "attnprune.stats"
 VERSION = 2
 # summed probabilities are float32 (or float64) softmax outputs, each at most 1 up to its rounding
 _SUM_SLACK = 4 * torch.finfo(torch.float32).eps
-SCORES = ("prob", "value", "influence")
+# what each score's sums may hold: probabilities (0 <= sum <= count), non-negative, or either sign
+SCORE_RANGES = {"prob": "probability", "value": "non-negative", "influence": "non-negative", "loss": "signed"}
+SCORES = tuple(SCORE_RANGES)
 
 
 def _grow(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -271,7 +274,8 @@ class AttentionStats:
             entry = info.to_dict()
             if site in self._sum:
                 s, c = self._sum[site].detach().cpu().contiguous(), self._count[site].detach().cpu().contiguous()
-                problem = _bad_values(info, s, c, *self._len[site], self.granularity, self.score == "prob")
+                problem = _bad_values(info, s, c, *self._len[site], self.granularity,
+                                      SCORE_RANGES[self.score])
                 if problem:
                     raise InvalidArgumentError(f"cannot save the stats: site {site!r} {problem}, which no "
                                                f"observation gives; these are not attention statistics")
@@ -358,7 +362,7 @@ class AttentionStats:
                     if tensor_checksum(t) != want[what]:
                         raise _Damage(f"site {site!r}: the {what} tensor does not match its checksum")
             ql, kl = _nonneg_int(d["q_len"], "q_len"), _nonneg_int(d["k_len"], "k_len")
-            problem = _bad_values(out._infos[site], s, c, ql, kl, out.granularity, score == "prob")
+            problem = _bad_values(out._infos[site], s, c, ql, kl, out.granularity, SCORE_RANGES[score])
             if problem:
                 raise _Damage(f"site {site!r} {problem}")
             out.add(site, s, c, q_len=ql, k_len=kl)
@@ -378,14 +382,15 @@ def _nonneg_int(x, what: str) -> int:
 
 
 def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_len: int, g: int,
-                bounded: bool = True) -> str | None:
+                rng: str = "probability") -> str | None:
     """What is impossible about one site's sums ``s`` and counts ``c``, or None.
 
     Exact for anything ``observe`` (or adding / all-reducing its results) produces: float64 tensors
     ``s [H, Qg, Kg]`` and ``c [Qg, Kg]`` with ``Qg = ceil(q_len / g)``, ``Kg = ceil(k_len / g)``;
     counts are non-negative integers; sums are finite, ``>= 0`` and ``<= count`` (probabilities are
-    at most 1), so where nothing was observed the sum is 0. ``bounded=False`` (scores other than
-    probabilities): sums are finite, ``>= 0`` and 0 where the count is 0, but not bounded by the count.
+    at most 1), so where nothing was observed the sum is 0. ``rng`` (``SCORE_RANGES``): for
+    ``"non-negative"`` scores sums are finite, ``>= 0`` and 0 where the count is 0, but not bounded by
+    the count; ``"signed"`` ones may also be negative.
     """
     grid = (math.ceil(q_len / g), math.ceil(k_len / g))
     if s.dtype != torch.float64 or c.dtype != torch.float64:
@@ -397,10 +402,10 @@ def _bad_values(info: SiteInfo, s: torch.Tensor, c: torch.Tensor, q_len: int, k_
         return "has counts that are not finite non-negative integers"
     if not bool(torch.isfinite(s).all()):
         return "has non-finite (NaN or infinite) probability sums"
-    if bool((s < 0).any()):
+    if rng != "signed" and bool((s < 0).any()):
         return f"has negative probability sums (down to {float(s.min()):.4g})"
-    if not bounded:
-        if bool(((s > 0) & (c == 0)).any()):
+    if rng != "probability":
+        if bool(((s != 0) & (c == 0)).any()):
             return "has score mass where nothing was observed (count 0)"
         return None
     over = s > c * (1 + _SUM_SLACK)

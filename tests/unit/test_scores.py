@@ -87,8 +87,10 @@ def test_score_metadata_round_trip(tmp_path):
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert '"score"' not in f.metadata()["attnprune"]  # probability files are unchanged
     assert AttentionStats.load(tmp_path / "p.safetensors").score == "prob"
-    for score in ("value", "influence"):
+    for score in ("value", "influence", "loss"):
         st = observe(model, [batch], score=score, progress=False)
+        if score == "loss":  # signed: some entries help when removed; such files must load too
+            assert any(bool((st.sum(site) < 0).any()) for site in st.sites)
         st.save(tmp_path / f"{score}.safetensors")
         back = AttentionStats.load(tmp_path / f"{score}.safetensors")
         assert back.score == score
@@ -149,3 +151,36 @@ def test_influence_equals_probability_gradient_formula_on_padded_batch():
         ok = cnt[:n, :n] > 0
         torch.testing.assert_close(got[:, ok], (acc[:, :n, :n] / cnt[:n, :n].clamp_min(1))[:, ok],
                                    rtol=1e-7, atol=1e-9)
+
+
+def test_loss_score_matches_signed_brute_force_removal():
+    """score="loss" is the signed first-order change: removing the entry and renormalising its row
+    changes the summed NLL by about the predicted amount, sign included."""
+    model = _model64()
+    batch = T.batch([40])
+    stats = observe(model, [batch], score="loss", progress=False)
+    absolute = observe(model, [batch], score="influence", progress=False)
+    probs = observe(model, [batch], progress=False)
+    assert stats.score == "loss"
+    base = _loss(model, batch)
+    signs, checked = set(), 0
+    for site in stats.sites[:2]:
+        torch.testing.assert_close(stats.mean(site).abs(), absolute.mean(site), rtol=1e-9, atol=1e-12, equal_nan=True)
+    for site in stats.sites[:2]:
+        pred, p = stats.mean(site), probs.mean(site)
+        H, Q, K = pred.shape
+        for h in range(H):
+            for i in range(20, Q):
+                for j in range(i + 1):
+                    if not (0.01 < float(p[h, i, j]) < 0.08) or abs(float(pred[h, i, j])) < 1e-4:
+                        continue
+                    actual = _loss(model, batch, site, h, i, j) - base
+                    want = float(pred[h, i, j])
+                    # first order: the renormalisation factor p/(1-p) (< 9% here) plus the loss's curvature
+                    assert (actual > 0) == (want > 0), (site, h, i, j, actual, want)
+                    assert abs(actual - want) <= 0.4 * abs(want) + 1e-6, (site, h, i, j, float(p[h, i, j]), actual, want)
+                    signs.add(actual > 0)
+                    checked += 1
+                    if checked >= 40 or (checked >= 12 and len(signs) == 2):
+                        return
+    assert checked >= 8 and signs == {True, False}  # both signs seen and predicted
