@@ -342,7 +342,7 @@ def test_sweep_scores_block_observation_and_extra_test_set():
         if r["sparsity"] == 0.0:  # keeps everything: the dense numbers on both sets
             assert r["value"] == pytest.approx(res.dense["value"], rel=1e-5)
             assert r["extra"]["other"]["value"] == pytest.approx(want, rel=1e-5)
-    pruned = [r for r in res.runs if r["sparsity"] == 0.6]
+    pruned = [r for r in res.runs if r["achieved"] > 0]  # (streaming at 16-blocks keeps all 3 blocks)
     assert all(r["extra"]["other"]["value"] != pytest.approx(want, rel=1e-6) for r in pruned)
     # kept mass from the block stats == from token stats (same block mask)
     tok = observe(lm.model, calib, progress=False)
