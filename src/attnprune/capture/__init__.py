@@ -207,7 +207,8 @@ class Interceptor:
         outside, they start a context); on those no forward has entered yet (unknown); and on the
         ancestors of all these, so a module without hooks has none below it. Hence a forward entered
         at a hooked module runs the hooks and starts the context it did before, and one entered at a
-        module without hooks owns no attention call and starts no context, with or without hooks.
+        module without hooks owns no attention call and starts no context, with or without hooks
+        (for modules that call their submodules, with the keywords of the forwards seen so far).
         A module that calls attention later anyway gets its hooks back then (``_widen``); that first
         call is named as before (its count is 0: it has had none)."""
         keep = {m for m in self._keep if m in self.hooked} | (self.hooked.keys() - self._seen)
