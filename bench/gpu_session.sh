@@ -26,6 +26,8 @@
 #   tests9      flash-backend, host-sync and decode-kernel suites on the GPU (issues 9, 13)
 #   long2k / long4k / long8k   attnprune eval at 2k (64-blocks), 4k (64 and 128), 8k (128): scores prob /
 #               value / influence x policies, 80/90/95%, Austen and (out of domain) Bible text; masks saved (issue 11)
+#   recovery2k / recovery8k   scripts/recovery.sh at 2k (64-blocks, 80%) / 8k (128-blocks, 90%): K=80 masked
+#               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
@@ -112,6 +114,13 @@ while [ $# -gt 0 ]; do
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
             --save-masks --no-heatmaps -o "$RUNS/$name" ;;
+    recovery2k|recovery8k)  # masked fine-tuning at length with block masks, dense fine-tuned control (issue 11)
+        case $1 in
+            recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;
+            recovery8k) args=(--seq-len 8192 --batch-size 1 --calib 8 --test 8 --sparsities 0.9 --block 128) ;;
+        esac
+        stage "$1" 400 bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
+            --warmup 8 --policies layer structured streaming random --backend triton --out "$RUNS/$1" ;;
     maskbench)
         m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
         stage maskbench8k 300 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \

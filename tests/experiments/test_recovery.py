@@ -42,3 +42,29 @@ def test_recovery_tiny_run(tmp_path, capsys):
     md = (out / "recovery.md").read_text()
     assert recovery.table(doc) in md and md.count("| AP (layer) |") == 2
     assert recovery.table(doc) in capsys.readouterr().out
+
+
+def test_recovery_block_masks_with_other_policies(tmp_path, capsys):
+    """--policies / --block / --score: block masks from block statistics, every non-random policy also
+    applied after dense fine-tuning; a bad policy or score stops before the model loads."""
+    from attnprune.experiments import recovery
+
+    lm = tiny_lm_folder(tmp_path / "lm")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    out = tmp_path / "rec"
+    argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--calib", "2", "--test", "2", "--sparsities", "0.5", "--policies", "structured", "streaming", "random",
+            "--block", "4", "--score", "value", "--quiet", "--device", "cpu", "--out", str(out)]
+    assert recovery.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["results"]
+    assert sorted(res) == ["dense", "random@0.5", "streaming@0.5", "structured@0.5"]
+    assert doc["meta"]["block"] == 4 and doc["meta"]["score"] == "value"
+    assert "dense_ft_then_mask" in res["structured@0.5"] and "dense_ft_then_mask" not in res["random@0.5"]
+    assert "| structured |" in recovery.table(doc) and "| streaming |" in recovery.table(doc)
+    for bad, word in ((["--policies", "layr"], "layr"), (["--score", "banana"], "banana")):
+        with pytest.raises(SystemExit) as e:
+            recovery.main(["--model", "no-such-model", "--out", str(tmp_path / "x"), *bad])
+        assert e.value.code == 2 and word in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -38,7 +38,11 @@ from ..environment import environment
 from ..runtime import default_device
 from ..train import TrainConfig, finetune
 
-POLICIES = ("layer", "random")
+POLICIES = ("layer", "random")  # the default policies; any of attnprune.policies.POLICIES
+
+
+def _mask_name(pol: str) -> str:
+    return {"layer": "AP (layer)", "random": "random"}.get(pol, pol)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +63,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=16, help="test sequences for perplexity")
     add_list_argument(p, "--sparsities", item=float, default=(0.8, 0.9, 0.95),
                       help="mask sparsities (default 0.8 0.9 0.95)")
+    add_list_argument(p, "--policies", what="policy", default=POLICIES,
+                      help="mask policies (default layer random); every one but random is also applied "
+                           "after dense fine-tuning")
+    p.add_argument("--block", type=int, default=None,
+                   help="b x b block masks (observed at granularity b: memory bounded at long lengths); "
+                        "default token level")
+    p.add_argument("--score", default="prob", help="what ranks the masks (observe's score; default prob)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/recovery")
     p.add_argument("--quiet", action="store_true")
@@ -100,8 +111,10 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
     log(f"data: {calib.shape[0]} calibration, {train.shape[0]} train, {test.shape[0]} test sequences of {L} tokens")
 
     orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    stats = observe(model, _batches(calib), progress=not a.quiet, description=ds.describe("calibration"))
-    masks = {(s, pol): make_mask(stats, s, policy=pol, seed=a.seed) for s in a.sparsities for pol in POLICIES}
+    stats = observe(model, _batches(calib), granularity=a.block or 1, score=a.score, progress=not a.quiet,
+                    description=ds.describe("calibration"))
+    masks = {(s, pol): make_mask(stats, s, policy=pol, seed=a.seed, block=a.block)
+             for s in a.sparsities for pol in a.policies}
     log("observed and built masks: " + ", ".join(f"{pol}@{s}: {m.sparsity:.3f}" for (s, pol), m in masks.items()))
 
     def ppl(mask=None) -> float:
@@ -129,8 +142,9 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
     res["dense"]["train"] = train_run("dense")
     res["dense"]["after_dense_ft"] = ppl()
     log(f"dense after {a.steps} dense steps: {res['dense']['after_dense_ft']:.3f}")
-    for s in a.sparsities:  # fine-tune dense, then prune: the AP mask on the dense-fine-tuned weights
-        res[f"layer@{s}"]["dense_ft_then_mask"] = ppl(masks[(s, "layer")])
+    for (s, pol), m in masks.items():  # fine-tune dense, then prune: each mask on the dense-fine-tuned weights
+        if pol != "random":
+            res[f"{pol}@{s}"]["dense_ft_then_mask"] = ppl(m)
     for (s, pol), m in masks.items():
         res[f"{pol}@{s}"]["train"] = train_run(f"{pol}-{s}", m)
         res[f"{pol}@{s}"]["after_masked_ft"] = ppl(m)
@@ -141,7 +155,7 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
         "env": environment(device),
         "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
         "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
-        "backend": a.backend,
+        "backend": a.backend, "policies": list(a.policies), "block": a.block, "score": a.score,
         "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
         "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -159,21 +173,40 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
 def table(doc: dict) -> str:
     """The Markdown table of a ``results.json`` document."""
     res = doc["results"]
-    sparsities = [r["sparsity"] for k, r in res.items() if k.startswith("layer@")]
+    sparsities = list(dict.fromkeys(r["sparsity"] for k, r in res.items() if k != "dense"))
+    policies = list(dict.fromkeys(r["policy"] for k, r in res.items() if k != "dense"))
     rows = ["| sparsity | mask | achieved | before FT | after K masked FT | dense FT, then this mask |",
             "|---|---|---|---|---|---|",
             f"| 0 | dense | 0 | {res['dense']['before']:.2f} | {res['dense']['after_dense_ft']:.2f} (K dense steps) | |"]
     for s in sparsities:
-        for pol in POLICIES:
+        for pol in policies:
             r = res[f"{pol}@{s}"]
             then = f"{r['dense_ft_then_mask']:.2f}" if "dense_ft_then_mask" in r else ""
-            rows.append(f"| {s:g} | {'AP (layer)' if pol == 'layer' else 'random'} | {r['achieved']:.3f} | "
+            rows.append(f"| {s:g} | {_mask_name(pol)} | {r['achieved']:.3f} | "
                         f"{r['before']:.2f} | {r['after_masked_ft']:.2f} | {then} |")
     return "\n".join(rows)
 
 
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Bad options end the run before the model loads (``p.error``: usage, message, exit 2)."""
+    from ..errors import AttnPruneError
+    from ..observe import SCORES
+    from ..commands.common import check_policies
+
+    try:
+        check_policies(a.policies)
+    except AttnPruneError as e:
+        p.error(str(e))
+    if a.score not in SCORES:
+        p.error(f"--score {a.score!r}: use one of {', '.join(SCORES)}")
+    if a.block is not None and a.block < 1:
+        p.error(f"--block must be a positive integer, got {a.block}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    check(p, a)
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
