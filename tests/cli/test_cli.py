@@ -393,7 +393,8 @@ def test_shared_options_after_and_before_every_subcommand_that_uses_them():
                 parser.parse_args([f"--{option}", values[option], command, *rest[command]])
     # each command keeps its own default
     assert parser.parse_args(["finetune", *rest["finetune"]]).backend == "auto"
-    assert parser.parse_args(["eval"]).backend == "auto" and parser.parse_args(["bench"]).backend == "triton"
+    assert parser.parse_args(["eval"]).backend == "auto" and parser.parse_args(["bench"]).backend == "auto"
+    assert parser.parse_args(["demo"]).backend == "reference"
     assert parser.parse_args(["eval"]).seed == 0 and parser.parse_args(["demo"]).device is None
 
 
