@@ -85,3 +85,20 @@ def test_demo_cli_parses_presets():
         assert args.preset == name and args.out == "x"
     with pytest.raises(SystemExit):
         p.parse_args(["demo", "--preset", "huge"])
+
+
+def test_gpu_preset_defaults_and_clean_error_without_a_gpu(capsys, tmp_path):
+    from cli_helpers import assert_clean_error, run
+
+    from attnprune.experiments.sweep import demo_settings
+
+    s = demo_settings("gpu")
+    assert (s.backend, s.device, s.seq_len, s.blocks) == ("auto", "cuda", 8192, (128,))
+    assert "structured" in s.policies and "layer" in s.policies
+    assert demo_settings("default").backend == "reference"  # the CPU presets keep the reference backend
+    assert demo_settings("gpu", backend="triton", device="cuda:1").backend == "triton"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the preset would run")
+    rc, _, err = run(capsys, "demo", "--preset", "gpu", "-o", tmp_path / "run")
+    assert_clean_error(rc, err, "cuda")
+    assert not (tmp_path / "run").exists()

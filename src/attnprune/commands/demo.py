@@ -16,6 +16,9 @@ already converted, its 2 cores shared with other jobs (load average 2.3-4.5; 202
 * ``large``:   512-token sequences, 64 calibration / 32 test, all four policies, token level
   and 32x32 blocks: roughly an hour on 2 cores, estimated (observation took 8 minutes and a
   masked evaluation about one; there are 40 of them).
+* ``gpu``:     8192-token sequences, 8 calibration / 8 test, 128x128 blocks (what the kernels skip),
+  policies layer structured streaming random at 80/90/95%, on CUDA with ``--backend auto``
+  (the same sweep as RESULTS.md's long-context section took 129 s on an H200 with three more scores).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
     p.add_argument("--data", default="austen", help="data spec (default austen)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<preset>)")
-    use_shared(p, seed=0, backend="reference", device=None)
+    use_shared(p, seed=0, backend=(None, "attnprune backend (default reference; auto for --preset gpu)"),
+               device=(None, "cpu, cuda, cuda:1 (default: the GPU when present; cuda for --preset gpu)"))
     p.set_defaults(func=main)
 
 

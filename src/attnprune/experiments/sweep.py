@@ -274,13 +274,21 @@ DEMO_PRESETS = {
                     policies=("layer", "random"), blocks=(None,)),
     "large": dict(seq_len=512, calib=64, test=32, batch_size=2, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95),
                   policies=("layer", "head", "global", "random"), blocks=(None, 32)),
+    # a GPU: 8k-token windows, the masks the block kernels skip, the structured policies (issue 11)
+    "gpu": dict(seq_len=8192, calib=8, test=8, batch_size=1, sparsities=(0.8, 0.9, 0.95),
+                policies=("layer", "structured", "streaming", "random"), blocks=(128,)),
 }
+# per preset: (backend, device) when the command line gives none
+DEMO_DEFAULTS = {"gpu": ("auto", "cuda")}
 
 
 def demo_settings(preset: str, *, model: str = "smollm2", data: str = "austen", out: str | None = None,
-                  seed: int = 0, backend: str = "reference", device: str | None = None,
+                  seed: int = 0, backend: str | None = None, device: str | None = None,
                   progress: bool = True) -> EvalSettings:
-    """The ``EvalSettings`` of a demo preset."""
+    """The ``EvalSettings`` of a demo preset (``backend`` / ``device`` None: the preset's, else
+    reference / the default device)."""
+    pb, pd = DEMO_DEFAULTS.get(preset, ("reference", None))
+    backend, device = backend or pb, device or pd
     return EvalSettings(model=model, data=data, out=out or f"runs/demo-{preset}", seed=seed, backend=backend,
                         device=device, progress=progress, title=f"attnprune demo ({preset}): {model} on {data}",
                         **DEMO_PRESETS[preset])
