@@ -32,6 +32,7 @@ host work a GPU step spends around the kernel).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -79,7 +80,7 @@ def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, 
                 return out
 
             for variant in ("dense", "masked", "pruned"):
-                ctxm = attnprune.apply(model, mask, backend=backend) if variant != "dense" else _null()
+                ctxm = attnprune.apply(model, mask, backend=backend) if variant != "dense" else contextlib.nullcontext()
                 with torch.no_grad(), ctxm:
                     gen(2, variant)  # warm-up (kernels compiled, layouts built)
                     sync()
@@ -217,7 +218,6 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                  sparsity: float = 0.9, variants=("dense", "pruned_cpu", "pruned_cuda_path")):
     """Per decode step on the CPU: aten ops by region (cache update / attention call / rest), host
     syncs by region, wall ms (median and mean over ``steps`` steps; compactions included in the mean)."""
-    import contextlib
     import statistics
     from collections import Counter
 
@@ -323,27 +323,23 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                     if counting:
                         per["ops"].append(dict(c.ops))
                         per["syncs"].append(dict(c.syncs))
-                        sites.update(c.sites)
+                        if len(per["ops"]) > 1:  # the steps after the first, as the counts below
+                            sites.update(c.sites)
                         names = dict(c.names)  # the last step's ops by name
                     else:
                         per["ms"].append(1e3 * dt)
                         per["region_ms"].append({k: 1e3 * v for k, v in spent.items()})
-        ops = per["ops"][1:]  # the first step compacts the prompt: left out
-        syncs = per["syncs"][1:]
-        regions = ("cache", "attention", "model")
+        def stat(fn, key, regions=("cache", "attention", "model")):  # over the steps after the first (which
+            return {r: fn(x.get(r, 0) for x in per[key][1:]) for r in regions}  # compacts the prompt)
+
         row = {"variant": variant, "context": context, "batch": batch, "pad": pad, "steps": steps,
-               "sparsity": achieved,
-               "ops_median": {r: statistics.median(o.get(r, 0) for o in ops) for r in regions},
-               "ops_mean": {r: statistics.mean(o.get(r, 0) for o in ops) for r in regions},
-               "syncs_per_step_max": {r: max(s.get(r, 0) for s in syncs) for r in regions},
-               "syncs_total": {r: sum(s.get(r, 0) for s in syncs) for r in regions},
+               "sparsity": achieved, "ops_median": stat(statistics.median, "ops"),
+               "ops_mean": stat(statistics.mean, "ops"), "syncs_total": stat(sum, "syncs"),
                "sync_sites": dict(sites),
                "last_step_ops": {k: v for k, v in sorted(names.items()) if not k.startswith("model:")},
                "step_ms_median": statistics.median(per["ms"][1:]), "step_ms_mean": statistics.mean(per["ms"][1:]),
-               "region_ms_median": {r: statistics.median(t.get(r, 0.0) for t in per["region_ms"][1:])
-                                    for r in ("cache", "attention")},
-               "region_ms_mean": {r: statistics.mean(t.get(r, 0.0) for t in per["region_ms"][1:])
-                                  for r in ("cache", "attention")}}
+               "region_ms_median": stat(statistics.median, "region_ms", ("cache", "attention")),
+               "region_ms_mean": stat(statistics.mean, "region_ms", ("cache", "attention"))}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -357,14 +353,6 @@ def _caller() -> str:
     while f is not None and ("/torch/" in f.f_code.co_filename or f.f_code.co_filename == __file__):
         f = f.f_back
     return "?" if f is None else f"{f.f_code.co_filename.split('site-packages/')[-1].split('src/')[-1]}:{f.f_lineno}"
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def main():

@@ -166,18 +166,19 @@ class PrunedLayer(CacheLayerMixin):
             vs[i].copy_(value_states)
             ps[i].copy_(st.new3)
             self._since_compact += 1
+            self.C = C + 1
+        elif not C:  # the prompt: its entries held as they come (the next update compacts them)
+            self._alloc(key_states, value_states, st.new3.expand(*key_states.shape[:2], n), n)
         else:
-            if C and (self._last_n != 1 or self._since_compact >= COMPACT_EVERY - 1 or C + n > self.pos.shape[-1]):
+            if self._last_n != 1 or self._since_compact >= COMPACT_EVERY - 1 or C + n > self.pos.shape[-1]:
                 self._compact(st, n)
-            elif C + n > self.pos.shape[-1]:  # the prompt: a buffer of exactly its size
-                self._alloc(self.keys[:, :, :C], self.values[:, :, :C], self.pos[:, :, :C], C + n)
             else:
                 self._since_compact += 1
             C = self.held_before = self.C
             self.keys[:, :, C:C + n] = key_states
             self.values[:, :, C:C + n] = value_states
             self.pos[:, :, C:C + n] = st.new3
-        self.C = C + n
+            self.C = C + n
         self.new_pos, self.q_pos, self._st = st.new, st.q_pos, st
         self.seen += n
         self._last_n = n
@@ -187,7 +188,7 @@ class PrunedLayer(CacheLayerMixin):
         """Hold ``keys``/``values``/``pos`` (C slots) in buffers of ``capacity >= C`` slots, the room
         zeros (keys, values: finite where the attention masks them out) and -1 (positions)."""
         C = pos.shape[-1]
-        if capacity > C or keys.shape[2] != C:
+        if capacity > C:
             kb = keys.new_zeros(*keys.shape[:2], capacity, keys.shape[-1])
             vb = values.new_zeros(*values.shape[:2], capacity, values.shape[-1])
             pb = pos.new_full((*pos.shape[:2], capacity), -1)

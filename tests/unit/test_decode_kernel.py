@@ -90,14 +90,17 @@ def test_strided_inputs():
     _check([qt, big_k[:, :, :20], v, pos, q_pos, keep], splits=2, block_n=16)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
-def test_pruned_cache_generation_through_the_kernel(family, monkeypatch):
+@pytest.mark.parametrize("family,every", [("llama", 32), ("llama", 3), ("mistral-sliding", 32)])
+def test_pruned_cache_generation_through_the_kernel(family, every, monkeypatch):
     """PrunedKVCache decoding with attention through masked_decode (forced on the CPU under the
-    interpreter) gives the tokens and logits of masked full recomputation, left padding included."""
+    interpreter) gives the tokens and logits of masked full recomputation, left padding included,
+    with compactions every ``every`` steps (the kernel reads the buffer's empty room too)."""
     from attnprune import PrunedKVCache, apply
+    from attnprune import cache as cache_mod
     from attnprune.kernels import decode
     from lm_helpers import _close, _family, _generate, _left_padded, _mask
 
+    monkeypatch.setattr(cache_mod, "COMPACT_EVERY", every)
     calls = []
     real = decode.masked_decode
     monkeypatch.setattr(decode, "FORCE", DEV == "cpu")
@@ -113,3 +116,20 @@ def test_pruned_cache_generation_through_the_kernel(family, monkeypatch):
     assert calls
     assert torch.equal(seq_p, seq_n)
     _close(log_p, log_n)
+
+
+def test_launch_plan_cache_keeps_checks_and_strides():
+    """The launch plan is cached per call shapes: a second call with other strides (same shapes)
+    reads its own strides, and a bad call raises however many good ones came before."""
+    from attnprune.errors import InvalidArgumentError
+
+    q, k, v, pos, q_pos, keep = _inputs(13, B=2, Hq=4, Hkv=2, n=1, C=20, D=16)
+    _check([q, k, v, pos, q_pos, keep], splits=2, block_n=16)
+    big_v = torch.zeros(2, 2, 20, 32, device=DEV)
+    big_v[..., 5:21] = v
+    _check([q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2), pos, q_pos, keep], splits=2, block_n=16)
+    _check([q, k, big_v[..., 5:21], pos, q_pos, keep], splits=2, block_n=16)
+    with pytest.raises(InvalidArgumentError, match="q_pos"):
+        masked_decode(q, k, v, pos, q_pos[:, :0], keep, splits=2, block_n=16)
+    with pytest.raises(InvalidArgumentError, match="bad shapes"):
+        masked_decode(q, k, v, pos[:, :, 1:], q_pos, keep, splits=2, block_n=16)
