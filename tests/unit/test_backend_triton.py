@@ -260,3 +260,25 @@ def test_apply_triton_matches_reference_hf_padded(name):
     model = getattr(tm, name)().to(DEV)
     b = {k: v.to(DEV) for k, v in tm.batch([12, 7], 12).items()}
     _compare_backends(model, b, 12, TOL)
+
+
+def test_triton_backend_under_autocast_with_mixed_dtypes():
+    """Under autocast a Llama's rotary embedding leaves q, k in float32 and v in the autocast dtype; the
+    backend casts all three to the autocast dtype, as scaled_dot_product_attention does (it used to
+    refuse). bfloat16 on the GPU; float16 under the interpreter (which miscomputes bfloat16: numpy has none)."""
+    dt, eps = (torch.bfloat16, 2 ** -8) if HAS_CUDA else (torch.float16, 2 ** -11)
+    B, H, L, D = 1, 2, 32, 16
+    sm = make_site("causal", H, H, L, L, block=16, p=0.7)
+    q, k = (torch.randn(B, H, L, D, device=DEV) for _ in range(2))
+    v = torch.randn(B, H, L, D, device=DEV).to(dt)
+    with torch.autocast(DEV, dtype=dt):
+        out = triton_backend(q, k, v, sm, is_causal=True)
+    assert out.dtype == dt
+    qb, kb = q.to(dt), k.to(dt)
+    same = triton_backend(qb, kb, v, sm, is_causal=True)
+    assert torch.equal(out, same)  # exactly the call on inputs of one dtype
+    tok = sm.keep_tokens(L, L, device=DEV) & torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
+    ref = ref_attention(qb, kb, v, tok[None])
+    assert rel(out, ref) < 4 * eps  # a few roundings of the autocast dtype
+    with pytest.raises(Exception, match="fp16/bf16/fp32"):  # without autocast mixed dtypes stay an error
+        triton_backend(q, k, v, sm, is_causal=True)

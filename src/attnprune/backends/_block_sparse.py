@@ -107,6 +107,18 @@ def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
     return BACKENDS.get("reference")(q, k, v, site_mask, **kw)
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``q, k, v`` as ``scaled_dot_product_attention`` takes them under autocast: all cast to the
+    autocast dtype of their device type when autocast is on there (a kernel called directly is not
+    cast by autocast; under bf16 autocast a Llama's rotary embedding leaves q, k in float32 and v in
+    bfloat16), unchanged otherwise."""
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dt = torch.get_autocast_dtype(dev)
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
 def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
@@ -124,6 +136,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
                 q_offset=0, beyond="error", positions=None):
+        q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
         if positions is not None:
