@@ -19,7 +19,8 @@ over the dense cache unmasked, and the pre-kernel path (``keep_at`` mask + SDPA 
 
 ``--host`` (CPU): the host work of one decode step (one new token per sequence) with the same
 model and mask (fp32, default 512 context x batch 2, left padding with ``--pad``): aten ops
-dispatched per step, split into the cache update, the attention call and the rest of the model;
+dispatched per step, split into the cache update, the attention call (``_Patch._pruned`` apart
+from the capture around it) and the rest of the model;
 host syncs per step (``aten._local_scalar_dense`` and ``Tensor.tolist`` calls, plus ops of
 data-dependent output size) and the median / mean wall time of a bare step, for transformers'
 ``DynamicCache`` (dense), ``PrunedKVCache`` on the CPU path (SDPA with the keep mask) and
@@ -219,6 +220,7 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
     """Per decode step on the CPU: aten ops by region (cache update / attention call / rest), host
     syncs by region, wall ms (median and mean over ``steps`` steps; compactions included in the mean)."""
     import statistics
+    import sys
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -231,6 +233,8 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
     from attnprune.bench.model import build_model
     from attnprune.cache import PrunedLayer
     from attnprune.kernels import decode
+
+    patch_cls = sys.modules["attnprune.apply"]._Patch  # (``attnprune.apply`` is also a function)
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -290,9 +294,10 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
         with contextlib.ExitStack() as st:
             saved = {k: mapping[k] for k in ("sdpa", "attnprune") if k in mapping}
             st.callback(mapping.update, saved)
-            for cls in (PrunedLayer, DynamicLayer):
-                st.callback(setattr, cls, "update", cls.update)
-                cls.update = region("cache", cls.update)
+            for cls, name, region_name in ((PrunedLayer, "update", "cache"), (DynamicLayer, "update", "cache"),
+                                           (patch_cls, "_pruned", "pruned")):  # "pruned": within "attention"
+                st.callback(setattr, cls, name, getattr(cls, name))
+                setattr(cls, name, region(region_name, getattr(cls, name)))
             st.callback(setattr, torch.Tensor, "tolist", real_tolist)
             torch.Tensor.tolist = tolist
             if variant == "pruned_cuda_path":
@@ -329,7 +334,7 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                     else:
                         per["ms"].append(1e3 * dt)
                         per["region_ms"].append({k: 1e3 * v for k, v in spent.items()})
-        def stat(fn, key, regions=("cache", "attention", "model")):  # over the steps after the first (which
+        def stat(fn, key, regions=("cache", "pruned", "attention", "model")):  # over the steps after the first (which
             return {r: fn(x.get(r, 0) for x in per[key][1:]) for r in regions}  # compacts the prompt)
 
         row = {"variant": variant, "context": context, "batch": batch, "pad": pad, "steps": steps,
@@ -338,8 +343,8 @@ def host_profile(context: int = 512, batch: int = 2, steps: int = 64, pad: int =
                "sync_sites": dict(sites),
                "last_step_ops": {k: v for k, v in sorted(names.items()) if not k.startswith("model:")},
                "step_ms_median": statistics.median(per["ms"][1:]), "step_ms_mean": statistics.mean(per["ms"][1:]),
-               "region_ms_median": stat(statistics.median, "region_ms", ("cache", "attention")),
-               "region_ms_mean": stat(statistics.mean, "region_ms", ("cache", "attention"))}
+               "region_ms_median": stat(statistics.median, "region_ms", ("cache", "pruned", "attention")),
+               "region_ms_mean": stat(statistics.mean, "region_ms", ("cache", "pruned", "attention"))}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -377,13 +382,15 @@ def main():
         ctx = int(a.contexts) if a.contexts != "4096,8192" else 512
         B = int(a.batches) if a.batches != "1,8" else 2
         rows = host_profile(ctx, B, a.steps, a.pad, a.block, a.sparsity)
-        print(f"{'variant':>17} {'cache ops':>9} {'attn ops':>8} {'model ops':>9} {'syncs/step':>10} "
-              f"{'cache ms':>8} {'attn ms':>7} {'step ms':>7} (medians; syncs: mean, all regions)")
+        print(f"{'variant':>17} {'cache ops':>9} {'_pruned ops':>11} {'other attn ops':>14} {'model ops':>9} "
+              f"{'syncs/step':>10} {'cache ms':>8} {'_pruned ms':>10} {'attn ms':>7} {'step ms':>7}")
         for r in rows:
             o, t = r["ops_median"], r["region_ms_median"]
-            print(f"{r['variant']:>17} {o['cache']:>9.0f} {o['attention']:>8.0f} {o['model']:>9.0f} "
-                  f"{sum(r['syncs_total'].values()) / (r['steps'] - 1):>10.2f} {t['cache']:>8.2f} "
-                  f"{t['attention']:>7.2f} {r['step_ms_median']:>7.2f}")
+            print(f"{r['variant']:>17} {o['cache']:>9.0f} {o['pruned']:>11.0f} {o['attention']:>14.0f} "
+                  f"{o['model']:>9.0f} {sum(r['syncs_total'].values()) / (r['steps'] - 1):>10.2f} "
+                  f"{t['cache']:>8.2f} {t['pruned']:>10.2f} {t['attention']:>7.2f} {r['step_ms_median']:>7.2f}")
+        print("(medians over the steps after the first; syncs: mean per step, all regions; _pruned ms is part of "
+              "attn ms, _pruned ops are not part of other attn ops)")
         if a.out:
             write_json(a.out, {"environment": environment("cpu"), "command": "bench/decode_bench.py --host",
                                "rows": rows})
