@@ -29,6 +29,7 @@
 #   recovery2k / recovery8k   scripts/recovery.sh at 2k (64-blocks, 80%) / 8k (128-blocks, 90%): K=80 masked
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
+#   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -80,6 +81,10 @@ while [ $# -gt 0 ]; do
     decode)
         stage decode 330 python3 bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 \
             -o "$RUNS/decode.json" ;;
+    quick)  # this session's change checks in few device seconds: overhead (triton, 4k x 1, no padding) and decode 8k x 8
+        stage overhead_quick 90 python3 bench/overhead.py --backend triton --pads none,right --reps 10 \
+            --out "$RUNS/overhead_quick.json"
+        stage decode_quick 120 python3 bench/decode_bench.py --contexts 8192 --batches 8 --new 32 -o "$RUNS/decode_quick.json" ;;
     recovery)
         stage recovery 340 bash scripts/recovery.sh --quiet --steps 150 --seq-len 512 --batch-size 8 \
             --lr 1e-4 --schedule cosine --warmup 10 --calib 96 --test 128 --out "$RUNS/recovery" ;;
@@ -119,7 +124,7 @@ while [ $# -gt 0 ]; do
             recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;
             recovery8k) args=(--seq-len 8192 --batch-size 1 --calib 8 --test 8 --sparsities 0.9 --block 128) ;;
         esac
-        stage "$1" 400 bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
+        stage "$1" ${RECOVERY_LIMIT:-400} bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
             --warmup 8 --policies layer structured streaming random --backend triton --out "$RUNS/$1" ;;
     maskbench)
         m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
