@@ -2,11 +2,15 @@
 
     attnprune eval --model smollm2 --data austen --seq-len 256 --calib 32 --test 16 -o runs/eval
     attnprune eval --model minilm --data sentiment --train 4000 --calib 1000 --test 1000 -o runs/eval-minilm
+    attnprune eval --device cuda --seq-len 8192 --calib 8 --test 8 --batch-size 1 --blocks 128 \
+        --policies layer structured streaming random --scores prob value --ood-data text:bible-en.txt \
+        --save-masks -o runs/long8k          # long context: block statistics, masks the kernels skip
 
 Causal LMs are scored by perplexity on the dataset's ``test`` split, classifiers by accuracy (a
 linear head is first trained on the ``train`` split; ``--finetune`` trains the encoder too).
 Attention is observed on the ``calibration`` split, which never overlaps the test split.
-Writes ``report.md``, ``results.json``, PNG plots and ``stats.safetensors`` into ``--out``.
+Writes ``report.md``, ``results.json``, PNG plots and ``stats.safetensors`` (``stats-<score>.safetensors``
+for other scores; ``masks/`` with ``--save-masks``) into ``--out``.
 The workflow is ``attnprune.experiments.sweep.run_eval``.
 """
 
