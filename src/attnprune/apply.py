@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Iterator
 
@@ -16,6 +17,12 @@ from .errors import InvalidArgumentError, MaskMismatchError
 from .mask import BEYOND
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+_LAST_COUNTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # after detach
+
+
+class OutsideCalibrationWarning(UserWarning):
+    """Attention entries were computed outside the mask's calibrated region (``beyond="dense"`` or
+    ``"extend"``); given once per ``attach``. :func:`outside_counts` counts them."""
 
 
 class _Patch:
@@ -30,6 +37,8 @@ class _Patch:
         self.checked = False
         self.pruned_layers: dict = {}  # site -> the PrunedKVCache layer last used there (cache.py)
         self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
+        self.counts: dict = {}  # site -> [calls, calls outside, entries, entries outside] (outside_counts)
+        self.warned = False
         self.interceptor = Interceptor(model, self)
         self.interceptor.after_forward = self.after_forward
 
@@ -45,7 +54,9 @@ class _Patch:
                                     f"{call.info.num_heads}; the mask was made for another model")
         layer = self.pruned_layers.get(call.site)
         if layer is not None and call.k is layer.keys and layer.held_before:
-            return self._pruned(call, sm, layer)
+            out = self._pruned(call, sm, layer)
+            self._count(call, sm)
+            return out
         lq, lk = call.q.shape[2], call.k.shape[2]
         pos = call.positions
         beyond = self.beyond
@@ -61,9 +72,11 @@ class _Patch:
                 self.decoder_pad_from = _first_unused_key(call) if beyond == "error" and outside else None
             if beyond == "error" and outside and _padding_only(call, sm, pos.q_offset, self.decoder_pad_from):
                 beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
-        return self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
-                            scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
-                            positions=None if pos.simple else (pos.q, pos.k))
+        out = self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
+                           scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
+                           positions=None if pos.simple else (pos.q, pos.k))
+        self._count(call, sm, padding_only=beyond != self.beyond)  # after the backend: it raises LengthError
+        return out
 
     def _pruned(self, call: AttentionCall, sm, layer):
         """A call over a ``PrunedKVCache`` layer's compacted keys: each head attends to its group's
@@ -86,6 +99,35 @@ class _Patch:
                                              enable_gqa=call.q.shape[1] != layer.pos.shape[1])
         return torch.where(allowed.any(-1, keepdim=True), out, 0.0)  # a row with nothing kept: 0
 
+    def _count(self, call: AttentionCall, sm, padding_only: bool = False) -> None:
+        """Add the call's attention entries, and those outside the calibrated region, to
+        ``self.counts`` (host arithmetic on shapes and host positions only: no tensor op, no sync)."""
+        pos, lq, lk = call.positions, call.q.shape[2], call.k.shape[2]
+        if pos.simple:
+            r0 = pos.q_offset
+            r1 = r0 + lq if pos.q_end is None else min(r0 + lq, pos.q_end)
+            kmax = lk if pos.k_end is None else min(lk, pos.k_end)
+        else:  # positions differ between sequences: counted on the longest one
+            r1 = pos.q_end if pos.q_end is not None else pos.q_offset + lq
+            r0 = max(0, r1 - lq)
+            kmax = pos.k_end if pos.k_end is not None else lk
+        causal, batch = call.kind == "causal", call.q.shape[0]
+        total = _entries(r0, r1, kmax, causal)
+        out = 0 if padding_only else total - _entries(r0, min(r1, sm.q_len), min(kmax, sm.k_len), causal)
+        c = self.counts.setdefault(call.site, [0, 0, 0, 0])
+        c[0] += 1
+        c[2] += batch * total
+        if out > 0:
+            c[1] += 1
+            c[3] += batch * out
+            if not self.warned:
+                self.warned = True
+                how = "densely" if self.beyond == "dense" else "by the mask's length-free form (sinks + band)"
+                warnings.warn(
+                    f"site {call.site!r}: attention entries past the mask's calibrated length "
+                    f"({sm.q_len} x {sm.k_len}) are computed {how}; attnprune.apply.outside_counts(model) "
+                    f"counts them per site (warned once per attach)", OutsideCalibrationWarning, stacklevel=2)
+
     def after_forward(self, kwargs: dict) -> None:
         it = self.interceptor
         self.decoder_pad_from = None
@@ -94,6 +136,17 @@ class _Patch:
         if not self.checked and not partial:
             self.mask.check_model(it.infos)
             self.checked = True
+
+
+def _entries(r0: int, r1: int, kmax: int, causal: bool) -> int:
+    """Query rows ``r0 .. r1-1`` against keys ``0 .. kmax-1``: the entries they read (a causal row
+    ``r`` reads ``min(r + 1, kmax)`` keys), in closed form."""
+    if r1 <= r0 or kmax <= 0:
+        return 0
+    if not causal:
+        return (r1 - r0) * kmax
+    split = min(max(kmax, r0), r1)  # rows r < kmax read r + 1 keys, the rest kmax
+    return (split * (split + 1) - r0 * (r0 + 1)) // 2 + (r1 - split) * kmax
 
 
 def _pruned_allowed(sm, layer, q_pos: torch.Tensor, beyond: str, inside: bool) -> torch.Tensor:
@@ -211,7 +264,44 @@ def detach(model: nn.Module) -> nn.Module:
     if patch is None:
         raise InvalidArgumentError("no mask is attached to this model")
     patch.interceptor.remove()
+    _LAST_COUNTS[model] = (patch.beyond, patch.counts)
     return model
+
+
+def outside_counts(model: nn.Module, *, reset: bool = False) -> dict:
+    """How much attention the attached mask's run computed outside its calibrated region.
+
+    Returns ``{"beyond", "calls", "entries", "total", "share", "sites"}``: ``entries`` are the
+    query x key entries (per head, summed over the batch's sequences) whose query or key position
+    lies past the mask's calibrated lengths, computed densely (``beyond="dense"``) or by the
+    length-free form (``beyond="extend"``); ``total`` all entries the masked sites were asked for
+    (causal sites: keys up to the query); ``share = entries / total``; ``calls`` the attention calls
+    with some entry outside. ``sites[name]`` holds the same four per site. Entries of padding past
+    the longest real sequence of a call are not counted; in a padded batch, each sequence counts as
+    long as the call's longest one (an upper bound). Counted on the host, without synchronisation.
+
+    Reads the attached mask's counts, or, after :func:`detach` (the end of ``with apply(...)``), the
+    last attachment's. ``reset=True`` zeroes them after reading. ``InvalidArgumentError`` if no mask
+    was ever attached to ``model``.
+    """
+    patch = _ATTACHED.get(model)
+    if patch is not None:
+        beyond, counts = patch.beyond, patch.counts
+    elif model in _LAST_COUNTS:
+        beyond, counts = _LAST_COUNTS[model]
+    else:
+        raise InvalidArgumentError("no mask is or was attached to this model")
+
+    def row(calls, entries, total):
+        return {"calls": calls, "entries": entries, "total": total, "share": entries / total if total else 0.0}
+
+    sites = {name: row(c[1], c[3], c[2]) for name, c in counts.items()}
+    out = {"beyond": beyond, **row(sum(s["calls"] for s in sites.values()),
+                                   sum(s["entries"] for s in sites.values()),
+                                   sum(s["total"] for s in sites.values())), "sites": sites}
+    if reset:
+        counts.clear()
+    return out
 
 
 def attached(model: nn.Module):
