@@ -5,7 +5,9 @@ synthetic sink + band block mask (block 64: the first block column and a band of
 ``--new`` tokens after a ``--context``-token prompt. Reports, per variant: prefill time, decode
 tokens/s (batch x new tokens over the decode time: time of the whole generation minus the time of
 a 1-token generation), peak GPU memory over the weights, and for PrunedKVCache the bytes it holds
-against a dense cache's. Also checks that the PrunedKVCache tokens equal the stock cache's.
+against a dense cache's. Also checks that the PrunedKVCache tokens equal the stock cache's. The
+measurement is the library's (:mod:`attnprune.bench.decode`, also ``attnprune bench --model smollm2
+--model-modes decode``); this script runs it with one warm-up and one timed generation.
 
     python bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 -o decode.json
 
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import time
 
@@ -42,105 +43,29 @@ import torch
 
 
 def band_mask(model, length: int, block: int, sparsity: float):
-    """Sink block column + a band of diagonal blocks, wide enough for ~``sparsity``."""
+    """Sink block column + a band of diagonal blocks, wide enough for ~``sparsity``
+    (:func:`attnprune.bench.decode.band_mask` over ``model``'s sites); returns (mask, achieved sparsity)."""
+    from attnprune.bench import decode
     from attnprune.bench.model import discover_sites
-    from attnprune.mask import PruneMask, SiteMask
 
-    infos = discover_sites(model, 49152, next(model.parameters()).device)
-    nb = -(-length // block)
-    i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-    width = max(1, round((1 - sparsity) * nb / 2))
-    keep = ((j == 0) | ((i - j >= 0) & (i - j < width))) & (j <= i)
-    sms = [SiteMask(info, length, length, keep=keep.expand(info.num_heads, nb, nb).clone(), block=block)
-           for info in infos.values()]
-    kept = keep.sum().item() / (nb * (nb + 1) / 2)
-    return PruneMask(sms, {"model": {"name": "decode-bench"}, "block": block}), 1 - kept
+    infos = discover_sites(model, model.config.vocab_size, next(model.parameters()).device)
+    return decode.band_mask(infos, length, block, sparsity)
 
 
 def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, device: str = "cuda"):
-    import attnprune
-    from attnprune import PrunedKVCache
-    from attnprune.bench.model import build_model
+    """Rows (dicts) of :func:`attnprune.bench.decode.run` for SmolLM2 in bf16, one warm-up and one timed
+    generation of each length per variant."""
+    from dataclasses import asdict
 
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = []
-    for ctx in contexts:
-        model = build_model("smollm2", ctx + new + 24, dev, torch.bfloat16)[0].eval()
-        weights = torch.cuda.memory_allocated() if cuda else 0
-        mask, achieved = band_mask(model, ctx + new + 16, block, sparsity)  # + the bare steps
-        for B in batches:
-            ids = torch.randint(3, 49152, (B, ctx), device=dev, generator=torch.Generator(dev).manual_seed(1))
+    from attnprune.bench import decode
 
-            def gen(n, variant):
-                kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-                if variant == "pruned":
-                    kw["past_key_values"] = PrunedKVCache(model, mask)
-                out = model.generate(ids, **kw, return_dict_in_generate=True)
-                return out
-
-            for variant in ("dense", "masked", "pruned"):
-                ctxm = attnprune.apply(model, mask, backend=backend) if variant != "dense" else contextlib.nullcontext()
-                with torch.no_grad(), ctxm:
-                    gen(2, variant)  # warm-up (kernels compiled, layouts built)
-                    sync()
-                    t0 = time.perf_counter()
-                    gen(1, variant)
-                    sync()
-                    t_pre = time.perf_counter() - t0
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    t0 = time.perf_counter()
-                    out = gen(new, variant)
-                    sync()
-                    t_all = time.perf_counter() - t0
-                    peak = torch.cuda.max_memory_allocated() - weights if cuda else 0
-                    cache = out.past_key_values
-                    held = None
-                    if variant == "pruned":
-                        held = cache.kv_bytes()
-                    seqs = out.sequences
-                    gc.collect()
-                    step_ms, steady = _step_ms(model, ids, variant, mask, sync, steps=16)
-                    gc.collect()
-                row = {"context": ctx, "batch": B, "variant": variant, "new_tokens": new,
-                       "prefill_s": t_pre, "decode_tok_s": B * (new - 1) / max(t_all - t_pre, 1e-9),
-                       "peak_mib_over_weights": peak / 2**20, "kv_bytes": held, "sparsity": achieved,
-                       "bare_step_ms": step_ms, "steady_mib_over_weights": steady - weights / 2**20}
-                if variant == "masked":
-                    ref = seqs
-                if variant == "pruned":
-                    row["same_tokens_as_masked"] = bool(torch.equal(seqs, ref))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+    rows = decode.run("smollm2", contexts, [sparsity], batches=batches, new_tokens=new, backend=backend,
+                      block=block, warmup=1, reps=1, device=device, dtype=torch.bfloat16,
+                      log=lambda line: None)
+    rows = [asdict(r) for r in rows]
+    for r in rows:
+        print(json.dumps(r), flush=True)
     return rows
-
-
-def _step_ms(model, ids, variant, mask, sync, steps: int) -> tuple[float, float]:
-    """Median ms of one bare decode forward (no ``generate``): prefill into a cache, then ``steps``
-    single-token forwards feeding back the argmax, each synchronised. Also the GPU memory allocated
-    after them (MiB): weights + the cache in its steady decode state + the last logits."""
-    from transformers import DynamicCache
-
-    from attnprune import PrunedKVCache
-
-    cache = PrunedKVCache(model, mask) if variant == "pruned" else DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    times = []
-    for _ in range(steps):
-        nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-    mem = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-    return 1e3 * sorted(times)[len(times) // 2], mem
 
 
 def kernel_only(contexts, batches, block: int, sparsity: float, device: str = "cuda"):
@@ -407,13 +332,17 @@ def main():
 
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
                a.backend, a.block, a.sparsity, a.device)
+    def f(x, spec):  # "-" for None, in the column's width
+        return format("-", spec.split(".")[0]) if x is None else format(x, spec)
+
     print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'step ms':>8} {'peak MiB':>9} "
-          f"{'KV share':>8} {'steady MiB':>10}")
+          f"{'KV share':>8} {'steady MiB':>10} {'same tokens':>11}")
     for r in rows:
-        share = f"{r['kv_bytes']['share']:.3f}" if r["kv_bytes"] else "-"
-        print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {1e3 * r['prefill_s']:>10.1f} "
-              f"{r['decode_tok_s']:>12.1f} {r['bare_step_ms']:>8.2f} {r['peak_mib_over_weights']:>9.0f} {share:>8} "
-              f"{r['steady_mib_over_weights']:>10.0f}")
+        same = "" if r["same_tokens_as_masked"] is None else str(r["same_tokens_as_masked"])
+        print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {f(r['prefill_ms'], '>10.1f')} "
+              f"{f(r['decode_tok_s'], '>12.1f')} {f(r['bare_step_ms'], '>8.2f')} "
+              f"{f(r['peak_mib_over_weights'], '>9.0f')} {f(r['kv_share'], '>8.3f')} "
+              f"{f(r['steady_mib_over_weights'], '>10.0f')} {same:>11} {r['note']}")
     if a.out:
         write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows})
 

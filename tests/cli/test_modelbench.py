@@ -37,12 +37,113 @@ def test_model_bench_cpu(capsys, tmp_path, arch):
     (["--model", "tiny-llama", "--sparsities", "1.5"], ["sparsity"]),
     (["--model", "tiny-llama", "--sparsities", "-0.1"], ["sparsity"]),
     (["--model", "tiny-llama", "--lengths", "0"], ["lengths"]),
-    (["--model", "tiny-llama", "--model-modes", "decode"], ["decode"]),
+    (["--model", "tiny-llama", "--model-modes", "banana"], ["banana", "prefill", "train", "decode"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--new-tokens", "0"], ["--new-tokens", "0"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--new-tokens", "1"], ["--new-tokens", "1"]),
+    (["--model", "tiny-bert", "--model-modes", "decode"], ["decode", "causal", "tiny-bert"]),
+    (["--model", "tiny-bert", "--model-modes", "prefill,decode"], ["decode", "causal", "tiny-bert"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--batch", "0"], ["--batch"]),
 ])
-def test_model_bench_bad_input(capsys, tmp_path, argv, words):
+def test_model_bench_bad_input(capsys, tmp_path, monkeypatch, argv, words):
+    from attnprune.bench import decode, model as mb  # (decode imported before model's build_model is patched)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the input was checked")
+
+    monkeypatch.setattr(mb, "build_model", no_model)
+    monkeypatch.setattr(decode, "build_model", no_model)
     rc, _, err = run(capsys, "bench", *argv, "--backend", "reference", "--block", "8",
                      "-o", tmp_path / "x.json")
     assert_clean_error(rc, err, *words)
+    assert not (tmp_path / "x.json").exists()
+
+
+def _decode_rows(capsys, tmp_path, *extra):
+    js, md = tmp_path / "dec.json", tmp_path / "dec.md"
+    rc, out, err = run(capsys, "bench", "--model", "tiny-llama", "--model-modes", "decode", "--lengths", "32",
+                       "--batch", "2", "--new-tokens", "4", "--block", "8", "--backend", "reference",
+                       "--warmup", "0", "--reps", "1", "-o", js, "--markdown", md, *extra)
+    assert rc == 0, err
+    return json.loads(js.read_text()), md.read_text()
+
+
+def test_model_bench_decode_cpu(capsys, tmp_path):
+    data, table = _decode_rows(capsys, tmp_path, "--sparsities", "0.5")
+    rows = data["rows"]
+    assert data["new_tokens"] == 4 and data["modes"] == ["decode"]
+    assert [r["variant"] for r in rows] == ["dense", "masked", "pruned"]
+    for r in rows:
+        assert r["mode"] == "decode" and r["arch"] == "tiny-llama"
+        assert (r["context"], r["batch"], r["new_tokens"]) == (32, 2, 4)
+        # decode tok/s: positive, or no figure when the host's noise swallowed the decode time (not a timing claim)
+        assert (r["decode_tok_s"] is not None and r["decode_tok_s"] > 0) or "timer noise" in r["note"]
+        assert r["bare_step_ms"] > 0 and r["prefill_ms"] > 0
+        assert r["peak_mib_over_weights"] is None and r["steady_mib_over_weights"] is None  # CPU: n/a
+    dense, masked, pruned = rows
+    assert dense["mask"] is None and dense["backend"] == "sdpa" and dense["kv_share"] is None
+    assert masked["backend"] == pruned["backend"] == "reference"
+    assert masked["mask"] == pruned["mask"] == "sink+band" and masked["sparsity"] == 0.5
+    assert 0 < pruned["achieved_sparsity"] < 1
+    kv = pruned["kv_bytes"]
+    assert 0 < kv["held"] < kv["dense"] and pruned["kv_share"] == kv["share"] < 1
+    assert pruned["same_tokens_as_masked"] is True  # greedy: PrunedKVCache gives the stock cache's tokens
+    assert masked["same_tokens_as_masked"] is None and masked["kv_bytes"] is None
+    assert "| dense |" in table and "| pruned |" in table and "decode tok/s" in table and "| yes |" in table
+
+
+def test_model_bench_decode_next_to_prefill_and_batches(capsys, tmp_path):
+    data, table = _decode_rows(capsys, tmp_path, "--sparsities", "0.5,0.9", "--model-modes", "prefill,decode",
+                               "--batch", "1,2")
+    rows = data["rows"]
+    dec = [r for r in rows if r["mode"] == "decode"]
+    pre = [r for r in rows if r["mode"] == "prefill"]
+    assert {r["batch"] for r in dec} == {r["batch"] for r in pre} == {1, 2}
+    for b in (1, 2):  # one dense row per (context, batch), masked + pruned per sparsity
+        mine = [(r["variant"], r["sparsity"]) for r in dec if r["batch"] == b]
+        assert mine == [("dense", None), ("masked", 0.5), ("pruned", 0.5), ("masked", 0.9), ("pruned", 0.9)]
+    pruned = {r["sparsity"]: r for r in dec if r["variant"] == "pruned" and r["batch"] == 2}
+    assert pruned[0.9]["kv_share"] < pruned[0.5]["kv_share"] < 1
+    assert all(r["same_tokens_as_masked"] for r in dec if r["variant"] == "pruned")
+    assert "| prefill |" in table and "| pruned |" in table
+
+
+def test_model_bench_decode_real_mask(capsys, tmp_path):
+    """--masks: decoded at the mask's calibrated length less the new tokens and the bare steps, next to a
+    sink + band mask of its sparsity."""
+    import torch
+
+    from attnprune.bench import decode
+    from attnprune.bench.model import build_model, discover_sites
+
+    model, cfg, _ = build_model("tiny-llama", 64, torch.device("cpu"), torch.float32)
+    length = 32 + 4 + decode.BARE_STEPS
+    mask, _ = decode.band_mask(discover_sites(model, cfg.vocab_size, torch.device("cpu")), length, 8, 0.7)
+    f = tmp_path / "real.mask"
+    mask.save(f)
+    data, table = _decode_rows(capsys, tmp_path, "--sparsities", "0.5", "--lengths", "16", "--masks", f)
+    rows = data["rows"]
+    real = [r for r in rows if r["mask"] == "real"]
+    assert [r["variant"] for r in real] == ["masked", "pruned"] and {r["context"] for r in real} == {32}
+    assert real[1]["same_tokens_as_masked"] is True and real[1]["kv_share"] < 1
+    near = [r for r in rows if r["note"].startswith("density of real")]
+    assert [r["variant"] for r in near] == ["masked", "pruned"] and near[0]["mask"] == "sink+band"
+    assert {r["context"] for r in rows} == {16, 32}
+    assert [r["variant"] for r in rows if r["context"] == 32 and r["mask"] is None] == ["dense"]
+
+
+def test_model_bench_decode_mask_too_short(capsys, tmp_path):
+    import torch
+
+    from attnprune.bench import decode
+    from attnprune.bench.model import build_model, discover_sites
+
+    model, cfg, _ = build_model("tiny-llama", 64, torch.device("cpu"), torch.float32)
+    mask, _ = decode.band_mask(discover_sites(model, cfg.vocab_size, torch.device("cpu")), 16, 8, 0.5)
+    f = tmp_path / "short.mask"
+    mask.save(f)
+    rc, _, err = run(capsys, "bench", "--model", "tiny-llama", "--model-modes", "decode", "--masks", f,
+                     "--new-tokens", "4", "--backend", "reference", "-o", tmp_path / "x.json")
+    assert_clean_error(rc, err, "short", "16", "--new-tokens")
     assert not (tmp_path / "x.json").exists()
 
 

@@ -14,14 +14,17 @@ download). For every length it times, with batch ``batch``:
 Modes: ``prefill`` (forward under ``no_grad``, no KV cache) and ``train`` (forward with the LM loss,
 backward, AdamW step). On CUDA the time is the median over ``reps`` runs after ``warmup``
 (synchronised wall clock) and the peak memory is ``torch.cuda.max_memory_allocated``; on CPU the
-time is wall clock and memory is reported as ``None`` ("n/a").
+time is wall clock and memory is reported as ``None`` ("n/a"). Mode ``decode`` (causal models):
+greedy generation, dense vs masked vs masked with ``PrunedKVCache``, its own rows
+(:mod:`attnprune.bench.decode`). :func:`run` sends each mode to its runner (``RUNNERS``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+import itertools
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Callable
 
 import torch
@@ -33,7 +36,9 @@ from ..policies import check_sparsity
 from ..environment import environment  # noqa: F401 - the record of this benchmark's files
 from ..runtime import default_device
 
-MODES = ("prefill", "train")
+GRID_MODES = ("prefill", "train")  # the prefill / train grid of this module
+MODES = GRID_MODES + ("decode",)  # every mode (RUNNERS)
+DEFAULT_MODES = GRID_MODES
 
 
 # ---------------------------------------------------------------------------------- architectures
@@ -226,27 +231,67 @@ def mask_length(mask: PruneMask) -> int:
     return max(mask.site(s).q_len for s in mask.sites)
 
 
-def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MODES, batch: int = 1,
+def check_modes(arch: str, modes, new_tokens: int = 64, lengths=(), batches=(), masks=None) -> str:
+    """``InvalidArgumentError`` for an unknown mode, or for ``decode`` on an encoder, with fewer than 2
+    new tokens or a mask too short for them (before any model is built); returns the ``ARCHS`` key."""
+    arch = resolve_arch(arch)
+    if not modes:
+        raise InvalidArgumentError(f"no mode given: use {', '.join(MODES)}")
+    for m in modes:
+        if m not in RUNNERS:
+            raise InvalidArgumentError(f"unknown mode {m!r}: use {', '.join(MODES)}")
+    if "decode" in modes:
+        from . import decode
+
+        decode.check(arch, new_tokens, lengths, batches, masks)
+    return arch
+
+
+def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEFAULT_MODES, batch=1,
         block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print,
-        masks: dict[str, PruneMask] | None = None) -> list[ModelBenchRow]:
-    """Run the grid; returns one row per (length, mode, variant[, sparsity]).
+        masks: dict[str, PruneMask] | None = None, new_tokens: int = 64) -> list:
+    """Run the grid; returns one row per (length, batch, mode, variant[, sparsity]): ``ModelBenchRow``
+    (prefill, train) and ``decode.DecodeBenchRow`` (decode: ``lengths`` are the prompt lengths,
+    ``new_tokens`` generated). ``batch``: an int or a sequence of them.
 
     masks: ``{label: PruneMask}`` of real masks (e.g. saved by ``attnprune eval --save-masks``), each
     timed at its calibrated length (which is added to ``lengths``) as variant ``ap-mask`` (``note``: the
     label), next to a synthetic mask of the same achieved sparsity (variant ``masked``, ``note``
-    ``"density of <label>"``). The masks must match the model's sites (checked before timing)."""
+    ``"density of <label>"``). The masks must match the model's sites (checked before timing).
+    Decode: see :func:`attnprune.bench.decode.run`."""
+    batches = [batch] if isinstance(batch, int) else [int(b) for b in batch]
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 1 for n in lengths):
+        raise InvalidArgumentError(f"lengths must be positive integers, got {lengths}")
+    arch = check_modes(arch, modes, new_tokens, lengths, batches, masks)
+    groups: dict[Callable, list[str]] = {}
+    for m in dict.fromkeys(modes):
+        groups.setdefault(RUNNERS[m], []).append(m)
+    rows: list = []
+    for runner, ms in groups.items():
+        rows += runner(arch, lengths, sparsities, modes=ms, batches=batches, backend=backend, block=block,
+                       warmup=warmup, reps=reps, device=device, dtype=dtype, log=log, masks=masks,
+                       new_tokens=new_tokens)
+    return rows
+
+
+def _decode(arch, lengths, sparsities, *, modes, batches, masks, new_tokens, **kw) -> list:
+    from . import decode
+
+    return decode.run(arch, lengths, sparsities, batches=batches, new_tokens=new_tokens, masks=masks, **kw)
+
+
+def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block: int, warmup: int, reps: int,
+          device, dtype, log, masks: dict[str, PruneMask] | None, new_tokens: int) -> list[ModelBenchRow]:
+    """The prefill / train grid of :func:`run` (``new_tokens`` unused)."""
     from ..apply import apply
     from ..capture import intercept
 
-    arch = resolve_arch(arch)
     sparsities = [check_sparsity(s) for s in sparsities]
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
         raise InvalidArgumentError(f"lengths must be positive integers, got {lengths}")
-    for m in modes:
-        if m not in MODES:
-            raise InvalidArgumentError(f"unknown mode {m!r}: use {' and/or '.join(MODES)}")
-    if batch < 1 or block < 1 or reps < 1 or warmup < 0:
+    if not batches or min(batches) < 1 or block < 1 or reps < 1 or warmup < 0:
         raise InvalidArgumentError("batch, block and reps must be >= 1, warmup >= 0")
     device = default_device(device)
     if dtype is None:
@@ -265,7 +310,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
         except Exception as e:
             raise InvalidArgumentError(f"mask {label}: it does not fit the {arch} architecture: {e}") from None
     rows: list[ModelBenchRow] = []
-    for n in lengths:
+    for n, batch in itertools.product(lengths, batches):
         g = torch.Generator().manual_seed(n)
         ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=g).to(device)
         here = {label: m for label, m in real.items() if mask_length(m) == n}
@@ -308,7 +353,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
                 one("masked", backend, lambda mk=syn: apply(model, mk, backend=backend), round(float(here[label].sparsity), 4),
                     round(syn.sparsity, 4), label=f"density of {label}")
             for r in rows:
-                if r.length == n and r.mode == mode and r.ms:
+                if r.length == n and r.batch == batch and r.mode == mode and r.ms:
                     if base["none"] is not None and r.variant != "no-attention":
                         r.attention_share = round(max(0.0, (r.ms - base["none"]) / r.ms), 4)
                     if base["dense"] is not None:
@@ -317,12 +362,29 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=MOD
     return rows
 
 
+RUNNERS: dict[str, Callable] = {"prefill": _grid, "train": _grid, "decode": _decode}  # mode -> its runner
+
+
 # ---------------------------------------------------------------------------------- output
 def _fmt(x, nd=1) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def markdown_table(rows: list[ModelBenchRow]) -> str:
+def markdown_table(rows: list) -> str:
+    """The Markdown tables of ``rows``: one per kind of row (``TABLES``, by mode), blank-line separated."""
+    groups: dict[Callable, list] = {}
+    for r in rows:
+        groups.setdefault(TABLES[r.mode], []).append(r)
+    return "\n\n".join(table(rs) for table, rs in groups.items()) if groups else _grid_table([])
+
+
+def _decode_table(rows: list) -> str:
+    from . import decode
+
+    return decode.markdown_table(rows)
+
+
+def _grid_table(rows: list[ModelBenchRow]) -> str:
     head = ("| model | length | batch | mode | variant | backend | sparsity (achieved) | ms | peak MiB "
             "| attention share | speedup vs dense |")
     lines = [head, "|" + "---|" * 11]
@@ -335,7 +397,10 @@ def markdown_table(rows: list[ModelBenchRow]) -> str:
     return "\n".join(lines)
 
 
+TABLES: dict[str, Callable] = {"prefill": _grid_table, "train": _grid_table, "decode": _decode_table}
+
+
 def save(path, payload: dict) -> None:
     payload = dict(payload)
-    payload["rows"] = [asdict(r) if isinstance(r, ModelBenchRow) else r for r in payload.get("rows", [])]
+    payload["rows"] = [asdict(r) if is_dataclass(r) else r for r in payload.get("rows", [])]
     write_json(path, payload)

@@ -2,10 +2,12 @@
 
     attnprune bench --head-dims 128 --lengths 16384 --densities 1,0.5,0.1 -o bench.json --markdown table.md
     attnprune bench --model smollm2 --lengths 4096,16384 --sparsities 0.9 -o model.json   # whole model
+    attnprune bench --model smollm2 --model-modes decode --lengths 8192 --batch 1,8 -o decode.json
 
 The kernel grid needs a CUDA GPU. Writes every measurement as JSON (with the environment record,
 the date and the measured matrix-multiply ceiling) and, with ``--markdown``, the table used in
-BENCHMARKS.md. The benchmarks themselves are :mod:`attnprune.bench.kernels` and :mod:`attnprune.bench.model`.
+BENCHMARKS.md. The benchmarks themselves are :mod:`attnprune.bench.kernels`, :mod:`attnprune.bench.model`
+and :mod:`attnprune.bench.decode`.
 """
 
 from __future__ import annotations
@@ -38,11 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     wm.add_argument("--model", default=None,
                     help="time a whole model: smollm2, minilm, tiny-llama or tiny-bert (that model's architecture "
                          "built from its config, random weights; the old names smollm2-arch, ... still work); "
-                         "prefill and a training step, dense vs masked")
+                         "prefill and a training step, dense vs masked; --model-modes decode: generation, dense vs "
+                         "masked vs masked with PrunedKVCache")
     add_list_argument(wm, "--sparsities", item=float, default=(0.9,),
                       help="synthetic mask sparsities (default 0.9)")
-    add_list_argument(wm, "--model-modes", what="mode", default=("prefill", "train"), help="prefill and/or train (default both)")
-    wm.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
+    add_list_argument(wm, "--model-modes", what="mode", default=("prefill", "train"),
+                      help="prefill, train and/or decode (default prefill,train); decode (causal models): "
+                           "greedy generation of --new-tokens after a prompt of each --lengths, dense, masked "
+                           "(stock cache) and masked with attnprune.PrunedKVCache, under a synthetic sink + band "
+                           "mask at each --sparsities (and each --masks file)")
+    add_list_argument(wm, "--batch", item=int, what="batch", default=(1,),
+                      help="sequences per batch, one or more (default 1)")
+    wm.add_argument("--new-tokens", type=int, default=64,
+                    help="decode: tokens generated after the prompt (default 64; >= 2: decode tok/s is the time "
+                         "of N tokens minus that of 1)")
     wm.add_argument("--block", type=int, default=128, help="synthetic mask block size (default 128)")
     add_list_argument(wm, "--masks", what="file", default=(),
                       help="real masks (PruneMask files, e.g. from attnprune eval --save-masks), each timed at its "
@@ -107,6 +118,11 @@ def cmd_model_bench(args) -> int:
     lengths = args.lengths or (4096, 8192, 16384)
     for s in args.sparsities:
         check_sparsity(s)
+    if any(n < 1 for n in lengths):
+        raise InvalidArgumentError(f"--lengths must be positive integers, got {list(lengths)}")
+    if any(b < 1 for b in args.batch):
+        raise InvalidArgumentError(f"--batch must be >= 1, got {list(args.batch)}")
+    mb.check_modes(arch, args.model_modes, args.new_tokens)
     from pathlib import Path
 
     from ..backends import resolve_backend
@@ -117,14 +133,17 @@ def cmd_model_bench(args) -> int:
         if not Path(f).is_file():
             raise InvalidArgumentError(f"--masks: {f} is not a file (give PruneMask files saved by mask.save)")
         masks[Path(f).stem] = PruneMask.load(f)
+    mb.check_modes(arch, args.model_modes, args.new_tokens, lengths, args.batch, masks)
     device = usable_device(args.device)
     backend = resolve_backend(args.backend, device)
     env = mb.environment(device)
     print(env)
     rows = mb.run(arch, lengths, args.sparsities, backend=backend, modes=args.model_modes, batch=args.batch,
-                  block=args.block, warmup=args.warmup, reps=args.reps, device=device, masks=masks)
+                  block=args.block, warmup=args.warmup, reps=args.reps, device=device, masks=masks,
+                  new_tokens=args.new_tokens)
     table = mb.markdown_table(rows)
     mb.save(args.output, {"env": env, "arch": arch, "backend": backend, "backend_asked": args.backend,
-                          "block": args.block, "masks": list(args.masks), "rows": rows, "table": table})
+                          "block": args.block, "masks": list(args.masks), "modes": list(args.model_modes),
+                          "new_tokens": args.new_tokens, "rows": rows, "table": table})
     _write_table(args, table)
     return 0
