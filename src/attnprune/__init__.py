@@ -14,7 +14,7 @@ The public API:
 Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
 """
 
-from .apply import apply, attach, attached_backend, detach
+from .apply import OutsideCalibrationWarning, apply, attach, attached_backend, detach, outside_counts
 from .errors import (
     AttnPruneError,
     CorruptFileError,
@@ -47,7 +47,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'attnprune' has no attribute {name!r}")
 
 __all__ = [
-    "observe", "make_mask", "apply", "attach", "detach", "attached_backend", "finetune", "TrainConfig", "PrunedKVCache",
+    "observe", "make_mask", "apply", "attach", "detach", "attached_backend", "outside_counts", "finetune", "TrainConfig",
+    "PrunedKVCache", "OutsideCalibrationWarning",
     "AttentionStats", "PruneMask", "SiteInfo",
     "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
     "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",
