@@ -125,7 +125,7 @@ class _Patch:
                 how = "densely" if self.beyond == "dense" else "by the mask's length-free form (sinks + band)"
                 warnings.warn(
                     f"site {call.site!r}: attention entries past the mask's calibrated length "
-                    f"({sm.q_len} x {sm.k_len}) are computed {how}; attnprune.apply.outside_counts(model) "
+                    f"({sm.q_len} x {sm.k_len}) are computed {how}; attnprune.outside_counts(model) "
                     f"counts them per site (warned once per attach)", OutsideCalibrationWarning, stacklevel=2)
 
     def after_forward(self, kwargs: dict) -> None:
