@@ -82,6 +82,8 @@ class _Patch:
         """A call over a ``PrunedKVCache`` layer's compacted keys: each head attends to its group's
         kept positions (``keep_at``), causal in positions, within the layer's sliding window. The
         query positions are the layer's (computed once per forward for all layers)."""
+        if getattr(layer, "cross", False):  # an encoder-decoder cache's static cross-attention subset
+            return layer.attend(call, sm, self.beyond)
         pos = call.positions
         sm.check_length(pos.q_end, pos.k_end, self.beyond)
         q_pos = layer.q_pos  # [B or 1, Lq], >= 0

@@ -18,7 +18,8 @@ slots where ``S`` bounds the live entries of any (sequence, head): the largest n
 host, so compaction needs no synchronisation either. Sink columns are read by every row and stay;
 a local band's keys leave as the band moves on. Attention over the cache is ``masked_decode``
 (CUDA) or PyTorch SDPA with each head's kept positions as its boolean mask (``apply._Patch``);
-calls without earlier cached entries (the prompt) run on the attached backend.
+calls without earlier cached entries (the prompt) run on the attached backend. Encoder-decoder
+models: ``cache_encdec.py``.
 
 Usage::
 
@@ -312,25 +313,37 @@ class PrunedKVCache(Cache):
     query can still read under the attached mask (see the module docstring).
 
     Args:
-        model: a decoder-only transformers model with ``mask`` attached (``attnprune.apply``, with
+        model: a transformers model with ``mask`` attached (``attnprune.apply``, with
             ``beyond="error"`` or ``"extend"``) while the cache is used.
         mask: the attached ``PruneMask``.
 
     ``cache.kv_bytes()`` reports the bytes held against a dense cache's. Works with batches, left
-    padding, greedy, sampling and beam search. Not supported (a clear error): encoder-decoder
-    models, cropping (assisted decoding), ``beyond="dense"``.
+    padding, greedy, sampling and beam search. For an encoder-decoder model the call returns a
+    ``cache_encdec.PrunedEncoderDecoderCache`` (a transformers ``EncoderDecoderCache``: this class
+    for the decoder's self-attention, a static kept subset of the encoder's keys and values for
+    cross-attention). Not supported (a clear error): cropping (assisted decoding),
+    ``beyond="dense"``, models with a relative position bias (T5).
     """
 
-    def __init__(self, model: nn.Module, mask):
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise UnsupportedModelError("PrunedKVCache supports decoder-only models; an encoder-decoder "
-                                        "model keeps its default cache")
+    def __new__(cls, model: nn.Module, mask, *, _decoder: bool = False):
+        if cls is PrunedKVCache and not _decoder and _is_encoder_decoder(model):
+            from .cache_encdec import PrunedEncoderDecoderCache
+
+            return PrunedEncoderDecoderCache(model, mask)
+        return super().__new__(cls)
+
+    def __init__(self, model: nn.Module, mask, *, _decoder: bool = False):
+        # _decoder: the self-attention part of an encoder-decoder cache (cache_encdec.py): the decoder's
+        # layers, positions from the decoder's padding mask
         sites = {}
         for name, module in model.named_modules():
             idx = getattr(module, "layer_idx", None)
             if isinstance(idx, int) and name in mask and mask.site(name).info.kind == "causal":
                 sites[idx] = (name, module)
-        n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0) or len(sites)
+        cfg = getattr(model, "config", None)
+        n = int(getattr(cfg, "num_hidden_layers", 0) or 0) or len(sites)
+        if _decoder:
+            n = int(getattr(cfg, "decoder_layers", 0) or getattr(cfg, "num_decoder_layers", 0) or 0) or len(sites)
         missing = [i for i in range(n) if i not in sites]
         if not sites or missing:
             raise UnsupportedModelError(
@@ -346,6 +359,8 @@ class PrunedKVCache(Cache):
         self.model, self.mask = model, mask
         self._steps: dict = {}  # device -> the _Step of the forward running now
         self._step_extend = False
+        self._decoder = _decoder
+        self._extra_layers: list = []  # an encoder-decoder cache's cross-attention layers (routed too)
 
     def _step(self, seen: int, n: int, device) -> tuple[_Step, bool]:
         """The positions shared by every layer of this forward, and whether ``beyond="extend"``.
@@ -355,7 +370,7 @@ class PrunedKVCache(Cache):
         st = self._steps.get(device)
         if st is None or st.key != (seen, n):
             ctx, beyond = self._context()
-            st = self._steps[device] = _Step((seen, n), ctx.own_positions(seen, n, device))
+            st = self._steps[device] = _Step((seen, n), ctx.own_positions(seen, n, device, decoder=self._decoder))
             self._step_extend = beyond == "extend"
         return st, self._step_extend
 
@@ -367,7 +382,7 @@ class PrunedKVCache(Cache):
         if patch.beyond == "dense":
             raise InvalidArgumentError("PrunedKVCache needs beyond='error' or 'extend' (got 'dense'): past "
                                        "the calibrated length every key may be read again, so none could be dropped")
-        patch.pruned_layers = {layer.site: layer for layer in self.layers}
+        patch.pruned_layers = {layer.site: layer for layer in (*self.layers, *self._extra_layers)}
         return patch.interceptor.context, patch.beyond
 
     def kv_bytes(self) -> dict:
@@ -380,6 +395,10 @@ class PrunedKVCache(Cache):
             h, a, d = layer.nbytes()
             held, alloc, dense = held + h, alloc + a, dense + d
         return {"held": held, "allocated": alloc, "dense": dense, "share": held / dense if dense else 0.0}
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _patch(model):

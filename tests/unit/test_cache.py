@@ -110,13 +110,15 @@ def test_pruned_cache_length_and_usage_errors():
             PrunedKVCache(other, mask)  # a mask of another model: no site for its layers
 
 
-def test_encoder_decoder_is_refused_clearly():
+def test_encoder_decoder_gets_an_encoder_decoder_cache():
+    """Encoder-decoder models are supported since issue 13: tests/unit/test_cache_encdec.py."""
     import tiny_models as tm
+    from transformers.cache_utils import EncoderDecoderCache
+
     from attnprune import make_mask, observe
 
     model = tm.bart()
     b = tm.batch([5, 3], seed=7)
     b["decoder_input_ids"] = torch.randint(3, tm.VOCAB, (2, 4))
     mask = make_mask(observe(model, [b], progress=False), 0.5)
-    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
-        PrunedKVCache(model, mask)
+    assert isinstance(PrunedKVCache(model, mask), EncoderDecoderCache)
