@@ -34,7 +34,8 @@ from ..errors import InvalidArgumentError
 from ..mask import PruneMask, SiteMask
 from ..policies import check_sparsity
 from ..runtime import default_device
-from .model import ARCHS, _fmt, _transformers, build_model, discover_sites, mask_length, resolve_arch
+from .model import (ARCHS, _fmt, _transformers, build_model, check_masks, discover_sites, mask_length,
+                    resolve_arch)
 
 VARIANTS = ("dense", "masked", "pruned")
 BARE_STEPS = 16  # single-token forwards timed one by one (bare_step_ms)
@@ -128,11 +129,7 @@ def run(arch: str, contexts, sparsities, *, batches=(1,), new_tokens: int = 64, 
     model, cfg, _ = build_model(arch, max(cases) + new_tokens + steps + 8, device, dtype)
     model.eval()
     infos = discover_sites(model, cfg.vocab_size, device)
-    for label, m in real.items():
-        try:
-            m.check_model(infos)
-        except Exception as e:
-            raise InvalidArgumentError(f"mask {label}: it does not fit the {arch} architecture: {e}") from None
+    check_masks(real, infos, arch)
     for ctx in cases:
         for s in sparsities if ctx in contexts else ():
             mk, got = band_mask(infos, ctx + new_tokens + steps, block, s)

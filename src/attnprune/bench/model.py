@@ -226,6 +226,16 @@ def _runners(model, ids, kind: str):
     return {"prefill": prefill, "train": train}, opt
 
 
+def check_masks(masks: dict[str, PruneMask], infos: dict, arch: str) -> None:
+    """``InvalidArgumentError`` naming the first of ``masks`` (``{label: PruneMask}``) that does not fit
+    the sites ``infos`` of the ``arch`` model (before any timing)."""
+    for label, m in masks.items():
+        try:
+            m.check_model(infos)
+        except Exception as e:
+            raise InvalidArgumentError(f"mask {label}: it does not fit the {arch} architecture: {e}") from None
+
+
 def mask_length(mask: PruneMask) -> int:
     """The calibrated query length of a (self-attention) mask: the longest site's ``q_len``."""
     return max(mask.site(s).q_len for s in mask.sites)
@@ -304,11 +314,7 @@ def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block
     model, cfg, kind = build_model(arch, max(lengths), device, dtype)
     model.eval()
     infos = discover_sites(model, cfg.vocab_size, device)
-    for label, m in real.items():
-        try:
-            m.check_model(infos)
-        except Exception as e:
-            raise InvalidArgumentError(f"mask {label}: it does not fit the {arch} architecture: {e}") from None
+    check_masks(real, infos, arch)
     rows: list[ModelBenchRow] = []
     for n, batch in itertools.product(lengths, batches):
         g = torch.Generator().manual_seed(n)
