@@ -30,6 +30,19 @@ def _loss(model, batch, site=None, h=0, i=0, j=0):
     return float(lm_loss_sum(out, (), batch))
 
 
+def _entries_to_check(stats, probs):
+    """``(site, head, query, key, predicted score)`` of the first two sites' entries worth a brute-force
+    removal: probability in (0.01, 0.08) (first order holds) and a predicted change of at least 1e-4."""
+    for site in stats.sites[:2]:
+        pred, p = stats.mean(site), probs.mean(site)
+        H, Q, K = pred.shape
+        for h in range(H):
+            for i in range(20, Q):
+                for j in range(i + 1):
+                    if 0.01 < float(p[h, i, j]) < 0.08 and abs(float(pred[h, i, j])) >= 1e-4:
+                        yield site, h, i, j, float(pred[h, i, j])
+
+
 def test_influence_matches_brute_force_removal():
     model = _model64()
     batch = T.batch([40])
@@ -38,21 +51,13 @@ def test_influence_matches_brute_force_removal():
     assert stats.score == "influence"
     base = _loss(model, batch)
     checked = 0
-    for site in stats.sites[:2]:
-        pred, p = stats.mean(site), probs.mean(site)
-        H, Q, K = pred.shape
-        for h in range(H):
-            for i in range(20, Q):
-                for j in range(i + 1):
-                    if not (0.01 < float(p[h, i, j]) < 0.08) or float(pred[h, i, j]) < 1e-4:
-                        continue
-                    actual = abs(_loss(model, batch, site, h, i, j) - base)
-                    # first order in p_j: the error is O(p_j) relative
-                    assert abs(actual - float(pred[h, i, j])) <= 0.25 * float(pred[h, i, j]) + 1e-6, \
-                        (site, h, i, j, float(p[h, i, j]), actual, float(pred[h, i, j]))
-                    checked += 1
-                    if checked >= 12:
-                        return
+    for site, h, i, j, want in _entries_to_check(stats, probs):
+        actual = abs(_loss(model, batch, site, h, i, j) - base)
+        # first order in p_j: the error is O(p_j) relative
+        assert abs(actual - want) <= 0.25 * want + 1e-6, (site, h, i, j, actual, want)
+        checked += 1
+        if checked >= 12:
+            break
     assert checked >= 4
 
 
@@ -166,21 +171,13 @@ def test_loss_score_matches_signed_brute_force_removal():
     signs, checked = set(), 0
     for site in stats.sites[:2]:
         torch.testing.assert_close(stats.mean(site).abs(), absolute.mean(site), rtol=1e-9, atol=1e-12, equal_nan=True)
-    for site in stats.sites[:2]:
-        pred, p = stats.mean(site), probs.mean(site)
-        H, Q, K = pred.shape
-        for h in range(H):
-            for i in range(20, Q):
-                for j in range(i + 1):
-                    if not (0.01 < float(p[h, i, j]) < 0.08) or abs(float(pred[h, i, j])) < 1e-4:
-                        continue
-                    actual = _loss(model, batch, site, h, i, j) - base
-                    want = float(pred[h, i, j])
-                    # first order: the renormalisation factor p/(1-p) (< 9% here) plus the loss's curvature
-                    assert (actual > 0) == (want > 0), (site, h, i, j, actual, want)
-                    assert abs(actual - want) <= 0.4 * abs(want) + 1e-6, (site, h, i, j, float(p[h, i, j]), actual, want)
-                    signs.add(actual > 0)
-                    checked += 1
-                    if checked >= 40 or (checked >= 12 and len(signs) == 2):
-                        return
+    for site, h, i, j, want in _entries_to_check(stats, probs):
+        actual = _loss(model, batch, site, h, i, j) - base
+        # first order: the renormalisation factor p/(1-p) (< 9% here) plus the loss's curvature
+        assert (actual > 0) == (want > 0), (site, h, i, j, actual, want)
+        assert abs(actual - want) <= 0.4 * abs(want) + 1e-6, (site, h, i, j, actual, want)
+        signs.add(actual > 0)
+        checked += 1
+        if checked >= 40 or (checked >= 12 and len(signs) == 2):
+            break
     assert checked >= 8 and signs == {True, False}  # both signs seen and predicted
