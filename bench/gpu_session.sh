@@ -106,7 +106,8 @@ while [ $# -gt 0 ]; do
     tests9)
         stage tests9 300 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/unit/test_backend_flash.py tests/unit/test_host_sync.py tests/unit/test_decode_kernel.py \
-            tests/unit/test_cache.py tests/unit/test_kernels.py tests/unit/test_backend_triton.py ;;
+            tests/unit/test_cache.py tests/unit/test_decode_step.py tests/unit/test_cache_encdec.py \
+            tests/unit/test_kernels.py tests/unit/test_backend_triton.py ;;
     long2k|long4k|long8k)
         case $1 in
             long2k) args=(--seq-len 2048 --calib 32 --test 32 --batch-size 4 --blocks 64) ;;
