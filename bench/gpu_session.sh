@@ -125,8 +125,8 @@ while [ $# -gt 0 ]; do
             recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;
             recovery8k) args=(--seq-len 8192 --batch-size 1 --calib 8 --test 8 --sparsities 0.9 --block 128) ;;
         esac
-        stage "$1" ${RECOVERY_LIMIT:-400} bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
-            --warmup 8 --policies layer structured streaming random --backend triton --out "$RUNS/$1" ;;
+        stage "$1${TAG:-}" ${RECOVERY_LIMIT:-400} bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
+            --warmup 8 --policies ${RECOVERY_POLICIES:-layer structured streaming random} --backend triton --out "$RUNS/$1${TAG:-}" ;;
     maskbench)
         m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
         stage maskbench8k 300 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \

@@ -68,3 +68,33 @@ def test_recovery_block_masks_with_other_policies(tmp_path, capsys):
             recovery.main(["--model", "no-such-model", "--out", str(tmp_path / "x"), *bad])
         assert e.value.code == 2 and word in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_recovery_stopped_midway_keeps_finished_rows(tmp_path, monkeypatch):
+    """A run cut short (a device time limit) leaves results.json with the rows it finished, marked
+    incomplete; the table lists only masks already fine-tuned."""
+    from attnprune.experiments import recovery
+
+    lm = tiny_lm_folder(tmp_path / "lm")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    out = tmp_path / "rec"
+    real, calls = recovery.finetune, []
+
+    def stop_on_third(*args, **kwargs):  # dense, layer, then the random run is "killed"
+        calls.append(kwargs["out_dir"].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "finetune", stop_on_third)
+    argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--calib", "2", "--test", "2", "--sparsities", "0.5", "--quiet", "--device", "cpu", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        recovery.main(argv)
+    assert calls == ["dense", "layer-0.5", "random-0.5"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["complete"] is False
+    assert "after_masked_ft" in doc["results"]["layer@0.5"] and "after_masked_ft" not in doc["results"]["random@0.5"]
+    md = (out / "recovery.md").read_text()
+    assert "(incomplete)" in md and "| AP (layer) |" in md and "| random |" not in md

@@ -133,6 +133,8 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
         return {"train_s": round(time.perf_counter() - t0, 1), "first_loss": r.history[0].loss,
                 "last_loss": r.last_loss}
 
+    write = _writer(a, out, command=command, lm=lm, ds=ds, device=device, L=L, calib=calib, test=test,
+                    train=train, t_start=t_start)
     res = {"dense": {"before": ppl()}}
     log(f"dense before: {res['dense']['before']:.3f}")
     for (s, pol), m in masks.items():
@@ -145,29 +147,43 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
     for (s, pol), m in masks.items():  # fine-tune dense, then prune: each mask on the dense-fine-tuned weights
         if pol != "random":
             res[f"{pol}@{s}"]["dense_ft_then_mask"] = ppl(m)
+    write(res, done=False)
     for (s, pol), m in masks.items():
         res[f"{pol}@{s}"]["train"] = train_run(f"{pol}-{s}", m)
         res[f"{pol}@{s}"]["after_masked_ft"] = ppl(m)
         log(f"{pol}@{s} after {a.steps} masked steps: {res[f'{pol}@{s}']['after_masked_ft']:.3f}")
+        write(res, done=False)
+    return write(res, done=True)
 
-    meta = {
-        "command": command,
-        "env": environment(device),
-        "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
-        "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
-        "backend": a.backend, "policies": list(a.policies), "block": a.block, "score": a.score,
-        "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
-        "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "cpu_seconds": round(time.process_time(), 1),  # all threads of this process
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # others' load slows wall time
-    }
-    doc = {"meta": meta, "results": res}
-    write_json(out / "results.json", doc, indent=2)
-    write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g} "
-                      f"({a.schedule}, warm-up {a.warmup})\n\n" + table(doc) + "\n\n```\n"
-                      + json.dumps(meta, indent=2) + "\n```\n")
-    return doc
+
+def _writer(a: argparse.Namespace, out: Path, *, command: str, lm, ds, device, L: int, calib, test, train,
+            t_start: float):
+    """``write(res, done)``: (re)write ``out/results.json`` and ``out/recovery.md`` with the results so
+    far (``meta["complete"]`` says whether every run finished: a run stopped by a time limit keeps the
+    rows it finished; the table shows only masks fine-tuned already)."""
+
+    def write(res: dict, done: bool) -> dict:
+        meta = {
+            "command": command,
+            "env": environment(device),
+            "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
+            "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
+            "backend": a.backend, "policies": list(a.policies), "block": a.block, "score": a.score,
+            "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
+            "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "cpu_seconds": round(time.process_time(), 1),  # all threads of this process
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # others' load slows wall time
+            "complete": done,
+        }
+        doc = {"meta": meta, "results": res}
+        write_json(out / "results.json", doc, indent=2)
+        write_text_atomic(out / "recovery.md", f"K = {a.steps} steps, batch {a.batch_size} x {L} tokens, lr {a.lr:g} "
+                          f"({a.schedule}, warm-up {a.warmup})" + ("" if done else " (incomplete)") + "\n\n"
+                          + table(doc) + "\n\n```\n" + json.dumps(meta, indent=2) + "\n```\n")
+        return doc
+
+    return write
 
 
 def table(doc: dict) -> str:
@@ -181,6 +197,8 @@ def table(doc: dict) -> str:
     for s in sparsities:
         for pol in policies:
             r = res[f"{pol}@{s}"]
+            if "after_masked_ft" not in r:  # an incomplete run: not fine-tuned yet
+                continue
             then = f"{r['dense_ft_then_mask']:.2f}" if "dense_ft_then_mask" in r else ""
             rows.append(f"| {s:g} | {_mask_name(pol)} | {r['achieved']:.3f} | "
                         f"{r['before']:.2f} | {r['after_masked_ft']:.2f} | {then} |")
