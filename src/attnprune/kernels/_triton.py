@@ -7,10 +7,15 @@ Conventions shared by all three kernels:
 * every (head, query block) list has its unmasked ("clean") blocks first: those run with no
   per-element masking; the rest ("masked") apply key bounds, causality and the packed bitmask;
 * a layout block (BQ x BK) may be split into several kernel tiles (BLOCK_M x BLOCK_N).
+
+The dk/dv inner loop (``_dkdv_blocks``) and the split dk/dv kernels for long kv-block columns are in
+:mod:`attnprune.kernels._triton_bwd`.
 """
 
 import triton
 import triton.language as tl
+
+from ._triton_bwd import _dkdv_blocks
 
 
 @triton.jit
@@ -253,7 +258,6 @@ def _dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
 ):
-    SPLIT: tl.constexpr = BQ // BLOCK_M
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -263,7 +267,6 @@ def _dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    offs_mb = tl.arange(0, BLOCK_M)
     col_ok = offs_n < Lk
     cols_in_block = offs_n - kb * BK
 
@@ -273,70 +276,25 @@ def _dkdv_kernel(
                 mask=col_ok[:, None], other=0.0)
     if HAS_KPM:
         kp = tl.load(KPM + b.to(tl.int64) * skpb + offs_n, mask=col_ok, other=0) != 0
+    else:
+        kp = col_ok
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
 
     for g in range(0, G):
         h = hk * G + g
         c = (h % LH) * Kb + kb
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-        stat_base = (b * Hq + h).to(tl.int64) * Lq
         start = tl.load(BPTR + c)
         end = tl.load(BPTR + c + 1)
         mid = start + tl.load(BCLEAN + c)
-        for t in range(start * SPLIT, mid * SPLIT):
-            e = t // SPLIT
-            s = t % SPLIT
-            qb = tl.load(BROW + e)
-            offs_m = qb * BQ + s * BLOCK_M + offs_mb
-            row_ok = offs_m < Lq
-            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            if PRESCALE:
-                qkT = tl.dot(k, qT) * qk_scale
-                pT = tl.math.exp2(qkT - lse[None, :])
-            else:
-                qkT = tl.dot(k, qT)
-                pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-            if HAS_KPM:
-                pT = tl.where(kp[:, None], pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
-        for t in range(mid * SPLIT, end * SPLIT):
-            e = t // SPLIT
-            s = t % SPLIT
-            qb = tl.load(BROW + e)
-            code = tl.load(BCODE + e)
-            rows_in_block = s * BLOCK_M + offs_mb
-            offs_m = qb * BQ + rows_in_block
-            row_ok = offs_m < Lq
-            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, qT)
-            ok = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_n[:, None] <= offs_m[None, :] + q_offset)
-            if HAS_KPM:
-                ok = ok & kp[:, None]
-            if HAS_BITS:
-                words = tl.load(
-                    BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
-                    mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
-                    other=-1,
-                )
-                ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
-            pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, kp, offs_n, col_ok, cols_in_block,
+            Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh,
+            LSE, DELTA, (b * Hq + h).to(tl.int64) * Lq, BROW, BCODE, BITS,
+            start, mid, mid, end,
+            sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
+            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE,
+        )
 
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,

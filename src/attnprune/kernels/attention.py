@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError, MissingDependencyError
+from . import _split
 from .layout import BlockLayout, LayoutPlan
 
 __all__ = ["sparse_attention", "KernelConfig", "CONFIGS", "get_config"]
@@ -85,6 +86,12 @@ def _kernels():
     return _triton
 
 
+def _kernels_bwd():
+    from . import _triton_bwd
+
+    return _triton_bwd
+
+
 def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     if layout.device == device:
         return layout
@@ -99,7 +106,7 @@ def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
-                q_offset: int, configs):
+                q_offset: int, configs, split):
         tk = _kernels()
         B, Hq, Lq, D = q.shape
         Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -131,7 +138,7 @@ class _SparseAttention(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
-        ctx.has_kpm, ctx.configs = has_kpm, configs
+        ctx.has_kpm, ctx.configs, ctx.split = has_kpm, configs, split
         return o
 
     @staticmethod
@@ -165,6 +172,10 @@ class _SparseAttention(torch.autograd.Function):
             PRESCALE=cfg.prescale, **common,
         )
         cfg = ctx.configs.get("dkdv") or get_config("dkdv", D, layout.block)
+        if ctx.split is not None:
+            _dkdv_split_launch(ctx.split, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common,
+                               kpm_s, qk_scale, ctx.scale, ctx.q_offset)
+            return dq, dk, dv, None, None, None, None, None, None, None, None
         tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse, delta, kpm_t, bits,
             plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code,
@@ -173,7 +184,34 @@ class _SparseAttention(torch.autograd.Function):
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             PRESCALE=cfg.prescale, **common,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _dkdv_split_launch(sp, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common, kpm_s,
+                       qk_scale, scale, q_offset):
+    """dK/dV through the work items of ``sp`` (a :class:`~attnprune.kernels._split.DkdvSplit`): one
+    launch over all items (split tiles' chunks into fp32 scratch ``[n_slots, B*hg, bk, d]``), then
+    the in-order reduction of the split tiles. No host synchronisation: sizes come from ``sp``."""
+    tb = _kernels_bwd()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    bk = layout.block[1]
+    nbg = B * sp.hg
+    sk = torch.empty(sp.n_slots, nbg, bk, D, dtype=torch.float32, device=q.device)
+    sv = torch.empty(sp.n_slots, nbg, bk, DV, dtype=torch.float32, device=q.device)
+    tb._dkdv_items_kernel[(sp.n_items * (bk // cfg.block_n), nbg)](
+        q, k, v, do, dk, dv, sk, sv, lse, delta, kpm_t, bits,
+        plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code, sp.items,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
+        Hq, sp.hg, nbg, Hq // Hkv, layout.num_heads, Lq, Lk, layout.k_blocks, qk_scale, scale, q_offset,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRESCALE=cfg.prescale, **common,
+    )
+    br = max(16, min(bk, 8192 // max(D, DV)))  # reduction rows per program: <= 8k fp32 per tensor
+    tb._dkdv_reduce_kernel[(sp.n_split * (bk // br), nbg)](
+        sk, sv, dk, dv, sp.reduce, *dk.stride(), *dv.stride(), sp.hg, nbg, Lk, scale,
+        BK=bk, BLOCK_R=br, D=D, DV=DV, num_warps=4,
+    )
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -262,6 +300,9 @@ def sparse_attention(
 
     layout = _layout_on(layout, q.device)
     plan = layout.plan(Lq, Lk, causal, q_offset)
+    split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) and _split.split_enabled():
+        split = layout.dkdv_split(Lq, Lk, causal, q_offset, Hq, Hkv)
 
     dv_orig = v.shape[3]
     dp, dvp = _pow2_dim(D), _pow2_dim(dv_orig)
@@ -273,7 +314,8 @@ def sparse_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {})
+    out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
+                                 split)
     if dvp != dv_orig:
         out = out[..., :dv_orig]
     return out

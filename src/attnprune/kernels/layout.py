@@ -21,7 +21,7 @@ all come first (the kernels run them without any per-element mask), then the blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,7 @@ class LayoutPlan:
       the first ``fwd_nclean[r]`` entries need no masking.
     dk/dv lists, per column ``c = h * Kb + kb``: ``bwd_ptr``, ``bwd_row`` (query block), ``bwd_code``,
       ``bwd_nclean``, the same way.
+    ``dkdv_splits``: cache of the dK/dV chunk tables (:mod:`attnprune.kernels._split`) per head grouping.
     """
 
     fwd_ptr: torch.Tensor
@@ -72,6 +73,7 @@ class LayoutPlan:
     bwd_row: torch.Tensor
     bwd_code: torch.Tensor
     nnz: int
+    dkdv_splits: dict = field(default_factory=dict, repr=False)  # see attention._dkdv_split
 
 
 class BlockLayout:
@@ -266,6 +268,19 @@ class BlockLayout:
             p = self._build_plan(*key)
             self._plans[key] = p
         return p
+
+    def dkdv_split(self, lq: int, lk: int, causal: bool, q_offset: int, q_heads: int, kv_heads: int):
+        """The dK/dV chunk table (:class:`~attnprune.kernels._split.DkdvSplit`) of ``plan(lq, lk,
+        causal, q_offset)`` for ``q_heads`` query / ``kv_heads`` kv heads, or None when no kv tile
+        is long enough to be split. Cached in the plan (with the chunking constants in the key)."""
+        from . import _split
+
+        plan = self.plan(lq, lk, causal, q_offset)
+        key = (int(q_heads), int(kv_heads), _split.MIN_CHUNK, _split.FACTOR)
+        if key not in plan.dkdv_splits:
+            plan.dkdv_splits[key] = _split.build_dkdv_split(plan.bwd_ptr, self.num_heads, self.k_blocks,
+                                                            int(q_heads), int(kv_heads))
+        return plan.dkdv_splits[key]
 
     def _build_plan(self, lq: int, lk: int, causal: bool, q_offset: int) -> LayoutPlan:
         bq, bk = self.block
