@@ -126,7 +126,7 @@ while [ $# -gt 0 ]; do
             recovery8k) args=(--seq-len 8192 --batch-size 1 --calib 8 --test 8 --sparsities 0.9 --block 128) ;;
         esac
         stage "$1${TAG:-}" ${RECOVERY_LIMIT:-400} bash scripts/recovery.sh --quiet --steps 80 "${args[@]}" --lr 1e-4 --schedule cosine \
-            --warmup 8 --policies ${RECOVERY_POLICIES:-layer structured streaming random} --backend triton --out "$RUNS/$1${TAG:-}" ;;
+            --warmup 8 --policies ${RECOVERY_POLICIES:-layer structured streaming random} ${RECOVERY_ARGS:-} --backend triton --out "$RUNS/$1${TAG:-}" ;;
     maskbench)
         m8=$RUNS/long8k/masks m2=$RUNS/long2k/masks
         stage maskbench8k 300 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \
