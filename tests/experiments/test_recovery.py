@@ -98,3 +98,24 @@ def test_recovery_stopped_midway_keeps_finished_rows(tmp_path, monkeypatch):
     assert "after_masked_ft" in doc["results"]["layer@0.5"] and "after_masked_ft" not in doc["results"]["random@0.5"]
     md = (out / "recovery.md").read_text()
     assert "(incomplete)" in md and "| AP (layer) |" in md and "| random |" not in md
+
+
+def test_recovery_epochs_reuse_the_train_windows(tmp_path, capsys):
+    """--epochs E: K steps over ceil(K x batch / E) windows (each seen E times); a bad value stops early."""
+    from attnprune.experiments import recovery
+
+    lm = tiny_lm_folder(tmp_path / "lm")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    out = tmp_path / "rec"
+    argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "3", "--epochs", "2", "--seq-len", "16",
+            "--batch-size", "2", "--calib", "2", "--test", "2", "--sparsities", "0.5", "--policies", "layer",
+            "--quiet", "--device", "cpu", "--out", str(out)]
+    assert recovery.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["train_sequences"] == 3 and doc["meta"]["epochs"] == 2 and doc["meta"]["complete"] is True
+    steps = [json.loads(line) for line in (out / "runs" / "layer-0.5" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in steps if "loss" in r]) == 3  # all K steps ran over the 3 windows
+    with pytest.raises(SystemExit) as e:
+        recovery.main(["--model", "no-such-model", "--epochs", "0", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--epochs" in capsys.readouterr().err

@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/recovery.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="K: fine-tuning steps per run")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="passes over the train windows in K steps (default 1: K x batch distinct windows; "
+                        "E: ceil(K x batch / E) windows, each seen E times, reshuffled every pass)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -103,11 +106,12 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
     model.to(device)
     ds = D.load_dataset(a.data)
 
-    n_train = a.steps * a.batch_size
+    n_train = -(-a.steps * a.batch_size // a.epochs)
     calib, test = windows(ds, tok, "calibration", a.calib, L), windows(ds, tok, "test", a.test, L)
     train = windows(ds, tok, "train", n_train, L)
     if train.shape[0] < n_train:
-        raise SystemExit(f"the train split gives only {train.shape[0]} windows; need {n_train}")
+        raise SystemExit(f"the train split gives only {train.shape[0]} windows; need {n_train} "
+                         f"(--steps x --batch-size / --epochs): use fewer steps or more --epochs")
     log(f"data: {calib.shape[0]} calibration, {train.shape[0]} train, {test.shape[0]} test sequences of {L} tokens")
 
     orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -167,7 +171,7 @@ def _writer(a: argparse.Namespace, out: Path, *, command: str, lm, ds, device, L
             "command": command,
             "env": environment(device),
             "model": lm.name, "data": ds.describe(), "seq_len": L, "steps": a.steps, "batch_size": a.batch_size,
-            "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
+            "epochs": a.epochs, "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup, "precision": a.precision, "device": str(device),
             "backend": a.backend, "policies": list(a.policies), "block": a.block, "score": a.score,
             "calibration_sequences": calib.shape[0], "test_sequences": test.shape[0],
             "test_tokens_predicted": test.shape[0] * (L - 1), "train_sequences": train.shape[0],
@@ -217,6 +221,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(str(e))
     if a.score not in SCORES:
         p.error(f"--score {a.score!r}: use one of {', '.join(SCORES)}")
+    if a.epochs < 1:
+        p.error(f"--epochs must be a positive integer, got {a.epochs}")
     if a.block is not None and a.block < 1:
         p.error(f"--block must be a positive integer, got {a.block}")
 
