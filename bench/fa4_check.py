@@ -5,7 +5,8 @@
 (a) correctness: the flash backend's output and q/k/v gradients vs the float64 reference backend on
 random token masks (odd lengths, GQA, causal, key padding, empty rows); (b) timings on identical
 128 x 128 random block layouts (bf16, 16 heads): cuDNN dense SDPA, FA4 direct (flash_attn_func with
-metadata built here by hand), our flash backend's kernel, our Triton kernels. Every variant runs in
+metadata built here by hand), our flash backend's kernel (native causal where it applies, and
+``flash_mod``: causality through the mask_mod, NATIVE_CAUSAL=False), our Triton kernels. Every variant runs in
 try/except; an error is recorded as text. Prints a markdown table; writes JSON.
 """
 
@@ -29,22 +30,36 @@ def correctness():
     from attnprune.sites import SiteInfo
 
     out = []
+    from attnprune.backends import flash
+
     cases = [("odd", 2, 4, 4, 64, 333, 333, False, False, False), ("gqa", 2, 8, 2, 128, 260, 517, False, False, False),
              ("causal", 2, 4, 4, 64, 700, 700, True, False, False), ("padding", 2, 4, 4, 64, 400, 400, True, True, False),
              ("empty", 1, 4, 4, 64, 300, 300, False, False, True), ("decode_offset", 1, 4, 4, 64, 1, 300, True, False, False)]
+    # block-exact 128-block masks, causal: FA4's native causal path (and the mask_mod path, for comparison)
+    cases += [(f"{n}_blocks{'' if native else '_mod'}", *rest) for native in (True, False) for n, *rest in
+              (("causal", 2, 4, 4, 64, 700, 700, True, False, False), ("gqa_causal", 1, 8, 2, 128, 1000, 1000, True,
+               False, False), ("decode_offset", 1, 4, 4, 64, 1, 700, True, False, False))]
     for name, B, H, Hkv, D, lq, lk, causal, pad, empty in cases:
         row = {"case": name}
+        flash.NATIVE_CAUSAL = not name.endswith("_mod")
         try:
             torch.manual_seed(0)
-            keep = torch.rand(H, lk if name == "decode_offset" else lq, lk) < 0.5
-            if empty:
-                keep[1, :140] = False
-            site = SiteMask(SiteInfo("layers.0.self_attn", "self", H, Hkv), keep.shape[1], lk, keep=keep)
+            rows = lk if name.startswith("decode_offset") else lq
+            if "_blocks" in name:
+                nb = -(-lk // 128)
+                blocks = torch.rand(H, nb, nb) < 0.5
+                blocks[:, :, 0] = True  # a sink column
+                site = SiteMask(SiteInfo("layers.0.self_attn", "self", H, Hkv), rows, lk, keep=blocks, block=128)
+            else:
+                keep = torch.rand(H, rows, lk) < 0.5
+                if empty:
+                    keep[1, :140] = False
+                site = SiteMask(SiteInfo("layers.0.self_attn", "self", H, Hkv), keep.shape[1], lk, keep=keep)
             q = torch.randn(B, H, lq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             k = torch.randn(B, Hkv, lk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(B, Hkv, lk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             kw = dict(is_causal=causal)
-            if name == "decode_offset":
+            if name.startswith("decode_offset"):
                 kw["q_offset"] = lk - 1
             if pad:
                 m = torch.ones(B, 1, 1, lk, dtype=torch.bool, device="cuda")
@@ -64,10 +79,12 @@ def correctness():
             row["trace"] = traceback.format_exc()[-1500:]
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}))
         out.append(row)
+    flash.NATIVE_CAUSAL = True
     return out
 
 
-def timings(quick: bool):
+def timings(lengths, budget: float):
+    from attnprune.backends import flash
     from attnprune.backends.flash import fa4_metadata, flash_sparse_attention
     from attnprune.bench.kernels import random_block_layout
     from attnprune.kernels import sparse_attention
@@ -99,7 +116,8 @@ def timings(quick: bool):
 
         def f(q, k, v):
             L = q.shape[2]
-            meta = fa4_metadata(layout, L, L)  # block layouts: whole blocks, no mask_mod when not causal
+            # whole blocks, the causal future dropped; FA4's own causal=True masks the diagonal
+            meta = fa4_metadata(layout, L, L, causal=causal)
             fw = BlockSparseTensorsTorch(*meta["fwd"], block_size=(128, 128))
             bw = BlockSparseTensorsTorch(*meta["bwd"], block_size=(128, 128))
             r = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
@@ -110,11 +128,11 @@ def timings(quick: bool):
     rows = []
     t_start = time.time()
     for d in (64, 128):
-        for L in ((4096,) if quick else (4096, 16384)):
+        for L in lengths:
             B = max(1, 32768 // L)
             for causal in (False, True):
                 for dens in (1.0, 0.5, 0.1):
-                    if time.time() - t_start > 170:
+                    if time.time() - t_start > budget:
                         rows.append({"d": d, "L": L, "causal": causal, "density": dens, "error": "time budget"})
                         continue
                     layout = random_block_layout(16, L, dens, causal=causal, seed=L + d)
@@ -124,6 +142,7 @@ def timings(quick: bool):
                         "cudnn": lambda q, k, v: _cudnn(q, k, v, causal),
                         "fa4_direct": fa4_direct(layout, causal),
                         "flash": lambda q, k, v: flash_sparse_attention(q, k, v, layout, causal=causal),
+                        **({"flash_mod": _mod_causal(flash, layout, causal)} if causal else {}),
                         "triton": lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal),
                     }
                     for mode in ("fwd", "fwd+bwd"):
@@ -140,6 +159,17 @@ def timings(quick: bool):
     return rows
 
 
+def _mod_causal(flash, layout, causal):
+    """The flash backend with causality through the mask_mod (what it did before native causal)."""
+    def f(q, k, v):
+        flash.NATIVE_CAUSAL = False
+        try:
+            return flash.flash_sparse_attention(q, k, v, layout, causal=causal)
+        finally:
+            flash.NATIVE_CAUSAL = True
+    return f
+
+
 def _cudnn(q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -148,7 +178,7 @@ def _cudnn(q, k, v, causal):
 
 
 def table(rows):
-    names = ("cudnn", "fa4_direct", "flash", "triton")
+    names = ("cudnn", "fa4_direct", "flash", "flash_mod", "triton")
     lines = ["| d | L | causal | density | mode | " + " | ".join(n + " ms" for n in names) + " |",
              "|---|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
@@ -162,7 +192,9 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fa4_check.json")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="L = 4096 only")
+    ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 4096,16384)")
+    ap.add_argument("--budget", type=float, default=170.0, help="seconds for the timings (rows past it: skipped)")
     a = ap.parse_args()
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     try:
@@ -172,7 +204,8 @@ def main():
         res["fa4_error"] = err_text(e)
     res["correctness"] = correctness()
     try:
-        res["timings"] = timings(a.quick)
+        lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else ([4096] if a.quick else [4096, 16384])
+        res["timings"] = timings(lengths, a.budget)
     except Exception as e:  # noqa: BLE001
         res["timings_error"] = err_text(e)
         res["timings"] = []

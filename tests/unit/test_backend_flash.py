@@ -189,3 +189,63 @@ def test_flash_backend_matches_float64(case):
         assert torch.isfinite(a).all()
         err = ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
         assert err < 2e-2, err
+
+
+def _fake_fa4(monkeypatch):
+    """A stand-in ``flash_attn.cute`` that records what flash_sparse_attention passes to FA4."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v, **kw):  # q: [B, L, H, D]
+        calls.append(kw)
+        return torch.zeros_like(q), None
+
+    class BlockSparseTensorsTorch:
+        def __init__(self, *tensors, block_size):
+            self.tensors, self.block_size = tensors, block_size
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    bs = types.ModuleType("flash_attn.cute.block_sparsity")
+    bs.BlockSparseTensorsTorch = BlockSparseTensorsTorch
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute),
+                      ("flash_attn.cute.block_sparsity", bs)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_native_causal_only_where_fa4_causality_is_ours(monkeypatch):
+    """Block-exact causal calls whose offset is FA4's own (q_offset = Lk - Lq) go to FA4's native
+    causal path without a mask_mod; token-exact blocks, key padding, another offset or
+    NATIVE_CAUSAL=False keep the mask_mod (FA4 ignores causal= when a mask_mod is given)."""
+    import attnprune.backends.flash as flash
+
+    calls = _fake_fa4(monkeypatch)
+    monkeypatch.setattr(flash, "_mask_mod", lambda *a: ("mask_mod", a))
+    blocks = torch.rand(2, 3, 3) < 0.7
+    block_exact = BlockLayout.from_blocks(blocks, block=B)
+    tok = torch.rand(2, 3 * B, 3 * B) < 0.5
+    tok[:, :B, :B] = True
+    token_exact = BlockLayout.from_tokens(tok, block=B)
+    assert block_exact.num_partial == 0 and token_exact.num_partial > 0
+
+    def run(layout, lq, lk, **kw):
+        q = torch.randn(1, 2, lq, 64)
+        k = v = torch.randn(1, 2, lk, 64)
+        out = flash.flash_sparse_attention(q, k, v, layout, **kw)
+        assert out.shape == q.shape
+        c = calls[-1]
+        return c["causal"], c["mask_mod"] is not None
+
+    assert run(block_exact, 300, 300, causal=True) == (True, False)  # prefill
+    assert run(block_exact, 1, 300, causal=True, q_offset=299) == (True, False)  # decode over a full cache
+    assert run(block_exact, 300, 300, causal=False) == (False, False)
+    assert run(block_exact, 100, 300, causal=True, q_offset=7) == (False, True)  # not FA4's alignment
+    assert run(token_exact, 300, 300, causal=True) == (False, True)
+    kp = torch.ones(1, 300, dtype=torch.bool)
+    kp[0, 250:] = False
+    assert run(block_exact, 300, 300, causal=True, key_padding=kp) == (False, True)
+    monkeypatch.setattr(flash, "NATIVE_CAUSAL", False)
+    assert run(block_exact, 300, 300, causal=True) == (False, True)
