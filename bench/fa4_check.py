@@ -138,6 +138,7 @@ def timings(lengths, budget: float):
                     layout = random_block_layout(16, L, dens, causal=causal, seed=L + d)
                     q, k, v = (torch.randn(B, 16, L, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
                                for _ in range(3))
+                    tok = _with_partial(layout, 0.2, seed=L + d) if not causal and dens < 1 else None
                     impls = {
                         "cudnn": lambda q, k, v: _cudnn(q, k, v, causal),
                         "fa4_direct": fa4_direct(layout, causal),
@@ -145,6 +146,9 @@ def timings(lengths, budget: float):
                         **({"flash_mod": _mod_causal(flash, layout, causal)} if causal else {}),
                         "triton": lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal),
                     }
+                    if tok is not None:  # the same kept blocks, 20% of them token-exact (half their bits)
+                        impls["flash_tok20"] = lambda q, k, v: flash_sparse_attention(q, k, v, tok, causal=False)
+                        impls["triton_tok20"] = lambda q, k, v: sparse_attention(q, k, v, tok, causal=False)
                     for mode in ("fwd", "fwd+bwd"):
                         row = {"d": d, "L": L, "batch": B, "causal": causal, "density": dens, "mode": mode}
                         for name, fn in impls.items():
@@ -157,6 +161,23 @@ def timings(lengths, budget: float):
                     del q, k, v
                     torch.cuda.empty_cache()
     return rows
+
+
+def _with_partial(layout, share: float, seed: int):
+    """``layout`` with a random ``share`` of its kept blocks made partial (random bitmasks, about half
+    of each block's entries): the token-exact case at the same block count."""
+    from attnprune.kernels import BlockLayout
+
+    g = torch.Generator().manual_seed(seed)
+    n = layout.col.numel()
+    pick = torch.randperm(n, generator=g)[: int(share * n)].sort().values
+    code = torch.full((n,), -1, dtype=torch.int32)
+    code[pick] = torch.arange(pick.numel(), dtype=torch.int32)
+    bq, bk = layout.block
+    bits = torch.randint(-2**31, 2**31 - 1, (pick.numel(), bq, (bk + 31) // 32), generator=g, dtype=torch.int32)
+    dev = layout.col.device
+    return BlockLayout(layout.num_heads, layout.q_blocks, layout.k_blocks, layout.block, layout.row, layout.col,
+                       code.to(dev), bits.to(dev), layout.q_len, layout.k_len)
 
 
 def _mod_causal(flash, layout, causal):
@@ -178,7 +199,7 @@ def _cudnn(q, k, v, causal):
 
 
 def table(rows):
-    names = ("cudnn", "fa4_direct", "flash", "flash_mod", "triton")
+    names = ("cudnn", "fa4_direct", "flash", "flash_mod", "triton", "flash_tok20", "triton_tok20")
     lines = ["| d | L | causal | density | mode | " + " | ".join(n + " ms" for n in names) + " |",
              "|---|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
