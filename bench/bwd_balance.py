@@ -1,0 +1,224 @@
+"""Backward load balance of ``sparse_attention`` on real-mask-shaped layouts (issue 11), one GPU.
+
+Run from the repository root on the GPU machine::
+
+    PYTHONPATH=src python3 bench/bwd_balance.py --out bwd_balance.json
+
+What it does:
+
+1. gradient check (bf16 inputs, ``L=2048``, 60% sparsity by default, same heads/dim/block): a sink +
+   band layout whose sink column is split, dQ/dK/dV against a float64 masked reference (relative norm error
+   < 2e-2, the bf16 tolerance of ``tests/unit/test_kernels.py``), the split against the unsplit
+   backward (< one bf16 ulp: 2**-7 relative) and split run twice (bitwise equal);
+2. timing (bf16, ``B=4``, 9 query heads / 3 kv heads, ``d=64``, ``L=8192``, 128 x 128 blocks,
+   causal unless ``--no-causal``): fwd and bwd with ``torch.cuda.Event`` around each (``--warmup``
+   steps, then the median of ``--reps``) for
+
+   (a) ``random``: the diagonal plus random blocks, 90% sparsity of the causally reachable blocks
+       (as ``attnprune.bench.kernels.random_block_layout``), and
+   (b) ``sink_band``: key block 0 in every row, a band at the diagonal, random blocks up to the
+       same count per head as (a): the shape of the real AP masks,
+
+   each with the dK/dV split on and off (``ATTNPRUNE_DKDV_SPLIT``, read at each call).
+
+The JSON holds the versions, device, arguments, the check's errors, per layout the split table
+(tiles split, chunk cap, longest work item vs longest tile, in 128 x 128 blocks) and the timings
+(median / p10 / p90 ms of fwd, bwd, fwd+bwd), plus the ratios ``sink_band / random`` with the split
+on and off.
+
+Expected outcome (to compare with): with the split on, ``ratio_split_on.bwd`` and
+``ratio_split_on.total`` are within ~5% of 1 (the sink layout's backward as fast as the random
+layout's of the same density); with it off, ``ratio_split_off.bwd`` is ~1.10-1.20 (the sink tile's
+program walks 3 x 64 blocks while the mean tile walks ~10, and the grid waits for it). The forward
+is the same either way (the split touches the dK/dV pass only); ``random`` changes little with the
+split (few or no tiles above the cap; ``split.n_split`` says how many).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import torch  # noqa: E402
+
+from attnprune.kernels import BlockLayout, sparse_attention  # noqa: E402
+
+ENV = "ATTNPRUNE_DKDV_SPLIT"
+
+
+def layouts(heads: int, nb: int, sparsity: float, causal: bool, band: int, seed: int):
+    """(random, sink_band) bool ``[heads, nb, nb]`` with the same number of kept blocks per head."""
+    g = torch.Generator().manual_seed(seed)
+    reach = torch.ones(nb, nb, dtype=torch.bool)
+    if causal:
+        reach = reach.tril()
+    target = max(nb, round((1.0 - sparsity) * int(reach.sum())))
+    i = torch.arange(nb)
+    diag = (i[:, None] == i[None, :])
+    near = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < band)
+    if not causal:
+        near = (i[:, None] - i[None, :]).abs() < band
+    base_random = diag
+    base_sink = (near | (i[None, :] == 0)) & reach
+
+    def fill(base):
+        out = base[None].repeat(heads, 1, 1)
+        for h in range(heads):
+            free = (reach & ~base).flatten().nonzero().flatten()
+            extra = target - int(base.sum())
+            if extra < 0:
+                raise SystemExit(f"band {band} keeps more than {1 - sparsity:.0%} of the blocks: lower --band")
+            pick = free[torch.randperm(free.numel(), generator=g)[:extra]]
+            out[h].view(-1)[pick] = True
+        return out
+
+    return fill(base_random), fill(base_sink)
+
+
+def split_info(lay: BlockLayout, L: int, causal: bool, hq: int, hkv: int) -> dict:
+    sp = lay.dkdv_split(L, L, causal, 0, hq, hkv)
+    if sp is None:
+        plan = lay.plan(L, L, causal, 0)
+        lens = (plan.bwd_ptr[1:] - plan.bwd_ptr[:-1]).long().cpu().reshape(lay.num_heads, lay.k_blocks)
+        work = lens.reshape(hkv, hq // hkv, -1).sum(1) if lay.num_heads == hq else lens * (hq // hkv)
+        return {"n_split": 0, "longest_tile": int(work.max()), "mean_tile": float(work[work > 0].float().mean())}
+    items = sp.items.cpu()
+    return {"n_split": sp.n_split, "n_items": sp.n_items, "n_slots": sp.n_slots, "cap": sp.cap,
+            "max_chunks": int(sp.chunks.max()), "longest_tile": int(sp.work.max()),
+            "longest_item": int((items[:, 3] - items[:, 2]).max()),
+            "mean_tile": float(sp.work[sp.work > 0].float().mean())}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def grad_check(args) -> dict:
+    """bf16 kernel vs float64 reference on a smaller shape whose sink column is split."""
+    L, hq, hkv, d, blk = args.check_length, args.heads, args.kv_heads, args.dim, args.block
+    nb = -(-L // blk)
+    _, keep = layouts(hq, nb, args.check_sparsity, args.causal, args.band, seed=1)
+    lay = BlockLayout.from_blocks(keep.cuda(), (blk, blk))
+    info = split_info(lay, L, args.causal, hq, hkv)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for h in (hq, hkv, hkv))
+    go = torch.randn(1, hq, L, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def grads(split: bool):
+        os.environ[ENV] = "1" if split else "0"
+        out = sparse_attention(q, k, v, lay, causal=args.causal)
+        return (out, *torch.autograd.grad(out, (q, k, v), go))
+
+    on, on2, off = grads(True), grads(True), grads(False)
+    allowed = lay.to_dense(L, L)[None]
+    if args.causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device="cuda").tril()
+    G = hq // hkv
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = (qd @ kd.repeat_interleave(G, 1).transpose(-1, -2)) * d ** -0.5
+    ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ vd.repeat_interleave(G, 1)
+    rgrads = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    names = ("out", "dq", "dk", "dv")
+    res = {"length": L, "split": info,
+           "rel_err_vs_fp64": {n: rel(a, r) for n, a, r in zip(names, on, (ref, *rgrads))},
+           "rel_split_vs_unsplit": {n: rel(a, b) for n, a, b in zip(names, on, off)},
+           "bitwise_repeatable": all(torch.equal(a, b) for a, b in zip(on, on2))}
+    res["ok"] = (info["n_split"] > 0 and max(res["rel_err_vs_fp64"].values()) < 2e-2
+                 and max(res["rel_split_vs_unsplit"].values()) <= 2.0 ** -7 and res["bitwise_repeatable"])
+    return res
+
+
+def timed(lay, q, k, v, do, causal, warmup, reps) -> dict:
+    ms = {"fwd": [], "bwd": [], "total": []}
+    for it in range(warmup + reps):
+        q.grad = k.grad = v.grad = None
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        out = sparse_attention(q, k, v, lay, causal=causal)
+        e1.record()
+        out.backward(do)
+        e2.record()
+        torch.cuda.synchronize()
+        if it >= warmup:
+            ms["fwd"].append(e0.elapsed_time(e1))
+            ms["bwd"].append(e1.elapsed_time(e2))
+            ms["total"].append(e0.elapsed_time(e2))
+
+    def stats(x):
+        x = sorted(x)
+        return {"median": statistics.median(x), "p10": x[len(x) // 10], "p90": x[(9 * len(x)) // 10]}
+
+    return {key: stats(val) for key, val in ms.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--check-length", type=int, default=2048)
+    ap.add_argument("--check-sparsity", type=float, default=0.6,
+                    help="of the check's layout (at 16 blocks a row, 90%% leaves no room for sink + band)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--band", type=int, default=2, help="diagonal band width (blocks) of the sink layout")
+    ap.add_argument("--no-causal", dest="causal", action="store_false")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    import triton
+
+    result = {"versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                           "python": platform.python_version()},
+              "device": torch.cuda.get_device_name(), "args": vars(args)}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    result["grad_check"] = grad_check(args)
+    print("grad check:", json.dumps(result["grad_check"]))
+    save()
+
+    L, B, hq, hkv, d, blk = args.length, args.batch, args.heads, args.kv_heads, args.dim, args.block
+    nb = -(-L // blk)
+    rnd, sink = layouts(hq, nb, args.sparsity, args.causal, args.band, seed=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, L, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for h in (hq, hkv, hkv))
+    do = torch.randn(B, hq, L, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    res = result.setdefault("layouts", {})
+    for name, keep in (("random", rnd), ("sink_band", sink)):
+        lay = BlockLayout.from_blocks(keep.cuda(), (blk, blk))
+        entry = res[name] = {"kept_blocks_per_head": keep.sum((1, 2)).tolist(), "block_density": lay.density,
+                             "split": split_info(lay, L, args.causal, hq, hkv)}
+        for mode in ("split_on", "split_off"):
+            os.environ[ENV] = "1" if mode == "split_on" else "0"
+            entry[mode] = timed(lay, q, k, v, do, args.causal, args.warmup, args.reps)
+            print(name, mode, {key: round(val["median"], 4) for key, val in entry[mode].items()})
+            save()
+    for mode in ("split_on", "split_off"):
+        result[f"ratio_{mode}"] = {key: res["sink_band"][mode][key]["median"] / res["random"][mode][key]["median"]
+                                   for key in ("fwd", "bwd", "total")}
+        print(f"sink_band / random, {mode}:", {key: round(val, 4) for key, val in result[f"ratio_{mode}"].items()})
+    result["split_gain_sink_band_bwd"] = (res["sink_band"]["split_off"]["bwd"]["median"]
+                                          / res["sink_band"]["split_on"]["bwd"]["median"])
+    save()
+    print("wrote", args.out)
+    return 0 if result["grad_check"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
