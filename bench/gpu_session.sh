@@ -30,6 +30,14 @@
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
 #   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
+#   masks8k     attnprune eval at 8k (128-blocks, prob score): layer / structured / streaming 90% masks saved
+#               (no out-of-domain text; what maskbench_split times)
+#   maskbench_split   attnprune bench --model smollm2 with masks8k's masks, 8k x 4, the dK/dV column split
+#               on and off (ATTNPRUNE_DKDV_SPLIT=0) (issue 11)
+#   tests13     kernel, split, triton/flash backend, decode, cache and graph suites on the GPU (issues 9, 11, 13)
+#   bwd         bench/bwd_balance.py: fwd+bwd of sink+band vs random layouts, split on/off (issue 11)
+#   decode3     bench/decode_bench.py at 4k / 8k / 16k, batch 1 and 8, every variant (issue 13)
+#   fa4check    bench/fa4_check.py at 4k and 16k: native causal vs mask_mod, token-exact 20% (issue 9)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -137,6 +145,30 @@ while [ $# -gt 0 ]; do
             --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
             $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
+    masks8k)
+        stage masks8k 200 python3 -m attnprune --quiet eval --model smollm2 --data austen --seq-len 8192 --calib 8 \
+            --test 8 --batch-size 1 --blocks 128 --scores prob --policies layer structured streaming --sparsities 0.9 \
+            --backend triton --device cuda --save-masks --no-heatmaps -o "$RUNS/masks8k" ;;
+    maskbench_split)
+        m8=$RUNS/masks8k/masks
+        for split in 1 0; do
+            stage maskbench_split$split 200 env ATTNPRUNE_DKDV_SPLIT=$split python3 -m attnprune --quiet bench --model smollm2 \
+                --backend triton --batch 4 --lengths 8192 --sparsities 0.9 --masks $m8/prob-layer-0.9-b128.safetensors \
+                $m8/prob-structured-0.9-b128.safetensors $m8/prob-streaming-0.9-b128.safetensors --warmup 2 --reps 5 \
+                -o "$RUNS/maskbench_split$split.json" --markdown "$RUNS/maskbench_split$split.md"
+        done ;;
+    tests13)
+        files=()
+        for f in kernels kernels_split backend_triton backend_flash host_sync decode_kernel decode_step cache \
+                 cache_encdec decode_graph; do
+            [ -f tests/unit/test_$f.py ] && files+=(tests/unit/test_$f.py)
+        done
+        stage tests13 ${TESTS_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
+    bwd) stage bwd 150 python3 bench/bwd_balance.py --out "$RUNS/bwd_balance.json" ;;
+    decode3)
+        stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts 4096,8192,16384 --batches 1,8 --new 64 \
+            -o "$RUNS/decode3.json" ;;
+    fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
     pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
     esac
