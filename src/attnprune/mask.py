@@ -322,13 +322,15 @@ class PruneMask:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
 
-    def extend(self, length: int, *, hold: str = "width") -> "PruneMask":
+    def extend(self, length: int, *, hold: str = "width", stats=None, mass: float | None = None) -> "PruneMask":
         """This mask at ``length`` x ``length`` positions: past the calibrated lengths, each head's
         sinks and band continued (``attnprune.lengthfree``; with the default ``hold="width"``, what
-        ``beyond="extend"`` computes; ``hold="density"`` keeps the calibration's density instead)."""
+        ``beyond="extend"`` computes; ``hold="density"`` keeps the calibration's density instead;
+        ``hold="mass"`` fits sinks and band from ``stats``, the ``AttentionStats`` the mask was made
+        from, to keep ``mass`` of each row's attention, default per head the share this mask keeps)."""
         from .lengthfree import extend_mask
 
-        return extend_mask(self, length, hold=hold)
+        return extend_mask(self, length, hold=hold, stats=stats, mass=mass)
 
     # -------------------------------------------------------------------------------- restriction
     def restrict_to_kinds(self, kinds) -> "PruneMask":

@@ -1,0 +1,174 @@
+"""The length-free form fitted from attention statistics (``LengthFree.fit_mass``, ``hold="mass"``)."""
+
+import pytest
+import torch
+
+from attnprune import make_mask
+from attnprune.errors import InvalidArgumentError, LengthError, MaskMismatchError
+from attnprune.experiments.extend import parse_hold
+from attnprune.lengthfree import LengthFree, kept_mass
+from attnprune.mask import PruneMask, SiteMask
+from attnprune.sites import SiteInfo
+from attnprune.stats import AttentionStats
+
+# fit_mass asks each row for ``mass * row * (1 - 1e-9)``; float64 sums of <= 256 terms of size <= 1
+# are off by far less than 1e-12 of the row, so a kept share below mass * (1 - 2e-9) is a real miss
+SLACK = 2e-9
+
+
+def _structured(L, heads, p=0.9):
+    """float64 [H, L, L] causal rows summing to 1: share ``p`` spread evenly over each head's sinks
+    ``s`` and band ``0 <= r - c < w`` (``heads``: [(s, w), ...]), the rest evenly over the other keys."""
+    r, c = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    out = []
+    for s, w in heads:
+        struct = ((c < s) | ((r - c >= 0) & (r - c < w))) & (c <= r)
+        other = (c <= r) & ~struct
+        ns, no = struct.sum(1, keepdim=True).double(), other.sum(1, keepdim=True).double()
+        rows = torch.where(struct, p / ns, torch.where(other, (1 - p) / no.clamp_min(1), 0.0))
+        rows = torch.where(no == 0, struct / ns, rows)  # rows with nothing else: all on the structure
+        out.append(rows)
+    return torch.stack(out)
+
+
+def _random_rows(H, L, kind, seed):
+    """float64 [H, L, L] rows of a softmax over random logits with a pull towards the diagonal and
+    the first key (causal: keys <= query)."""
+    g = torch.Generator().manual_seed(seed)
+    r, c = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    logits = 2 * torch.randn(H, L, L, generator=g, dtype=torch.float64) - 0.2 * (r - c).abs() + 3.0 * (c == 0)
+    if kind == "causal":
+        logits = logits.masked_fill(c > r, float("-inf"))
+    return logits.softmax(-1)
+
+
+def _kept_share(lf, score, kind):
+    """float64 [H, F]: the share of each fitted row's mass the form keeps (the last half of the rows)."""
+    H, R, C = score.shape
+    rows, cols = torch.arange(R // 2, R), torch.arange(C)
+    grid = lf.grid(rows, cols)
+    if kind == "causal":
+        grid = grid & (cols[None, :] <= rows[:, None])
+    x = score[:, rows]
+    return (x * grid).sum(-1) / x.sum(-1)
+
+
+def test_fit_mass_recovers_known_sinks_and_band():
+    """Share 0.9 on (1 sink, band 8) and on (4 sinks, band 3); asked for 0.9, the cheapest form is
+    exactly that structure, constant over the rows."""
+    score = _structured(64, [(1, 8), (4, 3)])
+    lf = LengthFree.fit_mass(score, "causal", 0.9)
+    assert lf.sinks.tolist() == [1, 4]
+    assert lf.band.tolist() == [8.0, 3.0]
+    assert lf.growth.tolist() == [0.0, 0.0]
+    assert (_kept_share(lf, score, "causal") >= 0.9 * (1 - SLACK)).all()
+
+
+def test_fit_mass_follows_a_growing_band():
+    """The structure's band widens by one key every 4 rows: the fitted growth is the least-squares
+    slope of those widths over the fitted rows, and the line covers every fitted row's width."""
+    L = 96
+    width = lambda r: 2 + r // 4
+    r, c = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    w = torch.tensor([width(i) for i in range(L)])[:, None]
+    struct = (r - c >= 0) & (r - c < w)
+    other = (c <= r) & ~struct
+    ns, no = struct.sum(1, keepdim=True).double(), other.sum(1, keepdim=True).double().clamp_min(1)
+    score = torch.where(struct, 0.95 / ns, torch.where(other, 0.05 / no, 0.0))[None]  # float64
+    lf = LengthFree.fit_mass(score, "causal", 0.95, max_sinks=0)
+    fr = torch.arange(L // 2, L).double()
+    ws = torch.tensor([float(width(int(i))) for i in fr], dtype=torch.float64)
+    rc = fr - fr.mean()
+    slope = float((ws - ws.mean()) @ rc / (rc @ rc))
+    assert float(lf.growth[0]) == pytest.approx(slope, abs=1e-12)
+    assert 0.24 < slope < 0.26
+    # the line is the least-squares one raised onto the highest width: above every row, and above by
+    # less than the staircase's spread around a line of that slope (0.75 + |slope - 1/4| * 48 < 1)
+    over = lf.width(fr)[0] - ws
+    assert float(over.min()) >= -1e-9 and float(over.max()) < 1.0
+    assert (_kept_share(lf, score, "causal") >= 0.95 * (1 - SLACK)).all()
+
+
+@pytest.mark.parametrize("kind", ["causal", "self"])
+@pytest.mark.parametrize("mass", [0.3, 0.7, 0.9, 0.99, 1.0])
+def test_every_fitted_row_keeps_the_requested_mass(kind, mass):
+    score = _random_rows(3, 48, kind, seed=int(mass * 100))
+    lf = LengthFree.fit_mass(score, kind, mass)
+    assert (_kept_share(lf, score, kind) >= mass * (1 - SLACK)).all()
+
+
+def test_per_head_mass_and_the_more_mass_the_more_kept():
+    score = _random_rows(2, 48, "causal", seed=5)
+    lo, hi = LengthFree.fit_mass(score, "causal", 0.5), LengthFree.fit_mass(score, "causal", 0.95)
+    both = LengthFree.fit_mass(score, "causal", torch.tensor([0.5, 0.95]))
+    rows, cols = torch.arange(24, 48), torch.arange(48)
+    n = lambda lf: lf.grid(rows, cols).sum((1, 2))
+    assert (n(lo) <= n(hi)).all() and int(n(lo).sum()) < int(n(hi).sum())
+    assert n(both).tolist() == [int(n(lo)[0]), int(n(hi)[1])]
+
+
+def _stats_and_mask(sparsity=0.5, L=32, H=2, kind="causal"):
+    info = SiteInfo("l0", kind, H, H)
+    probs = _random_rows(H, L, kind, seed=11)
+    count = torch.ones(L, L, dtype=torch.float64)
+    if kind == "causal":
+        count = count.tril()
+    stats = AttentionStats([info])
+    stats.add("l0", probs * count, count)
+    return stats, make_mask(stats, sparsity), probs
+
+
+def test_kept_mass_is_the_share_of_the_fitted_rows():
+    stats, mask, probs = _stats_and_mask()
+    keep = mask.site("l0").keep
+    want = (probs[:, 16:] * keep[:, 16:]).sum((1, 2)) / probs[:, 16:].sum((1, 2))
+    torch.testing.assert_close(kept_mass(keep, probs), want, rtol=1e-12, atol=0)
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        kept_mass(keep[:, :4], probs)
+
+
+def test_extend_hold_mass_keeps_the_mask_and_at_least_its_mass():
+    """hold="mass" (mass=None): the calibrated region as it was, and the continued form keeps per
+    head at least the share of the fitted rows' mass the mask keeps there."""
+    stats, mask, probs = _stats_and_mask()
+    sm = mask.site("l0")
+    ext = mask.extend(80, hold="mass", stats=stats)
+    assert ext.meta["extended_hold"] == "mass" and ext.meta["extended_mass"] == "kept"
+    assert torch.equal(ext.site("l0").keep[:, :32, :32], sm.keep)
+    lf = LengthFree.fit_mass(probs.float(), "causal", kept_mass(sm.keep, probs))
+    share = _kept_share(lf, probs, "causal")
+    assert (share >= kept_mass(sm.keep, probs)[:, None] * (1 - SLACK)).all()
+    rows = torch.arange(32, 80)
+    assert torch.equal(ext.site("l0").keep[:, 32:], lf.grid(rows, torch.arange(80)))
+    fixed = mask.extend(80, hold="mass", stats=stats, mass=0.99)
+    assert fixed.meta["extended_mass"] == 0.99
+    assert int(fixed.site("l0").keep[:, 32:].sum()) >= int(ext.site("l0").keep[:, 32:].sum())
+
+
+def test_bad_arguments():
+    stats, mask, probs = _stats_and_mask()
+    for bad in (0.0, -0.1, 1.5, float("nan"), [0.5, 0.5, 0.5]):
+        with pytest.raises(InvalidArgumentError, match="mass"):
+            LengthFree.fit_mass(probs, "causal", bad)
+    with pytest.raises(InvalidArgumentError, match=r"\[H, R, C\]"):
+        LengthFree.fit_mass(probs[0], "causal", 0.5)
+    with pytest.raises(InvalidArgumentError, match="max_sinks"):
+        LengthFree.fit_mass(probs, "causal", 0.5, max_sinks=-1)
+    with pytest.raises(LengthError, match="cross-attention"):
+        LengthFree.fit_mass(probs, "cross", 0.5)
+    with pytest.raises(InvalidArgumentError, match="needs the attention statistics"):
+        mask.extend(64, hold="mass")
+    with pytest.raises(InvalidArgumentError, match="for hold='mass'"):
+        mask.extend(64, hold="width", stats=stats)
+    with pytest.raises(InvalidArgumentError, match="hold must be"):
+        mask.extend(64, hold="mas")
+    other, _, _ = _stats_and_mask(L=16)
+    with pytest.raises(MaskMismatchError, match="grid"):
+        mask.extend(64, hold="mass", stats=other)
+    renamed = PruneMask([SiteMask(SiteInfo("l9", "causal", 2, 2), 32, 32, keep=mask.site("l0").keep)], {})
+    with pytest.raises(MaskMismatchError, match="no site 'l9'"):
+        renamed.extend(64, hold="mass", stats=stats)
+    for spec in ("mass:x", "width:0.5", "nope"):
+        with pytest.raises(InvalidArgumentError):
+            parse_hold(spec)
+    assert parse_hold("mass:0.9") == ("mass", 0.9) and parse_hold("width") == ("width", None)
