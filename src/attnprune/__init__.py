@@ -9,12 +9,15 @@ The public API:
 - ``finetune(model, examples, *, mask, task, out_dir, config)`` with ``TrainConfig``: training with a mask
   attached, checkpointed and resumable
 - ``PrunedKVCache(model, mask)``: a transformers generation cache holding only what the mask still reads
+- ``decode_greedy(model, input_ids, cache, max_new_tokens, *, cuda_graph=True)``: greedy decoding with each
+  step replayed as a CUDA graph (``PrunedKVCache`` with the mask attached, or a dense model's ``StaticCache``)
 - ``AttentionStats``, ``PruneMask``, ``SiteInfo`` and the ``AttnPruneError`` family.
 
 Kernels live in ``attnprune.kernels`` (``sparse_attention``, ``BlockLayout``).
 """
 
 from .apply import OutsideCalibrationWarning, apply, attach, attached_backend, detach, outside_counts
+from .decode_loop import GraphCaptureError, decode_greedy
 from .errors import (
     AttnPruneError,
     CorruptFileError,
@@ -48,7 +51,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "observe", "make_mask", "apply", "attach", "detach", "attached_backend", "outside_counts", "finetune", "TrainConfig",
-    "PrunedKVCache", "OutsideCalibrationWarning",
+    "PrunedKVCache", "OutsideCalibrationWarning", "decode_greedy", "GraphCaptureError",
     "AttentionStats", "PruneMask", "SiteInfo",
     "AttnPruneError", "CorruptFileError", "EmptyDatasetError", "InvalidArgumentError", "LengthError",
     "MaskMismatchError", "MissingDependencyError", "NoAttentionSitesError", "NonFiniteAttentionError",

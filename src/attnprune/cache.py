@@ -19,7 +19,8 @@ host, so compaction needs no synchronisation either. Sink columns are read by ev
 a local band's keys leave as the band moves on. Attention over the cache is ``masked_decode``
 (CUDA) or PyTorch SDPA with each head's kept positions as its boolean mask (``apply._Patch``);
 calls without earlier cached entries (the prompt) run on the attached backend. Encoder-decoder
-models: ``cache_encdec.py``.
+models: ``cache_encdec.py``. A graph-safe form of the decode step (slot and positions as device
+tensors, compaction into fixed-capacity buffers; for CUDA graphs): ``decode_loop.py``.
 
 Usage::
 
@@ -141,6 +142,7 @@ class PrunedLayer(CacheLayerMixin):
         self._slots = ((), (), ())  # one-slot views of the room: key, value, position
         self._base = 0  # the slot of _slots[.][0]
         self._dev_keep: dict = {}  # the keep table on a device, for the attention (apply._Patch)
+        self.capacity: int | None = None  # fixed slots of the buffers (decode_loop: compactions fill them in place)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         B, Hkv, _, D = key_states.shape
@@ -158,6 +160,8 @@ class PrunedLayer(CacheLayerMixin):
         st, extend = self.cache._step(self.seen, n, self.device)
         if extend != self._extend or (extend and self.seen + n > self._last.shape[1]):
             self._table(extend, self.seen + n)
+        if n == 1 and self.cache._graph is not None:  # the graph-safe decode step (decode_loop.py)
+            return self.cache._graph.update(self, key_states, value_states, st)
         C = self.held_before = self.C
         i = C - self._base
         if n == 1 and i < len(self._slots[0]) and self._since_compact < COMPACT_EVERY - 1 and self._last_n == 1:
@@ -189,6 +193,16 @@ class PrunedLayer(CacheLayerMixin):
         """Hold ``keys``/``values``/``pos`` (C slots) in buffers of ``capacity >= C`` slots, the room
         zeros (keys, values: finite where the attention masks them out) and -1 (positions)."""
         C = pos.shape[-1]
+        fixed = self.capacity is not None and capacity > C
+        if fixed:  # decode_loop: one buffer size for the whole generation, filled in place when it fits
+            capacity = self.capacity = max(capacity, self.capacity)
+            if self.pos is not None and tuple(self.pos.shape) == (*pos.shape[:2], capacity):
+                self.keys[:, :, :C].copy_(keys)
+                self.values[:, :, :C].copy_(values)
+                self.pos[:, :, :C].copy_(pos)
+                self.pos[:, :, C:].fill_(-1)  # the keys and values there stay finite: masked out
+                self.C, self._slots, self._base = C, ((), (), ()), C
+                return
         if capacity > C:
             kb = keys.new_zeros(*keys.shape[:2], capacity, keys.shape[-1])
             vb = values.new_zeros(*values.shape[:2], capacity, values.shape[-1])
@@ -196,7 +210,10 @@ class PrunedLayer(CacheLayerMixin):
             kb[:, :, :C], vb[:, :, :C], pb[:, :, :C] = keys, values, pos
             keys, values, pos = kb, vb, pb
         self.keys, self.values, self.pos, self.C = keys, values, pos, C
-        self._slot_views(C)
+        if fixed:  # no one-slot views (the graph-safe step writes by a device index)
+            self._slots, self._base = ((), (), ()), C
+        else:
+            self._slot_views(C)
 
     def _slot_views(self, base: int) -> None:
         self._base = base
@@ -361,6 +378,7 @@ class PrunedKVCache(Cache):
         self._step_extend = False
         self._decoder = _decoder
         self._extra_layers: list = []  # an encoder-decoder cache's cross-attention layers (routed too)
+        self._graph = None  # decode_loop._DeviceStep while a graph-safe decode loop runs
 
     def _step(self, seen: int, n: int, device) -> tuple[_Step, bool]:
         """The positions shared by every layer of this forward, and whether ``beyond="extend"``.
@@ -370,7 +388,10 @@ class PrunedKVCache(Cache):
         st = self._steps.get(device)
         if st is None or st.key != (seen, n):
             ctx, beyond = self._context()
-            st = self._steps[device] = _Step((seen, n), ctx.own_positions(seen, n, device, decoder=self._decoder))
+            g = self._graph
+            new = (g.positions if g is not None and n == 1  # a device counter, advanced in place (decode_loop)
+                   else ctx.own_positions(seen, n, device, decoder=self._decoder))
+            st = self._steps[device] = _Step((seen, n), new)
             self._step_extend = beyond == "extend"
         return st, self._step_extend
 
