@@ -15,6 +15,13 @@ mask's own grid (tokens, or ``b x b`` blocks for block masks, so a block mask ex
   leave far rows only their diagonal) and ``g = 0`` with ``grow=False``. So an extended row keeps
   about as many entries as the calibrated rows near its length did, growing as they grew.
 
+From the attention statistics instead (``LengthFree.fit_mass``; ``PruneMask.extend(length,
+hold="mass", stats=stats)``): per head, the sinks and band line that keep at least a share of every
+fitted row's attention mass at the fewest entries, the share by default the one the calibrated
+mask keeps there (``kept_mass``). A percentile mask's scattered entries have no place in a sinks +
+band form, so holding its *mass* costs more entries than holding its width or density, and keeps
+quality where those do not (RESULTS.md, "Masks past their calibrated length").
+
 The fitted rows are the last half of the calibrated rows (the ones closest to the extension).
 Extended row ``r`` keeps column ``c`` when ``c < s`` or ``0 <= r - c < w(r)`` (causal sites; for
 bidirectional ``self`` sites ``|r - c| < (w(r) + 1) / 2``); causality itself is applied by the
