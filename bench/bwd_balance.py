@@ -89,7 +89,8 @@ def split_info(lay: BlockLayout, L: int, causal: bool, hq: int, hkv: int) -> dic
         work = lens.reshape(hkv, hq // hkv, -1).sum(1) if lay.num_heads == hq else lens * (hq // hkv)
         return {"n_split": 0, "longest_tile": int(work.max()), "mean_tile": float(work[work > 0].float().mean())}
     items = sp.items.cpu()
-    return {"n_split": sp.n_split, "n_items": sp.n_items, "n_slots": sp.n_slots, "cap": sp.cap,
+    return {"n_split": sp.n_split, "n_items": sp.n_items, "n_slots": sp.n_slots, "threshold": sp.threshold,
+            "cap": sp.cap,
             "max_chunks": int(sp.chunks.max()), "longest_tile": int(sp.work.max()),
             "longest_item": int((items[:, 3] - items[:, 2]).max()),
             "mean_tile": float(sp.work[sp.work > 0].float().mean())}
@@ -136,26 +137,85 @@ def grad_check(args) -> dict:
 
 
 def timed(lay, q, k, v, do, causal, warmup, reps) -> dict:
-    ms = {"fwd": [], "bwd": [], "total": []}
-    for it in range(warmup + reps):
+    """Median / p10 / p90 ms of fwd, bwd and both from CUDA events; steps are queued back to back
+    (one synchronisation at the end), so the events time the GPU, not the host's launches.
+    ``host_ms_per_step``: wall time per step, for spotting a host-bound run (it would be ~ total)."""
+    import time
+
+    def step(evs=None):
         q.grad = k.grad = v.grad = None
-        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        e0.record()
+        if evs:
+            evs[0].record()
         out = sparse_attention(q, k, v, lay, causal=causal)
-        e1.record()
+        if evs:
+            evs[1].record()
         out.backward(do)
-        e2.record()
-        torch.cuda.synchronize()
-        if it >= warmup:
-            ms["fwd"].append(e0.elapsed_time(e1))
-            ms["bwd"].append(e1.elapsed_time(e2))
-            ms["total"].append(e0.elapsed_time(e2))
+        if evs:
+            evs[2].record()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    evs = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(reps)]
+    t0 = time.perf_counter()
+    for e in evs:
+        step(e)
+    torch.cuda.synchronize()
+    host = (time.perf_counter() - t0) * 1e3 / reps
+    ms = {"fwd": [e[0].elapsed_time(e[1]) for e in evs], "bwd": [e[1].elapsed_time(e[2]) for e in evs],
+          "total": [e[0].elapsed_time(e[2]) for e in evs]}
 
     def stats(x):
         x = sorted(x)
         return {"median": statistics.median(x), "p10": x[len(x) // 10], "p90": x[(9 * len(x)) // 10]}
 
-    return {key: stats(val) for key, val in ms.items()}
+    res = {key: stats(val) for key, val in ms.items()}
+    res["host_ms_per_step"] = host
+    return res
+
+
+def kernel_ms(lay, q, k, v, do, causal, steps=10) -> dict:
+    """GPU ms per step of each kernel (torch.profiler), e.g. ``_dkdv_kernel`` vs ``_dkdv_items_kernel``
+    + ``_dkdv_reduce_kernel``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            q.grad = k.grad = v.grad = None
+            sparse_attention(q, k, v, lay, causal=causal).backward(do)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        t = e.cuda_time_total if t is None else t
+        if t > 0:
+            out[e.key[:60]] = round(t / steps / 1e3, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
+# diagnostic variants: (split env, build_dkdv_split keywords or None for the default table)
+VARIANTS = {
+    "split_off": ("0", None),
+    "split_on": ("1", None),
+    "chunk_factor2": ("1", {"chunk_factor": 2.0}),
+    "chunk_factor0.5": ("1", {"chunk_factor": 0.5}),
+    "factor1": ("1", {"factor": 1.0}),
+    "tile_order": ("1", {"longest_first": False}),
+    "items_nosplit": ("1", {"factor": 1e9, "force": True}),
+}
+
+
+def use_variant(lay, L, causal, hq, hkv, name):
+    """Set the switch and put the variant's chunk table where ``sparse_attention`` looks it up."""
+    from attnprune.kernels import _split
+
+    env, kw = VARIANTS[name]
+    os.environ[ENV] = env
+    plan = lay.plan(L, L, causal, 0)
+    plan.dkdv_splits.clear()
+    if kw is not None:
+        key = (hq, hkv, _split.MIN_CHUNK, _split.FACTOR, _split.CHUNK_FACTOR)
+        plan.dkdv_splits[key] = _split.build_dkdv_split(plan.bwd_ptr, lay.num_heads, lay.k_blocks, hq, hkv, **kw)
 
 
 def main(argv=None) -> int:
@@ -175,6 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-causal", dest="causal", action="store_false")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-variants", dest="variants", action="store_false",
+                    help="time only split on/off (not the diagnostic variants: cap factor 1 and 4, tile order, "
+                         "the item kernel with nothing split)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -204,11 +267,18 @@ def main(argv=None) -> int:
         lay = BlockLayout.from_blocks(keep.cuda(), (blk, blk))
         entry = res[name] = {"kept_blocks_per_head": keep.sum((1, 2)).tolist(), "block_density": lay.density,
                              "split": split_info(lay, L, args.causal, hq, hkv)}
-        for mode in ("split_on", "split_off"):
-            os.environ[ENV] = "1" if mode == "split_on" else "0"
+        names = list(VARIANTS) if args.variants else ["split_off", "split_on"]
+        for mode in names:
+            use_variant(lay, L, args.causal, hq, hkv, mode)
             entry[mode] = timed(lay, q, k, v, do, args.causal, args.warmup, args.reps)
-            print(name, mode, {key: round(val["median"], 4) for key, val in entry[mode].items()})
+            try:
+                entry[mode]["kernels_ms"] = kernel_ms(lay, q, k, v, do, args.causal)
+            except Exception as e:  # the profiler is a diagnostic: keep the timings without it
+                entry[mode]["kernels_ms"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            print(name, mode, {key: round(val["median"], 4) for key, val in entry[mode].items() if isinstance(val, dict) and "median" in val},
+                  entry[mode]["kernels_ms"])
             save()
+        use_variant(lay, L, args.causal, hq, hkv, "split_on")
     for mode in ("split_on", "split_off"):
         result[f"ratio_{mode}"] = {key: res["sink_band"][mode][key]["median"] / res["random"][mode][key]["median"]
                                    for key in ("fwd", "bwd", "total")}

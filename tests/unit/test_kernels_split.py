@@ -68,7 +68,8 @@ def split_on(monkeypatch):
 
 
 def check_table(sp):
-    """Every tile's items cover [0, W) exactly once, chunks <= cap, slots contiguous per split tile."""
+    """Every tile's items cover [0, W) exactly once; a tile is split iff W > threshold, into chunks
+    <= cap; slots contiguous per split tile."""
     items = sp.items.cpu().tolist()
     assert len(items) == sp.n_items == sp.work.numel()  + int((sp.chunks - 1).sum())
     lengths = [u1 - u0 for _, _, u0, u1, _ in items]
@@ -84,9 +85,9 @@ def check_table(sp):
         assert parts[0][0] == 0 and parts[-1][1] == w
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         if len(parts) == 1:
-            assert parts[0][2] == -1 and w <= sp.cap and (th, kb) not in red
+            assert parts[0][2] == -1 and w <= sp.threshold and (th, kb) not in red
         else:
-            assert all(u1 - u0 <= sp.cap and u1 > u0 for u0, u1, _ in parts)
+            assert w > sp.threshold and all(u1 - u0 <= sp.cap and u1 > u0 for u0, u1, _ in parts)
             s0, n = red[(th, kb)]
             assert n == len(parts) == int(sp.chunks[th, kb])
             assert [s for _, _, s in parts] == list(range(s0, s0 + n))
@@ -103,11 +104,12 @@ def test_plan_splits_sink_column_real_shape(layout_heads):
     th_n = 3 if layout_heads == 9 else 1
     assert sp.work.shape == (th_n, 64) and sp.hg == 3 // th_n
     mean = sp.work[sp.work > 0].double().mean().item()
-    assert sp.cap == max(_split.MIN_CHUNK, math.ceil(_split.FACTOR * mean))
+    assert sp.threshold == max(_split.MIN_CHUNK, math.ceil(_split.FACTOR * mean))
+    assert sp.cap == min(sp.threshold, max(_split.MIN_CHUNK, math.ceil(_split.CHUNK_FACTOR * mean)))
     assert (sp.work[:, 0] == 3 * 64).all()  # the sink tile walks all 64 query blocks of 3 heads
     assert (sp.chunks[:, 0] > 1).all() and (sp.chunks[:, 1:] == 1).all()
     longest = max(u1 - u0 for _, _, u0, u1, _ in sp.items.tolist())
-    assert longest <= sp.cap < 3 * 64
+    assert longest <= max(sp.cap, int(sp.work[:, 1:].max())) and sp.cap < 3 * 64
     check_table(sp)
     assert lay.dkdv_split(8192, 8192, True, 0, 9, 3) is sp  # cached with the plan
 

@@ -111,18 +111,19 @@ def _dkdv_items_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
 ):
-    """Grid ``(n_items * BK // BLOCK_N, B * HG)``. Program (i * NSUB + sub, bg): work item ``i`` on
-    kv sub-tile ``sub`` (keys ``kb*BK + sub*BLOCK_N ..``) of batch ``bg // HG``, kv head
-    ``th + bg % HG``.
+    """Grid ``(n_items * NSUB * NBG,)``, ``NSUB = BK // BLOCK_N``. Program ``(i * NSUB + sub) * NBG + bg``:
+    work item ``i`` on kv sub-tile ``sub`` (keys ``kb*BK + sub*BLOCK_N ..``) of batch ``bg // HG``, kv
+    head ``th + bg % HG``. Item-major, so the hardware starts the items in table order (longest first)
+    for every batch element before any shorter one.
 
     ``ITEMS`` int32 ``[n_items, 5]``: ``(th, kb, u0, u1, slot)``; ``slot = -1`` stores into DK/DV,
     else into ``SK`` fp32 ``[n_slots, NBG, BK, D]`` / ``SV`` ``[n_slots, NBG, BK, DV]`` (``NBG = B*HG``).
     """
     NSUB: tl.constexpr = BK // BLOCK_N
     pid = tl.program_id(0)
-    item = pid // NSUB
-    sub = pid % NSUB
-    bg = tl.program_id(1)
+    bg = pid % NBG
+    item = pid // (NSUB * NBG)
+    sub = (pid // NBG) % NSUB
     b = bg // HG
     th = tl.load(ITEMS + item * 5)
     kb = tl.load(ITEMS + item * 5 + 1)
@@ -182,6 +183,15 @@ def _dkdv_items_kernel(
 
 
 @triton.jit
+def _slot(SK, SV, rows, offs_d, offs_dv, live, D: tl.constexpr, DV: tl.constexpr):
+    """Rows ``rows`` of one scratch slot of SK ``[.., D]`` / SV ``[.., DV]``, zeros unless ``live``."""
+    ok = (rows * 0 + live.to(tl.int64)) != 0
+    k = tl.load(SK + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(SV + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _dkdv_reduce_kernel(
     SK, SV, DK, DV_, RED,
     sdkb, sdkh, sdkn, sdkd,
@@ -189,7 +199,8 @@ def _dkdv_reduce_kernel(
     HG, NBG, Lk, sm_scale,
     BK: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
 ):
-    """Grid ``(n_split_tiles * BK // BLOCK_R, B * HG)``. ``RED`` int32 ``[n_split_tiles, 4]``:
+    """Grid ``(n_split_tiles * BK // BLOCK_R, B * HG)`` (small row blocks: many programs for little
+    data, so that this serial step is short). ``RED`` int32 ``[n_split_tiles, 4]``:
     ``(th, kb, slot0, n)``: DK/DV rows of tile (kv head ``th + bg % HG``, key block ``kb``) =
     ``sum_{j < n}`` of scratch slot ``slot0 + j``, in that order (times ``sm_scale`` for DK)."""
     NSUB: tl.constexpr = BK // BLOCK_R
@@ -208,10 +219,15 @@ def _dkdv_reduce_kernel(
     offs_dv = tl.arange(0, DV)
     acc_k = tl.zeros([BLOCK_R, D], tl.float32)
     acc_v = tl.zeros([BLOCK_R, DV], tl.float32)
-    for j in range(0, n):
-        rows = ((slot0 + j).to(tl.int64) * NBG + bg) * BK + offs_r
-        acc_k += tl.load(SK + rows[:, None] * D + offs_d[None, :])
-        acc_v += tl.load(SV + rows[:, None] * DV + offs_dv[None, :])
+    rows = (slot0.to(tl.int64) * NBG + bg) * BK + offs_r  # slot j is ``j * NBG * BK`` rows further
+    step = (slot0 * 0 + NBG).to(tl.int64) * BK  # (NBG may arrive as the constant 1)
+    for j in range(0, n, 4):  # four loads in flight, then added in slot order (+0.0 past the end)
+        k0, v0 = _slot(SK, SV, rows + j * step, offs_d, offs_dv, j < n, D, DV)
+        k1, v1 = _slot(SK, SV, rows + (j + 1) * step, offs_d, offs_dv, j + 1 < n, D, DV)
+        k2, v2 = _slot(SK, SV, rows + (j + 2) * step, offs_d, offs_dv, j + 2 < n, D, DV)
+        k3, v3 = _slot(SK, SV, rows + (j + 3) * step, offs_d, offs_dv, j + 3 < n, D, DV)
+        acc_k = (((acc_k + k0) + k1) + k2) + k3
+        acc_v = (((acc_v + v0) + v1) + v2) + v3
     offs_n = kb * BK + offs_r
     ok = offs_n < Lk
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,

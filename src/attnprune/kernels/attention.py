@@ -199,7 +199,7 @@ def _dkdv_split_launch(sp, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, pl
     nbg = B * sp.hg
     sk = torch.empty(sp.n_slots, nbg, bk, D, dtype=torch.float32, device=q.device)
     sv = torch.empty(sp.n_slots, nbg, bk, DV, dtype=torch.float32, device=q.device)
-    tb._dkdv_items_kernel[(sp.n_items * (bk // cfg.block_n), nbg)](
+    tb._dkdv_items_kernel[(sp.n_items * (bk // cfg.block_n) * nbg,)](
         q, k, v, do, dk, dv, sk, sv, lse, delta, kpm_t, bits,
         plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code, sp.items,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
@@ -207,10 +207,12 @@ def _dkdv_split_launch(sp, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, pl
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         PRESCALE=cfg.prescale, **common,
     )
-    br = max(16, min(bk, 8192 // max(D, DV)))  # reduction rows per program: <= 8k fp32 per tensor
+    if not sp.n_split:  # a table built with force=True (benchmarks) may split nothing
+        return
+    br = 16  # reduction rows per program: many small programs (a few KiB each)
     tb._dkdv_reduce_kernel[(sp.n_split * (bk // br), nbg)](
         sk, sv, dk, dv, sp.reduce, *dk.stride(), *dv.stride(), sp.hg, nbg, Lk, scale,
-        BK=bk, BLOCK_R=br, D=D, DV=DV, num_warps=4,
+        BK=bk, BLOCK_R=br, D=D, DV=DV, num_warps=2 if max(D, DV) <= 64 else 4,
     )
 
 

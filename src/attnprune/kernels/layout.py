@@ -276,7 +276,7 @@ class BlockLayout:
         from . import _split
 
         plan = self.plan(lq, lk, causal, q_offset)
-        key = (int(q_heads), int(kv_heads), _split.MIN_CHUNK, _split.FACTOR)
+        key = (int(q_heads), int(kv_heads), _split.MIN_CHUNK, _split.FACTOR, _split.CHUNK_FACTOR)
         if key not in plan.dkdv_splits:
             plan.dkdv_splits[key] = _split.build_dkdv_split(plan.bwd_ptr, self.num_heads, self.k_blocks,
                                                             int(q_heads), int(kv_heads))
