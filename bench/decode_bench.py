@@ -1,4 +1,4 @@
-"""Decode speed and memory: dense vs masked (stock cache) vs masked with PrunedKVCache.
+"""Decode speed and memory: dense vs masked (stock cache) vs masked with PrunedKVCache, eager and as CUDA graphs.
 
 SmolLM2-135M architecture (``attnprune bench --model smollm2``'s config, random weights, bf16), a
 synthetic sink + band block mask (block 64: the first block column and a band of diagonal blocks, ~90% sparsity at 8k), greedy generation of
@@ -7,7 +7,13 @@ tokens/s (batch x new tokens over the decode time: time of the whole generation 
 a 1-token generation), peak GPU memory over the weights, and for PrunedKVCache the bytes it holds
 against a dense cache's. Also checks that the PrunedKVCache tokens equal the stock cache's. The
 measurement is the library's (:mod:`attnprune.bench.decode`, also ``attnprune bench --model smollm2
---model-modes decode``); this script runs it with one warm-up and one timed generation.
+--model-modes decode``); this script runs it with one warm-up and one timed generation. Variants
+(``--variants``, default all five): ``dense`` (SDPA, ``generate``), ``dense-graph`` (``StaticCache``,
+``attnprune.decode_greedy`` replaying each step as a CUDA graph: the strongest dense baseline),
+``masked``, ``pruned`` (``generate`` into ``PrunedKVCache``), ``pruned-graph`` (``decode_greedy`` into
+``PrunedKVCache``, CUDA graph). A graph variant that fails records ``error`` in its row and the run goes
+on. Graph rows: ``decode tok/s`` and ``step ms`` over the replayed steps (compactions included),
+``graph`` holds the capture time and step counts.
 
     python bench/decode_bench.py --contexts 4096,8192 --batches 1,8 --new 64 -o decode.json
 
@@ -52,16 +58,18 @@ def band_mask(model, length: int, block: int, sparsity: float):
     return decode.band_mask(infos, length, block, sparsity)
 
 
-def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, device: str = "cuda"):
+def run(contexts, batches, new: int, backend: str, block: int, sparsity: float, device: str = "cuda",
+        variants=None):
     """Rows (dicts) of :func:`attnprune.bench.decode.run` for SmolLM2 in bf16, one warm-up and one timed
-    generation of each length per variant."""
+    generation of each length per variant (``variants``: default all of ``decode.ALL_VARIANTS``)."""
     from dataclasses import asdict
 
     from attnprune.bench import decode
 
     rows = decode.run("smollm2", contexts, [sparsity], batches=batches, new_tokens=new, backend=backend,
                       block=block, warmup=1, reps=1, device=device, dtype=torch.bfloat16,
-                      log=lambda line: None)
+                      log=lambda line: print(line, flush=True) if "failed" in line else None,
+                      variants=list(variants or decode.ALL_VARIANTS))
     rows = [asdict(r) for r in rows]
     for r in rows:
         print(json.dumps(r), flush=True)
@@ -298,6 +306,8 @@ def main():
     ap.add_argument("--host", action="store_true", help="CPU: ops, syncs and wall time of one decode step")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--pad", type=int, default=0, help="--host: left padding of the first sequence")
+    ap.add_argument("--variants", default="dense,dense-graph,masked,pruned,pruned-graph",
+                    help="decode variants, comma-separated (see above)")
     ap.add_argument("-o", "--out", default=None)
     a = ap.parse_args()
     from attnprune._io import write_json
@@ -331,18 +341,27 @@ def main():
         return
 
     rows = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")], a.new,
-               a.backend, a.block, a.sparsity, a.device)
+               a.backend, a.block, a.sparsity, a.device, a.variants.split(","))
     def f(x, spec):  # "-" for None, in the column's width
         return format("-", spec.split(".")[0]) if x is None else format(x, spec)
 
-    print(f"{'ctx':>6} {'B':>3} {'variant':>8} {'prefill ms':>10} {'decode tok/s':>12} {'step ms':>8} {'peak MiB':>9} "
+    print(f"{'ctx':>6} {'B':>3} {'variant':>12} {'prefill ms':>10} {'decode tok/s':>12} {'step ms':>8} {'peak MiB':>9} "
           f"{'KV share':>8} {'steady MiB':>10} {'same tokens':>11}")
     for r in rows:
-        same = "" if r["same_tokens_as_masked"] is None else str(r["same_tokens_as_masked"])
-        print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>8} {f(r['prefill_ms'], '>10.1f')} "
+        same_as = r["same_tokens_as_masked"] if r["same_tokens_as_masked"] is not None else r["same_tokens_as_dense"]
+        same = "" if same_as is None else str(same_as)
+        err = f" ERROR: {r['error']}" if r["error"] else ""
+        print(f"{r['context']:>6} {r['batch']:>3} {r['variant']:>12} {f(r['prefill_ms'], '>10.1f')} "
               f"{f(r['decode_tok_s'], '>12.1f')} {f(r['bare_step_ms'], '>8.2f')} "
               f"{f(r['peak_mib_over_weights'], '>9.0f')} {f(r['kv_share'], '>8.3f')} "
-              f"{f(r['steady_mib_over_weights'], '>10.0f')} {same:>11} {r['note']}")
+              f"{f(r['steady_mib_over_weights'], '>10.0f')} {same:>11} {r['note']}{err}")
+    by = {(r["context"], r["batch"], r["variant"]): r for r in rows if r["mask"] in (None, "sink+band")}
+    for (ctx, B, v), r in sorted(by.items()):  # issue 13's target: pruned vs dense tokens/s
+        if v in ("pruned", "pruned-graph"):
+            for base in ("dense", "dense-graph"):
+                d = by.get((ctx, B, base))
+                if d and d["decode_tok_s"] and r["decode_tok_s"]:
+                    print(f"ctx={ctx} B={B}: {v} / {base} tokens/s = {r['decode_tok_s'] / d['decode_tok_s']:.2f}")
     if a.out:
         write_json(a.out, {"environment": environment(a.device), "command": "bench/decode_bench.py", "rows": rows})
 

@@ -239,3 +239,28 @@ def test_cuda_graph_replay_equals_the_eager_loop(kind, monkeypatch):
             ref = _generate(model, ids, n, **({"cache": PrunedKVCache(model, mask)} if kind == "pruned" else {}))
     assert torch.equal(runs[1], runs[0])
     assert torch.equal(runs[0], ref)
+
+
+def test_bench_graph_variants_and_a_failing_one(monkeypatch):
+    """bench.decode: the graph variants' rows (CPU: the eager graph-safe loop) give the tokens of the
+    variants they stand next to; a graph variant that fails records its error and the run goes on."""
+    from attnprune.bench import decode as bench
+
+    kw = dict(batches=[2], new_tokens=5, backend="reference", block=8, warmup=0, reps=1, device="cpu",
+              log=lambda line: None, steps=2)
+    rows = bench.run("tiny-llama", [16], [0.5], variants=bench.ALL_VARIANTS, **kw)
+    assert [r.variant for r in rows] == list(bench.ALL_VARIANTS)
+    by = {r.variant: r for r in rows}
+    assert by["dense-graph"].same_tokens_as_dense is True and by["pruned-graph"].same_tokens_as_masked is True
+    assert by["pruned-graph"].kv_share == by["pruned"].kv_share < 1
+    assert by["pruned-graph"].graph["steps"] == 4 and by["dense-graph"].error is None
+
+    def fail(*a, **k):
+        raise decode_loop.GraphCaptureError("capture failed: test")
+
+    monkeypatch.setattr(decode_loop, "decode_greedy", fail)
+    rows = bench.run("tiny-llama", [16], [0.5], variants=["dense", "dense-graph", "pruned-graph"], **kw)
+    assert [r.variant for r in rows] == ["dense", "dense-graph", "pruned-graph"]
+    assert rows[1].error == rows[2].error == "GraphCaptureError: capture failed: test"
+    assert rows[0].error is None and rows[0].decode_tok_s is not None and rows[1].decode_tok_s is None
+    assert "error: GraphCaptureError" in bench.markdown_table(rows)

@@ -6,7 +6,14 @@ Used by ``attnprune bench --model NAME --model-modes decode`` and ``bench/decode
 
 * ``dense``: the model as built (SDPA, transformers' ``DynamicCache``);
 * ``masked``: a mask attached with ``attnprune.apply`` through ``backend``, the stock cache;
-* ``pruned``: the same mask, generation into ``attnprune.PrunedKVCache(model, mask)``.
+* ``pruned``: the same mask, generation into ``attnprune.PrunedKVCache(model, mask)``;
+* ``dense-graph``: the dense model through ``attnprune.decode_greedy`` into transformers' ``StaticCache``,
+  each decode step replayed as a CUDA graph (the strongest dense baseline: no host work per step);
+* ``pruned-graph``: the mask attached, ``decode_greedy`` into ``PrunedKVCache``, each step replayed as
+  a CUDA graph (compactions eager between replays).
+
+The graph variants run by default on CUDA only (``variants``: any subset, in this order). A graph
+variant that fails (e.g. the capture) records ``error`` and the run goes on.
 
 The mask is synthetic (:func:`band_mask`: a sink block column and a band of diagonal blocks, about
 ``sparsity`` of the causal blocks dropped) or a real one (``masks``: decoded at its calibrated
@@ -18,6 +25,13 @@ Per row: the time of a 1-token generation (``prefill_ms``); decode tokens/s, ``b
 memory during the generation and the memory after the bare steps, over the weights (``None`` on
 the CPU); for ``pruned`` the bytes the cache holds against a dense cache's and whether its tokens
 equal the ``masked`` ones.
+
+Graph variants: ``decode_tok_s`` is ``batch x replayed steps`` over their wall time, from the first
+replay after the capture to the end of the generation (compactions included; the warm-up steps and the
+capture excluded, reported in ``graph``: ``capture_s``, ``replays``, ``eager_steps``, ...);
+``bare_step_ms`` the mean of those steps; ``prefill_ms`` the prompt forward alone;
+``same_tokens_as_dense`` / ``same_tokens_as_masked`` compare with ``dense`` / ``masked``. Every variant
+generates exactly ``new_tokens`` (the model's eos id is cleared: no eos suppression by ``generate``).
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ from ..runtime import default_device
 from .model import (ARCHS, _fmt, _transformers, build_model, check_masks, discover_sites, mask_length,
                     resolve_arch)
 
-VARIANTS = ("dense", "masked", "pruned")
+VARIANTS = ("dense", "masked", "pruned")  # the default off CUDA
+GRAPH_VARIANTS = ("dense-graph", "pruned-graph")
+ALL_VARIANTS = ("dense", "dense-graph", "masked", "pruned", "pruned-graph")  # the default on CUDA
 BARE_STEPS = 16  # single-token forwards timed one by one (bare_step_ms)
 SYNTHETIC = "sink+band"
 
@@ -60,7 +76,10 @@ class DecodeBenchRow:
     steady_mib_over_weights: float | None  # after the bare steps: the cache in its steady state; None on the CPU
     kv_bytes: dict | None = None  # pruned: PrunedKVCache.kv_bytes() after the generation
     kv_share: float | None = None  # pruned: bytes held / a dense cache's
-    same_tokens_as_masked: bool | None = None  # pruned
+    same_tokens_as_masked: bool | None = None  # pruned, pruned-graph
+    same_tokens_as_dense: bool | None = None  # dense-graph
+    graph: dict | None = None  # graph variants: decode_greedy's stats of the timed generation
+    error: str | None = None  # a variant that failed: why (the run goes on)
     note: str = ""
     mode: str = "decode"
 
@@ -107,9 +126,10 @@ def check(arch: str, new_tokens, contexts=(), batches=(), masks=None, steps: int
 
 def run(arch: str, contexts, sparsities, *, batches=(1,), new_tokens: int = 64, backend: str = "reference",
         block: int = 64, warmup: int = 1, reps: int = 1, device=None, dtype=None, log=print,
-        masks: dict[str, PruneMask] | None = None, steps: int = BARE_STEPS) -> list[DecodeBenchRow]:
-    """One row per (context, batch, mask, variant) (dense: one per context and batch); see the module
-    docstring. ``masks``: ``{label: PruneMask}``, checked against the model's sites before timing."""
+        masks: dict[str, PruneMask] | None = None, steps: int = BARE_STEPS, variants=None) -> list[DecodeBenchRow]:
+    """One row per (context, batch, mask, variant) (dense, dense-graph: one per context and batch); see the
+    module docstring. ``masks``: ``{label: PruneMask}``, checked against the model's sites before timing.
+    ``variants``: names of ``ALL_VARIANTS`` (None: all on CUDA, ``VARIANTS`` elsewhere)."""
     from ..backends import BACKENDS
 
     contexts, batches, real = [int(c) for c in contexts], [int(b) for b in batches], dict(masks or {})
@@ -121,6 +141,9 @@ def run(arch: str, contexts, sparsities, *, batches=(1,), new_tokens: int = 64, 
         raise InvalidArgumentError("batches, block, reps and steps must be >= 1, warmup >= 0")
     BACKENDS.get(backend)  # MissingDependencyError early, before building anything
     device = default_device(device)
+    want = list(variants) if variants is not None else list(ALL_VARIANTS if device.type == "cuda" else VARIANTS)
+    if not want or any(v not in ALL_VARIANTS for v in want):
+        raise InvalidArgumentError(f"decode variants must be among {', '.join(ALL_VARIANTS)}, got {want}")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases: dict[int, list] = {c: [] for c in contexts if sparsities}  # context -> [(label, target, note, mask)]
@@ -128,6 +151,7 @@ def run(arch: str, contexts, sparsities, *, batches=(1,), new_tokens: int = 64, 
         cases.setdefault(mask_context(m, new_tokens, steps), [])
     model, cfg, _ = build_model(arch, max(cases) + new_tokens + steps + 8, device, dtype)
     model.eval()
+    model.generation_config.eos_token_id = None  # exactly new_tokens everywhere; the greedy loops compare tokens
     infos = discover_sites(model, cfg.vocab_size, device)
     check_masks(real, infos, arch)
     for ctx in cases:
@@ -146,27 +170,44 @@ def run(arch: str, contexts, sparsities, *, batches=(1,), new_tokens: int = 64, 
         for B in batches:
             g = torch.Generator().manual_seed(ctx)
             ids = torch.randint(3, cfg.vocab_size, (B, ctx), generator=g).to(device)
-            variants = [("dense", "sdpa", None, None, None, "", None)]
+            variants = [(v, "sdpa", None, None, None, "", None) for v in ("dense", "dense-graph") if v in want]
             variants += [(v, backend, label, s, got, note, mk) for label, s, got, note, mk in entries
-                         for v in VARIANTS[1:]]
-            ref = None
+                         for v in ("masked", "pruned", "pruned-graph") if v in want]
+            ref = dense_ref = None
             for variant, bk, label, s, got, note, mk in variants:
                 row = DecodeBenchRow(arch, ctx, B, variant, bk, label, s, None if got is None else round(got, 4),
                                      new_tokens, None, None, None, None, None, note=note)
+                measure = _measure_graph if variant in GRAPH_VARIANTS else _measure
                 try:
-                    seqs = _measure(row, model, ids, mk, backend, warmup, reps, steps, device, weights)
+                    seqs = measure(row, model, ids, mk, backend, warmup, reps, steps, device, weights)
                 except torch.OutOfMemoryError:
                     seqs, row.note = None, "out of memory" + (f"; {note}" if note else "")
                     if cuda:
                         torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001 - a graph variant's failure is recorded, the run goes on
+                    if variant not in GRAPH_VARIANTS:
+                        raise
+                    import traceback
+
+                    seqs, row.error = None, f"{type(e).__name__}: {e}"
+                    log(f"{arch} ctx={ctx} B={B} decode {variant} failed:\n{traceback.format_exc(limit=6)}")
+                    if cuda:
+                        with contextlib.suppress(Exception):
+                            torch.cuda.synchronize(device)
+                            torch.cuda.empty_cache()
                 if variant == "masked":
                     ref = seqs
-                elif variant == "pruned" and seqs is not None and ref is not None:
+                elif variant == "dense":
+                    dense_ref = seqs
+                elif variant in ("pruned", "pruned-graph") and seqs is not None and ref is not None:
                     row.same_tokens_as_masked = bool(torch.equal(seqs, ref))
+                elif variant == "dense-graph" and seqs is not None and dense_ref is not None:
+                    row.same_tokens_as_dense = bool(torch.equal(seqs, dense_ref))
                 rows.append(row)
-                log(f"{arch} ctx={ctx} B={B} decode {variant:6s} {bk:9s} mask={label} s={s} "
+                log(f"{arch} ctx={ctx} B={B} decode {variant:12s} {bk:9s} mask={label} s={s} "
                     f"tok/s={_fmt(row.decode_tok_s)} step_ms={_fmt(row.bare_step_ms, 2)} "
-                    f"peak_MiB={_fmt(row.peak_mib_over_weights, 0)} kv_share={_fmt(row.kv_share, 3)} {row.note}")
+                    f"peak_MiB={_fmt(row.peak_mib_over_weights, 0)} kv_share={_fmt(row.kv_share, 3)} {row.note}"
+                    f"{' error: ' + row.error if row.error else ''}")
                 del seqs
                 gc.collect()
         if cuda:
@@ -233,6 +274,61 @@ def _measure(row: DecodeBenchRow, model, ids, mask, backend: str, warmup: int, r
     return seqs
 
 
+def _measure_graph(row: DecodeBenchRow, model, ids, mask, backend: str, warmup: int, reps: int, steps: int,
+                   device, weights: int):
+    """Fill a graph variant's ``row`` (``attnprune.decode_greedy``, see the module docstring); returns the
+    generated sequences. Raises what ``decode_greedy`` raises (the caller records it)."""
+    from transformers import StaticCache
+
+    from ..apply import apply
+    from ..cache import PrunedKVCache
+    from ..decode_loop import WARMUP_STEPS, decode_greedy
+
+    cuda = device.type == "cuda"
+    pruned, new, (B, L) = row.variant == "pruned-graph", row.new_tokens, ids.shape
+
+    def gen(n, stats=None):
+        cache = PrunedKVCache(model, mask) if pruned else StaticCache(config=model.config, max_cache_len=L + n)
+        out = decode_greedy(model, ids, cache, n, cuda_graph=True, stats=stats)
+        return out, cache
+
+    attached = apply(model, mask, backend=backend) if pruned else contextlib.nullcontext()
+    with torch.no_grad(), attached:
+        for _ in range(warmup):  # kernels compiled (Triton), one capture done
+            gen(min(new, WARMUP_STEPS + 3))
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = []
+        for _ in range(reps):
+            stats: dict = {}
+            seqs, cache = None, None  # the last generation's cache is not counted in this one's peak
+            seqs, cache = gen(new, stats)
+            runs.append(stats)
+        if cuda:
+            row.peak_mib_over_weights = (torch.cuda.max_memory_allocated(device) - weights) / 2**20
+            row.steady_mib_over_weights = (torch.cuda.memory_allocated(device) - weights) / 2**20
+        if pruned:
+            row.kv_bytes = cache.kv_bytes()
+            row.kv_share = row.kv_bytes["share"]
+        del cache
+    timed = [r for r in runs if r["timed_s"]]
+    row.graph = runs[-1]
+    row.prefill_ms = 1e3 * statistics.median(r["prefill_s"] for r in runs)
+    if timed:
+        t = statistics.median(r["timed_s"] / r["timed_steps"] for r in timed)
+        row.decode_tok_s, row.bare_step_ms = B / t, 1e3 * t
+        row.note = "; ".join(filter(None, [row.note, f"CUDA graph: {runs[-1]['replays']} replays, "
+                                                     f"capture {1e3 * runs[-1]['capture_s']:.0f} ms"]))
+    else:  # no replay (CPU, or too few tokens): the eager graph-safe loop
+        t = statistics.median(r["decode_s"] / max(1, r["steps"]) for r in runs)
+        row.decode_tok_s = B / t if t > 0 else None
+        row.bare_step_ms = 1e3 * t
+        row.note = "; ".join(filter(None, [row.note, "no timed replay: the eager graph-safe loop"]))
+    return seqs
+
+
 def step_ms(model, ids, pruned: bool, mask, sync, steps: int) -> tuple[float, int]:
     """Median ms of one bare decode forward (no ``generate``): prefill ``ids`` into a cache
     (``PrunedKVCache`` if ``pruned``, else ``DynamicCache``), then ``steps`` single-token forwards
@@ -262,13 +358,15 @@ def step_ms(model, ids, pruned: bool, mask, sync, steps: int) -> tuple[float, in
 
 def markdown_table(rows: list[DecodeBenchRow]) -> str:
     head = ("| model | context | batch | variant | backend | mask | sparsity (achieved) | new tokens | prefill ms "
-            "| decode tok/s | step ms | peak MiB over weights | KV share | same tokens as masked |")
+            "| decode tok/s | step ms | peak MiB over weights | KV share | same tokens as masked (dense) |")
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         sp = "" if r.sparsity is None else f"{r.sparsity:g} "
         sp += "" if r.achieved_sparsity is None else f"({r.achieved_sparsity:.3f})"
-        tok_s = _fmt(r.decode_tok_s) + (f" ({r.note})" if r.note else "")
-        same = "" if r.same_tokens_as_masked is None else ("yes" if r.same_tokens_as_masked else "NO")
+        note = "; ".join(filter(None, [r.note, r.error and f"error: {r.error}"]))
+        tok_s = _fmt(r.decode_tok_s) + (f" ({note})" if note else "")
+        same_as = r.same_tokens_as_masked if r.same_tokens_as_masked is not None else r.same_tokens_as_dense
+        same = "" if same_as is None else ("yes" if same_as else "NO")
         lines.append(f"| {r.arch} | {r.context} | {r.batch} | {r.variant} | {r.backend} | {r.mask or ''} | {sp} "
                      f"| {r.new_tokens} | {_fmt(r.prefill_ms, 2)} | {tok_s} | {_fmt(r.bare_step_ms, 2)} "
                      f"| {_fmt(r.peak_mib_over_weights, 0)} | {_fmt(r.kv_share, 3)} | {same} |")
