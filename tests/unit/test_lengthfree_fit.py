@@ -172,3 +172,22 @@ def test_bad_arguments():
         with pytest.raises(InvalidArgumentError):
             parse_hold(spec)
     assert parse_hold("mass:0.9") == ("mass", 0.9) and parse_hold("width") == ("width", None)
+
+
+def test_an_extended_mask_continues_its_mass_form_under_beyond_extend():
+    """``mask.extend(L, hold="mass", stats=...)`` materialised, then used past ``L`` with
+    ``beyond="extend"``: its own (width) form, fitted from the extended rows, is the mass form."""
+    L, H = 64, 2
+    probs = _structured(L, [(1, 8), (4, 3)])
+    count = torch.ones(L, L, dtype=torch.float64).tril()
+    stats = AttentionStats([SiteInfo("l0", "causal", H, H)])
+    stats.add("l0", probs * count, count)
+    mask = make_mask(stats, 0.5)
+    form = LengthFree.fit_mass(stats.mean("l0"), "causal", 0.9)
+    ext = mask.extend(128, hold="mass", stats=stats, mass=0.9)
+    again = ext.site("l0").length_free
+    assert again.sinks.tolist() == form.sinks.tolist()
+    torch.testing.assert_close(again.band, form.band)
+    torch.testing.assert_close(again.growth, form.growth)
+    far = ext.site("l0").keep_tokens(200, 200, beyond="extend")[:, 128:]
+    assert torch.equal(far, form.grid(torch.arange(128, 200), torch.arange(200)))
