@@ -11,27 +11,34 @@ What it does:
    < 2e-2, the bf16 tolerance of ``tests/unit/test_kernels.py``), the split against the unsplit
    backward (< one bf16 ulp: 2**-7 relative) and split run twice (bitwise equal);
 2. timing (bf16, ``B=4``, 9 query heads / 3 kv heads, ``d=64``, ``L=8192``, 128 x 128 blocks,
-   causal unless ``--no-causal``): fwd and bwd with ``torch.cuda.Event`` around each (``--warmup``
-   steps, then the median of ``--reps``) for
+   causal unless ``--no-causal``) of
 
    (a) ``random``: the diagonal plus random blocks, 90% sparsity of the causally reachable blocks
        (as ``attnprune.bench.kernels.random_block_layout``), and
    (b) ``sink_band``: key block 0 in every row, a band at the diagonal, random blocks up to the
        same count per head as (a): the shape of the real AP masks,
 
-   each with the dK/dV split on and off (``ATTNPRUNE_DKDV_SPLIT``, read at each call).
+   each with the dK/dV split on and off (``ATTNPRUNE_DKDV_SPLIT``, read at each call) and, unless
+   ``--no-variants``, diagnostic variants of the chunk table (``VARIANTS``). Per run:
+   ``torch.cuda.Event`` around CUDA-graph replays of fwd and fwd+bwd (``--warmup`` replays, then the
+   median of ``--reps``; ``--eager`` times eager steps instead, which on the H200 machine here were
+   host-bound: ~1 ms of launches per step for ~0.6 ms of kernels), and each kernel's GPU time from
+   torch.profiler (``kernels_ms``; ``kernel_sums_ms``: dK/dV alone, and the whole backward).
 
 The JSON holds the versions, device, arguments, the check's errors, per layout the split table
-(tiles split, chunk cap, longest work item vs longest tile, in 128 x 128 blocks) and the timings
-(median / p10 / p90 ms of fwd, bwd, fwd+bwd), plus the ratios ``sink_band / random`` with the split
-on and off.
+(tiles split, threshold, chunk cap, longest work item vs longest tile, in 128 x 128 blocks) and the
+timings, plus ``ratio_split_on`` / ``ratio_split_off`` (``sink_band / random``, both with the split
+on, or both off; ``kernels_dkdv``, ``kernels_bwd`` from the profiler) and
+``ratio_sink_on_random_off``.
 
-Expected outcome (to compare with): with the split on, ``ratio_split_on.bwd`` and
-``ratio_split_on.total`` are within ~5% of 1 (the sink layout's backward as fast as the random
-layout's of the same density); with it off, ``ratio_split_off.bwd`` is ~1.10-1.20 (the sink tile's
-program walks 3 x 64 blocks while the mean tile walks ~10, and the grid waits for it). The forward
-is the same either way (the split touches the dK/dV pass only); ``random`` changes little with the
-split (few or no tiles above the cap; ``split.n_split`` says how many).
+What to look at: ``ratio_split_on.bwd`` / ``.total`` and ``ratio_split_on.kernels_bwd``.
+
+Expected outcome: with the split on, (b) within ~5% of (a) in the backward and in fwd+bwd
+(``ratio_split_on`` ~1.00-1.05); with it off, (b) ~10-20% slower in the backward, or worse (the sink
+tile's program walks 3 x 64 blocks while the mean tile walks ~10, and the grid waits for it; the
+issue's 8-15% was the whole training step, where attention is a part). The forward does not change
+(the split touches the dK/dV pass only); ``random`` changes little with the split (``split.n_split``:
+a few tiles of column 0, which a causal random layout also makes the longest).
 """
 
 from __future__ import annotations
@@ -136,10 +143,15 @@ def grad_check(args) -> dict:
     return res
 
 
-def timed(lay, q, k, v, do, causal, warmup, reps) -> dict:
-    """Median / p10 / p90 ms of fwd, bwd and both from CUDA events; steps are queued back to back
-    (one synchronisation at the end), so the events time the GPU, not the host's launches.
-    ``host_ms_per_step``: wall time per step, for spotting a host-bound run (it would be ~ total)."""
+def _stats(x) -> dict:
+    x = sorted(x)
+    return {"median": statistics.median(x), "p10": x[len(x) // 10], "p90": x[(9 * len(x)) // 10]}
+
+
+def timed_eager(lay, q, k, v, do, causal, warmup, reps) -> dict:
+    """Median / p10 / p90 ms of fwd, bwd and both from CUDA events around eager steps queued back to
+    back (one synchronisation at the end). ``host_ms_per_step`` is the wall time per step: when it is
+    about ``total``, the host's launches, not the GPU, set the pace (seen on the H200 machine here)."""
     import time
 
     def step(evs=None):
@@ -162,16 +174,65 @@ def timed(lay, q, k, v, do, causal, warmup, reps) -> dict:
         step(e)
     torch.cuda.synchronize()
     host = (time.perf_counter() - t0) * 1e3 / reps
-    ms = {"fwd": [e[0].elapsed_time(e[1]) for e in evs], "bwd": [e[1].elapsed_time(e[2]) for e in evs],
-          "total": [e[0].elapsed_time(e[2]) for e in evs]}
-
-    def stats(x):
-        x = sorted(x)
-        return {"median": statistics.median(x), "p10": x[len(x) // 10], "p90": x[(9 * len(x)) // 10]}
-
-    res = {key: stats(val) for key, val in ms.items()}
+    res = {"fwd": _stats([e[0].elapsed_time(e[1]) for e in evs]), "bwd": _stats([e[1].elapsed_time(e[2]) for e in evs]),
+           "total": _stats([e[0].elapsed_time(e[2]) for e in evs])}
     res["host_ms_per_step"] = host
     return res
+
+
+def timed_graph(lay, q, k, v, do, causal, warmup, reps) -> dict:
+    """Median / p10 / p90 ms from CUDA events around CUDA-graph replays of the forward alone and of
+    forward + backward (``bwd`` = their difference of medians): GPU time, host launches excluded.
+    The kernels and the chunk table are the ones in force at capture."""
+
+    def fwd():
+        with torch.no_grad():
+            sparse_attention(q, k, v, lay, causal=causal)
+
+    def both():
+        sparse_attention(q, k, v, lay, causal=causal).backward(do)
+
+    graphs = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, plans) outside capture
+        for _ in range(3):
+            q.grad = k.grad = v.grad = None
+            fwd()
+            both()
+    torch.cuda.current_stream().wait_stream(side)
+    for name, fn in (("fwd", fwd), ("total", both)):
+        q.grad = k.grad = v.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs[name] = g
+    res = {}
+    for name, g in graphs.items():
+        for _ in range(warmup):
+            g.replay()
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for e0, e1 in evs:
+            e0.record()
+            g.replay()
+            e1.record()
+        torch.cuda.synchronize()
+        res[name] = _stats([e0.elapsed_time(e1) for e0, e1 in evs])
+    res["bwd"] = {"median": res["total"]["median"] - res["fwd"]["median"]}
+    del graphs
+    return res
+
+
+def timed(lay, q, k, v, do, causal, warmup, reps, graph=True) -> dict:
+    """:func:`timed_graph`, or :func:`timed_eager` when ``graph`` is off or the capture fails."""
+    if graph:
+        try:
+            return {"timing": "cuda_graph", **timed_graph(lay, q, k, v, do, causal, warmup, reps)}
+        except Exception as e:  # keep going with eager timing, say why
+            err = f"{type(e).__name__}: {e}"[:200]
+            torch.cuda.synchronize()
+            return {"timing": "eager", "graph_error": err, **timed_eager(lay, q, k, v, do, causal, warmup, reps)}
+    return {"timing": "eager", **timed_eager(lay, q, k, v, do, causal, warmup, reps)}
 
 
 def kernel_ms(lay, q, k, v, do, causal, steps=10) -> dict:
@@ -235,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-causal", dest="causal", action="store_false")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--eager", dest="graph", action="store_false",
+                    help="time eager steps instead of CUDA-graph replays (includes the host's launch time)")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="time only split on/off (not the diagnostic variants: cap factor 1 and 4, tile order, "
                          "the item kernel with nothing split)")
@@ -270,19 +333,28 @@ def main(argv=None) -> int:
         names = list(VARIANTS) if args.variants else ["split_off", "split_on"]
         for mode in names:
             use_variant(lay, L, args.causal, hq, hkv, mode)
-            entry[mode] = timed(lay, q, k, v, do, args.causal, args.warmup, args.reps)
+            entry[mode] = timed(lay, q, k, v, do, args.causal, args.warmup, args.reps, args.graph)
             try:
                 entry[mode]["kernels_ms"] = kernel_ms(lay, q, k, v, do, args.causal)
             except Exception as e:  # the profiler is a diagnostic: keep the timings without it
                 entry[mode]["kernels_ms"] = {"error": f"{type(e).__name__}: {e}"[:200]}
-            print(name, mode, {key: round(val["median"], 4) for key, val in entry[mode].items() if isinstance(val, dict) and "median" in val},
-                  entry[mode]["kernels_ms"])
+            km = entry[mode]["kernels_ms"]
+            entry[mode]["kernel_sums_ms"] = {
+                "dkdv": sum(t for n, t in km.items() if "dkdv" in n and not isinstance(t, str)),
+                "bwd": sum(t for n, t in km.items() if any(w in n for w in ("dkdv", "_dq_", "_delta_"))
+                           and not isinstance(t, str))}
+            print(name, mode, {key: round(val["median"], 4) for key, val in entry[mode].items()
+                               if isinstance(val, dict) and "median" in val}, entry[mode]["kernel_sums_ms"], km)
             save()
         use_variant(lay, L, args.causal, hq, hkv, "split_on")
     for mode in ("split_on", "split_off"):
-        result[f"ratio_{mode}"] = {key: res["sink_band"][mode][key]["median"] / res["random"][mode][key]["median"]
-                                   for key in ("fwd", "bwd", "total")}
+        sb, rd = res["sink_band"][mode], res["random"][mode]
+        result[f"ratio_{mode}"] = {key: sb[key]["median"] / rd[key]["median"] for key in ("fwd", "bwd", "total")}
+        result[f"ratio_{mode}"].update({f"kernels_{key}": sb["kernel_sums_ms"][key] / max(rd["kernel_sums_ms"][key], 1e-9)
+                                        for key in ("dkdv", "bwd")})
         print(f"sink_band / random, {mode}:", {key: round(val, 4) for key, val in result[f"ratio_{mode}"].items()})
+    sb, rd = res["sink_band"]["split_on"], res["random"]["split_off"]
+    result["ratio_sink_on_random_off"] = {key: sb[key]["median"] / rd[key]["median"] for key in ("fwd", "bwd", "total")}
     result["split_gain_sink_band_bwd"] = (res["sink_band"]["split_off"]["bwd"]["median"]
                                           / res["sink_band"]["split_on"]["bwd"]["median"])
     save()

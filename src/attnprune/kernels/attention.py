@@ -10,6 +10,11 @@ Only the blocks a :class:`~attnprune.kernels.BlockLayout` keeps are computed (fo
 
 A query row with no allowed key returns zeros, and its gradients (to q, and from it to k and v)
 are exactly zero.
+
+Backward: ``dq`` one program per query tile; ``dk``/``dv`` one program per kv tile, except that kv
+tiles with far more work than the mean (the sink column of real masks) are cut into chunks, each
+its own program, summed in a fixed order afterwards (:mod:`attnprune.kernels._split`;
+``ATTNPRUNE_DKDV_SPLIT=0`` turns that off).
 """
 
 from __future__ import annotations
