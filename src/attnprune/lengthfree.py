@@ -154,6 +154,16 @@ class LengthFree:
             best = [torch.where(better, new, old) for new, old in zip((kept, sinks, a, g), best)]
         return cls(best[1], best[2], best[3], causal)
 
+    def to_dict(self) -> dict:
+        """Plain numbers (for a mask file's header); :meth:`from_dict` is the inverse."""
+        return {"sinks": self.sinks.tolist(), "band": self.band.tolist(), "growth": self.growth.tolist(),
+                "causal": self.causal}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LengthFree":
+        return cls(torch.tensor(d["sinks"], dtype=torch.long), torch.tensor(d["band"], dtype=torch.float64),
+                   torch.tensor(d["growth"], dtype=torch.float64), bool(d["causal"]))
+
     def width(self, rows: torch.Tensor) -> torch.Tensor:
         """float ``[H, R']``: band width at grid rows ``rows`` (at least 1: the diagonal)."""
         w = self.band[:, None] + self.growth[:, None] * rows.double()[None, :]

@@ -33,7 +33,8 @@ def save_mask(mask, path: str | os.PathLike) -> None:
     header = {
         "format": FORMAT, "version": VERSION, "meta": mask.meta,
         "sites": [{"info": m.info.to_dict(), "q_len": m.q_len, "k_len": m.k_len, "block": m.block,
-                   "shape": list(m.keep.shape), "checksum": _checksum(tensors[f"keep.{i}"])}
+                   "shape": list(m.keep.shape), "checksum": _checksum(tensors[f"keep.{i}"]),
+                   **({"length_free": m.length_free.to_dict()} if m.length_free_fitted else {})}
                   for i, m in enumerate(sms)],
     }
     with atomic_path(path) as tmp:
@@ -66,8 +67,12 @@ def load_mask(path: str | os.PathLike):
                 if _checksum(packed) != s["checksum"]:
                     raise CorruptFileError(f"{p}: checksum mismatch for site {s['info']['name']!r}")
                 keep = _unpack(packed, s["shape"])
-                masks.append(SiteMask(SiteInfo.from_dict(s["info"]), s["q_len"], s["k_len"],
-                                      keep=keep, block=s["block"]))
+                sm = SiteMask(SiteInfo.from_dict(s["info"]), s["q_len"], s["k_len"], keep=keep, block=s["block"])
+                if "length_free" in s:  # a form given by PruneMask.with_length_free
+                    from .lengthfree import LengthFree
+
+                    sm = sm._with_form(LengthFree.from_dict(s["length_free"]))
+                masks.append(sm)
             return PruneMask(masks, header["meta"])
     except CorruptFileError:
         raise

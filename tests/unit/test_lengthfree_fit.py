@@ -191,3 +191,52 @@ def test_an_extended_mask_continues_its_mass_form_under_beyond_extend():
     torch.testing.assert_close(again.growth, form.growth)
     far = ext.site("l0").keep_tokens(200, 200, beyond="extend")[:, 128:]
     assert torch.equal(far, form.grid(torch.arange(128, 200), torch.arange(200)))
+
+
+def test_with_length_free_is_what_beyond_extend_continues_and_survives_a_file(tmp_path):
+    """mask.with_length_free(stats): past the calibration, beyond='extend' reads the stats-fitted form
+    (not the mask's own, which differs here), the calibrated region is unchanged, and save/load keeps
+    the form (a mask file without it falls back to the mask's own)."""
+    from attnprune.lengthfree import site_form
+
+    stats, mask, probs = _stats_and_mask()
+    sm = mask.site("l0")
+    fitted = mask.with_length_free(stats)
+    assert fitted.meta["length_free"] == {"rule": "mass", "mass": "kept"} and "length_free" not in mask.meta
+    want = site_form(sm, "mass", stats=stats)
+    rows, cols = torch.arange(32, 70), torch.arange(70)
+    own = sm.length_free.grid(rows, cols)
+    new = fitted.site("l0").length_free.grid(rows, cols)
+    assert torch.equal(new, want.grid(rows, cols)) and not torch.equal(new, own)
+    far = fitted.site("l0").keep_tokens(70, 70, beyond="extend")
+    assert torch.equal(far[:, :32, :32], sm.keep) and torch.equal(far[:, 32:], new)
+    assert torch.equal(far, fitted.extend(70).site("l0").keep)  # extend() uses the same form
+    path = tmp_path / "m.safetensors"
+    fitted.save(path)
+    back = PruneMask.load(path)
+    assert back.site("l0").length_free_fitted and back.meta["length_free"]["rule"] == "mass"
+    assert torch.equal(back.site("l0").keep_tokens(70, 70, beyond="extend"), far)
+    mask.save(tmp_path / "plain.safetensors")
+    plain = PruneMask.load(tmp_path / "plain.safetensors")
+    assert not plain.site("l0").length_free_fitted
+    assert torch.equal(plain.site("l0").length_free.grid(rows, cols), own)
+
+
+def test_mask_command_extend_mass(tmp_path, capsys):
+    """`attnprune mask --extend-mass`: the file carries the stats-fitted form; a bad share stops with
+    one clear error before anything is written."""
+    from attnprune.cli import main
+
+    stats, mask, _ = _stats_and_mask()
+    stats.save(tmp_path / "s.safetensors")
+    out = tmp_path / "m.safetensors"
+    assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--extend-mass", "0.9",
+                 "-o", str(out)]) == 0
+    m = PruneMask.load(out)
+    assert m.meta["length_free"] == {"rule": "mass", "mass": 0.9} and m.site("l0").length_free_fitted
+    capsys.readouterr()
+    bad = tmp_path / "bad.safetensors"
+    assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--extend-mass", "2",
+                 "-o", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "--extend-mass" in err and "Traceback" not in err and not bad.exists()

@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
     p.add_argument("--policy", default="layer", help="layer (paper), head, global or random (default layer)")
     p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
+    p.add_argument("--extend-mass", default=None, metavar="SHARE|kept",
+                   help="past the calibrated length (beyond='extend', PrunedKVCache) continue each head with sinks "
+                        "and a band fitted from the stats to keep this share of each row's attention ('kept': what "
+                        "the mask keeps per head); default: the sinks and band of the mask itself")
     use_shared(p, seed=(0, "seed of the random policy (default 0)"))
     p.add_argument("-o", "--output", required=True, help="mask file to write (.safetensors)")
     p.set_defaults(func=cmd_mask)
@@ -160,12 +164,30 @@ def cmd_mask(args) -> int:
     from ..stats import AttentionStats
 
     check_output_file(args.output)
+    mass = _extend_mass(args.extend_mass)
     stats = AttentionStats.load(args.stats)
     mask = make_mask(stats, args.sparsity, policy=args.policy, block=args.block, seed=args.seed)
+    if args.extend_mass is not None:
+        mask = mask.with_length_free(stats, mass=mass)
     mask.save(args.output)
     print(f"wrote {args.output}")
     print(mask.summary())
     return 0
+
+
+def _extend_mass(text: str | None) -> float | None:
+    """``--extend-mass``: None (not given, or 'kept') or a share in (0, 1]."""
+    from ..errors import InvalidArgumentError
+
+    if text is None or text == "kept":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v <= 1:
+        raise InvalidArgumentError(f"--extend-mass must be a share in (0, 1] or 'kept', got {text!r}")
+    return v
 
 
 def cmd_info(args) -> int:
