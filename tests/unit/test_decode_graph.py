@@ -29,7 +29,12 @@ def _ids(batch=2, n=8, seed=2):
     return torch.randint(3, V, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, ids, n, **kw):
+def _generate(model, ids, n, cache=None, **kw):
+    """Greedy generate; ``cache`` under the name this transformers takes (5.2x: ``cache``, 5.17: ``past_key_values``)."""
+    from attnprune.seq2seq import _cache_arg
+
+    if cache is not None:
+        kw[_cache_arg(model)] = cache
     return model.generate(ids, max_new_tokens=n, do_sample=False, **{"pad_token_id": 0, **kw})
 
 
@@ -236,7 +241,7 @@ def test_cuda_graph_replay_equals_the_eager_loop(kind, monkeypatch):
                 if graph:
                     assert stats["cuda_graph"] and stats["captures"] == 1
                     assert stats["replays"] == n - 1 - decode_loop.WARMUP_STEPS
-            ref = _generate(model, ids, n, **({"cache": PrunedKVCache(model, mask)} if kind == "pruned" else {}))
+            ref = _generate(model, ids, n, cache=PrunedKVCache(model, mask) if kind == "pruned" else None)
     assert torch.equal(runs[1], runs[0])
     assert torch.equal(runs[0], ref)
 
