@@ -15,7 +15,7 @@ The dk/dv inner loop (``_dkdv_blocks``) and the split dk/dv kernels for long kv-
 import triton
 import triton.language as tl
 
-from ._triton_bwd import _dkdv_blocks
+from ._triton_bwd import _dkdv_blocks, _kv_tile
 
 
 @triton.jit
@@ -270,14 +270,8 @@ def _dkdv_kernel(
     col_ok = offs_n < Lk
     cols_in_block = offs_n - kb * BK
 
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=col_ok[:, None], other=0.0)
-    if HAS_KPM:
-        kp = tl.load(KPM + b.to(tl.int64) * skpb + offs_n, mask=col_ok, other=0) != 0
-    else:
-        kp = col_ok
+    k, v, kp = _kv_tile(K, V, KPM, b, hk, offs_n, col_ok, skb, skh, skn, skd, svb, svh, svn, svd, skpb,
+                        D, DV, HAS_KPM)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
 

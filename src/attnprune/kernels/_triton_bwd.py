@@ -20,6 +20,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _kv_tile(K, V, KPM, b, hk, offs_n, col_ok, skb, skh, skn, skd, svb, svh, svn, svd, skpb,
+             D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr):
+    """One key tile's keys ``[BLOCK_N, D]``, values ``[BLOCK_N, DV]`` (zeros past the keys) and which of
+    its columns are real keys ``[BLOCK_N]`` (inside the length, not padding)."""
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=col_ok[:, None], other=0.0)
+    if HAS_KPM:
+        kp = tl.load(KPM + b.to(tl.int64) * skpb + offs_n, mask=col_ok, other=0) != 0
+    else:
+        kp = col_ok
+    return k, v, kp
+
+
+@triton.jit
 def _dkdv_blocks(
     dk, dv, k, v, kp, offs_n, col_ok, cols_in_block,
     q_base, do_base, LSE, DELTA, stat_base, BROW, BCODE, BITS,
@@ -139,14 +157,8 @@ def _dkdv_items_kernel(
     offs_dv = tl.arange(0, DV)
     col_ok = offs_n < Lk
     cols_in_block = offs_n - kb * BK
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=col_ok[:, None], other=0.0)
-    if HAS_KPM:
-        kp = tl.load(KPM + b.to(tl.int64) * skpb + offs_n, mask=col_ok, other=0) != 0
-    else:
-        kp = col_ok
+    k, v, kp = _kv_tile(K, V, KPM, b, hk, offs_n, col_ok, skb, skh, skn, skd, svb, svh, svn, svd, skpb,
+                        D, DV, HAS_KPM)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
 
