@@ -12,13 +12,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
+def _notes(tmp_path):
+    """40 paragraphs of 40 words: calibration 4, train 32, test 4."""
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    return text
+
+
 def test_recovery_tiny_run(tmp_path, capsys):
     from attnprune.experiments import recovery
     from attnprune.report import ENV_KEYS
 
     lm = tiny_lm_folder(tmp_path / "lm")
-    text = tmp_path / "notes.txt"  # 40 paragraphs of 40 words: calibration 4, train 32, test 4
-    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    text = _notes(tmp_path)
     out = tmp_path / "rec"
     argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "2", "--seq-len", "16", "--batch-size", "2",
             "--calib", "2", "--test", "2", "--sparsities", "0.5,0.9", "--quiet", "--device", "cpu", "--out", str(out)]
@@ -50,8 +56,7 @@ def test_recovery_block_masks_with_other_policies(tmp_path, capsys):
     from attnprune.experiments import recovery
 
     lm = tiny_lm_folder(tmp_path / "lm")
-    text = tmp_path / "notes.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    text = _notes(tmp_path)
     out = tmp_path / "rec"
     argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
             "--calib", "2", "--test", "2", "--sparsities", "0.5", "--policies", "structured", "streaming", "random",
@@ -76,8 +81,7 @@ def test_recovery_stopped_midway_keeps_finished_rows(tmp_path, monkeypatch):
     from attnprune.experiments import recovery
 
     lm = tiny_lm_folder(tmp_path / "lm")
-    text = tmp_path / "notes.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    text = _notes(tmp_path)
     out = tmp_path / "rec"
     real, calls = recovery.finetune, []
 
@@ -105,8 +109,7 @@ def test_recovery_epochs_reuse_the_train_windows(tmp_path, capsys):
     from attnprune.experiments import recovery
 
     lm = tiny_lm_folder(tmp_path / "lm")
-    text = tmp_path / "notes.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(7 * p + 3 * i) % 50}" for i in range(40)) for p in range(40)) + "\n")
+    text = _notes(tmp_path)
     out = tmp_path / "rec"
     argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "3", "--epochs", "2", "--seq-len", "16",
             "--batch-size", "2", "--calib", "2", "--test", "2", "--sparsities", "0.5", "--policies", "layer",
