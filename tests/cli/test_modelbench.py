@@ -43,6 +43,9 @@ def test_model_bench_cpu(capsys, tmp_path, arch):
     (["--model", "tiny-bert", "--model-modes", "decode"], ["decode", "causal", "tiny-bert"]),
     (["--model", "tiny-bert", "--model-modes", "prefill,decode"], ["decode", "causal", "tiny-bert"]),
     (["--model", "tiny-llama", "--model-modes", "decode", "--batch", "0"], ["--batch"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--decode-variants", "dense,turbo"],
+     ["--decode-variants", "turbo", "pruned-graph"]),
+    (["--model", "tiny-llama", "--decode-variants", "dense"], ["--decode-variants", "--model-modes decode"]),
 ])
 def test_model_bench_bad_input(capsys, tmp_path, monkeypatch, argv, words):
     from attnprune.bench import decode, model as mb  # (decode imported before model's build_model is patched)
@@ -89,6 +92,13 @@ def test_model_bench_decode_cpu(capsys, tmp_path):
     assert pruned["same_tokens_as_masked"] is True  # greedy: PrunedKVCache gives the stock cache's tokens
     assert masked["same_tokens_as_masked"] is None and masked["kv_bytes"] is None
     assert "| dense |" in table and "| pruned |" in table and "decode tok/s" in table and "| yes |" in table
+
+
+def test_model_bench_decode_variants_pick_rows(capsys, tmp_path):
+    """--decode-variants: only those rows, in the benchmark's order (pruned-graph runs eagerly on the CPU)."""
+    data, _ = _decode_rows(capsys, tmp_path, "--sparsities", "0.5", "--decode-variants", "pruned-graph,dense")
+    assert [r["variant"] for r in data["rows"]] == ["dense", "pruned-graph"]
+    assert all(r["error"] is None for r in data["rows"])
 
 
 def test_model_bench_decode_next_to_prefill_and_batches(capsys, tmp_path):

@@ -259,7 +259,7 @@ def check_modes(arch: str, modes, new_tokens: int = 64, lengths=(), batches=(), 
 
 def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEFAULT_MODES, batch=1,
         block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print,
-        masks: dict[str, PruneMask] | None = None, new_tokens: int = 64) -> list:
+        masks: dict[str, PruneMask] | None = None, new_tokens: int = 64, decode_variants=None) -> list:
     """Run the grid; returns one row per (length, batch, mode, variant[, sparsity]): ``ModelBenchRow``
     (prefill, train) and ``decode.DecodeBenchRow`` (decode: ``lengths`` are the prompt lengths,
     ``new_tokens`` generated). ``batch``: an int or a sequence of them.
@@ -268,7 +268,7 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEF
     timed at its calibrated length (which is added to ``lengths``) as variant ``ap-mask`` (``note``: the
     label), next to a synthetic mask of the same achieved sparsity (variant ``masked``, ``note``
     ``"density of <label>"``). The masks must match the model's sites (checked before timing).
-    Decode: see :func:`attnprune.bench.decode.run`."""
+    Decode: see :func:`attnprune.bench.decode.run` (``decode_variants``: its ``variants``)."""
     batches = [batch] if isinstance(batch, int) else [int(b) for b in batch]
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
@@ -281,19 +281,21 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEF
     for runner, ms in groups.items():
         rows += runner(arch, lengths, sparsities, modes=ms, batches=batches, backend=backend, block=block,
                        warmup=warmup, reps=reps, device=device, dtype=dtype, log=log, masks=masks,
-                       new_tokens=new_tokens)
+                       new_tokens=new_tokens, decode_variants=decode_variants)
     return rows
 
 
-def _decode(arch, lengths, sparsities, *, modes, batches, masks, new_tokens, **kw) -> list:
+def _decode(arch, lengths, sparsities, *, modes, batches, masks, new_tokens, decode_variants, **kw) -> list:
     from . import decode
 
-    return decode.run(arch, lengths, sparsities, batches=batches, new_tokens=new_tokens, masks=masks, **kw)
+    return decode.run(arch, lengths, sparsities, batches=batches, new_tokens=new_tokens, masks=masks,
+                      variants=decode_variants, **kw)
 
 
 def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block: int, warmup: int, reps: int,
-          device, dtype, log, masks: dict[str, PruneMask] | None, new_tokens: int) -> list[ModelBenchRow]:
-    """The prefill / train grid of :func:`run` (``new_tokens`` unused)."""
+          device, dtype, log, masks: dict[str, PruneMask] | None, new_tokens: int,
+          decode_variants=None) -> list[ModelBenchRow]:
+    """The prefill / train grid of :func:`run` (``new_tokens``, ``decode_variants`` unused)."""
     from ..apply import apply
     from ..capture import intercept
 

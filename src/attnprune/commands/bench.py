@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     wm.add_argument("--new-tokens", type=int, default=64,
                     help="decode: tokens generated after the prompt (default 64; >= 2: decode tok/s is the time "
                          "of N tokens minus that of 1)")
+    add_list_argument(wm, "--decode-variants", what="variant", default=None,
+                      help="decode: which of dense, dense-graph (StaticCache + CUDA graph), masked, pruned "
+                           "(PrunedKVCache), pruned-graph (PrunedKVCache + CUDA graph) to time (default: all on "
+                           "CUDA, dense masked pruned elsewhere)")
     wm.add_argument("--block", type=int, default=128, help="synthetic mask block size (default 128)")
     add_list_argument(wm, "--masks", what="file", default=(),
                       help="real masks (PruneMask files, e.g. from attnprune eval --save-masks), each timed at its "
@@ -123,6 +127,13 @@ def cmd_model_bench(args) -> int:
     if any(b < 1 for b in args.batch):
         raise InvalidArgumentError(f"--batch must be >= 1, got {list(args.batch)}")
     mb.check_modes(arch, args.model_modes, args.new_tokens)
+    if args.decode_variants is not None:
+        from ..bench.decode import ALL_VARIANTS
+
+        bad = [v for v in args.decode_variants if v not in ALL_VARIANTS]
+        if bad or "decode" not in args.model_modes:
+            raise InvalidArgumentError(f"--decode-variants {' '.join(args.decode_variants)}: give decode variants "
+                                       f"({', '.join(ALL_VARIANTS)}) with --model-modes decode")
     from pathlib import Path
 
     from ..backends import resolve_backend
@@ -140,7 +151,7 @@ def cmd_model_bench(args) -> int:
     print(env)
     rows = mb.run(arch, lengths, args.sparsities, backend=backend, modes=args.model_modes, batch=args.batch,
                   block=args.block, warmup=args.warmup, reps=args.reps, device=device, masks=masks,
-                  new_tokens=args.new_tokens)
+                  new_tokens=args.new_tokens, decode_variants=args.decode_variants)
     table = mb.markdown_table(rows)
     mb.save(args.output, {"env": env, "arch": arch, "backend": backend, "backend_asked": args.backend,
                           "block": args.block, "masks": list(args.masks), "modes": list(args.model_modes),
