@@ -33,6 +33,15 @@ def test_pruned_and_stock_caches_give_the_same_tokens(capsys, mask_file):
     assert rc == 0 and len(_ids(dense)) == 12
 
 
+def test_cuda_graph_flag_gives_the_generate_tokens(capsys, mask_file):
+    """--cuda-graph (decode_greedy; eager on the CPU): the tokens of `generate`, masked and dense."""
+    common = ["generate", "--model", "tiny-llama", "--prompt-ids", "5 6 7 8", "--max-new-tokens", 12]
+    for extra in (["--mask", mask_file], []):
+        rc, ref, _ = run(capsys, *common, *extra)
+        rc2, got, err = run(capsys, *common, *extra, "--cuda-graph")
+        assert rc == rc2 == 0 and len(_ids(got)) == 12 and _ids(got) == _ids(ref), err
+
+
 def test_extend_generates_past_the_calibrated_length(capsys, mask_file):
     args = ["generate", "--model", "tiny-llama", "--mask", mask_file, "--prompt-ids", "5 6 7 8", "--max-new-tokens", 40]
     rc, _, err = run(capsys, *args)
@@ -55,6 +64,8 @@ def test_text_prompt_with_a_tokenizer(capsys, tmp_path):
     (["--prompt-ids", "5", "--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["--prompt-ids", "5", "--beyond", "dense"], ["--cache pruned", "--cache stock"]),
     (["--prompt-file", "/nonexistent/p.txt"], ["no such file"]),
+    (["--prompt-ids", "5", "--cuda-graph", "--sample"], ["--cuda-graph", "--sample"]),
+    (["--prompt-ids", "5", "--cuda-graph", "--cache", "stock"], ["--cuda-graph", "--cache stock"]),
 ])
 def test_bad_input_is_one_clear_error(capsys, mask_file, extra, words):
     rc, out, err = run(capsys, "generate", "--model", "tiny-llama", "--mask", mask_file, *extra)

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="past the mask's calibrated length: error (default), dense, or extend")
     p.add_argument("--cache", choices=("pruned", "stock"), default="pruned",
                    help="pruned: attnprune.PrunedKVCache (default); stock: transformers' default cache")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="greedy decoding through attnprune.decode_greedy: one decode step captured as a CUDA graph "
+                        "and replayed (into the pruned cache, or a StaticCache without --mask); eager on the CPU")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="with --sample (default 50)")
@@ -54,6 +57,9 @@ def _check(args) -> None:
     if args.cache == "pruned" and args.beyond == "dense":
         raise InvalidArgumentError("--cache pruned needs --beyond error or extend: past the calibrated length "
                                    "'dense' reads every key again; use --cache stock with --beyond dense")
+    if args.cuda_graph and (args.sample or (args.mask is not None and args.cache == "stock")):
+        raise InvalidArgumentError("--cuda-graph decodes greedily into the pruned cache (or, without --mask, a "
+                                   "StaticCache): drop --sample / --cache stock, or drop --cuda-graph")
     if args.sample and (args.temperature <= 0 or args.top_k < 1):
         raise InvalidArgumentError("--temperature must be > 0 and --top-k >= 1")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
@@ -118,7 +124,12 @@ def cmd_generate(args) -> int:
             name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
             kw[name] = cache
         t0 = time.perf_counter()
-        out = model.generate(ids, **kw)
+        if args.cuda_graph:
+            from ..decode_loop import decode_greedy
+
+            out = decode_greedy(model, ids, cache, args.max_new_tokens)
+        else:
+            out = model.generate(ids, **kw)
         seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     if loaded.tokenizer is not None:
