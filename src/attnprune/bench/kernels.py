@@ -1,4 +1,6 @@
-"""Side-by-side attention timings: SDPA (cuDNN, flash), FlexAttention and ``sparse_attention``.
+"""Side-by-side attention timings: SDPA (cuDNN, flash), FlexAttention (its Triton and its FLASH/FA4 kernels),
+FlashAttention-4 called directly, and the project's backends (``ours``: the Triton kernels; ``ours-flash``:
+``backend="flash"``).
 
 Used by ``attnprune bench`` and ``bench/gpu_check.py``. Every configuration builds one random
 block layout (128 x 128 blocks, a given fraction of blocks kept per head, the same for every
@@ -20,7 +22,7 @@ from ..kernels.attention import sparse_attention
 from ..kernels.layout import BlockLayout
 from ..environment import environment
 
-IMPLS = ("cudnn", "flash", "flex", "ours")
+IMPLS = ("cudnn", "flash", "flex", "flex-flash", "fa4", "ours", "ours-flash")  # IMPL_FNS' names, in table order
 BLOCK = 128
 
 
@@ -94,17 +96,60 @@ def _sdpa(backend_name: str):
     return f
 
 
-def _impl_fn(impl: str, layout: BlockLayout, causal: bool, length: int, configs=None):
-    if impl in ("cudnn", "flash"):
-        f = _sdpa(impl)
-        return lambda q, k, v: f(q, k, v, causal)
-    if impl == "flex":
+def _flex_fn(kernel_options=None):
+    def make(layout, causal, configs):
         from ..backends.flex import flex_sparse_attention
 
-        return lambda q, k, v: flex_sparse_attention(q, k, v, layout, causal=causal)
-    if impl == "ours":
-        return lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal, configs=configs)
-    raise ValueError(impl)
+        return lambda q, k, v: flex_sparse_attention(q, k, v, layout, causal=causal, kernel_options=kernel_options)
+    return make
+
+
+def _fa4_direct(layout, causal, configs):
+    """FlashAttention-4's ``flash_attn_func`` with block-sparse metadata of the layout and its own causal flag
+    (what a user calling FA4 writes; the layouts here are block-exact)."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    from ..backends.flash import FLASH_BLOCK, fa4_metadata
+
+    def f(q, k, v):
+        meta = fa4_metadata(layout, q.shape[2], k.shape[2], causal=causal)
+        r = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, pack_gqa=False,
+                            block_sparse_tensors=BlockSparseTensorsTorch(*meta["fwd"], block_size=FLASH_BLOCK),
+                            block_sparse_tensors_bwd=BlockSparseTensorsTorch(*meta["bwd"], block_size=FLASH_BLOCK))
+        return (r[0] if isinstance(r, tuple) else r).transpose(1, 2)
+    return f
+
+
+def _ours_flash(layout, causal, configs):
+    from ..backends.flash import flash_sparse_attention
+
+    return lambda q, k, v: flash_sparse_attention(q, k, v, layout, causal=causal)
+
+
+def _dense(name):
+    def make(layout, causal, configs):
+        f = _sdpa(name)
+        return lambda q, k, v: f(q, k, v, causal)
+    return make
+
+
+# name -> (layout, causal, configs) -> fn(q, k, v); an import that fails becomes the row's note
+IMPL_FNS = {
+    "cudnn": _dense("cudnn"),
+    "flash": _dense("flash"),
+    "flex": _flex_fn(),
+    "flex-flash": _flex_fn({"BACKEND": "FLASH"}),
+    "fa4": _fa4_direct,
+    "ours": lambda layout, causal, configs: (
+        lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal, configs=configs)),
+    "ours-flash": _ours_flash,
+}
+DENSE = ("cudnn", "flash")  # dense kernels: timed once per shape
+
+
+def _impl_fn(impl: str, layout: BlockLayout, causal: bool, length: int, configs=None):
+    return IMPL_FNS[impl](layout, causal, configs)
 
 
 def time_fn(fn, q, k, v, mode: str, *, warmup: int = 25, rep: int = 100) -> float:
@@ -148,7 +193,7 @@ def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense
     for mode in modes:
         flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
         for impl in impls:
-            dense = impl in ("cudnn", "flash")
+            dense = impl in DENSE
             key = (impl, mode, L, D, B, H, cfg.causal)
             note = ""
             if dense and dense_cache is not None and key in dense_cache:
@@ -176,33 +221,35 @@ def rows_to_json(rows: list[BenchRow]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per (d, L, causal, density, mode): ms of each implementation, ours' effective
-    TFLOP/s and its speed-ups over cuDNN and Flex."""
+    """One line per (d, L, causal, density, mode): ms of each implementation timed (``IMPLS`` order),
+    the effective TFLOP/s of the faster of ours (``ours``, ``ours-flash``), and its time over cuDNN's
+    (speed-up) and over FA4 direct's (issue 9's target: at most 1.03)."""
     groups: dict = {}
     for r in rows:
         c = r["config"]
         key = (c["head_dim"], c["length"], c["causal"], c["density"], r["mode"])
-        groups.setdefault(key, {"batch": c["batch"], "kept": r["kept_fraction"]})[r["impl"]] = r
-    head = ("| d | L | batch | causal | block density | kept entries | mode | cuDNN ms | flash ms | Flex ms | ours ms "
-            "| ours TFLOP/s (eff.) | Flex TFLOP/s (eff.) | ours vs cuDNN | ours vs Flex |")
+        groups.setdefault(key, {"batch": c["batch"], "kept": r["kept_fraction"], "impls": {}})["impls"][r["impl"]] = r
+    names = [i for i in IMPLS if any(i in g["impls"] for g in groups.values())]
+    head = ("| d | L | batch | causal | block density | kept entries | mode | " + " | ".join(f"{n} ms" for n in names)
+            + " | best ours TFLOP/s (eff.) | best ours vs cuDNN | best ours / FA4 direct |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def ms(g, i):
-        r = g.get(i)
-        return f"{r['ms']:.3f}" if r and r["ms"] else "—"
+    def ms_of(g, i):
+        r = g["impls"].get(i)
+        return r["ms"] if r and r["ms"] else None
 
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], -k[3], k[4])):
         d, L, causal, dens, mode = key
         g = groups[key]
-        ours = g.get("ours", {}).get("ms")
-        cud = g.get("cudnn", {}).get("ms")
-        flex = g.get("flex", {}).get("ms")
-        sp = lambda a: f"{a / ours:.2f}x" if a and ours else "—"  # noqa: E731
-        tf = lambda i: (f"{g[i]['tflops']:.0f}" if g.get(i) and g[i].get("tflops") else "—")  # noqa: E731
+        ours = [(ms_of(g, i), i) for i in ("ours", "ours-flash") if ms_of(g, i)]
+        best, best_name = min(ours) if ours else (None, None)
+        cud, fa4 = ms_of(g, "cudnn"), ms_of(g, "fa4")
+        tf = g["impls"][best_name].get("tflops") if best_name else None
+        cells = [f"{ms_of(g, n):.3f}" if ms_of(g, n) else "—" for n in names]
         lines.append(
             f"| {d} | {L // 1024}k | {g['batch']} | {'yes' if causal else 'no'} | {dens:g} | {g['kept']:.3f} | {mode} | "
-            f"{ms(g, 'cudnn')} | {ms(g, 'flash')} | {ms(g, 'flex')} | {ms(g, 'ours')} | {tf('ours')} | {tf('flex')} | "
-            f"{sp(cud)} | {sp(flex)} |"
+            + " | ".join(cells) + f" | {f'{tf:.0f} ({best_name})' if tf else '—'} | "
+            f"{f'{cud / best:.2f}x' if cud and best else '—'} | {f'{best / fa4:.2f}' if fa4 and best else '—'} |"
         )
     return "\n".join(lines)
 

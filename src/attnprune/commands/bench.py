@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(p, "--causal", item=zero_one, what="0/1", default=(False, True),
                       help="0, 1 or 0,1 (default both)")
     add_list_argument(p, "--modes", what="mode", default=("fwd", "fwd+bwd"), help="fwd and/or fwd+bwd")
-    add_list_argument(p, "--impls", what="impl", default=("cudnn", "flash", "flex", "ours"), help="implementations to time")
+    add_list_argument(p, "--impls", what="impl", default=None,
+                      help="implementations to time (default all: cudnn, flash (SDPA dense), flex, flex-flash "
+                           "(FlexAttention's FA4 kernels), fa4 (FlashAttention-4 direct), ours (triton), ours-flash "
+                           "(backend='flash'); one missing on this machine gives rows with its error as the note)")
     p.add_argument("--heads", type=int, default=16, help="query = kv heads (default 16)")
     p.add_argument("--tokens", type=int, default=32768, help="batch * length (default 32768)")
     p.add_argument("-o", "--output", default="bench.json", help="JSON file to write")
@@ -95,6 +98,7 @@ def cmd_bench(args) -> int:
     for m in args.modes:
         if m not in ("fwd", "fwd+bwd"):
             raise InvalidArgumentError(f"unknown mode {m!r}: use fwd and/or fwd+bwd")
+    args.impls = tuple(args.impls or bm.IMPLS)
     for i in args.impls:
         if i not in bm.IMPLS:
             raise InvalidArgumentError(f"unknown implementation {i!r}; known: {', '.join(bm.IMPLS)}")
