@@ -139,3 +139,26 @@ def test_hold_density_keeps_the_calibrated_share_of_each_row():
             assert torch.equal(ext[:, :L, :L], keep)
     with pytest.raises(Exception, match="hold"):
         mask.extend(64, hold="nope")
+
+
+def test_pruned_cache_past_the_calibration_with_a_stats_fitted_form():
+    """with_length_free(stats): the pruned cache continues the stats-fitted form exactly (the tokens and
+    logits of full recomputation under beyond="extend"), and that form is not the mask's own."""
+    from attnprune import make_mask, observe
+
+    model = _family("llama")
+    g = torch.Generator().manual_seed(1)
+    stats = observe(model, [{"input_ids": torch.randint(3, V, (2, 32), generator=g)} for _ in range(2)],
+                    progress=False)
+    plain = make_mask(stats, 0.7)
+    mask = plain.with_length_free(stats, mass=0.8)
+    name = mask.sites[0]
+    rows, cols = torch.arange(32, 96), torch.arange(96)
+    assert not torch.equal(mask.site(name).length_free.grid(rows, cols), plain.site(name).length_free.grid(rows, cols))
+    prompt = torch.randint(3, V, (1, 8), generator=g)
+    with torch.no_grad(), apply(model, mask, beyond="extend"):
+        cache = PrunedKVCache(model, mask)
+        seq_p, log_p = _generate(model, prompt, 88, past_key_values=cache)
+        seq_n, log_n = _generate(model, prompt, 88, use_cache=False)
+    assert torch.equal(seq_p, seq_n)
+    _close(log_p, log_n)
