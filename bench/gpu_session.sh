@@ -38,6 +38,10 @@
 #   bwd         bench/bwd_balance.py: fwd+bwd of sink+band vs random layouts, split on/off (issue 11)
 #   decode3     bench/decode_bench.py at 4k / 8k / 16k, batch 1 and 8, every variant (issue 13)
 #   fa4check    bench/fa4_check.py at 4k and 16k: native causal vs mask_mod, token-exact 20% (issue 9)
+#   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
+#               ours, ours-flash; FA4 installed by fa4stash/fa4 first) at d 64/128, 4k/16k, causal and not (issue 9)
+#   Next session (issues 9, 11, 13), in one warm chain: stash1; weights masks8k maskbench_split; fa4stash;
+#               fa4 tests13 fa4check kbench; decode3 (the graph variants at 16k too)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -169,6 +173,9 @@ while [ $# -gt 0 ]; do
         stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts 4096,8192,16384 --batches 1,8 --new 64 \
             -o "$RUNS/decode3.json" ;;
     fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
+    kbench)
+        stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
+            --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;
     pack) shift; tar czf "$OUT/$1.tgz" --exclude='*.safetensors' --exclude='checkpoint*' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -la "$OUT" ;;
     *) echo "unknown stage $1"; exit 2 ;;
     esac
