@@ -5,8 +5,8 @@
 (a) correctness: the flash backend's output and q/k/v gradients vs the float64 reference backend on
 random token masks (odd lengths, GQA, causal, key padding, empty rows); (b) timings on identical
 128 x 128 random block layouts (bf16, 16 heads): cuDNN dense SDPA, FA4 direct (flash_attn_func with
-metadata built here by hand), our flash backend's kernel (native causal where it applies, and
-``flash_mod``: causality through the mask_mod, NATIVE_CAUSAL=False), our Triton kernels. Every variant runs in
+metadata built here by hand), our flash backend's kernel (``flash``: NATIVE_CAUSAL=True, FA4's causal path where it applies;
+``flash_mod``: causality through the mask_mod, the default), our Triton kernels. Every variant runs in
 try/except; an error is recorded as text. Prints a markdown table; writes JSON.
 """
 
@@ -79,7 +79,7 @@ def correctness():
             row["trace"] = traceback.format_exc()[-1500:]
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}))
         out.append(row)
-    flash.NATIVE_CAUSAL = True
+    flash.NATIVE_CAUSAL = False
     return out
 
 
@@ -142,8 +142,8 @@ def timings(lengths, budget: float):
                     impls = {
                         "cudnn": lambda q, k, v: _cudnn(q, k, v, causal),
                         "fa4_direct": fa4_direct(layout, causal),
-                        "flash": lambda q, k, v: flash_sparse_attention(q, k, v, layout, causal=causal),
-                        **({"flash_mod": _mod_causal(flash, layout, causal)} if causal else {}),
+                        "flash": _causal_path(flash, layout, causal, True),
+                        **({"flash_mod": _causal_path(flash, layout, causal, False)} if causal else {}),
                         "triton": lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal),
                     }
                     if tok is not None:  # the same kept blocks, 20% of them token-exact (half their bits)
@@ -180,14 +180,14 @@ def _with_partial(layout, share: float, seed: int):
                        code.to(dev), bits.to(dev), layout.q_len, layout.k_len)
 
 
-def _mod_causal(flash, layout, causal):
-    """The flash backend with causality through the mask_mod (what it did before native causal)."""
+def _causal_path(flash, layout, causal, native: bool):
+    """The flash backend with NATIVE_CAUSAL set to ``native`` for the call (native causal vs mask_mod)."""
     def f(q, k, v):
-        flash.NATIVE_CAUSAL = False
+        before, flash.NATIVE_CAUSAL = flash.NATIVE_CAUSAL, native
         try:
             return flash.flash_sparse_attention(q, k, v, layout, causal=causal)
         finally:
-            flash.NATIVE_CAUSAL = True
+            flash.NATIVE_CAUSAL = before
     return f
 
 

@@ -218,12 +218,13 @@ def _fake_fa4(monkeypatch):
 
 def test_native_causal_only_where_fa4_causality_is_ours(monkeypatch):
     """Block-exact causal calls whose offset is FA4's own (q_offset = Lk - Lq) go to FA4's native
-    causal path without a mask_mod; token-exact blocks, key padding, another offset or
-    NATIVE_CAUSAL=False keep the mask_mod (FA4 ignores causal= when a mask_mod is given)."""
+    causal path without a mask_mod when NATIVE_CAUSAL is on; token-exact blocks, key padding, another
+    offset or NATIVE_CAUSAL=False keep the mask_mod (FA4 ignores causal= when a mask_mod is given)."""
     import attnprune.backends.flash as flash
 
     calls = _fake_fa4(monkeypatch)
     monkeypatch.setattr(flash, "_mask_mod", lambda *a: ("mask_mod", a))
+    monkeypatch.setattr(flash, "NATIVE_CAUSAL", True)  # opt-in (off by default until GPU-checked)
     blocks = torch.rand(2, 3, 3) < 0.7
     block_exact = BlockLayout.from_blocks(blocks, block=B)
     tok = torch.rand(2, 3 * B, 3 * B) < 0.5
