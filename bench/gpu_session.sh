@@ -38,10 +38,11 @@
 #   bwd         bench/bwd_balance.py: fwd+bwd of sink+band vs random layouts, split on/off (issue 11)
 #   decode3     bench/decode_bench.py at 4k / 8k / 16k, batch 1 and 8, every variant (issue 13)
 #   fa4check    bench/fa4_check.py at 4k and 16k: native causal vs mask_mod, token-exact 20% (issue 9)
+#   overhead_graph   bench/overhead.py --cuda-graph: 4k x 1 prefill eager and as a replayed CUDA graph (issue 9)
 #   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
 #               ours, ours-flash; FA4 installed by fa4stash/fa4 first) at d 64/128, 4k/16k, causal and not (issue 9)
 #   Next session (issues 9, 11, 13), in one warm chain: stash1; weights masks8k maskbench_split; fa4stash;
-#               fa4 tests13 fa4check kbench; decode3 (the graph variants at 16k too)
+#               fa4 tests13 fa4check kbench; decode3 (the graph variants at 16k too) overhead_graph
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -173,6 +174,9 @@ while [ $# -gt 0 ]; do
         stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts 4096,8192,16384 --batches 1,8 --new 64 \
             -o "$RUNS/decode3.json" ;;
     fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
+    overhead_graph)  # 4k x 1 prefill, eager and replayed as a CUDA graph: dense vs all-kept vs 90% (issue 9)
+        stage overhead_graph 200 python3 bench/overhead.py --backend triton --pads none --cuda-graph --reps 10 \
+            --out "$RUNS/overhead_graph.json" ;;
     kbench)
         stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
             --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;

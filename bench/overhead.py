@@ -14,15 +14,20 @@ Each variant runs with the attention masks of ``--pads`` (``none``: no ``attenti
 2-D all-ones mask; ``right``: the last ``--pad`` tokens of sequence 0 padded). For each: median
 synchronised wall time over ``--reps``, host time (the forward's wall time without the final
 synchronisation: what the host spends launching it), and the GPU->CPU synchronisations of one
-forward (``torch.cuda.set_sync_debug_mode("warn")``, warnings counted).
+forward (``torch.cuda.set_sync_debug_mode("warn")``, warnings counted). With ``--cuda-graph`` each
+variant is also captured as one CUDA graph (after warm-up forwards on a side stream) and its replay
+timed (``graph_ms``): the forward without Python/launch overhead, i.e. what the GPU work costs; a
+capture that fails (a host sync or allocation the graph cannot hold) records ``graph_error``.
 
     PYTHONPATH=src python3 bench/overhead.py --out overhead.json            # triton backend
     PYTHONPATH=src python3 bench/overhead.py --backend flash --out o.json
+    PYTHONPATH=src python3 bench/overhead.py --pads none --cuda-graph --out og.json   # + graph replays
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,6 +54,20 @@ def _time(fn, warmup: int, reps: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(host)
 
 
+def _graphed(fn):
+    """``fn`` captured as one CUDA graph (two warm-up calls on a side stream first); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="triton")
@@ -60,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pad", type=int, default=64, help="padded tokens of sequence 0 for --pads right")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--cuda-graph", action="store_true", help="also time each variant replayed as a CUDA graph")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,24 +120,27 @@ def main(argv=None) -> int:
                 model(input_ids=ids, attention_mask=am, use_cache=False)
 
         for name, ctx in variants:
-            note = ""
+            note, graph_ms, graph_error = "", None, None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fallback notices: recorded below through the sync count
                 try:
-                    if ctx is None:
+                    with (ctx() if ctx is not None else contextlib.nullcontext()):
                         ms, host = _time(fwd, a.warmup, a.reps)
                         n_sync, where = count_syncs(fwd)
-                    else:
-                        with ctx():
-                            ms, host = _time(fwd, a.warmup, a.reps)
-                            n_sync, where = count_syncs(fwd)
+                        if a.cuda_graph:
+                            try:
+                                graph_ms = _time(_graphed(fwd), a.warmup, a.reps)[0]
+                            except Exception as e:  # noqa: BLE001 - the reason is the measurement
+                                graph_error = f"{type(e).__name__}: {e}"[:300]
                 except Exception as e:  # keep the other rows
                     ms = host = None
                     n_sync, where, note = None, [], f"{type(e).__name__}: {e}"[:300]
             rows.append(dict(pad=pad, variant=name, backend="sdpa" if ctx is None else
                              ("none" if name == "no-attention" else a.backend), ms=ms, host_ms=host,
-                             syncs=n_sync, sync_sites=where[:20], note=note))
-            print(f"{pad:5s} {name:12s} ms={ms} host_ms={host} syncs={n_sync} {note}", flush=True)
+                             syncs=n_sync, sync_sites=where[:20], note=note, graph_ms=graph_ms,
+                             graph_error=graph_error))
+            print(f"{pad:5s} {name:12s} ms={ms} host_ms={host} syncs={n_sync} graph_ms={graph_ms} "
+                  f"{graph_error or ''} {note}", flush=True)
         base = {r["variant"]: r for r in rows if r["pad"] == pad}
         d = base["dense"]["ms"]
         for r in rows:
@@ -125,14 +148,18 @@ def main(argv=None) -> int:
                 r["minus_dense_ms"] = r["ms"] - d
                 r["per_call_us"] = 1e3 * (r["ms"] - d) / n_calls
                 r["speedup_vs_dense"] = d / r["ms"]
+            dg = base["dense"].get("graph_ms")
+            if r["pad"] == pad and r.get("graph_ms") and dg:
+                r["graph_speedup_vs_dense_graph"] = dg / r["graph_ms"]
 
     print(f"\n{a.arch} {a.length} x {a.batch}, bf16, backend {a.backend}, {n_calls} attention calls per forward")
-    print("| pad | variant | ms | host ms | - dense ms | per call us | syncs | vs dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pad | variant | ms | host ms | - dense ms | per call us | syncs | vs dense | graph ms | graph vs dense graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x, nd=2: "n/a" if x is None else f"{x:.{nd}f}"  # noqa: E731
     for r in rows:
         print(f"| {r['pad']} | {r['variant']} | {f(r['ms'])} | {f(r['host_ms'])} | {f(r.get('minus_dense_ms'))} "
-              f"| {f(r.get('per_call_us'), 1)} | {r['syncs']} | {f(r.get('speedup_vs_dense'), 3)} |")
+              f"| {f(r.get('per_call_us'), 1)} | {r['syncs']} | {f(r.get('speedup_vs_dense'), 3)} "
+              f"| {f(r.get('graph_ms'))} | {f(r.get('graph_speedup_vs_dense_graph'), 3)} |")
     for r in rows:
         if r["syncs"] and r["variant"] != "dense":
             print(f"syncs {r['pad']}/{r['variant']}: {', '.join(r['sync_sites'])}")
