@@ -103,6 +103,18 @@ def test_cross_attention_has_no_length_free_form():
     assert mask.site("dec.cross").keep_tokens(4, 6, beyond="extend").all()  # inside: fine
 
 
+def _pruned_cache_equals_recomputation(model, mask, prompt, n):
+    """``n`` tokens under ``beyond="extend"``: PrunedKVCache gives the tokens and logits of full
+    recomputation; returns the cache."""
+    with torch.no_grad(), apply(model, mask, beyond="extend"):
+        cache = PrunedKVCache(model, mask)
+        seq_p, log_p = _generate(model, prompt, n, past_key_values=cache)
+        seq_n, log_n = _generate(model, prompt, n, use_cache=False)
+    assert torch.equal(seq_p, seq_n)
+    _close(log_p, log_n)
+    return cache
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
 def test_generation_past_the_calibration_with_extend_and_pruned_cache(family):
     """64 tokens past a 32-token calibration: the pruned cache gives what full recomputation under
@@ -110,12 +122,7 @@ def test_generation_past_the_calibration_with_extend_and_pruned_cache(family):
     model = _family(family)
     mask = _mask(model)
     prompt = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), apply(model, mask, beyond="extend"):
-        cache = PrunedKVCache(model, mask)
-        seq_p, log_p = _generate(model, prompt, 88, past_key_values=cache)
-        seq_n, log_n = _generate(model, prompt, 88, use_cache=False)
-    assert torch.equal(seq_p, seq_n)
-    _close(log_p, log_n)
+    cache = _pruned_cache_equals_recomputation(model, mask, prompt, 88)
     # a sliding window of 4 already bounds the dense cache to 3 tokens: never more than that
     assert cache.kv_bytes()["share"] < (1.0 + 1e-9 if family.endswith("sliding") else 0.5)
 
@@ -156,9 +163,4 @@ def test_pruned_cache_past_the_calibration_with_a_stats_fitted_form():
     rows, cols = torch.arange(32, 96), torch.arange(96)
     assert not torch.equal(mask.site(name).length_free.grid(rows, cols), plain.site(name).length_free.grid(rows, cols))
     prompt = torch.randint(3, V, (1, 8), generator=g)
-    with torch.no_grad(), apply(model, mask, beyond="extend"):
-        cache = PrunedKVCache(model, mask)
-        seq_p, log_p = _generate(model, prompt, 88, past_key_values=cache)
-        seq_n, log_n = _generate(model, prompt, 88, use_cache=False)
-    assert torch.equal(seq_p, seq_n)
-    _close(log_p, log_n)
+    _pruned_cache_equals_recomputation(model, mask, prompt, 88)
