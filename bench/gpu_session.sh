@@ -36,7 +36,7 @@
 #               on and off (ATTNPRUNE_DKDV_SPLIT=0) (issue 11)
 #   tests13     kernel, split, triton/flash backend, decode, cache and graph suites on the GPU (issues 9, 11, 13)
 #   bwd         bench/bwd_balance.py: fwd+bwd of sink+band vs random layouts, split on/off (issue 11)
-#   decode3     bench/decode_bench.py at 4k / 8k / 16k, batch 1 and 8, every variant (issue 13)
+#   decode3     bench/decode_bench.py at 4k / 8k / 16k (DECODE_CONTEXTS), batch 1 and 8 (DECODE_BATCHES), every variant (issue 13)
 #   fa4check    bench/fa4_check.py at 4k and 16k: native causal vs mask_mod, token-exact 20% (issue 9)
 #   overhead_graph   bench/overhead.py --cuda-graph: 4k x 1 prefill eager and as a replayed CUDA graph (issue 9)
 #   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
@@ -171,8 +171,8 @@ while [ $# -gt 0 ]; do
         stage tests13 ${TESTS_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
     bwd) stage bwd 150 python3 bench/bwd_balance.py --out "$RUNS/bwd_balance.json" ;;
     decode3)
-        stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts 4096,8192,16384 --batches 1,8 --new 64 \
-            -o "$RUNS/decode3.json" ;;
+        stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts ${DECODE_CONTEXTS:-4096,8192,16384} \
+            --batches ${DECODE_BATCHES:-1,8} --new 64 -o "$RUNS/decode3${TAG:-}.json" ;;
     fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
     overhead_graph)  # 4k x 1 prefill, eager and replayed as a CUDA graph: dense vs all-kept vs 90% (issue 9)
         stage overhead_graph 200 python3 bench/overhead.py --backend triton --pads none --cuda-graph --reps 10 \
