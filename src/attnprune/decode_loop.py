@@ -35,16 +35,11 @@ import time
 
 import torch
 
-from .errors import AttnPruneError, InvalidArgumentError, UnsupportedModelError
+from .errors import GraphCaptureError, InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["decode_greedy", "GraphCaptureError"]
 
 WARMUP_STEPS = 2  # eager steps (on a side stream) before the capture: kernels compiled, tables cached
-
-
-class GraphCaptureError(AttnPruneError, RuntimeError):
-    """The decode step could not be captured as a CUDA graph (the message says why); the cache's host
-    state is as it was before the attempt, its device buffers may hold the steps already done."""
 
 
 class _DeviceStep:

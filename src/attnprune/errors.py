@@ -52,3 +52,10 @@ class OutputError(AttnPruneError):
 class PluginImportError(AttnPruneError, ImportError):
     """A module that registers model loaders or data sources cannot be imported: the message names the
     module and the import that failed (a broken loader is not reported as an unknown name)."""
+
+
+class GraphCaptureError(AttnPruneError, RuntimeError):
+    """A CUDA graph capture of a masked forward or decode step could not go on (the message says why).
+
+    From ``decode_greedy``: the cache's host state is as it was before the attempt, its device
+    buffers may hold the steps already done."""

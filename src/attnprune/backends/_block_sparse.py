@@ -22,7 +22,7 @@ __all__ = ["block_sparse_backend", "split_attn_mask"]
 _warned: set[tuple[str, str, str]] = set()
 
 
-def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None = None):
     """Express ``attn_mask`` as (key padding, causal, causal offset), or ``None`` if impossible.
 
     attn_mask: None, bool (True = may attend) or additive float, broadcastable to [B, H, Lq, Lk].
@@ -33,6 +33,12 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     The analysis of a mask tensor needs one GPU->CPU synchronisation; it is memoised per (tensor,
     its in-place version, the call's shapes), so the layers of one forward, which receive the same
     mask tensor, share one analysis (a weak reference: the memo keeps no mask alive).
+
+    During CUDA graph capture there is no synchronisation: the form found by an eager call of the
+    same shapes is checked on the device and its key padding passed on (:func:`_analyse_captured`);
+    with no such eager call, the form of the site's ``kind`` (``"causal"``: key padding + causality
+    from the last query, as transformers builds it; else key padding alone), or ``GraphCaptureError``
+    when ``kind`` is not given.
     """
     if attn_mask is None:
         return None, is_causal, q_offset
@@ -41,8 +47,16 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     if hit is not None and hit[0]() is attn_mask:
         _split_memo.move_to_end(key)
         return hit[1]
+    form_key = (tuple(attn_mask.shape), attn_mask.dtype, str(attn_mask.device), B, Lq, Lk, bool(is_causal),
+                int(q_offset))
     ANALYSES[0] += 1
-    out = _analyse(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    if _capturing():
+        out = _analyse_captured(attn_mask, form_key, B, Lq, Lk, is_causal, q_offset, kind)
+    else:
+        out, f = _analyse(attn_mask, B, Lq, Lk, is_causal, q_offset)
+        _form_memo[form_key] = f
+        while len(_form_memo) > _MEMO_SIZE:
+            _form_memo.pop(next(iter(_form_memo)))
     try:
         ref = weakref.ref(attn_mask)
     except TypeError:  # pragma: no cover - tensors support weak references
@@ -55,47 +69,89 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
 
 _MEMO_SIZE = 16
 _split_memo: "OrderedDict[tuple, tuple]" = OrderedDict()
+_form_memo: dict = {}  # (mask shape, dtype, device, call shapes) -> index of the form an eager analysis found
 ANALYSES = [0]  # number of mask analyses run (tests count them)
 
 
-def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
-    """:func:`split_attn_mask` without the memo: every candidate form is tested on the device and the
-    answers come back to the host together (one synchronisation)."""
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (no host reads allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+    """The device-side tests behind :func:`split_attn_mask`: ``(pre, forms)``, ``pre`` a list of 0-d
+    bool tensors that must all hold for any form, ``forms`` a list of ``(key_padding [B, Lk], causal,
+    offset, same, full)`` with ``same`` (the mask is exactly this form) and ``full`` (no key is
+    padded) 0-d bool tensors. Nothing is read to the host here."""
     m = attn_mask
-    checks = []  # bool 0-d device tensors, read in one go
+    pre = []
     if m.dtype != torch.bool:
         finite = torch.isfinite(m) & (m > torch.finfo(m.dtype).min / 2)
-        checks.append(((m == 0) | ~finite).all())  # else a real additive bias: not expressible
+        pre.append(((m == 0) | ~finite).all())  # else a real additive bias: not expressible
         m = finite
     while m.dim() < 4:
         m = m[None]
     if m.shape[1] != 1:
-        checks.append((m == m[:, :1]).all())  # else it differs between heads
+        pre.append((m == m[:, :1]).all())  # else it differs between heads
         m = m[:, :1]
     m = m.expand(B, 1, Lq, Lk)[:, 0]  # [B, Lq, Lk]
     kp = m.any(dim=1)  # [B, Lk]: keys some query may see
-    forms = [(kp, is_causal, q_offset)]
-    checks += [(m == kp[:, None, :]).all(), kp.all()]
+    forms = [(kp, is_causal, q_offset, (m == kp[:, None, :]).all(), kp.all())]
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
     for off in dict.fromkeys((Lk - Lq, q_offset, 0)):
         tri = j <= i + off
         # keys past the causal limit of every query are not "padding": recover them from the last row
         kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else kp
-        forms.append((kp_c, True, off))
-        checks += [(m == (kp_c[:, None, :] & tri[None])).all(), kp_c.all()]
-    flags = torch.stack(checks).tolist()
-    n_pre = len(checks) - 2 * len(forms)
+        forms.append((kp_c, True, off, (m == (kp_c[:, None, :] & tri[None])).all(), kp_c.all()))
+    return pre, forms
+
+
+def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+    """:func:`split_attn_mask` without the memo: every candidate form is tested on the device and the
+    answers come back to the host together (one synchronisation). Returns ``(split or None, index of
+    the form that matched or -1)``."""
+    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    flags = torch.stack(pre + [t for f in forms for t in f[3:]]).tolist()
+    n_pre = len(pre)
     if not all(flags[:n_pre]):
-        return None
-    for f, (kp_f, causal, off) in enumerate(forms):
+        return None, -1
+    for f, (kp_f, causal, off, _, _) in enumerate(forms):
         same, full = flags[n_pre + 2 * f], flags[n_pre + 2 * f + 1]
         if not same:
             continue
         if f and is_causal and off != q_offset:
-            return None
-        return (None if full else kp_f), causal, off
-    return None
+            return None, -1
+        return ((None if full else kp_f), causal, off), f
+    return None, -1
+
+
+def _analyse_captured(attn_mask, form_key, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int,
+                      kind: str | None = None):
+    """:func:`split_attn_mask` while a CUDA graph is captured: no host read. The form is the one an
+    eager call of the same shapes found (``_form_memo``); the mask is checked against it on the device
+    (``torch._assert_async``: a replay whose mask has another form stops with a device-side assertion
+    instead of computing something else), and its key padding is always passed to the kernel, so
+    replays with other padding of the same form stay exact."""
+    from ..errors import GraphCaptureError
+
+    f = _form_memo.get(form_key)
+    if f is None and kind is not None:  # transformers passes no mask eagerly but builds one under capture
+        f = 1 if kind == "causal" else 0  # forms[1]: causal from offset Lk - Lq (see _candidates)
+        if f and is_causal and Lk - Lq != q_offset:
+            f = None
+    if f is None:
+        raise GraphCaptureError(
+            f"an attention mask of shape {list(attn_mask.shape)} ({attn_mask.dtype}) reached a block-sparse "
+            f"backend during CUDA graph capture before any eager call of these shapes: run the model once "
+            f"eagerly with the same input shapes (a warm-up) before capturing")
+    if f < 0:
+        return None  # the eager call found no kernel form: the reference backend runs it, as eagerly
+    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    kp_f, causal, off, same, _ = forms[f]
+    torch._assert_async(torch.stack(pre + [same]).all(),
+                        "attnprune: a replayed CUDA graph got an attention mask of another form than at capture")
+    return kp_f, causal, off
 
 
 def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
@@ -149,7 +205,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
-        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset)
+        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=getattr(
+            getattr(site_mask, "info", None), "kind", None))
         if split is None:
             return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
         key_padding, causal, offset = split

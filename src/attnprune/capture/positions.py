@@ -71,6 +71,13 @@ class _Side:
 
     def _read(self) -> tuple[bool, int]:
         if self._host is None:
+            if self.valid.is_cuda and torch.cuda.is_current_stream_capturing():
+                from ..errors import GraphCaptureError
+
+                raise GraphCaptureError(
+                    "a 2-D attention_mask on the GPU reached a masked model during CUDA graph capture: where "
+                    "its padding sits is read to the host once per forward, which a graph cannot do; capture "
+                    "the forward without attention_mask (no padding), or run it eagerly")
             HOST_READS[0] += 1
             if not self.length or not self.valid.shape[0]:
                 self._host = (False, 0)
