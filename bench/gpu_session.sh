@@ -34,6 +34,7 @@
 #               (no out-of-domain text; what maskbench_split times)
 #   maskbench_split   attnprune bench --model smollm2 with masks8k's masks, 8k x 4, the dK/dV column split
 #               on and off (ATTNPRUNE_DKDV_SPLIT=0) (issue 11)
+#   capture     the masked model under CUDA graph capture, host-sync and graph-decoding suites (issues 9, 13)
 #   tests13     kernel, split, triton/flash backend, decode, cache and graph suites on the GPU (issues 9, 11, 13)
 #   bwd         bench/bwd_balance.py: fwd+bwd of sink+band vs random layouts, split on/off (issue 11)
 #   decode3     bench/decode_bench.py at 4k / 8k / 16k (DECODE_CONTEXTS), batch 1 and 8 (DECODE_BATCHES), every variant (issue 13)
@@ -155,8 +156,8 @@ while [ $# -gt 0 ]; do
             --test 8 --batch-size 1 --blocks 128 --scores prob --policies layer structured streaming --sparsities 0.9 \
             --backend triton --device cuda --save-masks --no-heatmaps -o "$RUNS/masks8k" ;;
     maskbench_split)
-        m8=$RUNS/masks8k/masks
-        for split in 1 0; do
+        m8=${M8:-$RUNS/masks8k/masks}  # M8: a folder of such masks made elsewhere (e.g. on the CPU)
+        for split in ${SPLITS:-1 0}; do
             stage maskbench_split$split 200 env ATTNPRUNE_DKDV_SPLIT=$split python3 -m attnprune --quiet bench --model smollm2 \
                 --backend triton --batch 4 --lengths 8192 --sparsities 0.9 --masks $m8/prob-layer-0.9-b128.safetensors \
                 $m8/prob-structured-0.9-b128.safetensors $m8/prob-streaming-0.9-b128.safetensors --warmup 2 --reps 5 \
@@ -169,6 +170,9 @@ while [ $# -gt 0 ]; do
             [ -f tests/unit/test_$f.py ] && files+=(tests/unit/test_$f.py)
         done
         stage tests13 ${TESTS_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
+    capture)  # the masked model under CUDA graph capture, host syncs, graph decoding (issues 9, 13)
+        stage capture 150 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_capture_graph.py \
+            tests/unit/test_host_sync.py tests/unit/test_decode_graph.py ;;
     bwd) stage bwd 150 python3 bench/bwd_balance.py --out "$RUNS/bwd_balance.json" ;;
     decode3)
         stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts ${DECODE_CONTEXTS:-4096,8192,16384} \
