@@ -42,8 +42,11 @@
 #   overhead_graph   bench/overhead.py --cuda-graph: 4k x 1 prefill eager and as a replayed CUDA graph (issue 9)
 #   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
 #               ours, ours-flash; FA4 installed by fa4stash/fa4 first) at d 64/128, 4k/16k, causal and not (issue 9)
-#   Next session (issues 9, 11, 13), in one warm chain: stash1; weights masks8k maskbench_split; fa4stash;
-#               fa4 tests13 fa4check kbench; decode3 (the graph variants at 16k too) overhead_graph
+#   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
+#               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Still to run: kbench (every
+#               implementation in one process), a second seed of the e3 recovery (RECOVERY_ARGS+=" --seed 1").
+#               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
+#               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
