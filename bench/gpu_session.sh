@@ -40,6 +40,8 @@
 #   decode3     bench/decode_bench.py at 4k / 8k / 16k (DECODE_CONTEXTS), batch 1 and 8 (DECODE_BATCHES), every variant (issue 13)
 #   fa4check    bench/fa4_check.py at 4k and 16k: native causal vs mask_mod, token-exact 20% (issue 9)
 #   overhead_graph   bench/overhead.py --cuda-graph: 4k x 1 prefill eager and as a replayed CUDA graph (issue 9)
+#   launch      bench/launch_overhead.py --profile-model: host time per call of sdpa / backend / sparse_attention /
+#               autograd apply / the Triton launch alone, and a cProfile of the eager 4k x 1 masked forward (issue 9)
 #   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
 #               ours, ours-flash; FA4 installed by fa4stash/fa4 first) at d 64/128, 4k/16k, causal and not (issue 9)
 #   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
@@ -184,6 +186,8 @@ while [ $# -gt 0 ]; do
     overhead_graph)  # 4k x 1 prefill, eager and replayed as a CUDA graph: dense vs all-kept vs 90% (issue 9)
         stage overhead_graph 200 python3 bench/overhead.py --backend triton --pads none --cuda-graph --reps 10 \
             --out "$RUNS/overhead_graph.json" ;;
+    launch)  # host time per attention call, layer by layer, + a cProfile of the eager masked forward (issue 9)
+        stage launch 240 python3 bench/launch_overhead.py --profile-model --out "$RUNS/launch.json" ;;
     kbench)
         stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
             --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;
