@@ -31,17 +31,22 @@ import torch
 import torch.nn.functional as F
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _per_call_us(fn, calls: int) -> tuple[float, float]:
-    for _ in range(20):
+    for _ in range(min(20, calls)):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     best_host, best_wall = float("inf"), float("inf")
-    for _ in range(5):
+    for _ in range(5 if calls > 5 else 1):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        _sync()
         t2 = time.perf_counter()
         best_host, best_wall = min(best_host, (t1 - t0) / calls * 1e6), min(best_wall, (t2 - t0) / calls * 1e6)
     return best_host, best_wall
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile-model", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script under TRITON_INTERPRET=1")
     ap.add_argument("--model-length", type=int, default=4096)
     args = ap.parse_args(argv)
     import attnprune  # noqa: F401 - registers the backends
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
     from attnprune.kernels import attention as kattn
     from attnprune.sites import SiteInfo
 
-    dev, L = torch.device("cuda"), args.length
+    dev, L = torch.device(args.device), args.length
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(1, 9, L, 64, device=dev, dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 3, L, 64, device=dev, dtype=torch.bfloat16, generator=g)
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
     if args.profile_model:
         _profile_model(args.model_length)
     import triton
-    out = {"length": L, "calls": args.calls, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    out = {"length": L, "calls": args.calls, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "triton": triton.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
