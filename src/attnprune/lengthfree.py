@@ -102,6 +102,13 @@ class LengthFree:
         slope of ``w_r`` over the rows (clipped at 0; 0 with ``grow=False``) and its offset the
         smallest that covers every fitted row (``a = max_r (w_r - g r)``), so every fitted row keeps
         at least ``mass``. The ``s`` keeping the fewest entries over the fitted rows wins (ties: fewer).
+
+        Precisely (float64, CPU): a row's mass by distance ``d`` from the diagonal (``r - c >= 0``;
+        ``|r - c|`` for ``self``) outside the sinks is summed in order of ``d`` onto the sinks' mass,
+        and the band takes in the distances ``0 .. k`` up to the first that reaches the row's need
+        (``k = C + R`` where none does): ``w_r = k + 1`` (causal) or ``2 k + 1``. All ``s`` are
+        fitted at once (:func:`_reach`, :func:`_kept`), with the very sums and comparisons a
+        separate fit per ``s`` would make, so the result does not depend on that.
         """
         if kind == "cross":
             raise LengthError(f"site {name!r} is cross-attention: its mask has no length-free form to extend "
@@ -119,40 +126,28 @@ class LengthFree:
             raise InvalidArgumentError(f"max_sinks must be >= 0, got {max_sinks!r}")
         cap = min(cap, C)
         rows = torch.arange(R // 2, R) if R > 1 else torch.arange(R)
-        x = torch.nan_to_num(score[:, rows].double(), nan=0.0).clamp_min(0.0)  # [H, F, C]
+        x = torch.nan_to_num(score.detach().cpu()[:, rows].double(), nan=0.0).clamp_min(0.0)  # [H, F, C]
         F = len(rows)
         need = m[:, None] * x.sum(-1) * (1 - 1e-9)  # [H, F]: mass each fitted row must keep
-        cols = torch.arange(C)
+        sink = torch.stack([x[:, :, :s].sum(-1) for s in range(cap + 1)], -1)  # [H, F, S]: mass of sinks 0 .. s-1
+        k = _reach(x, rows, sink, need, R + C, causal).permute(2, 0, 1).contiguous()  # [S, H, F]
         r = rows.double()
-        # units by distance from the diagonal: causal d = r - c >= 0; bidirectional |r - c| (both sides)
-        dist = (rows[:, None] - cols[None, :])  # [F, C]
-        if not causal:
-            dist = dist.abs()
-        ok = dist >= 0  # [F, C]: attendable by distance (causal: keys up to the query)
-        idx = dist.clamp_min(0).expand(H, F, C)
         rc = r - r.mean()
-        best = None  # (kept entries [H], sinks, band, growth), the cheapest so far per head
-        for s in range(cap + 1):
-            sink = x[:, :, :s].sum(-1)  # [H, F]
-            prof = torch.zeros(H, F, C + R, dtype=torch.float64)  # mass by distance, outside the sinks
-            prof.scatter_add_(2, idx, x * ((cols >= s) & ok))
-            cum = prof.cumsum(-1) + sink[..., None]  # [H, F, D]: kept by sinks + distances 0 .. d
-            # the band must reach the first distance k with cum[k] >= need: distances 0 .. k
-            k = (cum < need[..., None]).sum(-1).double()  # [H, F]
-            w = k + 1 if causal else 2 * k + 1  # causal: 0 <= r - c < w; else |r - c| < (w + 1) / 2
+        bands, growths = [], []
+        for s in range(cap + 1):  # the band line per s: cheap [H, F] sums, each as a lone fit would do them
+            ks = k[s].double()
+            w = ks + 1 if causal else 2 * ks + 1  # causal: 0 <= r - c < w; else |r - c| < (w + 1) / 2
             if grow and F > 1:
                 g = ((w - w.mean(1, keepdim=True)) @ rc / (rc @ rc)).clamp_min(0.0)
             else:
                 g = torch.zeros(H, dtype=torch.float64)
-            a = (w - g[:, None] * r).max(1).values  # the least offset covering every fitted row
-            sinks = torch.full((H,), s)
-            kept = (cls(sinks, a, g, causal).grid(rows, cols) & ok).sum((1, 2)).double()
-            if best is None:
-                best = [kept, sinks, a, g]
-                continue
-            better = kept < best[0]  # ties: the fewer sinks (tried first)
-            best = [torch.where(better, new, old) for new, old in zip((kept, sinks, a, g), best)]
-        return cls(best[1], best[2], best[3], causal)
+            bands.append((w - g[:, None] * r).max(1).values)  # the least offset covering every fitted row
+            growths.append(g)
+        a, g = torch.stack(bands), torch.stack(growths)  # [S, H]
+        kept = _kept(a, g, rows, C, causal).sum(-1)  # [S, H]: entries kept over the fitted rows
+        best = kept.argmin(0)  # the first minimum: ties go to the fewer sinks
+        heads = torch.arange(H)
+        return cls(best, a[best, heads], g[best, heads], causal)
 
     def to_dict(self) -> dict:
         """Plain numbers (for a mask file's header); :meth:`from_dict` is the inverse."""
@@ -195,6 +190,74 @@ class LengthFree:
         last = torch.maximum(last, c)
         last = torch.where(c < self.sinks[:, None], float(big), last)
         return last.clamp(max=float(big)).long()
+
+
+def _reach(x: torch.Tensor, rows: torch.Tensor, sink: torch.Tensor, need: torch.Tensor, D: int,
+           causal: bool) -> torch.Tensor:
+    """long ``[H, F, S]``: for fitted rows ``rows [F]`` with mass ``x [H, F, C]`` (float64), the mass
+    of ``s`` sinks ``sink [H, F, S]`` and the rows' need ``need [H, F]``: how many distances the band
+    must take in, i.e. the number of ``d`` whose running sum ``cum_s[d]`` (the sinks plus the mass at
+    distances ``0 .. d`` outside them) falls short of the need (``D`` where every one does).
+
+    ``cum_s[d]`` is the float64 sum a fit for that ``s`` alone makes: the mass by distance ``prof_s``
+    (at most two entries per distance, so its rounding does not depend on their order), summed in
+    order of ``d`` (torch's CPU cumsum is a sequential scan), plus the sinks. The sinks only take
+    columns ``c < s``, so for ``d <= j = r - s`` ``prof_s[d]`` is the sink-free ``prof_0[d]`` and
+    ``cum_s[d] = P[d] + sink``, with ``P`` the cumsum of ``prof_0``, computed once. Past ``j`` a causal
+    row has nothing left (``cum_s`` stays ``P[j] + sink``); a ``self`` row still has its columns
+    ``c = r + d`` right of the diagonal, summed on from ``P[j]`` where the prefix falls short (few
+    rows and distances when the fitted rows are the last half of a square grid). ``cum_s`` never
+    decreases (rounding is monotone), so on the prefix the count is a binary search.
+    """
+    H, F, C = x.shape
+    S = sink.shape[-1]
+    dist = rows[:, None] - torch.arange(C)[None, :]  # [F, C]
+    if not causal:
+        dist = dist.abs()
+    # P[:, :, d + 1]: the sink-free mass at distances 0 .. d, P[:, :, 0] = 0 (causal: keys up to the query)
+    P = torch.zeros(H, F, max(int(rows.max()) + 1, C) + 2, dtype=torch.float64)  # room for d = -1 .. max + 1
+    P = P.scatter_add_(2, (dist + 1).clamp_min(0).expand(H, F, C), x * (dist >= 0)).cumsum_(-1)
+    j = (rows[:, None] - torch.arange(S)[None, :]).clamp_min(-1).expand(H, F, S)  # last sink-free distance
+    need = need[..., None]
+    short = P.gather(-1, j + 1) + sink < need  # the distances 0 .. j are not enough
+    lo, hi = torch.zeros_like(j), j + 1  # binary search on 0 .. j for the first d reaching the need
+    while bool((live := lo < hi).any()):
+        mid = (lo + hi) >> 1
+        under = P.gather(-1, mid + 1) + sink < need
+        lo, hi = torch.where(live & under, mid + 1, lo), torch.where(live & ~under, mid, hi)
+    k = torch.where(short, D, lo)
+    if not causal:
+        tail = (C - 1 - rows[:, None] - j).clamp_min(0)  # distances past j with a right-hand column
+        todo = torch.nonzero(short & (tail > 0))
+        for part in todo.split(4096) if len(todo) else ():
+            h, f, s = part.unbind(1)
+            jj, n = j[h, f, s], int(tail[h, f, s].max())
+            d = jj[:, None] + 1 + torch.arange(n)  # [n', n]: the distances past j
+            c = rows[f][:, None] + d  # their right-hand column
+            right = x[h[:, None], f[:, None], c.clamp(max=C - 1)]
+            term = torch.where((d >= 1) & (c < C) & (c >= s[:, None]), right, 0.0)
+            cum = torch.cat([P[h, f, jj + 1][:, None], term], 1).cumsum(1)[:, 1:]  # on from P[j], in order
+            under = cum + sink[h, f, s][:, None] < need[h, f]
+            k[h, f, s] = torch.where(under[:, -1], D, jj + 1 + under.sum(1))
+    return k
+
+
+def _kept(a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, C: int, causal: bool) -> torch.Tensor:
+    """long ``[S, H, F]``: the entries the form with ``s`` sinks and band line ``a, g [S, H]`` keeps in
+    each fitted row ``rows [F]`` of ``C`` columns (causal: of the attendable ``c <= r``), counted in
+    closed form: what ``LengthFree(s, a, g).grid(rows, arange(C))`` keeps there."""
+    S = a.shape[0]
+    w = (a[..., None] + g[..., None] * rows.double()).clamp_min(1.0)  # [S, H, F], as LengthFree.at
+    big = float(C + len(rows) + int(rows.max()) + 2)  # more than any distance
+    s = torch.arange(S)[:, None, None]
+    if causal:  # band: 0 <= r - c < w, i.e. c in r - ceil(w) + 1 .. r; sinks: c < min(s, r + 1)
+        lo, hi = rows - torch.ceil(w).clamp(max=big).long() + 1, rows.clamp(max=C - 1)
+        ns = torch.minimum(s, (rows + 1).clamp(max=C))
+    else:  # band: |r - c| < (w + 1) / 2, i.e. |r - c| <= ceil(that) - 1; sinks: c < s
+        half = torch.ceil((w + 1) / 2).clamp(max=big).long() - 1
+        lo, hi = rows - half, (rows + half).clamp(max=C - 1)
+        ns = s.clamp(max=C)
+    return ns + (hi - torch.maximum(lo, ns) + 1).clamp_min(0)  # the sinks, then the band right of them
 
 
 def kept_mass(keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,95 @@ def test_per_head_mass_and_the_more_mass_the_more_kept():
     assert n(both).tolist() == [int(n(lo)[0]), int(n(hi)[1])]
 
 
+def _reference_fit_mass(score, kind, mass, grow=True, max_sinks=None):
+    """The documented rule of ``LengthFree.fit_mass``, written out plainly: per candidate sink count
+    ``s``, each fitted row's mass by distance outside the sinks, summed in order of the distance onto
+    the sinks' mass; the band reaches the first distance that covers the need; the line through the
+    rows' widths; the entries kept counted on the grid. Returns (sinks, band, growth)."""
+    H, R, C = score.shape
+    causal = kind == "causal"
+    cap = min(max(1, C // 4) if max_sinks is None else max_sinks, C)
+    rows = torch.arange(R // 2, R) if R > 1 else torch.arange(R)
+    F, r = len(rows), rows.double()
+    x = torch.nan_to_num(score[:, rows].double(), nan=0.0).clamp_min(0.0)
+    m = torch.as_tensor(mass, dtype=torch.float64).flatten().expand(H)
+    need = m[:, None] * x.sum(-1) * (1 - 1e-9)
+    cols = torch.arange(C)
+    dist = rows[:, None] - cols[None, :]
+    if not causal:
+        dist = dist.abs()
+    ok = dist >= 0
+    rc = r - r.mean()
+    best = None
+    for s in range(cap + 1):
+        sink = x[:, :, :s].sum(-1)
+        prof = torch.zeros(H, F, C + R, dtype=torch.float64)
+        prof.scatter_add_(2, dist.clamp_min(0).expand(H, F, C), x * ((cols >= s) & ok))
+        cum = prof.cumsum(-1) + sink[..., None]
+        k = (cum < need[..., None]).sum(-1).double()
+        w = k + 1 if causal else 2 * k + 1
+        if grow and F > 1:
+            g = ((w - w.mean(1, keepdim=True)) @ rc / (rc @ rc)).clamp_min(0.0)
+        else:
+            g = torch.zeros(H, dtype=torch.float64)
+        a = (w - g[:, None] * r).max(1).values
+        width = (a[:, None, None] + g[:, None, None] * rows.double()[None, :, None]).clamp_min(1.0)
+        d = (rows[:, None] - cols[None, :]).double()
+        band = (d >= 0) & (d < width) if causal else d.abs() < (width + 1) / 2
+        kept = ((band | (cols < s)) & ok).sum((1, 2))
+        if best is None:
+            best = [kept, torch.full((H,), s), a, g]
+            continue
+        better = kept < best[0]
+        best = [torch.where(better, new, old) for new, old in zip((kept, torch.full((H,), s), a, g), best)]
+    return best[1], best[2], best[3]
+
+
+_ODD_SHAPES = [  # (H, R, C, max_sinks): square and not, one row, few columns, max_sinks 0 and past C
+    (1, 1, 1, None), (2, 2, 5, None), (3, 17, 17, None), (2, 31, 9, 1000), (1, 9, 40, 1000),
+    (3, 40, 40, 0), (2, 23, 37, 7), (4, 64, 64, None), (1, 6, 6, 1000), (2, 50, 13, None),
+]
+
+
+@pytest.mark.parametrize("kind", ["causal", "self"])
+@pytest.mark.parametrize("shape", _ODD_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_mass_is_the_documented_rule_exactly(kind, shape, seed):
+    """The fast fit (all sink counts at once) against the plain per-``s`` loop of the documented
+    rule, on random scores with zeros and NaNs, per-head and single shares, with and without growth:
+    the same sinks, and band and growth to the bit (the fit makes the very same float64 sums)."""
+    H, R, C, max_sinks = shape
+    g = torch.Generator().manual_seed(1000 * seed + R * 7 + C)
+    score = torch.rand(H, R, C, generator=g, dtype=torch.float64) ** (1 + 4 * seed)
+    score[torch.rand(H, R, C, generator=g) < 0.25] = 0.0
+    score[torch.rand(H, R, C, generator=g) < 0.05] = float("nan")
+    if seed == 1:  # peaked rows: a heavy first key and diagonal, a tail of tiny entries
+        rr, cc = torch.arange(R)[:, None], torch.arange(C)[None, :]
+        score = score * 1e-12 + 5.0 * (cc == 0) + 2.0 * (rr == cc)
+    if kind == "causal" and seed == 2:  # attention-like: nothing past the diagonal
+        score = score.masked_fill(torch.arange(C)[None, :] > torch.arange(R)[:, None], float("nan"))
+    for mass in (0.5, 0.97, 1.0, torch.rand(H, generator=g, dtype=torch.float64).clamp_min(0.01)):
+        for grow in (True, False):
+            lf = LengthFree.fit_mass(score.float() if seed == 0 else score, kind, mass, grow=grow,
+                                     max_sinks=max_sinks)
+            sinks, band, growth = _reference_fit_mass(score.float() if seed == 0 else score, kind, mass,
+                                                      grow=grow, max_sinks=max_sinks)
+            assert lf.sinks.tolist() == sinks.tolist()
+            assert torch.equal(lf.band, band) and torch.equal(lf.growth, growth)
+            assert lf.causal == (kind == "causal")
+
+
+def test_fit_mass_matches_the_rule_on_attention_rows():
+    """Softmax rows at a realistic size (the cheapest form has sinks and a wide band)."""
+    for kind in ("causal", "self"):
+        score = _random_rows(3, 96, kind, seed=3)
+        for mass in (0.6, 0.9, 0.999):
+            lf = LengthFree.fit_mass(score, kind, mass)
+            sinks, band, growth = _reference_fit_mass(score, kind, mass)
+            assert lf.sinks.tolist() == sinks.tolist()
+            assert torch.equal(lf.band, band) and torch.equal(lf.growth, growth)
+
+
 def _stats_and_mask(sparsity=0.5, L=32, H=2, kind="causal"):
     info = SiteInfo("l0", kind, H, H)
     probs = _random_rows(H, L, kind, seed=11)
