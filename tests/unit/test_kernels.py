@@ -234,6 +234,29 @@ def test_key_padding_bool_and_lengths():
     run_case(2, Hq, Hq, Lq, Lk, D, lay, tok, key_padding=lens, causal=True, q_offset=7)
 
 
+def test_inference_path_matches_reference_and_autograd_path():
+    """Under no_grad the forward launches without autograd, with launch parameters memoised per layout
+    and call shape and shared placeholders for absent padding/bitmasks: alternate shapes, padding and
+    layouts with and without partial blocks on one layout object, against float64 and the grad path."""
+    Hq, Hkv, L, D = 4, 2, 40, 16
+    tok = random_tokens(Hq, L, L, (16, 16), density=0.7)
+    blocks = torch.rand(Hq, 3, 3) < 0.6
+    lays = {"partial": BlockLayout.from_tokens(tok, (16, 16)), "blocks": BlockLayout.from_blocks(blocks, (16, 16))}
+    toks = {"partial": tok, "blocks": blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :L, :L].to(DEV)}
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for B, kind, pad in [(1, "partial", False), (3, "partial", True), (1, "partial", True), (3, "blocks", False),
+                         (1, "blocks", True), (1, "partial", False)]:
+        q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEV) for h in (Hq, Hkv, Hkv))
+        kp = (torch.rand(B, L, generator=gen) < 0.7).to(DEV) if pad else None
+        with torch.no_grad():
+            out = sparse_attention(q, k, v, lays[kind], causal=True, key_padding=kp)
+        assert out.grad_fn is None
+        ref = reference(q, k, v, allowed_mask(toks[kind], B, L, L, True, 0, kp), D ** -0.5)
+        assert rel(out, ref) < TOL[torch.float32], (B, kind, pad)
+        q.requires_grad_()
+        assert torch.equal(sparse_attention(q, k, v, lays[kind], causal=True, key_padding=kp).detach(), out)
+
+
 def test_block_layout_split_into_smaller_tiles_shared_heads():
     # layout blocks 32x32, kernel tiles 16x16; one layout shared by all heads
     Hq, Hkv, Lq, Lk, D = 4, 2, 64, 96, 16

@@ -108,42 +108,78 @@ def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     return moved
 
 
+def _placeholder(device: torch.device, dtype: torch.dtype, fill: int) -> torch.Tensor:
+    """A 1-element tensor standing in for an absent kernel argument (no key padding, no bitmask),
+    made once per (device, dtype, fill): no allocation or fill kernel per call. Never written."""
+    key = (device, dtype, fill)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = torch.full((1,), fill, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # not in a graph's pool
+            _PLACEHOLDERS[key] = t
+    return t
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _fwd_launch(layout: BlockLayout, B: int, Hq: int, Lq: int, D: int, configs, device: torch.device):
+    """``(cfg, grid, nw)`` of a forward launch, memoised per layout and call shape (not with an override
+    table ``configs``: benchmarks pass those, and may change them between calls)."""
+    key = ("fwd-launch", B, Hq, Lq, D, device)
+    hit = None if configs else layout._cache.get(key)
+    if hit is None:
+        cfg = (configs or {}).get("fwd") or get_config("fwd", D, layout.block)
+        hit = (cfg, (triton_cdiv(Lq, cfg.block_m), B * Hq), (layout.block[1] + 31) // 32)
+        if not configs:
+            layout._cache[key] = hit
+    return hit
+
+
+def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool, q_offset: int,
+             configs):
+    """The forward kernel's launch: ``(o [B, Hq, Lq, DV], lse [B, Hq, Lq] float32, kpm_t, bits)``,
+    the last two being the key-padding and bitmask arguments it got (placeholders when absent)."""
+    tk = _kernels()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk = layout.block
+    cfg, grid, nw = _fwd_launch(layout, B, Hq, Lq, D, configs, q.device)
+    o = torch.empty(B, Hq, Lq, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    has_kpm = kpm is not None
+    kpm_t = kpm if has_kpm else _placeholder(q.device, torch.int8, 0)
+    has_bits = layout.num_partial > 0
+    bits = layout.bits if has_bits else _placeholder(q.device, torch.int32, -1)
+    use_tma = bool(cfg.tma) and k.is_contiguous() and v.is_contiguous()
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(k.view(B * Hkv * Lk, D), [cfg.block_n, D])
+        vd = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, DV), [cfg.block_n, DV])
+    else:
+        kd, vd = k, v
+    tk._fwd_kernel[grid](
+        q, k, v, o, lse, kpm_t, bits, kd, vd,
+        plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        kpm_t.stride(0) if has_kpm else 0,
+        Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
+        BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
+        CAUSAL=causal, HAS_KPM=has_kpm, HAS_BITS=has_bits, USE_TMA=use_tma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return o, lse, kpm_t, bits
+
+
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
                 q_offset: int, configs, split):
-        tk = _kernels()
-        B, Hq, Lq, D = q.shape
-        Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-        bq, bk = layout.block
-        o = torch.empty(B, Hq, Lq, DV, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-        has_kpm = kpm is not None
-        kpm_t = kpm if has_kpm else torch.empty(1, dtype=torch.int8, device=q.device)
-        nw = (bk + 31) // 32
-        bits = layout.bits if layout.num_partial else torch.full((1,), -1, dtype=torch.int32, device=q.device)
-        cfg = configs.get("fwd") or get_config("fwd", D, layout.block)
-        grid = (triton_cdiv(Lq, cfg.block_m), B * Hq)
-        use_tma = bool(cfg.tma) and k.is_contiguous() and v.is_contiguous()
-        if use_tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            kd = TensorDescriptor.from_tensor(k.view(B * Hkv * Lk, D), [cfg.block_n, D])
-            vd = TensorDescriptor.from_tensor(v.view(B * Hkv * Lk, DV), [cfg.block_n, DV])
-        else:
-            kd, vd = k, v
-        tk._fwd_kernel[grid](
-            q, k, v, o, lse, kpm_t, bits, kd, vd,
-            plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            kpm_t.stride(0) if has_kpm else 0,
-            Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
-            BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
-            CAUSAL=causal, HAS_KPM=has_kpm, HAS_BITS=layout.num_partial > 0, USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs)
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
-        ctx.has_kpm, ctx.configs, ctx.split = has_kpm, configs, split
+        ctx.has_kpm, ctx.configs, ctx.split = kpm is not None, configs, split
         return o
 
     @staticmethod
@@ -307,8 +343,9 @@ def sparse_attention(
 
     layout = _layout_on(layout, q.device)
     plan = layout.plan(Lq, Lk, causal, q_offset)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) and _split.split_enabled():
+    if grad and _split.split_enabled():
         split = layout.dkdv_split(Lq, Lk, causal, q_offset, Hq, Hkv)
 
     dv_orig = v.shape[3]
@@ -321,8 +358,11 @@ def sparse_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
-                                 split)
+    if grad:
+        out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
+                                     split)
+    else:  # no backward can follow: the launch without autograd's bookkeeping
+        out = _forward(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs)[0]
     if dvp != dv_orig:
         out = out[..., :dv_orig]
     return out
