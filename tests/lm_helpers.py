@@ -50,10 +50,10 @@ FAMILIES = ["gpt2", "llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "mist
 SLIDING = {"qwen2-sliding", "mistral-sliding", "gemma2", "gemma3"}  # window 4 < the 32 tokens generated
 
 
-def _mask(model, seed=1):
+def _mask(model, seed=1, length_free="stats"):
     g = torch.Generator().manual_seed(seed)
     calib = [{"input_ids": torch.randint(3, V, (2, CAL), generator=g)} for _ in range(2)]
-    return make_mask(observe(model, calib, progress=False), 0.7)
+    return make_mask(observe(model, calib, progress=False), 0.7, length_free=length_free)
 
 
 def _generate(model, ids, n, **kw):

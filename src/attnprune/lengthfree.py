@@ -34,7 +34,7 @@ import torch
 
 from .errors import InvalidArgumentError, LengthError
 
-__all__ = ["LengthFree", "HOLDS", "kept_mass", "site_form"]
+__all__ = ["LengthFree", "HOLDS", "kept_mass", "site_form", "stats_form"]
 
 HOLDS = ("width", "density", "mass")  # the extension rules (see site_form)
 
@@ -274,19 +274,22 @@ def kept_mass(keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return torch.where(tot > 0, got / tot.clamp_min(1e-300), torch.ones_like(tot)).clamp(1e-6, 1.0)
 
 
-def site_form(sm, hold: str = "width", *, stats=None, mass=None) -> LengthFree:
-    """The length-free form of site mask ``sm`` under ``hold`` (``"width"``, ``"density"``: from the
-    mask, :meth:`LengthFree.fit`; ``"mass"``: from ``stats``, :meth:`LengthFree.fit_mass`, keeping
-    ``mass`` (float, or None: per head the share the calibrated mask keeps, :func:`kept_mass`))."""
+def site_form(sm, hold: str | None = None, *, stats=None, mass=None) -> LengthFree:
+    """The length-free form of site mask ``sm`` under ``hold``: ``None``, the site's own
+    (``sm.length_free``: what ``beyond="extend"`` continues); ``"width"``, ``"density"``: fitted from
+    the mask, :meth:`LengthFree.fit`; ``"mass"``: from ``stats``, :meth:`LengthFree.fit_mass`, keeping
+    ``mass`` (float, or None: per head the share the calibrated mask keeps, :func:`kept_mass`)."""
     from .errors import MaskMismatchError
     from .units import site_units
 
-    if hold not in HOLDS:
-        raise InvalidArgumentError(f"hold must be one of {', '.join(map(repr, HOLDS))}, got {hold!r}")
+    if hold is not None and hold not in HOLDS:
+        raise InvalidArgumentError(f"hold must be None or one of {', '.join(map(repr, HOLDS))}, got {hold!r}")
     if hold != "mass":
         if stats is not None or mass is not None:
             raise InvalidArgumentError(f"stats and mass are for hold='mass', not hold={hold!r}")
-        return sm.length_free if hold == "width" else LengthFree.fit(sm.keep, sm.info.kind, name=sm.name, hold=hold)
+        if hold is None:
+            return sm.length_free
+        return LengthFree.fit(sm.keep, sm.info.kind, name=sm.name, hold=hold)
     if stats is None:
         raise InvalidArgumentError("hold='mass' needs the attention statistics the mask was made from (stats=...)")
     if sm.info.kind == "cross":
@@ -301,11 +304,34 @@ def site_form(sm, hold: str = "width", *, stats=None, mass=None) -> LengthFree:
     return LengthFree.fit_mass(score, sm.info.kind, m, name=sm.name)
 
 
-def extend_mask(mask, length: int, *, hold: str = "width", stats=None, mass=None):
+def stats_form(sm, stats):
+    """A callable making the site's form from ``stats`` (``hold="mass"`` at the share the mask keeps),
+    for a mask just made from them (``make_mask``): called on first use of the form, it fails with
+    one clear error if the site's statistics changed in between (more or other observations)."""
+    from .errors import MaskMismatchError
+
+    def seen() -> float:  # the site's observation count: changes with every add / merge / all_reduce
+        return float(stats.count(sm.name).sum()) if sm.name in stats.sites else -1.0
+
+    before = seen()
+
+    def make() -> LengthFree:
+        if seen() != before:
+            raise MaskMismatchError(
+                f"site {sm.name!r}: the statistics this mask was made from changed since, so its length-free "
+                f"form can no longer be fitted from them; make the mask again, or call "
+                f"mask.with_length_free(stats) with the statistics it was made from")
+        return site_form(sm, "mass", stats=stats)
+
+    return make
+
+
+def extend_mask(mask, length: int, *, hold: str | None = None, stats=None, mass=None):
     """``mask`` with every site materialised at ``length`` x ``length`` positions: the calibrated
     region as it is, the rest from each head's length-free form (``hold``, ``stats``, ``mass``: see
     :func:`site_form`). Block masks stay block masks. ``meta["extended_to"]`` records the length,
-    ``meta["extended_hold"]`` the rule (and ``meta["extended_mass"]`` the mass under ``"mass"``);
+    ``meta["extended_hold"]`` the rule (``"own"`` for ``hold=None``; ``meta["extended_mass"]`` the mass
+    under ``"mass"``);
     ``LengthError`` for cross-attention sites."""
     import copy
 
@@ -326,7 +352,7 @@ def extend_mask(mask, length: int, *, hold: str = "width", stats=None, mass=None
         grid[:, :min(R, n), :min(C, n)] = sm.keep[:, :n, :n]
         sms.append(SiteMask(sm.info, length, length, keep=grid, block=sm.block))
     meta = copy.deepcopy(mask.meta)
-    meta["extended_to"], meta["extended_hold"] = length, hold
+    meta["extended_to"], meta["extended_hold"] = length, hold or "own"
     if hold == "mass":
         meta["extended_mass"] = "kept" if mass is None else float(mass)
     return PruneMask(sms, meta)

@@ -39,8 +39,9 @@ class SiteMask:
                 f"site {info.name!r}: keep tensor must be bool {list(want)}, got {keep.dtype} {list(keep.shape)}")
         self._keep = keep
         self._cache: dict = {}
-        self._length_free = None  # the LengthFree form: fitted from the mask on first use, or given
-        self.length_free_fitted = False  # True: the form was given (fitted from statistics), not the mask's
+        self._length_free = None  # the LengthFree form: made on first use, or given
+        self._form_source = None  # makes the form from the statistics on first use (make_mask), or None
+        self._form_given = False  # True: the form was given or made by _form_source (statistics), not the mask's
 
     @property
     def name(self) -> str:
@@ -74,19 +75,33 @@ class SiteMask:
     @property
     def length_free(self):
         """The site's :class:`~attnprune.lengthfree.LengthFree` form (sinks + band per head) that
-        ``beyond="extend"`` and ``PrunedKVCache`` continue past the calibrated lengths: the one given by
-        :meth:`PruneMask.with_length_free` (kept in the mask file), else fitted once from the mask;
+        ``beyond="extend"`` and ``PrunedKVCache`` continue past the calibrated lengths: fitted from the
+        attention statistics (``make_mask``'s default, or :meth:`PruneMask.with_length_free`; kept in
+        the mask file), else fitted from the mask itself; made once, on first use.
         ``LengthError`` for cross-attention sites."""
         from .lengthfree import LengthFree
 
         if self._length_free is None:
-            self._length_free = LengthFree.fit(self._keep, self.info.kind, name=self.name)
+            if self._form_source is not None:
+                self._length_free, self._form_given, self._form_source = self._form_source(), True, None
+            else:
+                self._length_free = LengthFree.fit(self._keep, self.info.kind, name=self.name)
         return self._length_free
 
+    @property
+    def length_free_fitted(self) -> bool:
+        """True when :attr:`length_free` comes from the attention statistics (given, or made on first
+        use), False when it is fitted from the mask itself."""
+        return self._form_given or self._form_source is not None
+
     def _with_form(self, form) -> "SiteMask":
-        """A copy of this site (same keep tensor) whose length-free form is ``form``."""
+        """A copy of this site (same keep tensor) whose length-free form is ``form``: a ``LengthFree``,
+        or a callable returning one, called on first use."""
         sm = SiteMask(self.info, self.q_len, self.k_len, keep=self._keep, block=self.block)
-        sm._length_free, sm.length_free_fitted = form, True
+        if callable(form):
+            sm._form_source = form
+        else:
+            sm._length_free, sm._form_given = form, True
         return sm
 
     def _outside(self, rows: torch.Tensor, cols: torch.Tensor, beyond: str) -> torch.Tensor:
@@ -332,12 +347,15 @@ class PruneMask:
         return f"PruneMask({len(self)} sites, policy={self.policy!r}, block={self.block}, " \
                f"sparsity={self.sparsity:.4f})"
 
-    def extend(self, length: int, *, hold: str = "width", stats=None, mass: float | None = None) -> "PruneMask":
+    def extend(self, length: int, *, hold: str | None = None, stats=None,
+               mass: float | None = None) -> "PruneMask":
         """This mask at ``length`` x ``length`` positions: past the calibrated lengths, each head's
-        sinks and band continued (``attnprune.lengthfree``; with the default ``hold="width"``, what
-        ``beyond="extend"`` computes; ``hold="density"`` keeps the calibration's density instead;
-        ``hold="mass"`` fits sinks and band from ``stats``, the ``AttentionStats`` the mask was made
-        from, to keep ``mass`` of each row's attention, default per head the share this mask keeps)."""
+        sinks and band continued (``attnprune.lengthfree``). ``hold``: ``None`` (default) each site's
+        own form, what ``beyond="extend"`` computes (for a mask from ``make_mask``: fitted from the
+        statistics); ``"width"`` / ``"density"`` a form fitted from the mask itself, holding its kept
+        width or its density; ``"mass"`` sinks and band fitted from ``stats``, the ``AttentionStats``
+        the mask was made from, to keep ``mass`` of each row's attention, default per head the share
+        this mask keeps)."""
         from .lengthfree import extend_mask
 
         return extend_mask(self, length, hold=hold, stats=stats, mass=mass)

@@ -335,8 +335,11 @@ def check_sparsity(sparsity) -> float:
     return s
 
 
+LENGTH_FREE = ("stats", "mask")  # where make_mask's masks take their form past the calibrated length
+
+
 def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | None = None,
-              seed: int = 0):
+              seed: int = 0, length_free: str = "stats"):
     """Derive a ``PruneMask`` from observed attention.
 
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
@@ -346,13 +349,23 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.
+    length_free: how each site continues past its calibrated lengths (``beyond="extend"``,
+        ``PrunedKVCache``, ``PruneMask.extend``): ``"stats"`` (default) sinks and a band fitted from
+        ``stats`` to keep, per head, the share of each row's attention mass the mask keeps
+        (``LengthFree.fit_mass``, fitted on first use and kept by ``save``); ``"mask"`` sinks and band
+        fitted from the mask itself (``LengthFree.fit``: fewer entries past the calibration, lower
+        quality; RESULTS.md, "Masks past their calibrated length").
 
     Returns a ``PruneMask`` whose site ``s`` keeps bool [H, q_len, k_len] (token level) or
     [H, ceil(q_len/b), ceil(k_len/b)] (block level), with target and achieved sparsity recorded.
     """
+    from .lengthfree import stats_form
     from .mask import PruneMask, SiteMask
 
     s = check_sparsity(sparsity)
+    if length_free not in LENGTH_FREE:
+        raise InvalidArgumentError(f"length_free must be one of {', '.join(map(repr, LENGTH_FREE))}, "
+                                   f"got {length_free!r}")
     fn = POLICIES.get(policy)
     b = resolve_block(stats.granularity, block)
     units = [site_units(stats, site, b) for site in stats.sites]
@@ -387,4 +400,7 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
                  "num_sequences": int(getattr(stats, "num_sequences", 0) or 0)},
         "sites": site_meta,
     }
+    if length_free == "stats":
+        site_masks = [sm if sm.info.kind == "cross" else sm._with_form(stats_form(sm, stats)) for sm in site_masks]
+        meta["length_free"] = {"rule": "mass", "mass": "kept"}
     return PruneMask(site_masks, meta)

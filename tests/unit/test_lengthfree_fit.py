@@ -196,7 +196,7 @@ def test_fit_mass_matches_the_rule_on_attention_rows():
             assert torch.equal(lf.band, band) and torch.equal(lf.growth, growth)
 
 
-def _stats_and_mask(sparsity=0.5, L=32, H=2, kind="causal"):
+def _stats_and_mask(sparsity=0.5, L=32, H=2, kind="causal", length_free="mask"):
     info = SiteInfo("l0", kind, H, H)
     probs = _random_rows(H, L, kind, seed=11)
     count = torch.ones(L, L, dtype=torch.float64)
@@ -204,7 +204,7 @@ def _stats_and_mask(sparsity=0.5, L=32, H=2, kind="causal"):
         count = count.tril()
     stats = AttentionStats([info])
     stats.add("l0", probs * count, count)
-    return stats, make_mask(stats, sparsity), probs
+    return stats, make_mask(stats, sparsity, length_free=length_free), probs
 
 
 def test_kept_mass_is_the_share_of_the_fitted_rows():
@@ -327,5 +327,76 @@ def test_mask_command_extend_mass(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--extend-mass", "2",
                  "-o", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "--extend-mass" in err and "Traceback" not in err and not bad.exists()
+
+
+def test_make_mask_continues_with_the_stats_form_by_default(tmp_path):
+    """make_mask's default: past the calibration, beyond='extend' and extend() continue the form fitted
+    from the statistics (hold='mass' at the kept share), not the mask's own (which differs here); it is
+    fitted on first use only, and a saved file keeps it; length_free='mask' keeps the old behaviour."""
+    from unittest import mock
+
+    from attnprune.lengthfree import site_form
+
+    stats, own, _ = _stats_and_mask()
+    with mock.patch.object(LengthFree, "fit_mass", wraps=LengthFree.fit_mass) as fits:
+        mask = make_mask(stats, 0.5)
+        assert fits.call_count == 0  # nothing fitted yet
+        assert mask.site("l0").length_free_fitted and mask.meta["length_free"] == {"rule": "mass", "mass": "kept"}
+        rows, cols = torch.arange(32, 70), torch.arange(70)
+        got = mask.site("l0").length_free.grid(rows, cols)
+        mask.site("l0").length_free
+        assert fits.call_count == 1  # once, then kept
+    want = site_form(own.site("l0"), "mass", stats=stats).grid(rows, cols)
+    mine = own.site("l0").length_free.grid(rows, cols)
+    assert torch.equal(got, want) and not torch.equal(got, mine)
+    assert torch.equal(mask.site("l0").keep, own.site("l0").keep)  # the calibrated region is the same mask
+    far = mask.site("l0").keep_tokens(70, 70, beyond="extend")
+    assert torch.equal(far[:, 32:], want) and torch.equal(far, mask.extend(70).site("l0").keep)
+    assert torch.equal(mask.extend(70, hold="width").site("l0").keep, own.extend(70).site("l0").keep)
+    assert not own.site("l0").length_free_fitted and "length_free" not in own.meta
+    path = tmp_path / "m.safetensors"
+    make_mask(stats, 0.5).save(path)  # saving fits the form and keeps it
+    back = PruneMask.load(path)
+    assert back.site("l0").length_free_fitted and torch.equal(back.site("l0").length_free.grid(rows, cols), want)
+
+
+def test_make_mask_stats_form_refuses_changed_stats_and_bad_arguments():
+    """The form is fitted on first use from the stats the mask was made from: if they gained
+    observations since, one clear error instead of a form from other data; a bad length_free is refused."""
+    from attnprune.errors import InvalidArgumentError, MaskMismatchError
+
+    stats, _, probs = _stats_and_mask()
+    mask = make_mask(stats, 0.5)
+    count = torch.ones(32, 32, dtype=torch.float64).tril()
+    stats.add("l0", probs * count, count)
+    with pytest.raises(MaskMismatchError, match="changed since"):
+        mask.site("l0").keep_tokens(40, 40, beyond="extend")
+    with pytest.raises(InvalidArgumentError, match="length_free"):
+        make_mask(stats, 0.5, length_free="width")
+
+
+def test_mask_command_length_free(tmp_path, capsys):
+    """`attnprune mask`: the file carries the stats-fitted form by default, the mask's own with
+    --length-free mask; --extend-mass with --length-free mask stops with one clear error, no file."""
+    from attnprune.cli import main
+
+    stats, mask, _ = _stats_and_mask()
+    stats.save(tmp_path / "s.safetensors")
+    rows, cols = torch.arange(32, 70), torch.arange(70)
+    forms = {}
+    for flag in ([], ["--length-free", "mask"]):
+        out = tmp_path / f"m{len(flag)}.safetensors"
+        assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", *flag, "-o", str(out)]) == 0
+        forms[bool(flag)] = PruneMask.load(out).site("l0")
+    assert forms[False].length_free_fitted and not forms[True].length_free_fitted
+    assert torch.equal(forms[True].length_free.grid(rows, cols), mask.site("l0").length_free.grid(rows, cols))
+    assert torch.equal(forms[False].length_free.grid(rows, cols),
+                       make_mask(stats, 0.5).site("l0").length_free.grid(rows, cols))
+    capsys.readouterr()
+    bad = tmp_path / "bad.safetensors"
+    assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--length-free", "mask",
+                 "--extend-mass", "0.9", "-o", str(bad)]) != 0
     err = capsys.readouterr().err
     assert "--extend-mass" in err and "Traceback" not in err and not bad.exists()

@@ -45,10 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
     p.add_argument("--policy", default="layer", help="layer (paper), head, global or random (default layer)")
     p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
-    p.add_argument("--extend-mass", default=None, metavar="SHARE|kept",
+    p.add_argument("--length-free", choices=("stats", "mask"), default="stats",
                    help="past the calibrated length (beyond='extend', PrunedKVCache) continue each head with sinks "
-                        "and a band fitted from the stats to keep this share of each row's attention ('kept': what "
-                        "the mask keeps per head); default: the sinks and band of the mask itself")
+                        "and a band fitted from the stats to keep the share of each row's attention the mask keeps "
+                        "(stats, default), or fitted from the mask itself (mask: fewer entries, lower quality)")
+    p.add_argument("--extend-mass", default=None, metavar="SHARE|kept",
+                   help="with --length-free stats: keep this share of each row's attention past the calibrated "
+                        "length instead ('kept', the default: what the mask keeps per head)")
     use_shared(p, seed=(0, "seed of the random policy (default 0)"))
     p.add_argument("-o", "--output", required=True, help="mask file to write (.safetensors)")
     p.set_defaults(func=cmd_mask)
@@ -165,9 +168,13 @@ def cmd_mask(args) -> int:
 
     check_output_file(args.output)
     mass = _extend_mass(args.extend_mass)
+    if args.extend_mass is not None and args.length_free == "mask":
+        raise InvalidArgumentError("--extend-mass is for --length-free stats (the form fitted from the stats), "
+                                   "not --length-free mask; drop one of them")
     stats = AttentionStats.load(args.stats)
-    mask = make_mask(stats, args.sparsity, policy=args.policy, block=args.block, seed=args.seed)
-    if args.extend_mass is not None:
+    mask = make_mask(stats, args.sparsity, policy=args.policy, block=args.block, seed=args.seed,
+                     length_free=args.length_free)
+    if mass is not None:
         mask = mask.with_length_free(stats, mass=mass)
     mask.save(args.output)
     print(f"wrote {args.output}")

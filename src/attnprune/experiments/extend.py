@@ -6,7 +6,9 @@ generation past the calibration would read). Compared, for every ``--policy`` an
 dense model; the mask with ``beyond="dense"`` (mask inside the calibrated region, dense past it); and
 the mask continued past it by each ``--hold`` rule (``attnprune.lengthfree``):
 
-* ``width``: ``beyond="extend"`` (sinks + band fitted from the mask, the band's width line);
+* ``own``: ``beyond="extend"``, the mask's own form (``make_mask``'s default: what ``mass`` computes);
+* ``width``: ``PruneMask.extend(hold="width")`` (sinks + band fitted from the mask, the band's width
+  line; what ``beyond="extend"`` computed before make_mask fitted the form from the statistics);
 * ``density``: ``PruneMask.extend(hold="density")`` (the same structures at the calibration's density);
 * ``mass``: ``PruneMask.extend(hold="mass", stats=...)``: sinks + band fitted from the attention
   statistics to keep, per head, the share of attention mass the calibrated mask keeps;
@@ -55,13 +57,16 @@ def _past_sparsity(mask, start: int, length: int) -> float:
 
 
 def parse_hold(spec: str) -> tuple[str, float | None]:
-    """``"width"`` / ``"density"`` / ``"mass"`` / ``"mass:0.9"`` -> (hold, mass)."""
+    """``"own"`` / ``"width"`` / ``"density"`` / ``"mass"`` / ``"mass:0.9"`` -> (hold, mass); ``"own"`` is
+    ``(None, None)``: the mask's own form, what ``beyond="extend"`` continues."""
     from attnprune.errors import InvalidArgumentError
     from attnprune.lengthfree import HOLDS
 
     hold, _, m = spec.partition(":")
+    if spec == "own":
+        return None, None
     if hold not in HOLDS or (m and hold != "mass"):
-        raise InvalidArgumentError(f"--hold entries are width, density, mass or mass:<share>, got {spec!r}")
+        raise InvalidArgumentError(f"--hold entries are own, width, density, mass or mass:<share>, got {spec!r}")
     try:
         mass = float(m) if m else None
     except ValueError:
@@ -107,8 +112,8 @@ def run(model_name: str, data: str, calib_len: int, factor: int, sparsities, *, 
                    "dense_vs_dense": bd / dense - 1, "holds": {}}
             for spec, (hold, mass) in parsed.items():
                 ext = mask.extend(long_len, hold=hold, **({"stats": stats, "mass": mass} if hold == "mass" else {}))
-                # the width rule is what beyond="extend" computes: measured through it
-                with (apply(model, mask, beyond="extend") if hold == "width" else apply(model, ext)):
+                # the mask's own form (make_mask's default: from the stats) is measured through beyond="extend"
+                with (apply(model, mask, beyond="extend") if hold is None else apply(model, ext)):
                     p = past()
                 row["holds"][spec] = {"ppl_past": p, "vs_dense": p / dense - 1, "vs_beyond_dense": p / bd - 1,
                                       "extended_sparsity": _past_sparsity(ext, calib_len, long_len)}
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", default="0.5,0.8")
     ap.add_argument("--policy", default="layer", help="comma-separated policies (make_mask)")
     ap.add_argument("--hold", default="width,density,mass",
-                    help="comma-separated extension rules: width (beyond='extend'), density, mass, mass:<share>")
+                    help="comma-separated extension rules: own (beyond='extend'), width, density, mass, mass:<share>")
     ap.add_argument("--block", type=int, default=None)
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--test-seqs", type=int, default=8)
