@@ -44,6 +44,8 @@ Policies (registry ``POLICIES``)
   one threshold over all sites and heads (a model-wide per-head allocation, as MoA allocates).
 * ``streaming``: the data-free control of that structure: sink columns, then the diagonals nearest
   the main one until the site's budget (StreamingLLM's sink + recent window at equal budget).
+* ``elastic`` (``attnprune.policy_elastic``): structure only, as ``streaming``, but sized per head from
+  the data: each head's sink columns and band width by one model-wide allocation of kept score mass.
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -345,7 +347,8 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
     policy: a name of ``POLICIES``: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"``,
-        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs).
+        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs), ``"elastic"``
+        (``attnprune.policy_elastic``).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.
@@ -404,3 +407,6 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
         site_masks = [sm if sm.info.kind == "cross" else sm._with_form(stats_form(sm, stats)) for sm in site_masks]
         meta["length_free"] = {"rule": "mass", "mass": "kept"}
     return PruneMask(site_masks, meta)
+
+
+from . import policy_elastic  # noqa: E402,F401  (registers "elastic")
