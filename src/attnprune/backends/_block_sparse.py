@@ -78,11 +78,38 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
-    """The device-side tests behind :func:`split_attn_mask`: ``(pre, forms)``, ``pre`` a list of 0-d
-    bool tensors that must all hold for any form, ``forms`` a list of ``(key_padding [B, Lk], causal,
-    offset, same, full)`` with ``same`` (the mask is exactly this form) and ``full`` (no key is
-    padded) 0-d bool tensors. Nothing is read to the host here."""
+def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None):
+    """:func:`split_attn_mask` while ``torch.compile`` traces: no memo (tensor ids and versions mean nothing
+    there) and no host read. The form is the one of the site's ``kind`` (as under CUDA graph capture:
+    ``"causal"``: key padding + causality from the last query, else key padding alone); the mask is
+    checked against it on the device (``torch._assert_async``) and its key padding is always passed on."""
+    from ..errors import GraphCaptureError
+
+    if attn_mask is None:
+        return None, is_causal, q_offset
+    if kind is None:
+        raise GraphCaptureError(
+            f"an attention mask of shape {list(attn_mask.shape)} reached a block-sparse backend under "
+            f"torch.compile for a site of unknown kind: its form (key padding, causal) cannot be read "
+            f"without a host synchronisation; compile with backend='reference' or pass no attention mask")
+    causal = kind == "causal"
+    if causal and is_causal and Lk - Lq != q_offset:
+        return None
+    pre, m = _normalised(attn_mask, B, Lq, Lk)
+    if causal:
+        kp, off, same = _causal_form(m, Lq, Lk, Lk - Lq)
+    else:
+        kp, off = m.any(dim=1), q_offset
+        same = (m == kp[:, None, :]).all()
+    torch._assert_async(torch.stack(pre + [same]).all(),
+                        "attnprune: a compiled model got an attention mask that is not key padding (+ causal)")
+    return kp, causal or is_causal, off
+
+
+def _normalised(attn_mask, B: int, Lq: int, Lk: int):
+    """``(pre, m)``: ``m`` the allowed set bool ``[B, Lq, Lk]`` of ``attn_mask`` (its first head),
+    ``pre`` 0-d bool tensors that must all hold for it to be key padding (+ causal) at all (no real
+    additive bias, the same for all heads)."""
     m = attn_mask
     pre = []
     if m.dtype != torch.bool:
@@ -94,16 +121,31 @@ def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: 
     if m.shape[1] != 1:
         pre.append((m == m[:, :1]).all())  # else it differs between heads
         m = m[:, :1]
-    m = m.expand(B, 1, Lq, Lk)[:, 0]  # [B, Lq, Lk]
-    kp = m.any(dim=1)  # [B, Lk]: keys some query may see
-    forms = [(kp, is_causal, q_offset, (m == kp[:, None, :]).all(), kp.all())]
+    return pre, m.expand(B, 1, Lq, Lk)[:, 0]
+
+
+def _causal_form(m, Lq: int, Lk: int, off: int):
+    """``(key padding [B, Lk], off, same)`` of the causal form ``j <= i + off`` of ``m`` [B, Lq, Lk]:
+    keys past the causal limit of every query are not "padding", so the padding comes from the last row;
+    ``same``: 0-d bool, ``m`` is exactly that form."""
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
+    tri = j <= i + off
+    kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
+    return kp_c, off, (m == (kp_c[:, None, :] & tri[None])).all()
+
+
+def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+    """The device-side tests behind :func:`split_attn_mask`: ``(pre, forms)``, ``pre`` a list of 0-d
+    bool tensors that must all hold for any form, ``forms`` a list of ``(key_padding [B, Lk], causal,
+    offset, same, full)`` with ``same`` (the mask is exactly this form) and ``full`` (no key is
+    padded) 0-d bool tensors. Nothing is read to the host here."""
+    pre, m = _normalised(attn_mask, B, Lq, Lk)  # m: [B, Lq, Lk]
+    kp = m.any(dim=1)  # [B, Lk]: keys some query may see
+    forms = [(kp, is_causal, q_offset, (m == kp[:, None, :]).all(), kp.all())]
     for off in dict.fromkeys((Lk - Lq, q_offset, 0)):
-        tri = j <= i + off
-        # keys past the causal limit of every query are not "padding": recover them from the last row
-        kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else kp
-        forms.append((kp_c, True, off, (m == (kp_c[:, None, :] & tri[None])).all(), kp_c.all()))
+        kp_c, _, same = _causal_form(m, Lq, Lk, off)
+        forms.append((kp_c, True, off, same, kp_c.all()))
     return pre, forms
 
 
@@ -175,7 +217,7 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q.to(dt), k.to(dt), v.to(dt)
 
 
-def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None):
+def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
     ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
@@ -184,6 +226,12 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     Calls the kernel cannot express (dropout while training; an ``attn_mask`` that is not key padding,
     with or without causality) go to the reference backend, with one warning per site. ``what`` names
     the kernel in that warning; ``name`` is the backend's registry name.
+
+    ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
+    key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
+    while dynamo traces, the backend passes the site's layout as a handle (:mod:`attnprune.kernels.ops`,
+    layout source ``"site:<name>"``, resolved when the op runs) instead of looking the layout up, and
+    reads the mask's form without host reads (:func:`_compiled_split`).
     """
 
     # site mask -> {(Lq, Lk, device, q_offset, beyond): layout}: the per-call lookup without
@@ -205,16 +253,31 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             return _fallback(q, k, v, site_mask, f"attention dropout is not supported by {what}", name, **kw)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
-        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=getattr(
-            getattr(site_mask, "info", None), "kind", None))
+        kind = getattr(getattr(site_mask, "info", None), "kind", None)
+        if by_handle is not None and torch.compiler.is_compiling():
+            split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind)
+            if split is None:
+                return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
+            key_padding, causal, offset = split
+            handle = layout_handle(source, site_mask)
+            return by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset,
+                             layout_q_offset=q_offset, beyond=beyond)
+        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=kind)
         if split is None:
             return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
         key_padding, causal, offset = split
-        key = (Lq, Lk, q.device, q_offset, beyond)
+        per = layouts.get(site_mask)  # the memo hit inline: this runs once per attention call
+        layout = per.get((Lq, Lk, q.device, q_offset, beyond)) if per is not None else None
+        if layout is None:
+            layout = site_layout(site_mask, Lq, Lk, q.device, q_offset, beyond)
+        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
+
+    def site_layout(site_mask, Lq: int, Lk: int, device, q_offset: int, beyond: str):
+        key = (Lq, Lk, device, q_offset, beyond)
         per = layouts.get(site_mask)
         layout = per.get(key) if per is not None else None
         if layout is None:
-            layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=q.device, q_offset=q_offset,
+            layout = site_mask.layout(Lq, Lk, block_for(site_mask, Lq, Lk), device=device, q_offset=q_offset,
                                       beyond=beyond)
             try:
                 per = layouts.setdefault(site_mask, {})
@@ -223,6 +286,12 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             if len(per) >= 8:
                 per.pop(next(iter(per)))
             per[key] = layout
-        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
+        return layout
 
+    source = f"site:{name}"
+    if by_handle is not None:  # the op's layout source for a site mask: the same memo as the eager calls
+        from ..kernels.ops import add_layout_source, layout_handle
+
+        add_layout_source(source, lambda site_mask: lambda lq, lk, device, q_offset, beyond: site_layout(
+            site_mask, lq, lk, device, q_offset, beyond))
     return backend

@@ -5,12 +5,14 @@ the calibrated-region rule (``beyond``) are applied exactly as the reference bac
 the kernels cannot express (dropout, an additive bias that is not just 0/-inf, a boolean mask that
 is not key padding with or without causality) are handed to the reference backend, with a warning
 naming the site, once per site. The backend comes from the factory shared with ``flex``
-(:mod:`._block_sparse`), whose names are re-exported here.
+(:mod:`._block_sparse`), whose names are re-exported here. Under ``torch.compile`` the kernels run as
+custom ops (:mod:`attnprune.kernels.ops`): a masked model traces as one graph.
 """
 
 from __future__ import annotations
 
 from ..kernels import sparse_attention
+from ..kernels.attention import attention_by_handle
 from . import BACKENDS
 from ._block_sparse import _fallback, _warned, block_sparse_backend, split_attn_mask  # noqa: F401 - re-exported
 
@@ -26,7 +28,8 @@ def kernel_block(site_mask, lq: int, lk: int) -> tuple[int, int]:
     return (64, 64)
 
 
-triton_backend = block_sparse_backend(sparse_attention, kernel_block, "triton", "the kernels")
+triton_backend = block_sparse_backend(sparse_attention, kernel_block, "triton", "the kernels",
+                                      by_handle=attention_by_handle)
 triton_backend.__doc__ = """Masked attention for one site with the block-sparse kernels.
 
 q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` on a CUDA device;

@@ -29,7 +29,7 @@ from ..errors import InvalidArgumentError, MissingDependencyError
 from . import _split
 from .layout import BlockLayout, LayoutPlan
 
-__all__ = ["sparse_attention", "KernelConfig", "CONFIGS", "get_config"]
+__all__ = ["sparse_attention", "attention_by_handle", "KernelConfig", "CONFIGS", "get_config"]
 
 _LOG2E = 1.4426950408889634
 
@@ -184,48 +184,56 @@ class _SparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        tk = _kernels()
         q, k, v, o, lse, kpm_t, bits = ctx.saved_tensors
-        layout, plan = ctx.layout, ctx.plan
-        B, Hq, Lq, D = q.shape
-        Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-        bq, bk = layout.block
-        nw = (bk + 31) // 32
-        do = do.contiguous() if do.stride(-1) != 1 else do
-        delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-        tk._delta_kernel[(triton_cdiv(Lq, 64), B * Hq)](
-            o, do, delta, *o.stride(), *do.stride(), Hq, Lq, BLOCK_M=64, DV=DV, num_warps=4)
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        kpm_s = kpm_t.stride(0) if ctx.has_kpm else 0
-        common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=ctx.causal, HAS_KPM=ctx.has_kpm,
-                      HAS_BITS=layout.num_partial > 0)
-        qk_scale = ctx.scale * _LOG2E
-
-        cfg = ctx.configs.get("dq") or get_config("dq", D, layout.block)
-        tk._dq_kernel[(triton_cdiv(Lq, cfg.block_m), B * Hq)](
-            q, k, v, do, dq, lse, delta, kpm_t, bits,
-            plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_s,
-            Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, qk_scale, ctx.scale, ctx.q_offset,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            PRESCALE=cfg.prescale, **common,
-        )
-        cfg = ctx.configs.get("dkdv") or get_config("dkdv", D, layout.block)
-        if ctx.split is not None:
-            _dkdv_split_launch(ctx.split, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common,
-                               kpm_s, qk_scale, ctx.scale, ctx.q_offset)
-            return dq, dk, dv, None, None, None, None, None, None, None, None
-        tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, kpm_t, bits,
-            plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
-            Hq, Hkv, Hq // Hkv, layout.num_heads, Lq, Lk, layout.k_blocks, qk_scale, ctx.scale, ctx.q_offset,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            PRESCALE=cfg.prescale, **common,
-        )
+        dq, dk, dv = _backward(do, q, k, v, o, lse, kpm_t, bits, ctx.layout, ctx.plan, ctx.scale, ctx.causal,
+                               ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split)
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
+              q_offset: int, has_kpm: bool, configs: dict, split):
+    """The backward launches (delta, dq, dk/dv): ``(dq, dk, dv)``. ``kpm_t``, ``bits``: what the forward
+    got (placeholders when absent); ``split``: the dK/dV chunk table or None."""
+    tk = _kernels()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk = layout.block
+    nw = (bk + 31) // 32
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    tk._delta_kernel[(triton_cdiv(Lq, 64), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, Lq, BLOCK_M=64, DV=DV, num_warps=4)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    kpm_s = kpm_t.stride(0) if has_kpm else 0
+    common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=causal, HAS_KPM=has_kpm,
+                  HAS_BITS=layout.num_partial > 0)
+    qk_scale = scale * _LOG2E
+
+    cfg = configs.get("dq") or get_config("dq", D, layout.block)
+    tk._dq_kernel[(triton_cdiv(Lq, cfg.block_m), B * Hq)](
+        q, k, v, do, dq, lse, delta, kpm_t, bits,
+        plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_s,
+        Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, qk_scale, scale, q_offset,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRESCALE=cfg.prescale, **common,
+    )
+    cfg = configs.get("dkdv") or get_config("dkdv", D, layout.block)
+    if split is not None:
+        _dkdv_split_launch(split, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common,
+                           kpm_s, qk_scale, scale, q_offset)
+        return dq, dk, dv
+    tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, kpm_t, bits,
+        plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_s,
+        Hq, Hkv, Hq // Hkv, layout.num_heads, Lq, Lk, layout.k_blocks, qk_scale, scale, q_offset,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRESCALE=cfg.prescale, **common,
+    )
+    return dq, dk, dv
 
 
 def _dkdv_split_launch(sp, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common, kpm_s,
@@ -269,7 +277,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | int,
     *,
     causal: bool = False,
     scale: float | None = None,
@@ -284,7 +292,8 @@ def sparse_attention(
         k: ``[batch, kv_heads, Lk, d]``; ``q_heads`` must be a multiple of ``kv_heads`` (GQA).
         v: ``[batch, kv_heads, Lk, dv]``.
         layout: :class:`BlockLayout` with ``num_heads`` equal to ``q_heads`` (or 1, shared by all
-            heads), covering at least ``Lq`` x ``Lk`` tokens.
+            heads), covering at least ``Lq`` x ``Lk`` tokens; or an int handle of a layout source
+            (:func:`attnprune.kernels.ops.layout_handle`).
         causal: query ``i`` sees key ``j`` only if ``j <= i + q_offset`` (``q_offset=0`` is
             SDPA's top-left alignment; a KV-cache decode step uses ``Lk - Lq``).
         scale: score scale, default ``1 / sqrt(d)``.
@@ -299,7 +308,75 @@ def sparse_attention(
     Supported: fp16, bf16 and fp32 (fp32 matmuls use TF32 on GPUs); any head dim up to 256
     (padded to a power of two internally). On the CPU the kernels run only under Triton's
     interpreter (``TRITON_INTERPRET=1``, for tests).
+
+    Under ``torch.compile`` (or given a handle) the kernels run through the custom ops of
+    :mod:`attnprune.kernels.ops`, which dynamo traces as single nodes (``configs`` is then ignored);
+    eagerly they are launched directly.
     """
+    _check_inputs(q, k, v)
+    if isinstance(layout, int) or torch.compiler.is_compiling():
+        handle = layout if isinstance(layout, int) else _ops().layout_handle("layout", layout)
+        return attention_by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding,
+                                   q_offset=q_offset)
+    B, Hq, Lq, D = q.shape
+    if layout.num_heads not in (1, Hq):
+        raise InvalidArgumentError(
+            f"layout has {layout.num_heads} heads but q has {Hq}; build it with one entry per query head"
+        )
+    Lk = k.shape[2]
+    if Lq == 0 or Lk == 0 or B == 0:
+        return q.new_zeros(B, Hq, Lq, v.shape[3])
+    scale = _scale(scale, D)
+    kpm = _key_padding_mask(key_padding, B, Lk, q.device)
+
+    layout = _layout_on(layout, q.device)
+    plan = layout.plan(Lq, Lk, causal, q_offset)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
+    if grad and _split.split_enabled():
+        split = layout.dkdv_split(Lq, Lk, causal, q_offset, Hq, k.shape[1])
+
+    dv_orig = v.shape[3]
+    q, k, v = _pad_inputs(q, k, v)
+    if grad:
+        out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
+                                     split)
+    else:  # no backward can follow: the launch without autograd's bookkeeping
+        out = _forward(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs)[0]
+    if out.shape[3] != dv_orig:
+        out = out[..., :dv_orig]
+    return out
+
+
+def attention_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: float | None = None,
+                        key_padding: torch.Tensor | None = None, q_offset: int = 0, layout_q_offset: int = 0,
+                        beyond: str = "error") -> torch.Tensor:
+    """:func:`sparse_attention` through the ``attnprune::sparse_fwd`` custom op (traceable by dynamo as one
+    node; differentiable through its registered backward) on the layout that the source ``handle``
+    (:func:`attnprune.kernels.ops.layout_handle`) gives for ``(Lq, Lk, device, layout_q_offset, beyond)``.
+    ``causal``, ``q_offset``: the causal rule ``j <= i + q_offset``, as in :func:`sparse_attention`."""
+    _check_inputs(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    if Lq == 0 or Lk == 0 or B == 0:
+        return q.new_zeros(B, Hq, Lq, v.shape[3])
+    scale = _scale(scale, D)
+    kpm = _key_padding_mask(key_padding, B, Lk, q.device)
+    dv_orig = v.shape[3]
+    q, k, v = _pad_inputs(q, k, v)
+    out = _ops().sparse_fwd(q, k, v, kpm, handle, layout_q_offset, beyond, bool(causal), q_offset, scale)[0]
+    if out.shape[3] != dv_orig:
+        out = out[..., :dv_orig]
+    return out
+
+
+def _ops():
+    from . import ops
+
+    return ops
+
+
+def _check_inputs(q, k, v) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
     B, Hq, Lq, D = q.shape
@@ -310,10 +387,6 @@ def sparse_attention(
         )
     if Hq % Hkv:
         raise InvalidArgumentError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if layout.num_heads not in (1, Hq):
-        raise InvalidArgumentError(
-            f"layout has {layout.num_heads} heads but q has {Hq}; build it with one entry per query head"
-        )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidArgumentError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if max(D, v.shape[3]) > 256:
@@ -323,32 +396,32 @@ def sparse_attention(
             f"sparse_attention runs on CUDA tensors (got {q.device}); on the CPU use backend='reference' "
             "or set TRITON_INTERPRET=1 before importing triton (slow, for tests)"
         )
-    if Lq == 0 or Lk == 0 or B == 0:
-        return q.new_zeros(B, Hq, Lq, v.shape[3])
+
+
+def _scale(scale, D: int) -> float:
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:
         raise InvalidArgumentError(f"scale must be positive, got {scale}")
+    return scale
 
-    kpm = None
-    if key_padding is not None:
-        kp = key_padding.to(q.device)
-        if kp.dtype == torch.bool:
-            if kp.shape != (B, Lk):
-                raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
-            kpm = kp.to(torch.int8).contiguous()
-        else:
-            if kp.shape != (B,):
-                raise InvalidArgumentError(f"key lengths must be [batch] = {(B,)}, got {tuple(kp.shape)}")
-            kpm = (torch.arange(Lk, device=q.device)[None, :] < kp[:, None]).to(torch.int8).contiguous()
 
-    layout = _layout_on(layout, q.device)
-    plan = layout.plan(Lq, Lk, causal, q_offset)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
-    if grad and _split.split_enabled():
-        split = layout.dkdv_split(Lq, Lk, causal, q_offset, Hq, Hkv)
+def _key_padding_mask(key_padding, B: int, Lk: int, device) -> torch.Tensor | None:
+    """``key_padding`` (bool ``[B, Lk]`` or int lengths ``[B]``) as the kernels' int8 ``[B, Lk]``, or None."""
+    if key_padding is None:
+        return None
+    kp = key_padding.to(device)
+    if kp.dtype == torch.bool:
+        if kp.shape != (B, Lk):
+            raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
+        return kp.to(torch.int8).contiguous()
+    if kp.shape != (B,):
+        raise InvalidArgumentError(f"key lengths must be [batch] = {(B,)}, got {tuple(kp.shape)}")
+    return (torch.arange(Lk, device=device)[None, :] < kp[:, None]).to(torch.int8).contiguous()
 
-    dv_orig = v.shape[3]
+
+def _pad_inputs(q, k, v):
+    """Head dims padded to powers of two (>= 16), last dims made dense."""
+    D, dv_orig = q.shape[3], v.shape[3]
     dp, dvp = _pow2_dim(D), _pow2_dim(dv_orig)
     if dp != D:
         q = torch.nn.functional.pad(q, (0, dp - D))
@@ -358,11 +431,4 @@ def sparse_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    if grad:
-        out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
-                                     split)
-    else:  # no backward can follow: the launch without autograd's bookkeeping
-        out = _forward(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs)[0]
-    if dvp != dv_orig:
-        out = out[..., :dv_orig]
-    return out
+    return q, k, v
