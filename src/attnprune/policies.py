@@ -45,7 +45,8 @@ Policies (registry ``POLICIES``)
 * ``streaming``: the data-free control of that structure: sink columns, then the diagonals nearest
   the main one until the site's budget (StreamingLLM's sink + recent window at equal budget).
 * ``elastic`` (``attnprune.policy_elastic``): structure only, as ``streaming``, but sized per head from
-  the data: each head's sink columns and band width by one model-wide allocation of kept score mass.
+  the data: each head's sink columns and band width by one model-wide allocation of kept score mass;
+  ``elastic-site``: the same allocation within each site's own budget.
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -409,4 +410,4 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     return PruneMask(site_masks, meta)
 
 
-from . import policy_elastic  # noqa: E402,F401  (registers "elastic")
+from . import policy_elastic  # noqa: E402,F401  (registers "elastic", "elastic-site")

@@ -82,6 +82,18 @@ def _structure(u: Units, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 @POLICIES.register("elastic")
 def elastic_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
     """Per-head sinks + band, sized by one model-wide allocation of kept mass (see the module docs)."""
+    return _elastic(units, sparsity)
+
+
+@POLICIES.register("elastic-site")
+def elastic_site_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """``elastic`` within each site: every site keeps its own budget (as ``streaming`` and ``layer``
+    do), shared among its heads by the same allocation of kept mass."""
+    return [_elastic([u], sparsity)[0] for u in units]
+
+
+def _elastic(units: list[Units], sparsity: float) -> list[torch.Tensor]:
+    """Allocation over ``units`` on their joint budget at ``sparsity``."""
     out: list[torch.Tensor | None] = [None] * len(units)
     own = [i for i, u in enumerate(units) if u.kind != "cross"]
     for i, u in enumerate(units):

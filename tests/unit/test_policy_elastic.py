@@ -146,3 +146,18 @@ def test_elastic_masks_a_tiny_model_end_to_end():
         with attnprune.apply(model, mask, backend="reference"):
             got = model(ids).logits
     assert torch.isfinite(got).all() and (got - dense).abs().max() > 1e-4
+
+
+def test_elastic_site_keeps_each_sites_budget():
+    """``elastic-site``: a site of local heads and a site of spread heads each meet the target on their
+    own (``elastic`` moves budget to the spread site), and within a site the spread head is wider."""
+    L = 48
+    st = _stats({"local": ("causal", _rows(L, "causal", [3.0, 2.0, 0.3])),
+                 "spread": ("causal", _rows(L, "causal", [0.01, 0.02, 0.3]))})
+    per_site = make_mask(st, 0.6, policy="elastic-site")
+    model_wide = make_mask(st, 0.6, policy="elastic")
+    for n in ("local", "spread"):
+        assert abs(per_site.meta["sites"][n]["sparsity"] - 0.6) < 1e-2
+    assert model_wide.meta["sites"]["spread"]["sparsity"] < model_wide.meta["sites"]["local"]["sparsity"] - 0.05
+    w = _parts(per_site.site("local").keep, "causal")
+    assert w[2] > w[0], w
