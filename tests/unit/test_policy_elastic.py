@@ -161,3 +161,24 @@ def test_elastic_site_keeps_each_sites_budget():
     assert model_wide.meta["sites"]["spread"]["sparsity"] < model_wide.meta["sites"]["local"]["sparsity"] - 0.05
     w = _parts(per_site.site("local").keep, "causal")
     assert w[2] > w[0], w
+
+
+def test_mask_command_names_every_policy_and_refuses_an_unknown_one(tmp_path, capsys):
+    """`attnprune mask --help` lists every registered policy (elastic included); an unknown policy stops
+    with one clear error naming it, before anything is written."""
+    from attnprune.cli import main
+    from attnprune.policies import POLICIES
+
+    with pytest.raises(SystemExit):
+        main(["mask", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in POLICIES.names()), text
+    st = _stats({"a": ("causal", _rows(16, "causal", [1.0]))})
+    st.save(tmp_path / "s.safetensors")
+    out = tmp_path / "m.safetensors"
+    assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--policy", "elastik",
+                 "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "elastik" in err and "Traceback" not in err and not out.exists()
+    assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--policy", "elastic-site",
+                 "-o", str(out)]) == 0 and out.exists()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CorruptFileError, InvalidArgumentError
-from .common import check_output_file, usable_device, use_shared
+from .common import check_output_file, check_policies, usable_device, use_shared
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Keep the strongest attention entries of a stats file as a static mask.")
     p.add_argument("stats", help="stats file written by `attnprune observe`")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
-    p.add_argument("--policy", default="layer", help="layer (paper), head, global or random (default layer)")
+    p.add_argument("--policy", default="layer", help="a mask policy: layer (the paper's, default), head, global, "
+                   "random, structured, structured-global, streaming, elastic, elastic-site (attnprune.policies)")
     p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
     p.add_argument("--length-free", choices=("stats", "mask"), default="stats",
                    help="past the calibrated length (beyond='extend', PrunedKVCache) continue each head with sinks "
@@ -167,6 +168,7 @@ def cmd_mask(args) -> int:
     from ..stats import AttentionStats
 
     check_output_file(args.output)
+    check_policies([args.policy])  # before the stats are read
     mass = _extend_mass(args.extend_mass)
     if args.extend_mass is not None and args.length_free == "mask":
         raise InvalidArgumentError("--extend-mass is for --length-free stats (the form fitted from the stats), "
