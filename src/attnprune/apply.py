@@ -103,7 +103,10 @@ class _Patch:
 
     def _count(self, call: AttentionCall, sm, padding_only: bool = False) -> None:
         """Add the call's attention entries, and those outside the calibrated region, to
-        ``self.counts`` (host arithmetic on shapes and host positions only: no tensor op, no sync)."""
+        ``self.counts`` (host arithmetic on shapes and host positions only: no tensor op, no sync).
+        Not under ``torch.compile``: counters traced into a graph would recompile it on every call."""
+        if torch.compiler.is_compiling():
+            return
         pos, lq, lk = call.positions, call.q.shape[2], call.k.shape[2]
         if pos.simple:
             r0 = pos.q_offset

@@ -250,7 +250,7 @@ class Interceptor:
             if self._hf is None or self.mode_needed is not False:
                 self.mode.__enter__()
                 self.mode_on = True
-            if module is self.model:
+            if module is self.model and not torch.compiler.is_compiling():  # a traced counter recompiles per call
                 self.forwards += 1
         if self._seen is not None:
             self._seen.add(module)
@@ -309,7 +309,8 @@ class Interceptor:
             kind = site_kind(name, owner, self.parents.get(owner), causal, lq, lk)
             info = SiteInfo(name, kind, int(q.shape[1]), int(k.shape[1]))
             self.infos[name] = info
-        self.calls += 1
+        if not torch.compiler.is_compiling():  # a traced counter would make torch.compile recompile per call
+            self.calls += 1
         pos = self.context.positions(name, info.kind, lq, lk, bool(is_causal), q.device)
         call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
                              info.kind, info, positions=pos, window=window)
