@@ -44,9 +44,15 @@
 #               autograd apply / the Triton launch alone, and a cProfile of the eager 4k x 1 masked forward (issue 9)
 #   kbench      attnprune bench (kernels): every implementation (cuDNN, SDPA flash, Flex, Flex FLASH, FA4 direct,
 #               ours, ours-flash; FA4 installed by fa4stash/fa4 first) at d 64/128, 4k/16k, causal and not (issue 9)
+#   compile     bench/compile_check.py: eager vs torch.compile(fullgraph) vs mode="reduce-overhead", dense / 90% /
+#               all-kept, SmolLM2 arch 4k x 1 (issue 9), and the compile test file on the GPU
+#   elastic     long8k and long2k with the elastic / elastic-site policies next to streaming / structured / layer
+#               (prob score), TAG=-el (issue 11)
 #   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
-#               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Still to run: kbench (every
-#               implementation in one process), a second seed of the e3 recovery (RECOVERY_ARGS+=" --seed 1").
+#               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Sixth session (2026-12-04): one
+#               call only (launch, overhead_graph at d2a7cbe), then no machine was lent. Still to run: compile,
+#               elastic, tests13 at the new head, kbench (every implementation in one process), a second seed of the
+#               e3 recovery (RECOVERY_ARGS+=" --seed 1"), recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming".
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
@@ -188,6 +194,11 @@ while [ $# -gt 0 ]; do
             --out "$RUNS/overhead_graph.json" ;;
     launch)  # host time per attention call, layer by layer, + a cProfile of the eager masked forward (issue 9)
         stage launch 240 python3 bench/launch_overhead.py --profile-model --out "$RUNS/launch.json" ;;
+    compile)
+        stage compile 400 python3 bench/compile_check.py --out "$RUNS/compile.json"
+        stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py ;;
+    elastic)
+        POLICIES="elastic elastic-site streaming structured layer" SCORES=prob TAG=-el bash "$0" long8k long2k ;;
     kbench)
         stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
             --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;
