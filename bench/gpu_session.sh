@@ -47,7 +47,7 @@
 #   compile     bench/compile_check.py: eager vs torch.compile(fullgraph) vs mode="reduce-overhead", dense / 90% /
 #               all-kept, SmolLM2 arch 4k x 1 (issue 9), and the compile test file on the GPU
 #   elastic     long8k and long2k with the elastic / elastic-site policies next to streaming / structured / layer
-#               (prob score), TAG=-el (issue 11)
+#               (prob and value scores), TAG=-el (issue 11)
 #   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
 #               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Sixth session (2026-12-04): one
 #               call only (launch, overhead_graph at d2a7cbe), then no machine was lent. Still to run: compile,
@@ -198,7 +198,7 @@ while [ $# -gt 0 ]; do
         stage compile 400 python3 bench/compile_check.py --out "$RUNS/compile.json"
         stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py ;;
     elastic)
-        POLICIES="elastic elastic-site streaming structured layer" SCORES=prob TAG=-el bash "$0" long8k long2k ;;
+        POLICIES="elastic elastic-site streaming structured layer" SCORES="prob value" TAG=-el bash "$0" long8k long2k ;;
     kbench)
         stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
             --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;
