@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -34,17 +33,6 @@ if "cpu" in sys.argv:  # the smoke run: the Triton kernels under the interpreter
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
-
-def _time_cpu(fn, warmup: int, reps: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), statistics.median(ts)
 
 
 def main(argv=None) -> int:
@@ -78,9 +66,7 @@ def main(argv=None) -> int:
 
     import attnprune
     from attnprune.bench.model import build_model, discover_sites, synthetic_mask
-    from overhead import _time as _time_cuda
-
-    timer = _time_cuda if cuda else _time_cpu
+    from overhead import _time as timer
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dev = torch.device(a.device)
     model, cfg, _ = build_model(arch, length, dev, dtype)

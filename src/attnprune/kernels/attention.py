@@ -318,34 +318,27 @@ def sparse_attention(
         handle = layout if isinstance(layout, int) else _ops().layout_handle("layout", layout)
         return attention_by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding,
                                    q_offset=q_offset)
-    B, Hq, Lq, D = q.shape
+    Hq = q.shape[1]
     if layout.num_heads not in (1, Hq):
         raise InvalidArgumentError(
             f"layout has {layout.num_heads} heads but q has {Hq}; build it with one entry per query head"
         )
-    Lk = k.shape[2]
-    if Lq == 0 or Lk == 0 or B == 0:
-        return q.new_zeros(B, Hq, Lq, v.shape[3])
-    scale = _scale(scale, D)
-    kpm = _key_padding_mask(key_padding, B, Lk, q.device)
 
-    layout = _layout_on(layout, q.device)
-    plan = layout.plan(Lq, Lk, causal, q_offset)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
-    if grad and _split.split_enabled():
-        split = layout.dkdv_split(Lq, Lk, causal, q_offset, Hq, k.shape[1])
+    def run(q, k, v, kpm, scale):
+        lay = _layout_on(layout, q.device)
+        Lq, Lk = q.shape[2], k.shape[2]
+        plan = lay.plan(Lq, Lk, causal, q_offset)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
+        if grad and _split.split_enabled():
+            split = lay.dkdv_split(Lq, Lk, causal, q_offset, Hq, k.shape[1])
+        if grad:
+            return _SparseAttention.apply(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset),
+                                          configs or {}, split)
+        # no backward can follow: the launch without autograd's bookkeeping
+        return _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs)[0]
 
-    dv_orig = v.shape[3]
-    q, k, v = _pad_inputs(q, k, v)
-    if grad:
-        out = _SparseAttention.apply(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs or {},
-                                     split)
-    else:  # no backward can follow: the launch without autograd's bookkeeping
-        out = _forward(q, k, v, kpm, layout, plan, scale, bool(causal), int(q_offset), configs)[0]
-    if out.shape[3] != dv_orig:
-        out = out[..., :dv_orig]
-    return out
+    return _padded_call(q, k, v, scale, key_padding, run)
 
 
 def attention_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: float | None = None,
@@ -356,18 +349,22 @@ def attention_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: fl
     (:func:`attnprune.kernels.ops.layout_handle`) gives for ``(Lq, Lk, device, layout_q_offset, beyond)``.
     ``causal``, ``q_offset``: the causal rule ``j <= i + q_offset``, as in :func:`sparse_attention`."""
     _check_inputs(q, k, v)
+    return _padded_call(q, k, v, scale, key_padding, lambda q, k, v, kpm, scale: _ops().sparse_fwd(
+        q, k, v, kpm, handle, layout_q_offset, beyond, bool(causal), q_offset, scale)[0])
+
+
+def _padded_call(q, k, v, scale, key_padding, run) -> torch.Tensor:
+    """What both entry points do around the kernels: empty inputs give zeros; otherwise
+    ``run(q, k, v, kpm, scale)`` on head dims padded to powers of two, with the scale checked and the key
+    padding as int8 ``[B, Lk]`` (or None), and the output ``[B, Hq, Lq, Dv]`` cut back to ``v``'s head dim."""
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
+    Lk, dv = k.shape[2], v.shape[3]
     if Lq == 0 or Lk == 0 or B == 0:
-        return q.new_zeros(B, Hq, Lq, v.shape[3])
+        return q.new_zeros(B, Hq, Lq, dv)
     scale = _scale(scale, D)
     kpm = _key_padding_mask(key_padding, B, Lk, q.device)
-    dv_orig = v.shape[3]
-    q, k, v = _pad_inputs(q, k, v)
-    out = _ops().sparse_fwd(q, k, v, kpm, handle, layout_q_offset, beyond, bool(causal), q_offset, scale)[0]
-    if out.shape[3] != dv_orig:
-        out = out[..., :dv_orig]
-    return out
+    out = run(*_pad_inputs(q, k, v), kpm, scale)
+    return out if out.shape[3] == dv else out[..., :dv]
 
 
 def _ops():
