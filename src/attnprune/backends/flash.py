@@ -16,6 +16,17 @@ given, and a per-element ``mask_mod`` on every diagonal block costs 15-50% of th
 measured): the diagonal blocks go in the "mask" lists, which FA4 masks causally, as it does any block.
 Opt-in until it has been checked on a GPU: ``NATIVE_CAUSAL = True`` (or ``ATTNPRUNE_FA4_NATIVE_CAUSAL=1``);
 by default the ``mask_mod`` handles causality as before.
+
+Layouts with token-exact (bitmask) blocks have two ways, chosen by ``PARTIAL`` (environment variable
+``ATTNPRUNE_FA4_PARTIAL``, read at import; any other value is an error at the call):
+
+* ``"mask_mod"`` (default): one FA4 call, the bitmask read by the ``mask_mod`` above. On sm90 it runs per
+  element: with 20% partial blocks the call took 1.30-1.85x the block-exact time on an H200 (measured).
+* ``"split"``: FA4 runs the full blocks only, block-exact with no ``mask_mod`` (but for key padding on the
+  blocks it touches), the project's Triton kernel runs the partial / causal-diagonal / end-of-keys blocks,
+  and the two merge exactly through the log-sum-exp, forward and backward
+  (:mod:`attnprune.backends._flash_split`). Expected about 1.1x the block-exact time at 20% partial
+  blocks; opt-in until bench/fa4_check.py has measured it on a GPU (``gpu_session.sh fa4split``).
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ FLASH_BLOCK = (128, 128)
 PACK_GQA = False  # FA4's packed-GQA path with block sparsity is not verified here
 # see the module docstring; off by default until checked against float64 on a GPU (bench/fa4_check.py)
 NATIVE_CAUSAL = os.environ.get("ATTNPRUNE_FA4_NATIVE_CAUSAL", "0") == "1"
+# see the module docstring: "mask_mod" (default) or "split", for layouts with token-exact blocks
+PARTIAL = os.environ.get("ATTNPRUNE_FA4_PARTIAL", "mask_mod")
+_PARTIAL_MODES = ("mask_mod", "split")
 
 
 def fa4_block_tables(layout: BlockLayout, lq: int, lk: int, causal: bool = False, q_offset: int = 0):
@@ -162,6 +176,23 @@ def _params(q_offset: int, lk: int, device) -> torch.Tensor:
     return t
 
 
+def _mask_args(layout: BlockLayout, Lq: int, Lk: int, causal: bool, q_offset: int, key_padding, has_bits: bool):
+    """``(mask_mod, aux_tensors)`` for an FA4 call on ``layout`` (on the inputs' device): the bitmask
+    when ``has_bits``, causality when ``causal``, key padding (bool ``[B, Lk]``) when given; the
+    tensors a variant does not read are 1-element placeholders."""
+    dev = layout.device
+    bq, bk = layout.block
+    qn, kn = -(-Lq // bq), -(-Lk // bk)
+    codes = layout.code_table()[:, :qn, :kn] if has_bits else torch.full((1, 1, 1), -1, dtype=torch.int32,
+                                                                          device=dev)
+    bits = layout.bits if has_bits else torch.full((1, bq, (bk + 31) // 32), -1, dtype=torch.int32, device=dev)
+    kp = key_padding.to(torch.int32) if key_padding is not None else torch.ones(1, 1, dtype=torch.int32,
+                                                                                 device=dev)
+    params = _params(int(q_offset), int(Lk), dev)
+    aux = [_aux(params), _aux(codes), _aux(bits), _aux(kp)]
+    return _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk), aux
+
+
 def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=None, key_padding=None, q_offset=0):
     """Same contract as :func:`attnprune.kernels.sparse_attention`, computed by FA4's block-sparse kernels.
 
@@ -181,23 +212,20 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
     if key_padding is not None and key_padding.dtype != torch.bool:
         key_padding = torch.arange(Lk, device=dev)[None, :] < key_padding.to(dev)[:, None]
     layout = layout.to(dev)
-    meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
     has_bits = layout.num_partial > 0
+    if has_bits and PARTIAL != "mask_mod":
+        if PARTIAL not in _PARTIAL_MODES:
+            raise InvalidArgumentError(f"ATTNPRUNE_FA4_PARTIAL / flash.PARTIAL must be one of {_PARTIAL_MODES}, "
+                                       f"got {PARTIAL!r}")
+        from ._flash_split import split_attention
+
+        return split_attention(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding,
+                               q_offset=q_offset, full="fa4")
+    meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
     native_causal = (causal and NATIVE_CAUSAL and not has_bits and key_padding is None
                      and int(q_offset) == Lk - Lq)
     use_mod = has_bits or (causal and not native_causal) or key_padding is not None
-    mask_mod, aux = None, None
-    if use_mod:
-        bq, bk = layout.block
-        qn, kn = -(-Lq // bq), -(-Lk // bk)
-        codes = layout.code_table()[:, :qn, :kn] if has_bits else torch.full((1, 1, 1), -1, dtype=torch.int32,
-                                                                              device=dev)
-        bits = layout.bits if has_bits else torch.full((1, bq, (bk + 31) // 32), -1, dtype=torch.int32, device=dev)
-        kp = key_padding.to(torch.int32) if key_padding is not None else torch.ones(1, 1, dtype=torch.int32,
-                                                                                     device=dev)
-        params = _params(int(q_offset), int(Lk), dev)
-        aux = [_aux(params), _aux(codes), _aux(bits), _aux(kp)]
-        mask_mod = _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk)
+    mask_mod, aux = _mask_args(layout, Lq, Lk, causal, q_offset, key_padding, has_bits) if use_mod else (None, None)
     fwd = BlockSparseTensorsTorch(*meta["fwd"], block_size=FLASH_BLOCK)
     bwd = BlockSparseTensorsTorch(*meta["bwd"], block_size=FLASH_BLOCK)
     res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
