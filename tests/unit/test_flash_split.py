@@ -131,6 +131,27 @@ def test_merge_exact_and_empty_rows():
     assert torch.equal(fs._to_log2(fs._to_natural(l2t)), l2t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_merge_equals_merge(dtype):
+    torch.manual_seed(1)
+    B, H, L, Dv = 2, 3, 70, 32
+    o1 = torch.randn(B, L, H, Dv, device=DEV).to(dtype).transpose(1, 2)  # FA4's memory layout
+    o2 = torch.randn(B, H, L, Dv, device=DEV).to(dtype)
+    l1, l2 = torch.randn(2, B, H, L, device=DEV) * 5
+    l1[0, 0, :5] = -math.inf
+    l2[0, 0, 3:9] = -math.inf  # rows 3, 4 empty in both
+    o1[0, 0, :5] = 0
+    o2[0, 0, 3:9] = 0
+    o, lse = fs.merge_fused(o1, l1, o2, l2)
+    ro, rl = fs.merge(o1, l1, o2, l2)
+    assert o.shape == ro.shape and o.dtype == dtype and o.transpose(1, 2).is_contiguous()
+    eps = torch.finfo(dtype).eps
+    assert float((o.float() - ro.float()).abs().max()) <= 8 * eps * float(ro.float().abs().max())  # exp, divide, sum
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)) and bool((o[0, 0, 3:5] == 0).all())
+    fin = torch.isfinite(rl)
+    assert float((lse - rl)[fin].abs().max()) < 8 * torch.finfo(torch.float32).eps * float(rl[fin].abs().max())
+
+
 # ----------------------------------------------------------------------------- split attention vs float64
 CASES = {
     # name: B, Hq, Hkv, Lq, Lk, D, causal, q_offset, key padding, block

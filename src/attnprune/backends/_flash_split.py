@@ -38,6 +38,7 @@ Chosen by ``ATTNPRUNE_FA4_PARTIAL=split`` in :mod:`attnprune.backends.flash`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ from ..kernels.attention import (
     _placeholder,
 )
 
-__all__ = ["SplitLayout", "split_layout", "split_attention", "merge", "TritonPart", "FA4Full", "FULL_PARTS"]
+__all__ = ["SplitLayout", "split_layout", "split_attention", "merge", "merge_fused", "TritonPart", "FA4Full",
+           "FULL_PARTS"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -116,7 +118,8 @@ def merge(o1, lse1, o2, lse2):
 
     o1, o2: ``[B, H, L, Dv]``; lse1, lse2: float32 ``[B, H, L]`` natural log (``-inf``: empty row, its
     ``o`` is 0). Returns ``(o [B, H, L, Dv] in o1's dtype, lse float32 [B, H, L])``; a row empty in both
-    is 0 with ``lse = -inf`` (no NaN). The weights are computed in float32.
+    is 0 with ``lse = -inf`` (no NaN). The weights are computed in float32. (The reference form; the
+    calls use :func:`merge_fused`.)
     """
     lse = torch.logaddexp(lse1, lse2)
     ref = torch.where(lse == -math.inf, 0.0, lse)  # both empty: exp(-inf - 0) = 0, not exp(nan)
@@ -124,6 +127,58 @@ def merge(o1, lse1, o2, lse2):
     w2 = torch.exp(lse2 - ref)[..., None]
     o = torch.addcmul(o1.float() * w1, o2.float(), w2)
     return o.to(o1.dtype), lse
+
+
+@functools.cache
+def _merge_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def merge_kernel(O1, L1, O2, L2, O, L, s1b, s1h, s1m, s1d, s2b, s2h, s2m, s2d, sob, soh, som, sod, H, Lq,
+                     BLOCK_M: tl.constexpr, DV: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DV)
+        rows = offs_m < Lq
+        l1 = tl.load(L1 + bh.to(tl.int64) * Lq + offs_m, mask=rows, other=float("-inf"))
+        l2 = tl.load(L2 + bh.to(tl.int64) * Lq + offs_m, mask=rows, other=float("-inf"))
+        m = tl.maximum(l1, l2)
+        empty = m == float("-inf")
+        m = tl.where(empty, 0.0, m)  # both empty: exp(-inf - 0) = 0, no nan
+        e1 = tl.exp(l1 - m)
+        e2 = tl.exp(l2 - m)
+        tot = e1 + e2  # >= 1 unless empty
+        tot_safe = tl.where(empty, 1.0, tot)
+        w1 = e1 / tot_safe
+        w2 = e2 / tot_safe
+        tl.store(L + bh.to(tl.int64) * Lq + offs_m, tl.where(empty, float("-inf"), m + tl.log(tot_safe)), mask=rows)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        m2 = rows[:, None]
+        o1 = tl.load(O1 + b64 * s1b + h64 * s1h + offs_m[:, None] * s1m + offs_d[None, :] * s1d, mask=m2, other=0.0)
+        o2 = tl.load(O2 + b64 * s2b + h64 * s2h + offs_m[:, None] * s2m + offs_d[None, :] * s2d, mask=m2, other=0.0)
+        o = o1.to(tl.float32) * w1[:, None] + o2.to(tl.float32) * w2[:, None]
+        tl.store(O + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+                 mask=m2)
+
+    return merge_kernel
+
+
+def merge_fused(o1, lse1, o2, lse2):
+    """:func:`merge` in one Triton launch (reads ``o1``, ``o2`` once, any strides; head dim a power of two).
+    The merged ``o`` is laid out ``[B, L, H, Dv]`` in memory (returned as the ``[B, H, L, Dv]`` view), the
+    layout FA4's backward reads without a copy."""
+    B, H, L, DV = o1.shape
+    o = torch.empty(B, L, H, DV, dtype=o1.dtype, device=o1.device).transpose(1, 2)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=o1.device)
+    bm = 64 if DV <= 64 else 32
+    _merge_kernel()[(-(-L // bm), B * H)](o1, lse1.contiguous(), o2, lse2.contiguous(), o, lse, *o1.stride(),
+                                         *o2.stride(), *o.stride(), H, L, BLOCK_M=bm, DV=DV, num_warps=4)
+    return o, lse
 
 
 class TritonPart:
@@ -209,7 +264,7 @@ def _run_parts(parts, q, k, v):
     """Forward of the parts, merged: ``(o, lse)``; one part alone is returned as it is."""
     o, lse = parts[0].forward(q, k, v)
     for p in parts[1:]:
-        o, lse = merge(o, lse, *p.forward(q, k, v))
+        o, lse = merge_fused(o, lse, *p.forward(q, k, v))
     return o, lse
 
 
