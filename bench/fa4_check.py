@@ -8,6 +8,34 @@ random token masks (odd lengths, GQA, causal, key padding, empty rows); (b) timi
 metadata built here by hand), our flash backend's kernel (``flash``: NATIVE_CAUSAL=True, FA4's causal path where it applies;
 ``flash_mod``: causality through the mask_mod, the default), our Triton kernels. Every variant runs in
 try/except; an error is recorded as text. Prints a markdown table; writes JSON.
+
+``--variants split`` (gpu_session.sh stage ``fa4split``): only what decides ``ATTNPRUNE_FA4_PARTIAL``
+(:mod:`attnprune.backends._flash_split`). (a) the token-mask correctness cases with ``PARTIAL="mask_mod"`` and
+``"split"`` (rows ``<case>_split``), each error also norm-relative with ``within_tol`` against
+``4 * (eps_bf16 + (D + Lk) * eps_fp32)`` (gradients twice that; the bound of tests/unit/test_flash_split.py);
+(b) timings of the token-exact rows only (20% of the kept blocks partial, causal and not): ``flash`` (the same
+blocks block-exact: the baseline), ``flash_tok20`` (mask_mod), ``flash_split_tok20`` (the split), its two parts
+alone -- ``split_fa4_full`` (FA4 on the full-only layout) and ``split_triton_part`` (Triton on the partial /
+diagonal / end-of-keys blocks) -- and ``split_triton_part_nobits`` (Triton on the same blocks treated as whole
+blocks: what the bitmask costs Triton). Per row it prints split/flash, mod/flash, the parts' sum/flash and
+the merge's share (split - parts). ``--variants all`` (default) adds ``flash_split_tok20`` to the full table.
+
+What should move, and by how much (fa4_check_h200_2026-12-02_run2.json, the 16 token-exact rows):
+* mask_mod: 1.30x-1.85x the block-exact ``flash`` time (median 1.64x).
+* The issue's model for the split: FA4 block-exact on the 80% full blocks (0.8x) + Triton on the 20% partial
+  blocks at its block-exact cost per block (1.47x FA4, median: +0.29x) = about 1.1x, plus fixed costs that do
+  not shrink with density: the merge (one launch reading both outputs and writing one, 3 x B*H*L*Dv x 2 bytes:
+  about 0.05-0.07 ms at d 64 and 0.1-0.13 ms at d 128 with B*L = 32k, i.e. 2-10% of the 50%-density rows but
+  up to 20-35% of the 10%-density 4k rows) and, in fwd+bwd, each part's own rowsum(dO*O) pass and the
+  dq/dk/dv sums (a similar amount). So 1.1x-1.4x by this model; the target (within 15% of ``flash``) at best
+  on the dense-enough rows. ``merge_ms`` (split - its parts) gives the fixed costs directly.
+* But the same run suggests Triton's *bitmask* blocks cost far more than its whole blocks: taking
+  ``triton_tok20 - 0.8 * triton`` as Triton's time on the partial 20%, a partial block costs Triton 4.4x-11.6x
+  an FA4 whole block (median 7.9x), which predicts the split at 1.7x-3.1x (median 2.4x), *slower* than
+  mask_mod (d 128 fwd+bwd rows 1.7-1.95x vs 1.30-1.37x). ``split_triton_part`` against
+  ``split_triton_part_nobits`` measures this directly: if the bitmask costs Triton several times the block,
+  the lever is the Triton kernel's bitmask path (one int32 word gathered per element,
+  kernels/_triton.py), not the split, and ``mask_mod`` stays the default.
 """
 
 from __future__ import annotations
@@ -24,7 +52,13 @@ def err_text(e):
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def correctness():
+def tol_bf16(D, Lk, grad=False):
+    """Norm-relative bound of tests/unit/test_flash_split.py for bf16: 4 * (eps_bf16 + (D + Lk) * eps_fp32)."""
+    t = 4 * (torch.finfo(torch.bfloat16).eps + (D + Lk) * torch.finfo(torch.float32).eps)
+    return 2 * t if grad else t
+
+
+def correctness(variants="all"):
     from attnprune.backends import BACKENDS
     from attnprune.mask import SiteMask
     from attnprune.sites import SiteInfo
@@ -39,9 +73,15 @@ def correctness():
     cases += [(f"{n}_blocks{'' if native else '_mod'}", *rest) for native in (True, False) for n, *rest in
               (("causal", 2, 4, 4, 64, 700, 700, True, False, False), ("gqa_causal", 1, 8, 2, 128, 1000, 1000, True,
                False, False), ("decode_offset", 1, 4, 4, 64, 1, 700, True, False, False))]
+    token = [c for c in cases if "_blocks" not in c[0]]
+    if variants == "split":  # token masks only, each with the mask_mod and the split
+        cases = token + [(f"{n}_split", *rest) for n, *rest in token]
+    else:
+        cases += [(f"{n}_split", *rest) for n, *rest in token]
     for name, B, H, Hkv, D, lq, lk, causal, pad, empty in cases:
         row = {"case": name}
         flash.NATIVE_CAUSAL = not name.endswith("_mod")
+        flash.PARTIAL = "split" if name.endswith("_split") else "mask_mod"
         try:
             torch.manual_seed(0)
             rows = lk if name.startswith("decode_offset") else lq
@@ -71,19 +111,24 @@ def correctness():
             t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
             r = BACKENDS.get("reference")(*t64, site, **kw)
             rg = torch.autograd.grad(r, t64, do.double())
+            ok = True
             for nm, a, b in zip(("out", "dq", "dk", "dv"), (o, *g), (r, *rg)):
                 row[nm + "_max_abs"] = float((a.double() - b).abs().max())
+                row[nm + "_rel"] = float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
                 row[nm + "_finite"] = bool(torch.isfinite(a).all())
+                ok = ok and row[nm + "_finite"] and row[nm + "_rel"] < tol_bf16(D, lk, grad=nm != "out")
+            row["within_tol"] = ok
         except Exception as e:  # noqa: BLE001
             row["error"] = err_text(e)
             row["trace"] = traceback.format_exc()[-1500:]
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}))
         out.append(row)
     flash.NATIVE_CAUSAL = False
+    flash.PARTIAL = "mask_mod"
     return out
 
 
-def timings(lengths, budget: float):
+def timings(lengths, budget: float, variants: str = "all"):
     from attnprune.backends import flash
     from attnprune.backends.flash import fa4_metadata, flash_sparse_attention
     from attnprune.bench.kernels import random_block_layout
@@ -132,13 +177,17 @@ def timings(lengths, budget: float):
             B = max(1, 32768 // L)
             for causal in (False, True):
                 for dens in (1.0, 0.5, 0.1):
+                    if variants == "split" and dens >= 1:
+                        continue
                     if time.time() - t_start > budget:
                         rows.append({"d": d, "L": L, "causal": causal, "density": dens, "error": "time budget"})
                         continue
                     layout = random_block_layout(16, L, dens, causal=causal, seed=L + d)
                     q, k, v = (torch.randn(B, 16, L, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
                                for _ in range(3))
-                    tok = _with_partial(layout, 0.2, seed=L + d) if not causal and dens < 1 else None
+                    tok = None
+                    if dens < 1 and (not causal or variants == "split"):
+                        tok = _with_partial(layout, 0.2, seed=L + d)
                     impls = {
                         "cudnn": lambda q, k, v: _cudnn(q, k, v, causal),
                         "fa4_direct": fa4_direct(layout, causal),
@@ -146,9 +195,14 @@ def timings(lengths, budget: float):
                         **({"flash_mod": _causal_path(flash, layout, causal, False)} if causal else {}),
                         "triton": lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal),
                     }
+                    if variants == "split":  # the block-exact baseline and Triton's, nothing else
+                        impls = {n: impls[n] for n in ("flash", "triton")}
                     if tok is not None:  # the same kept blocks, 20% of them token-exact (half their bits)
-                        impls["flash_tok20"] = lambda q, k, v: flash_sparse_attention(q, k, v, tok, causal=False)
-                        impls["triton_tok20"] = lambda q, k, v: sparse_attention(q, k, v, tok, causal=False)
+                        impls["flash_tok20"] = _partial_path(flash, tok, causal, "mask_mod")
+                        impls["flash_split_tok20"] = _partial_path(flash, tok, causal, "split")
+                        impls["triton_tok20"] = lambda q, k, v: sparse_attention(q, k, v, tok, causal=causal)
+                        if variants == "split":
+                            impls.update(_split_parts(tok, L, causal))
                     for mode in ("fwd", "fwd+bwd"):
                         row = {"d": d, "L": L, "batch": B, "causal": causal, "density": dens, "mode": mode}
                         for name, fn in impls.items():
@@ -156,6 +210,7 @@ def timings(lengths, budget: float):
                                 row[name + "_ms"] = evt(fn, mode, q, k, v)
                             except Exception as e:  # noqa: BLE001
                                 row[name + "_error"] = err_text(e)
+                        _split_ratios(row)
                         print(json.dumps(row))
                         rows.append(row)
                     del q, k, v
@@ -191,6 +246,53 @@ def _causal_path(flash, layout, causal, native: bool):
     return f
 
 
+def _partial_path(flash, layout, causal, mode: str):
+    """The flash backend with PARTIAL set to ``mode`` ("mask_mod" / "split") for the call."""
+    def f(q, k, v):
+        before, flash.PARTIAL = flash.PARTIAL, mode
+        try:
+            return flash.flash_sparse_attention(q, k, v, layout, causal=causal)
+        finally:
+            flash.PARTIAL = before
+    return f
+
+
+def _split_parts(tok, L: int, causal: bool):
+    """The split's parts alone on ``tok``'s split (``L`` x ``L``): FA4 on the full-only layout, Triton on the
+    rest, and Triton on the same blocks as whole blocks (no bitmask), for what the bitmask costs it."""
+    from attnprune.backends import _flash_split as fs
+    from attnprune.kernels import BlockLayout, sparse_attention
+
+    sp = fs.split_layout(tok, L, L, causal, 0)
+    out = {}
+    if sp.full is not None:  # its own split is FA4 alone (every block full)
+        out["split_fa4_full"] = lambda q, k, v: fs.split_attention(q, k, v, sp.full, causal=causal, full="fa4")
+    if sp.part is not None:  # its own split is Triton alone (no block full)
+        p = sp.part
+        nobits = BlockLayout(p.num_heads, p.q_blocks, p.k_blocks, p.block, p.row, p.col, torch.full_like(p.code, -1),
+                             p.bits[:0], L, L)
+        out["split_triton_part"] = lambda q, k, v: fs.split_attention(q, k, v, p, causal=causal)
+        out["split_triton_part_nobits"] = lambda q, k, v: sparse_attention(q, k, v, nobits, causal=causal)
+    return out
+
+
+def _split_ratios(row):
+    """Derived numbers of a token-exact row: split / mask_mod / parts against the block-exact ``flash``,
+    the merge's time (split - its parts) and what the bitmask costs Triton (part / part without bits)."""
+    g = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
+    if "flash" not in g:
+        return
+    for name, key in (("flash_split_tok20", "split_over_flash"), ("flash_tok20", "mod_over_flash")):
+        if name in g:
+            row[key] = round(g[name] / g["flash"], 3)
+    if "split_fa4_full" in g and "split_triton_part" in g:
+        row["parts_over_flash"] = round((g["split_fa4_full"] + g["split_triton_part"]) / g["flash"], 3)
+        if "flash_split_tok20" in g:
+            row["merge_ms"] = round(g["flash_split_tok20"] - g["split_fa4_full"] - g["split_triton_part"], 4)
+    if "split_triton_part_nobits" in g and "split_triton_part" in g:
+        row["triton_bits_cost"] = round(g["split_triton_part"] / g["split_triton_part_nobits"], 3)
+
+
 def _cudnn(q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -199,13 +301,18 @@ def _cudnn(q, k, v, causal):
 
 
 def table(rows):
-    names = ("cudnn", "fa4_direct", "flash", "flash_mod", "triton", "flash_tok20", "triton_tok20")
-    lines = ["| d | L | causal | density | mode | " + " | ".join(n + " ms" for n in names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
+    names = ("cudnn", "fa4_direct", "flash", "flash_mod", "triton", "flash_tok20", "flash_split_tok20",
+             "triton_tok20", "split_fa4_full", "split_triton_part", "split_triton_part_nobits")
+    names = [n for n in names if any(n + "_ms" in r for r in rows)]
+    extra = [x for x in ("split_over_flash", "mod_over_flash", "parts_over_flash", "triton_bits_cost")
+             if any(x in r for r in rows)]
+    lines = ["| d | L | causal | density | mode | " + " | ".join([n + " ms" for n in names] + extra) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(names) + len(extra))]
     for r in rows:
         if "mode" not in r:
             continue
         cells = [f"{r[n + '_ms']:.3f}" if n + "_ms" in r else "err" for n in names]
+        cells += [f"{r[x]:.2f}" if x in r else "-" for x in extra]
         lines.append(f"| {r['d']} | {r['L']} | {r['causal']} | {r['density']} | {r['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -216,6 +323,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="L = 4096 only")
     ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 4096,16384)")
     ap.add_argument("--budget", type=float, default=170.0, help="seconds for the timings (rows past it: skipped)")
+    ap.add_argument("--variants", choices=("all", "split"), default="all",
+                    help="split: only the token-exact cases, mask_mod vs split and the split's parts (docstring)")
     a = ap.parse_args()
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     try:
@@ -223,10 +332,10 @@ def main():
         res["fa4"] = getattr(fc, "__version__", "?")
     except Exception as e:  # noqa: BLE001
         res["fa4_error"] = err_text(e)
-    res["correctness"] = correctness()
+    res["correctness"] = correctness(a.variants)
     try:
         lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else ([4096] if a.quick else [4096, 16384])
-        res["timings"] = timings(lengths, a.budget)
+        res["timings"] = timings(lengths, a.budget, a.variants)
     except Exception as e:  # noqa: BLE001
         res["timings_error"] = err_text(e)
         res["timings"] = []

@@ -48,11 +48,16 @@
 #               all-kept, SmolLM2 arch 4k x 1 (issue 9), and the compile test file on the GPU
 #   elastic     long8k and long2k with the elastic / elastic-site policies next to streaming / structured / layer
 #               (prob and value scores), TAG=-el (issue 11)
+#   fa4split    bench/fa4_check.py --variants split at 4k and 16k: token-exact 20%-partial rows, ATTNPRUNE_FA4_PARTIAL
+#               mask_mod vs split (FA4 on full blocks + Triton on the rest, merged by lse), the split's parts alone,
+#               split vs float64 (issue 9; tests13 runs tests/unit/test_flash_split.py). Needs FA4: one call
+#               `fa4stash` (carry .gpu-fa4/a), then at once `fa4 fa4split pack fa4split` (carry .gpu-fa4/b)
 #   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
 #               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Sixth session (2026-12-04): one
 #               call only (launch, overhead_graph at d2a7cbe), then no machine was lent. Still to run: compile,
-#               elastic, tests13 at the new head, kbench (every implementation in one process), a second seed of the
-#               e3 recovery (RECOVERY_ARGS+=" --seed 1"), recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming".
+#               elastic, tests13 at the new head, fa4split (issue 9's split way, never run on a GPU yet), kbench
+#               (every implementation in one process), a second seed of the e3 recovery (RECOVERY_ARGS+=" --seed 1"),
+#               recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming".
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
@@ -176,7 +181,7 @@ while [ $# -gt 0 ]; do
         done ;;
     tests13)
         files=()
-        for f in kernels kernels_split backend_triton backend_flash host_sync decode_kernel decode_step cache \
+        for f in kernels kernels_split backend_triton backend_flash flash_split host_sync decode_kernel decode_step cache \
                  cache_encdec decode_graph; do
             [ -f tests/unit/test_$f.py ] && files+=(tests/unit/test_$f.py)
         done
@@ -188,6 +193,9 @@ while [ $# -gt 0 ]; do
     decode3)
         stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts ${DECODE_CONTEXTS:-4096,8192,16384} \
             --batches ${DECODE_BATCHES:-1,8} --new 64 -o "$RUNS/decode3${TAG:-}.json" ;;
+    fa4split)
+        stage fa4split ${FA4SPLIT_LIMIT:-420} python3 bench/fa4_check.py --variants split --lengths 4096,16384 \
+            --budget ${FA4SPLIT_BUDGET:-220} --out "$RUNS/fa4_split.json" ;;
     fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
     overhead_graph)  # 4k x 1 prefill, eager and replayed as a CUDA graph: dense vs all-kept vs 90% (issue 9)
         stage overhead_graph 200 python3 bench/overhead.py --backend triton --pads none --cuda-graph --reps 10 \
