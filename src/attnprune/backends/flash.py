@@ -25,8 +25,12 @@ Layouts with token-exact (bitmask) blocks have two ways, chosen by ``PARTIAL`` (
 * ``"split"``: FA4 runs the full blocks only, block-exact with no ``mask_mod`` (but for key padding on the
   blocks it touches), the project's Triton kernel runs the partial / causal-diagonal / end-of-keys blocks,
   and the two merge exactly through the log-sum-exp, forward and backward
-  (:mod:`attnprune.backends._flash_split`). Expected about 1.1x the block-exact time at 20% partial
-  blocks; opt-in until bench/fa4_check.py has measured it on a GPU (``gpu_session.sh fa4split``).
+  (:mod:`attnprune.backends._flash_split`). Not yet run on a GPU: opt-in until bench/fa4_check.py
+  (``gpu_session.sh fa4split``) has measured it. By the issue's model about 1.1x the block-exact time at 20%
+  partial blocks plus the merge; but the 2026-12-02 H200 run suggests the Triton kernel's bitmask blocks
+  cost ~8x an FA4 block, which would make it ~2.4x (see that script's docstring).
+The split's layouts are built on a call's first use (one host read), so a CUDA graph capture needs an
+eager call of the same shapes first.
 """
 
 from __future__ import annotations
