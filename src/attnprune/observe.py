@@ -38,12 +38,6 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
             * ``"prob"`` (default, the paper's): the attention probability ``p_ij``.
             * ``"value"``: ``p_ij * ||v_j||``, the probability times the L2 norm of the key's value
               vector (its kv head's), i.e. the magnitude of the entry's contribution to the output.
-            * ``"shift"``: ``p_ij * ||v_j - o_i||`` with ``o_i = sum_j p_ij v_j`` the row's output: how far
-              the output moves when the entry is removed and the row renormalised, which is exactly
-              ``p_ij / (1 - p_ij) * ||o_i - v_j||`` (first order in ``p_ij`` here, so a block's sum is
-              the first-order shift of removing the block). Unlike ``"value"`` it counts an attention
-              sink (a key with a near-zero value that takes much of the row) as mattering: removing it
-              rescales the rest of the row. Data-only (no gradients), about 1.5x the cost of ``"prob"``.
             * ``"influence"``: the absolute first-order change of the loss when the entry is removed
               from its row and the row renormalised (MoA-style). With ``g = dL/dp`` for the row's
               probabilities ``p``, removing ``j`` gives ``p'_i = p_i / (1 - p_j)`` (``i != j``),
@@ -98,7 +92,7 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
             out = attention_output(call)
             pending.append((call, out))
             return out
-        add(call, site_sums(call, granularity, values=_VALUE_SCORES[score](call) if score in _VALUE_SCORES else None))
+        add(call, site_sums(call, granularity, values=_value_weighted(call) if score == "value" else None))
         return None
 
     device = next((p.device for p in model.parameters()), None)
@@ -265,28 +259,6 @@ def _value_weighted(call: AttentionCall):
         norm = norm.repeat_interleave(H // norm.shape[1], dim=1)
     norm = norm[:, :, None, :]
     return lambda s, e, probs: probs * norm
-
-
-def _output_shift(call: AttentionCall):
-    """``values`` for ``site_sums``: probabilities times ``||v_j - o_i||`` (``o_i``: the row's output from
-    these probabilities; ``v`` its kv head's), from ``||v||^2 - 2 o.v + ||o||^2`` without an
-    ``[rows, Lk, D]`` tensor."""
-    dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
-    v = call.v.to(dt)
-    H = call.q.shape[1]
-    if v.shape[1] != H:
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    vv = (v * v).sum(-1)[:, :, None, :]  # [B, H, 1, Lk]
-
-    def values(s, e, probs):
-        p = torch.nan_to_num(probs, nan=0.0)
-        o = p @ v  # [B, H, rows, D]
-        d2 = vv - 2.0 * (o @ v.transpose(-1, -2)) + (o * o).sum(-1, keepdim=True)
-        return probs * d2.clamp_min(0.0).sqrt()
-    return values
-
-
-_VALUE_SCORES = {"value": _value_weighted, "shift": _output_shift}  # scores computed from the forward alone
 
 
 def site_sums(call: AttentionCall, g: int = 1, values=None):

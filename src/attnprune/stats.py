@@ -15,8 +15,7 @@ header itself). Loading checks the checksums and the values (finite, counts non-
 Version 1 files (no checksums) still load, with the value checks only.
 
 Scores: ``score`` says what was summed per entry (``observe(..., score=...)``): ``"prob"`` (attention
-probabilities, the default), ``"value"`` (probability times value norm), ``"shift"`` (probability times
-the distance of the key's value from the row's output), ``"influence"`` (absolute
+probabilities, the default), ``"value"`` (probability times value norm), ``"influence"`` (absolute
 first-order loss change of removing the entry) or ``"loss"`` (the signed first-order loss change). The
 header holds ``"score"`` only when it is not ``"prob"``, so probability files are unchanged and files
 without it load as ``"prob"``. For scores other than ``"prob"`` the ``sum <= count`` check does not
@@ -44,8 +43,7 @@ VERSION = 2
 # summed probabilities are float32 (or float64) softmax outputs, each at most 1 up to its rounding
 _SUM_SLACK = 4 * torch.finfo(torch.float32).eps
 # what each score's sums may hold: probabilities (0 <= sum <= count), non-negative, or either sign
-SCORE_RANGES = {"prob": "probability", "value": "non-negative", "shift": "non-negative", "influence": "non-negative",
-                "loss": "signed"}
+SCORE_RANGES = {"prob": "probability", "value": "non-negative", "influence": "non-negative", "loss": "signed"}
 SCORES = tuple(SCORE_RANGES)
 
 
@@ -65,8 +63,7 @@ class AttentionStats:
         granularity: 1 for token-level statistics, ``g > 1`` for ``g x g`` block sums.
         model_name: identity of the observed model (architecture and sizes).
         description: free text describing the calibration data.
-        score: what the sums add up per entry: one of ``SCORES`` (``"prob"``, ``"value"``, ``"shift"``,
-            ``"influence"``, ``"loss"``).
+        score: what the sums add up per entry: ``"prob"``, ``"value"`` or ``"influence"``.
     """
 
     def __init__(self, infos: Iterable[SiteInfo] = (), granularity: int = 1, model_name: str = "",

@@ -83,49 +83,6 @@ def test_value_score_is_prob_times_value_norm():
         torch.testing.assert_close(got[:, causal], want[:, causal], rtol=1e-5, atol=1e-6)
 
 
-def test_shift_score_is_the_output_shift_of_removing_the_entry():
-    """score="shift": for every entry p_ij * ||v_j - o_i|| (GQA values, causal rows); for sampled entries
-    against removing the entry, renormalising the row and measuring how far the output moved, which is
-    exactly the score / (1 - p_ij)."""
-    model = _model64()
-    batch = T.batch([13])
-    seen = {}
-
-    def handler(call):
-        seen[call.site] = explicit_attention(call)[1], call.v
-        return None
-
-    with torch.no_grad(), intercept(model, handler):
-        model(**batch)
-    stats = observe(model, [batch], score="shift", progress=False)
-    assert stats.score == "shift"
-    g = torch.Generator().manual_seed(0)
-    for site, (p, v) in seen.items():
-        v = v.repeat_interleave(p.shape[1] // v.shape[1], dim=1).to(p.dtype)[0]  # [H, Lk, D]
-        p = p[0]  # [H, Lq, Lk]
-        o = p @ v
-        dist = (v[:, None, :, :] - o[:, :, None, :]).norm(dim=-1)
-        want = p * dist
-        got = stats.mean(site).to(torch.float64)
-        causal = torch.ones(want.shape[-2:], dtype=torch.bool).tril()
-        # observe forms ||v - o||^2 as ||v||^2 - 2 o.v + ||o||^2 (float64): rounding of order
-        # eps (||v|| + ||o||)^2, which the square root divides by 2 ||v - o||; plus the probabilities'
-        # own rounding (recomputed separately here), relative eps x head dim; stats.mean is float32
-        eps = torch.finfo(torch.float64).eps
-        big = (v.norm(dim=-1)[:, None, :] + o.norm(dim=-1)[:, :, None]) ** 2
-        tol = p * (16 * eps * big / dist.clamp_min(1e-150) + 64 * eps * v.shape[-1] * dist)
-        tol = tol + want * torch.finfo(torch.float32).eps
-        assert bool(((got - want).abs() <= tol)[:, causal].all()), float(((got - want).abs() / tol)[:, causal].max())
-        for _ in range(8):  # brute force: remove (h, i, j), renormalise, compare the output's move
-            h = int(torch.randint(p.shape[0], (1,), generator=g))
-            i = int(torch.randint(1, p.shape[1], (1,), generator=g))
-            j = int(torch.randint(i + 1, (1,), generator=g))
-            row = p[h, i].clone()
-            row[j] = 0.0
-            moved = float(((row / row.sum()) @ v[h] - o[h, i]).norm())
-            assert abs(float(got[h, i, j]) - moved * (1 - float(p[h, i, j]))) <= float(tol[h, i, j]) + 1e-12 * moved
-
-
 def test_score_metadata_round_trip(tmp_path):
     model = T.llama()
     batch = T.batch([8, 5])
@@ -135,7 +92,7 @@ def test_score_metadata_round_trip(tmp_path):
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert '"score"' not in f.metadata()["attnprune"]  # probability files are unchanged
     assert AttentionStats.load(tmp_path / "p.safetensors").score == "prob"
-    for score in ("value", "shift", "influence", "loss"):
+    for score in ("value", "influence", "loss"):
         st = observe(model, [batch], score=score, progress=False)
         if score == "loss":  # signed: some entries help when removed; such files must load too
             assert any(bool((st.sum(site) < 0).any()) for site in st.sites)

@@ -53,7 +53,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                            "without 'token' attention is observed on blocks (memory bounded at long lengths)")
     add_list_argument(p, "--scores", item=_score, what="score", default=None,
                       help="what ranks the masks, each observed once: prob (the paper's mean attention), value "
-                           "(probability x value norm), shift (probability x distance of the value from the row's output), influence (|first-order loss change|; causal LMs), loss (the signed "
+                           "(probability x value norm), influence (|first-order loss change|; causal LMs), loss (the signed "
                            "first-order loss change, the expected loss increase of removing an entry) (default prob)")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
