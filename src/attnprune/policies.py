@@ -47,9 +47,6 @@ Policies (registry ``POLICIES``)
 * ``elastic`` (``attnprune.policy_elastic``): structure only, as ``streaming``, but sized per head from
   the data: each head's sink columns and band width by one model-wide allocation of kept score mass;
   ``elastic-site``: the same allocation within each site's own budget.
-* ``kl`` (``attnprune.policy_kl``): per site, the units that maximise the sum over query rows of the
-  log of each row's kept mass (``-KL`` of the renormalised row from the dense one), a greedy
-  allocation that keeps every row a share of its mass; ``kl-global``: one allocation for the model.
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -351,8 +348,8 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
     policy: a name of ``POLICIES``: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"``,
-        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs), ``"elastic"``,
-        ``"elastic-site"`` (``attnprune.policy_elastic``), ``"kl"``, ``"kl-global"`` (``attnprune.policy_kl``).
+        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs), ``"elastic"``
+        (``attnprune.policy_elastic``).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.
@@ -414,4 +411,3 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
 
 
 from . import policy_elastic  # noqa: E402,F401  (registers "elastic", "elastic-site")
-from . import policy_kl  # noqa: E402,F401  (registers "kl", "kl-global")
