@@ -42,6 +42,7 @@ import torch
 
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..kernels import BlockLayout
+from ..kernels.attention import _layout_on
 from . import BACKENDS
 from ._block_sparse import block_sparse_backend
 
@@ -215,7 +216,7 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
     dev = q.device
     if key_padding is not None and key_padding.dtype != torch.bool:
         key_padding = torch.arange(Lk, device=dev)[None, :] < key_padding.to(dev)[:, None]
-    layout = layout.to(dev)
+    layout = _layout_on(layout, dev)  # moved once per device, with its caches
     has_bits = layout.num_partial > 0
     if has_bits and PARTIAL != "mask_mod":
         if PARTIAL not in _PARTIAL_MODES:
