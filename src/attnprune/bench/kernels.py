@@ -5,7 +5,8 @@ FlashAttention-4 called directly, and the project's backends (``ours``: the Trit
 Used by ``attnprune bench`` and ``bench/gpu_check.py``. Every configuration builds one random
 block layout (128 x 128 blocks, a given fraction of blocks kept per head, the same for every
 implementation that can use it), times forward and forward+backward with CUDA events (median of
-``triton.testing.do_bench``), and reports the time and the effective throughput: FLOPs of the
+``triton.testing.do_bench``; each implementation in several interleaved rounds, the median of the
+rounds reported), and reports the time and the effective throughput: FLOPs of the
 kept (and causally allowed) entries over the time, for every implementation. Dense kernels do
 all the work whatever the density, so their effective throughput falls with density.
 """
@@ -179,40 +180,62 @@ def matmul_ceiling(n: int = 8192, dtype=torch.bfloat16) -> float:
 
 
 def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense_cache: dict | None = None,
-               configs=None, log=print) -> list[BenchRow]:
-    """Time every implementation on one configuration; returns one row per (mode, impl)."""
+               configs=None, rounds: int = 3, timer=None, device="cuda", log=print) -> list[BenchRow]:
+    """Time every implementation on one configuration; returns one row per (mode, impl).
+
+    Each implementation is timed ``rounds`` times, interleaved: round ``r`` times every implementation
+    once, in the order of ``impls`` rotated by ``r``, so that a drift of the GPU (clocks, temperature,
+    other work) during the configuration falls on all of them alike instead of on whichever ran last;
+    the row's time is the median of its rounds (``extra["rounds_ms"]`` holds them all). The first
+    round also compiles (``time_fn``'s warm-up). ``timer(fn, q, k, v, mode) -> ms`` replaces
+    :func:`time_fn` (tests); ``device`` where inputs and layouts live.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    timer = timer or time_fn
     dtype = getattr(torch, cfg.dtype)
     L, H, B, D = cfg.length, cfg.heads, cfg.batch, cfg.head_dim
-    layout = random_block_layout(H, L, cfg.density, causal=cfg.causal, seed=hash((L, D, cfg.density)) % 2**31)
+    layout = random_block_layout(H, L, cfg.density, causal=cfg.causal, seed=hash((L, D, cfg.density)) % 2**31,
+                                 device=device)
     kept = kept_entries(layout, L, cfg.causal)
     kept_frac = kept / (H * L * L)
     flops_fwd = 4.0 * B * kept * D
     rows: list[BenchRow] = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
     for mode in modes:
         flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
-        for impl in impls:
-            dense = impl in DENSE
+        fns, samples, notes = {}, {}, {}
+        for impl in impls:  # round 0: build (and compile) every implementation
             key = (impl, mode, L, D, B, H, cfg.causal)
-            note = ""
-            if dense and dense_cache is not None and key in dense_cache:
-                ms = dense_cache[key]
-                note = "dense: timed once per shape"
-            else:
-                try:
-                    t0 = time.time()
-                    fn = _impl_fn(impl, layout, cfg.causal, L, configs)
-                    ms = time_fn(fn, q, k, v, mode)
-                    note = f"first call + timing {time.time() - t0:.1f}s"
-                except Exception as e:  # a backend missing on this stack is reported, not fatal
-                    ms, note = None, f"{type(e).__name__}: {str(e)[:200]}"
-                if dense and dense_cache is not None and ms is not None:
-                    dense_cache[key] = ms
+            if impl in DENSE and dense_cache is not None and key in dense_cache:
+                samples[impl], notes[impl] = [dense_cache[key]], "dense: timed once per shape"
+                continue
+            try:
+                t0 = time.time()
+                fns[impl] = _impl_fn(impl, layout, cfg.causal, L, configs)
+                samples[impl] = [timer(fns[impl], q, k, v, mode)]
+                notes[impl] = f"first call + timing {time.time() - t0:.1f}s"
+            except Exception as e:  # a backend missing on this stack is reported, not fatal
+                fns.pop(impl, None)
+                samples[impl], notes[impl] = [], f"{type(e).__name__}: {str(e)[:200]}"
+        live = [i for i in impls if i in fns]
+        for r in range(1, rounds):
+            for impl in live[r % len(live):] + live[: r % len(live)]:
+                samples[impl].append(timer(fns[impl], q, k, v, mode))
+        for impl in impls:
+            got = samples[impl]
+            ms = float(torch.tensor(got, dtype=torch.float64).median()) if got else None
+            if impl in live and len(got) > 1:
+                notes[impl] += f"; median of {len(got)} interleaved rounds ({min(got):.3f}-{max(got):.3f} ms)"
+            if impl in DENSE and dense_cache is not None and ms is not None:
+                dense_cache[(impl, mode, L, D, B, H, cfg.causal)] = ms
             tf = flops / (ms * 1e-3) / 1e12 if ms else None
-            rows.append(BenchRow(cfg, mode, impl, ms, tf, kept_frac, note))
+            rows.append(BenchRow(cfg, mode, impl, ms, tf, kept_frac, notes[impl],
+                                 {"rounds_ms": got} if impl in live else {}))
             log(f"  d={D} L={L} dens={cfg.density} causal={cfg.causal} {mode:8s} {impl:6s} "
-                f"{'-' if ms is None else f'{ms:8.3f} ms'} {'' if tf is None else f'{tf:6.1f} TFLOP/s'} {note[:80]}")
+                f"{'-' if ms is None else f'{ms:8.3f} ms'} {'' if tf is None else f'{tf:6.1f} TFLOP/s'} "
+                f"{notes[impl][:100]}")
     return rows
 
 
@@ -256,7 +279,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_grid(head_dims=(64, 128), lengths=(4096, 16384, 32768), densities=(1.0, 0.5, 0.1),
              causals=(False, True), modes=("fwd", "fwd+bwd"), impls=IMPLS, heads=16, tokens=32768,
-             configs=None, log=print) -> list[dict]:
+             configs=None, rounds: int = 3, log=print) -> list[dict]:
     """The issue-3 grid; returns JSON-able rows."""
     rows: list[BenchRow] = []
     dense_cache: dict = {}
@@ -266,7 +289,7 @@ def run_grid(head_dims=(64, 128), lengths=(4096, 16384, 32768), densities=(1.0, 
                 for dens in densities:
                     cfg = BenchConfig(d, L, dens, causal, default_batch(L, heads, tokens), heads)
                     rows += run_config(cfg, impls=impls, modes=modes, dense_cache=dense_cache, configs=configs,
-                                       log=log)
+                                       rounds=rounds, log=log)
                     torch.cuda.empty_cache()
     return rows_to_json(rows)
 

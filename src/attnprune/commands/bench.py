@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "(backend='flash'); one missing on this machine gives rows with its error as the note)")
     p.add_argument("--heads", type=int, default=16, help="query = kv heads (default 16)")
     p.add_argument("--tokens", type=int, default=32768, help="batch * length (default 32768)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="kernel benchmark: timings per implementation, interleaved (every implementation once per "
+                        "round, in a rotated order), median reported (default 3)")
     p.add_argument("-o", "--output", default="bench.json", help="JSON file to write")
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
     wm = p.add_argument_group("whole-model benchmark (--model; see attnprune.bench.model)")
@@ -99,6 +102,8 @@ def cmd_bench(args) -> int:
         if m not in ("fwd", "fwd+bwd"):
             raise InvalidArgumentError(f"unknown mode {m!r}: use fwd and/or fwd+bwd")
     args.impls = tuple(args.impls or bm.IMPLS)
+    if args.rounds < 1:
+        raise InvalidArgumentError(f"--rounds must be at least 1, got {args.rounds}")
     for i in args.impls:
         if i not in bm.IMPLS:
             raise InvalidArgumentError(f"unknown implementation {i!r}; known: {', '.join(bm.IMPLS)}")
@@ -109,7 +114,7 @@ def cmd_bench(args) -> int:
     print(f"dense bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
     rows = bm.run_grid(head_dims=args.head_dims, lengths=args.lengths or (4096, 16384, 32768),
                        densities=args.densities, causals=args.causal, modes=args.modes, impls=args.impls,
-                       heads=args.heads, tokens=args.tokens)
+                       heads=args.heads, tokens=args.tokens, rounds=args.rounds)
     table = bm.markdown_table(rows)
     bm.save(args.output, {"env": env, "matmul_tflops": ceiling, "rows": rows, "table": table})
     _write_table(args, table)
