@@ -128,7 +128,8 @@ def correctness(variants="all"):
     return out
 
 
-def timings(lengths, budget: float, variants: str = "all"):
+def timings(lengths, budget: float, variants: str = "all", rounds: int = 3):
+    """Rows of timings; every implementation measured ``rounds`` times, interleaved, median kept."""
     from attnprune.backends import flash
     from attnprune.backends.flash import fa4_metadata, flash_sparse_attention
     from attnprune.bench.kernels import random_block_layout
@@ -205,11 +206,20 @@ def timings(lengths, budget: float, variants: str = "all"):
                             impls.update(_split_parts(tok, L, causal))
                     for mode in ("fwd", "fwd+bwd"):
                         row = {"d": d, "L": L, "batch": B, "causal": causal, "density": dens, "mode": mode}
-                        for name, fn in impls.items():
-                            try:
-                                row[name + "_ms"] = evt(fn, mode, q, k, v)
-                            except Exception as e:  # noqa: BLE001
-                                row[name + "_error"] = err_text(e)
+                        times = {name: [] for name in impls}
+                        names = list(impls)
+                        for r in range(rounds):  # interleaved, order rotated: a drift falls on all alike
+                            for name in names[r % len(names):] + names[: r % len(names)]:
+                                if name + "_error" in row:
+                                    continue
+                                try:
+                                    times[name].append(evt(impls[name], mode, q, k, v))
+                                except Exception as e:  # noqa: BLE001
+                                    row[name + "_error"] = err_text(e)
+                        for name, got in times.items():
+                            if got and name + "_error" not in row:
+                                row[name + "_ms"] = sorted(got)[len(got) // 2]
+                                row[name + "_rounds"] = got  # (not "_ms": the ratios read every "*_ms" key)
                         _split_ratios(row)
                         print(json.dumps(row))
                         rows.append(row)
@@ -323,6 +333,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="L = 4096 only")
     ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 4096,16384)")
     ap.add_argument("--budget", type=float, default=170.0, help="seconds for the timings (rows past it: skipped)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timings per implementation, median kept")
     ap.add_argument("--variants", choices=("all", "split"), default="all",
                     help="split: only the token-exact cases, mask_mod vs split and the split's parts (docstring)")
     a = ap.parse_args()
@@ -335,7 +346,7 @@ def main():
     res["correctness"] = correctness(a.variants)
     try:
         lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else ([4096] if a.quick else [4096, 16384])
-        res["timings"] = timings(lengths, a.budget, a.variants)
+        res["timings"] = timings(lengths, a.budget, a.variants, a.rounds)
     except Exception as e:  # noqa: BLE001
         res["timings_error"] = err_text(e)
         res["timings"] = []
