@@ -57,9 +57,12 @@
 #               call only (launch, overhead_graph at d2a7cbe), then no machine was lent. Still to run: compile,
 #               elastic, tests13 at the new head, fa4split (issue 9's split way, never run on a GPU yet), kbench
 #               (every implementation in one process), a second seed of the e3 recovery (RECOVERY_ARGS+=" --seed 1"),
-#               recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming".
+#               recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming", bitsab (2026-12-05's bitmask reads: never run
+#               on a GPU; tests13 checks them against float64 there).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
+#   bitsab      bench/bits_ab.py twice (the Triton kernels' bitmask reads per row vs ATTNPRUNE_TRITON_BITS=gather,
+#               the reads before 2026-12-05): token-exact 20% vs block-exact time, d 64/128, 4k/16k (issue 9; no FA4)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -196,6 +199,10 @@ while [ $# -gt 0 ]; do
     fa4split)
         stage fa4split ${FA4SPLIT_LIMIT:-420} python3 bench/fa4_check.py --variants split --lengths 4096,16384 \
             --budget ${FA4SPLIT_BUDGET:-220} --out "$RUNS/fa4_split.json" ;;
+    bitsab)  # Triton bitmask reads: one word per (row, 32 columns) vs one per element (issue 9; bench/bits_ab.py)
+        stage bitsab_rows 240 python3 bench/bits_ab.py --out "$RUNS/bits_rows.json"
+        ATTNPRUNE_TRITON_BITS=gather TRITON_CACHE_DIR=/tmp/triton-gather stage bitsab_gather 240 python3 bench/bits_ab.py --out "$RUNS/bits_gather.json"
+        python3 bench/bits_ab.py --compare "$RUNS/bits_rows.json" "$RUNS/bits_gather.json" | tee "$RUNS/bits_ab.md" ;;
     fa4check) stage fa4check 330 python3 bench/fa4_check.py --lengths 4096,16384 --budget 200 --out "$RUNS/fa4_check.json" ;;
     overhead_graph)  # 4k x 1 prefill, eager and replayed as a CUDA graph: dense vs all-kept vs 90% (issue 9)
         stage overhead_graph 200 python3 bench/overhead.py --backend triton --pads none --cuda-graph --reps 10 \

@@ -321,3 +321,18 @@ def test_gpu_real_sizes(D, causal):
     keep = (torch.rand(Hq, 8, 8) < 0.5).to(DEV)
     lay = BlockLayout.from_blocks(keep, (128, 128))
     run_case(2, Hq, Hkv, L, L, D, lay, lay.to_dense(L, L), dtype=torch.float16, causal=causal)
+
+
+@pytest.mark.parametrize("tiles", [(32, 64), (16, 16), (64, 128), (32, 32)])
+def test_bitmask_words_spread_over_tiles_of_every_width(tiles):
+    """Token-exact 128 x 128 blocks (4 bitmask words per row) read by kernel tiles 16 to 128 columns wide:
+    a tile spans 1 word at an offset (16), 1 (32), 2 (64) or 4 (128) words; forward and gradients against
+    float64 with odd lengths, causality with an offset, GQA and key padding."""
+    Hq, Hkv, Lq, Lk, D = 2, 1, 150, 200, 16
+    tok = random_tokens(Hq, Lq, Lk, (128, 128), density=0.9, token_p=0.6)
+    lay = BlockLayout.from_tokens(tok, (128, 128))
+    assert lay.num_partial > 0
+    m, n = tiles
+    cfg = {"fwd": KernelConfig(m, n), "dq": KernelConfig(m, n), "dkdv": KernelConfig(m, n)}
+    run_case(2, Hq, Hkv, Lq, Lk, D, lay, tok, configs=cfg, causal=True, q_offset=Lk - Lq,
+             key_padding=torch.tensor([200, 131], device=DEV))

@@ -15,7 +15,7 @@ The dk/dv inner loop (``_dkdv_blocks``) and the split dk/dv kernels for long kv-
 import triton
 import triton.language as tl
 
-from ._triton_bwd import _dkdv_blocks, _kv_tile
+from ._triton_bwd import _bits_ok, _dkdv_blocks, _kv_tile
 
 
 @triton.jit
@@ -116,12 +116,7 @@ def _fwd_kernel(
             kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
             ok = ok & kp[None, :]
         if HAS_BITS:
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+            ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, s * BLOCK_N, BQ, NW, False)
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -226,12 +221,7 @@ def _dq_kernel(
             kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0) != 0
             ok = ok & kp[None, :]
         if HAS_BITS:
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[:, None] * NW + cols_in_block[None, :] // 32,
-                mask=(rows_in_block[:, None] * 0 + cols_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[None, :] % 32)) & 1) != 0)
+            ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, s * BLOCK_N, BQ, NW, False)
         p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])

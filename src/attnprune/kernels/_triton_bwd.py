@@ -15,8 +15,50 @@ for empty rows, clean entries of each list before masked ones).
   no atomics), applies the scale and stores ``dk``/``dv``.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# ``ATTNPRUNE_TRITON_BITS=gather`` (read at import) loads the bitmask word of every element separately, as
+# before 2026-12-05, instead of one word per (row, 32 columns) in :func:`_bits_ok`: for an A/B on the GPU.
+_GATHER_BITS = tl.constexpr(os.environ.get("ATTNPRUNE_TRITON_BITS", "rows") == "gather")
+
+
+@triton.jit
+def _bits_ok(BITS, code, rows, cols, col0, BQ: tl.constexpr, NW: tl.constexpr, TRANS: tl.constexpr):
+    """The packed bitmask of layout block ``code`` at query rows ``rows`` [R] (within the block) and key
+    columns ``cols`` [C] (within the block: ``col0 + arange(C)``, ``col0`` a multiple of ``C``): bool
+    ``[R, C]`` (``TRANS``: ``[C, R]``), all True when ``code < 0`` (a block kept whole).
+
+    Bits ``[P, BQ, NW]`` int32: bit ``c % 32`` of word ``c // 32`` of row ``r`` of block ``p``. The C columns
+    span ``ceil(C / 32)`` words per row: one load of ``[R]`` words each, spread over the columns by
+    selects, instead of one (cached, but issued) load per element."""
+    if _GATHER_BITS:
+        if TRANS:
+            words = tl.load(BITS + code.to(tl.int64) * (BQ * NW) + rows[None, :] * NW + cols[:, None] // 32,
+                            mask=(cols[:, None] * 0 + rows[None, :] * 0 + code) >= 0, other=-1)
+            return ((words >> (cols[:, None] % 32)) & 1) != 0
+        else:
+            words = tl.load(BITS + code.to(tl.int64) * (BQ * NW) + rows[:, None] * NW + cols[None, :] // 32,
+                            mask=(rows[:, None] * 0 + cols[None, :] * 0 + code) >= 0, other=-1)
+            return ((words >> (cols[None, :] % 32)) & 1) != 0
+    else:
+        NWT: tl.constexpr = (cols.shape[0] + 31) // 32  # words a row of the tile spans
+        base = BITS + tl.maximum(code, 0).to(tl.int64) * (BQ * NW) + rows * NW + col0 // 32  # [R] pointers
+        sub = cols // 32 - col0 // 32  # [C]: which of the tile's words holds each column
+        shift = cols % 32
+        first = tl.load(base)
+        if TRANS:
+            words = first[None, :] + shift[:, None] * 0
+            for i in tl.static_range(1, NWT):
+                words = tl.where(sub[:, None] == i, tl.load(base + i)[None, :], words)
+            return (((words >> shift[:, None]) & 1) != 0) | (code < 0)
+        else:
+            words = first[:, None] + shift[None, :] * 0
+            for i in tl.static_range(1, NWT):
+                words = tl.where(sub[None, :] == i, tl.load(base + i)[:, None], words)
+            return (((words >> shift[None, :]) & 1) != 0) | (code < 0)
 
 
 @triton.jit
@@ -57,6 +99,7 @@ def _dkdv_blocks(
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     offs_mb = tl.arange(0, BLOCK_M)
+    col0 = tl.min(cols_in_block, 0)  # the tile's first column within its layout block
     for t in range(c_lo * SPLIT, c_hi * SPLIT):
         e = t // SPLIT
         s = t % SPLIT
@@ -98,12 +141,7 @@ def _dkdv_blocks(
         if HAS_KPM:
             ok = ok & kp[:, None]
         if HAS_BITS:
-            words = tl.load(
-                BITS + code.to(tl.int64) * (BQ * NW) + rows_in_block[None, :] * NW + cols_in_block[:, None] // 32,
-                mask=(cols_in_block[:, None] * 0 + rows_in_block[None, :] * 0 + code) >= 0,
-                other=-1,
-            )
-            ok = ok & (((words >> (cols_in_block[:, None] % 32)) & 1) != 0)
+            ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, col0, BQ, NW, True)
         pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
