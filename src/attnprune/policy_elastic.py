@@ -70,13 +70,16 @@ def _tables(u: Units, s0: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _structure(u: Units, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """bool ``[H, R, C]``: per head the band of ``k [H]`` diagonals and ``s [H]`` sink columns,
-    attendable units only, with the row guarantee."""
+    attendable units only, with the row guarantee for rows the structure leaves without a unit (its
+    own units are what the allocation paid for: a row's best unit outside them would be kept past the
+    budget, as happened with signed ``loss`` scores, whose best unit is often far from the diagonal)."""
     H, R, C = u.score.shape
     r = torch.arange(R)[None, :, None]
     col = torch.arange(C)[None, None, :]
     dist = r - col if u.kind == "causal" else (r - col).abs()
     band = (dist >= 0) & (dist < k[:, None, None])
-    return ((band | (col < s[:, None, None])) & u.attendable) | row_best(u)
+    kept = (band | (col < s[:, None, None])) & u.attendable
+    return kept | (row_best(u) & ~kept.any(-1, keepdim=True))
 
 
 @POLICIES.register("elastic")

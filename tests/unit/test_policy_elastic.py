@@ -182,3 +182,20 @@ def test_mask_command_names_every_policy_and_refuses_an_unknown_one(tmp_path, ca
     assert "elastik" in err and "Traceback" not in err and not out.exists()
     assert main(["mask", str(tmp_path / "s.safetensors"), "--sparsity", "0.5", "--policy", "elastic-site",
                  "-o", str(out)]) == 0 and out.exists()
+
+
+def test_elastic_meets_the_budget_when_rows_best_units_lie_off_the_structure():
+    """Scores whose best unit per row is far from the diagonal (as signed loss scores often are): the
+    structure already gives every row a unit, so the row guarantee adds none and the budget holds."""
+    L = 256
+    p = _rows(L, "causal", [1.0, 0.05, -1.0])
+    r, c = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    far = ((r - c) == L // 2).double()  # one far-off entry per row past the middle scores highest
+    st = _stats({"a": ("causal", (p + 2.0 * far) * (c <= r))}, granularity=4)
+    for sparsity in (0.8, 0.9):
+        for policy in ("elastic", "elastic-site"):
+            m = make_mask(st, sparsity, policy=policy, length_free="mask")
+            assert sparsity - 0.002 <= m.sparsity <= sparsity + 1e-9, (policy, sparsity, m.sparsity)  # a block: 0.02%
+            keep = m.site("a").keep
+            u = site_units(st, "a", 4)
+            assert bool((keep & u.attendable).any(-1)[u.attendable.any(-1)].all())
