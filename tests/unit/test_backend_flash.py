@@ -224,7 +224,7 @@ def test_native_causal_only_where_fa4_causality_is_ours(monkeypatch):
 
     calls = _fake_fa4(monkeypatch)
     monkeypatch.setattr(flash, "_mask_mod", lambda *a: ("mask_mod", a))
-    monkeypatch.setattr(flash, "NATIVE_CAUSAL", True)  # opt-in (off by default until GPU-checked)
+    monkeypatch.setattr(flash, "NATIVE_CAUSAL", True)  # the default, unless ATTNPRUNE_FA4_NATIVE_CAUSAL=0
     blocks = torch.rand(2, 3, 3) < 0.7
     block_exact = BlockLayout.from_blocks(blocks, block=B)
     tok = torch.rand(2, 3 * B, 3 * B) < 0.5
@@ -250,3 +250,18 @@ def test_native_causal_only_where_fa4_causality_is_ours(monkeypatch):
     assert run(block_exact, 300, 300, causal=True, key_padding=kp) == (False, True)
     monkeypatch.setattr(flash, "NATIVE_CAUSAL", False)
     assert run(block_exact, 300, 300, causal=True) == (False, True)
+
+
+def test_native_causal_is_the_default_and_the_environment_turns_it_off():
+    """FA4's own causal masking is on unless ATTNPRUNE_FA4_NATIVE_CAUSAL=0 (read at import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from attnprune.backends import flash; print(flash.NATIVE_CAUSAL)"
+    for value, want in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "ATTNPRUNE_FA4_NATIVE_CAUSAL"}
+        if value is not None:
+            env["ATTNPRUNE_FA4_NATIVE_CAUSAL"] = value
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.strip() == want, (value, out.stdout, out.stderr)
