@@ -312,7 +312,8 @@ def test_flash_backend_selects_split(monkeypatch):
     assert all(rel(a, b) < tol(torch.float32, 16, 300, grad=True) for a, b in zip(g, rg))
 
     flash.flash_sparse_attention(q, k, v, block_exact, causal=True)  # no bitmask: FA4 alone, as before
-    assert len(calls) == 1 and calls[-1]["mask_mod"] is not None
+    # (block-exact causal prefill: FA4's native causal masking when NATIVE_CAUSAL, the default, else the mask_mod)
+    assert len(calls) == 1 and (calls[-1]["mask_mod"] is None) == flash.NATIVE_CAUSAL == calls[-1]["causal"]
     monkeypatch.setattr(flash, "PARTIAL", "mask_mod")
     flash.flash_sparse_attention(q, k, v, token_exact, causal=True)
     assert len(calls) == 2 and calls[-1]["mask_mod"] is not None
