@@ -47,7 +47,7 @@
 #   compile     bench/compile_check.py: eager vs torch.compile(fullgraph) vs mode="reduce-overhead", dense / 90% /
 #               all-kept, SmolLM2 arch 4k x 1 (issue 9), and the compile test file on the GPU
 #   elastic     long8k and long2k with the elastic / elastic-site policies next to streaming / structured / layer
-#               (prob and value scores), TAG=-el (issue 11)
+#               (prob, value and loss scores), TAG=-el (issue 11)
 #   fa4split    bench/fa4_check.py --variants split at 4k and 16k: token-exact 20%-partial rows, ATTNPRUNE_FA4_PARTIAL
 #               mask_mod vs split (FA4 on full blocks + Triton on the rest, merged by lse), the split's parts alone,
 #               split vs float64 (issue 9; tests13 runs tests/unit/test_flash_split.py). Needs FA4: one call
@@ -213,7 +213,7 @@ while [ $# -gt 0 ]; do
         stage compile 400 python3 bench/compile_check.py --out "$RUNS/compile.json"
         stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py ;;
     elastic)
-        POLICIES="elastic elastic-site streaming structured layer" SCORES="prob value" TAG=-el bash "$0" long8k long2k ;;
+        POLICIES="elastic elastic-site streaming structured layer" SCORES="prob value loss" TAG=-el bash "$0" long8k long2k ;;
     kbench)
         stage kbench ${KBENCH_LIMIT:-420} python3 -m attnprune bench --head-dims 64 128 --lengths 4096 16384 \
             --densities 1 0.5 0.1 --causal 0 1 -o "$RUNS/kbench.json" --markdown "$RUNS/kbench.md" ;;
