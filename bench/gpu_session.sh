@@ -54,11 +54,17 @@
 #               `fa4stash` (carry .gpu-fa4/a), then at once `fa4 fa4split pack fa4split` (carry .gpu-fa4/b)
 #   Done in the fifth session: recovery8k/2k with TAG=-e3 (3 epochs), maskbench_split (M8=CPU-made masks, SPLITS=1),
 #               capture, overhead_graph, decode3 at 16k, tests13 + fa4check with FA4. Sixth session (2026-12-04): one
-#               call only (launch, overhead_graph at d2a7cbe), then no machine was lent. Still to run: compile,
-#               elastic, tests13 at the new head, fa4split (issue 9's split way, never run on a GPU yet), kbench
-#               (every implementation in one process), a second seed of the e3 recovery (RECOVERY_ARGS+=" --seed 1"),
-#               recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming", bitsab (2026-12-05's bitmask reads: never run
-#               on a GPU; tests13 checks them against float64 there).
+#               call only (launch, overhead_graph at d2a7cbe), then no machine was lent; seventh (2026-12-05): none.
+#   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget):
+#     1. `tests13`: the suites at the new head (2026-12-05's bitmask reads, native causal default, split path,
+#        compile ops) against float64 on the GPU's stack.
+#     2. `bitsab` (no weights, no FA4): the bitmask-read A/B, two processes (~6 min).
+#     3. `fa4stash` (carry .gpu-fa4/a), at once `fa4 fa4split pack fa4split` (carry .gpu-fa4/b): the split way
+#        (bash ../shared/device/fa4-wheels.sh here first). Another such pair for `fa4 kbench pack kbench`.
+#     4. `stash1` (carry .gpu/w1), at once `weights elastic` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl):
+#        8k and 2k with elastic-site x prob / value / loss (issue 11's before-fine-tuning targets).
+#     5. If time is left: `compile`; recovery8k/2k with RECOVERY_POLICIES="elastic-site streaming" and
+#        RECOVERY_ARGS="--steps 240 --epochs 3" (after the weights pair again), then a second seed (--seed 1).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   bitsab      bench/bits_ab.py twice (the Triton kernels' bitmask reads per row vs ATTNPRUNE_TRITON_BITS=gather,
