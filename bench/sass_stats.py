@@ -32,17 +32,16 @@ _BF16 = {"Q", "K", "V", "O", "KD", "VD", "DO", "DQ", "DK", "DV_"}
 _FLOAT = {"qk_scale", "sm_scale"}
 
 
-def compile_stats(kernel: str, d: int, has_bits: bool) -> dict:
-    """Compile one kernel for sm90 and count its SASS."""
+def compile_stats(kernel: str, d: int, has_bits: bool, cfg=None) -> dict:
+    """Compile one kernel for sm90 and count its SASS (``cfg``: a ``KernelConfig``, default the tuned one)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.tools.disasm import get_sass
 
     from attnprune.kernels import _triton as T
     from attnprune.kernels.attention import get_config
 
     fn = getattr(T, f"_{kernel}_kernel")
-    cfg = get_config(kernel, d, (128, 128))
+    cfg = cfg or get_config(kernel, d, (128, 128))
     cx = dict(BQ=128, BK=128, NW=4, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DV=d, CAUSAL=False,
               HAS_KPM=False, HAS_BITS=has_bits)
     if kernel == "fwd":
@@ -56,12 +55,25 @@ def compile_stats(kernel: str, d: int, has_bits: bool) -> dict:
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ins = [line.split("\t", 1)[1] for line in get_sass(k.asm["cubin"]).splitlines()
-           if re.match(r"^[0-9a-f-]{2}:", line) and "\t" in line]
+    ins = _instructions(k.asm["cubin"])
     return {"kernel": kernel, "d": d, "bits": has_bits, "tile": f"{cfg.block_m}x{cfg.block_n}",
+            "warps": cfg.num_warps, "stages": cfg.num_stages,
             "instructions": len(ins), "LDG": sum(1 for i in ins if re.match(r"(@!?U?P\d+ )?LDG", i)),
             "LDL+STL": sum(1 for i in ins if re.match(r"(@!?U?P\d+ )?(LDL|STL)", i)),
             "shared_bytes": k.metadata.shared}
+
+
+def _instructions(cubin: bytes) -> list[str]:
+    """The SASS instructions of a cubin, from ``cuobjdump -sass`` (Triton's wheel carries it); parsed here
+    rather than with ``triton.tools.disasm``, whose 4-hex-digit address pattern stops at 4096 instructions
+    in Triton 3.6."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.check_output([knobs.nvidia.cuobjdump.path, "-sass", f.name], text=True)
+    return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", text)]
 
 
 def run_all() -> list[dict]:
