@@ -8,9 +8,11 @@ loads, so the stage runs this script twice and compares the two JSON files.
 Prediction, written before any GPU run: on the H200 run of 2026-12-02 (bench/results/fa4_check_h200_2026-12-02_run2.json)
 the Triton kernels with 20% of their kept 128 x 128 blocks token-exact took 1.75-2.67x their block-exact time
 forward (d 64: 2.5-2.7x, d 128: 1.75-1.9x) and 1.4-2.2x forward+backward; a masked tile of d 64 cost about
-9x a clean one. If the per-element word loads are the cause, the new reads should bring the forward to at
-most ~1.5x and forward+backward to at most ~1.3x the block-exact time; if they barely move, the cost is in
-the masked path's other per-element work (predicated K/V loads, causal and key-bound compares, no TMA).
+9x a clean one. Compiled for sm90 on the CPU with the GPU's Triton 3.6 (bench/sass_stats.py, BENCHMARKS.md) the old
+reads staged the word tile through shared memory (forward d 128: 160 KiB per program, now 98 KiB, so two programs
+per SM instead of one; d 64: 64 -> 33 KiB) with 4-10% more instructions and no spills at d 64. Expected: the
+token-exact overhead falls, most at d 128; at d 64 it may barely move, and then the cost of a masked tile lies in the
+rest of the masked path (predicated K/V loads, per-element compares, no TMA).
 
     python3 bench/bits_ab.py --out rows.json
     ATTNPRUNE_TRITON_BITS=gather python3 bench/bits_ab.py --out gather.json
