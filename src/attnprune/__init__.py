@@ -36,8 +36,10 @@ from .policies import make_mask
 from .sites import SiteInfo
 from .stats import AttentionStats
 from .train import TrainConfig, finetune
+from .environment import remember_commit as _remember_commit
 
 __version__ = "0.1.0"
+_remember_commit()  # result files name the commit this process loaded, not the one the tree has when they are written
 
 
 def __getattr__(name: str):

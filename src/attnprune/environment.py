@@ -50,6 +50,16 @@ def _git_commit() -> str | None:
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
 
+_AT_IMPORT: dict = {}
+
+
+def remember_commit() -> None:
+    """Read the source tree's commit now (``import attnprune`` calls this): the record of a run names the
+    code the process loaded, not the commit the tree has moved on to when a long run writes its results."""
+    if "commit" not in _AT_IMPORT:
+        _AT_IMPORT["commit"] = _git_commit()
+
+
 def environment(device=None) -> dict:
     """The one record of where and with what a result was made, stored in every result file.
 
@@ -58,7 +68,8 @@ def environment(device=None) -> dict:
     name), ``cpu`` (model), ``cpu_count``, ``torch_threads``, ``torch``, ``cuda`` (torch's CUDA
     version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
     ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
-    ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit``.
+    ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit`` (the commit when
+    this process imported attnprune, see :func:`remember_commit`).
     """
     if device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +100,6 @@ def environment(device=None) -> dict:
         "numpy": _version("numpy"),
         "attnprune": _version("attnprune"),
         "device": str(dev),
-        "git_commit": _git_commit(),
+        "git_commit": _AT_IMPORT["commit"] if "commit" in _AT_IMPORT else _git_commit(),
     }
     return env

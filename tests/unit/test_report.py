@@ -165,3 +165,14 @@ def test_offset_profile_and_patterns_by_site_kind(tmp_path):
     for fn, name in ((report.plot_patterns, "p.png"), (report.plot_offsets, "o.png")):
         out = fn(st, tmp_path / name)
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_record_names_the_commit_read_when_attnprune_was_imported(monkeypatch):
+    """A long run's result file names the code the process loaded: ``import attnprune`` reads the commit,
+    and ``environment()`` reports that one even if the tree has moved on since (simulated here)."""
+    import attnprune  # noqa: F401
+    import attnprune.environment as E
+
+    assert "commit" in E._AT_IMPORT
+    monkeypatch.setitem(E._AT_IMPORT, "commit", "a" * 40)
+    assert E.environment("cpu")["git_commit"] == "a" * 40
