@@ -194,7 +194,7 @@ while [ $# -gt 0 ]; do
                  cache_encdec decode_graph; do
             [ -f tests/unit/test_$f.py ] && files+=(tests/unit/test_$f.py)
         done
-        stage tests13 ${TESTS_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
+        stage tests13 ${TESTS_LIMIT:-480} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
     capture)  # the masked model under CUDA graph capture, host syncs, graph decoding (issues 9, 13)
         stage capture 150 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_capture_graph.py \
             tests/unit/test_host_sync.py tests/unit/test_decode_graph.py ;;
