@@ -192,15 +192,15 @@ def timings(lengths, budget: float, variants: str = "all", rounds: int = 3):
                     impls = {
                         "cudnn": lambda q, k, v: _cudnn(q, k, v, causal),
                         "fa4_direct": fa4_direct(layout, causal),
-                        "flash": _causal_path(flash, layout, causal, True),
-                        **({"flash_mod": _causal_path(flash, layout, causal, False)} if causal else {}),
+                        "flash": _flash_with(flash, layout, causal, NATIVE_CAUSAL=True),
+                        **({"flash_mod": _flash_with(flash, layout, causal, NATIVE_CAUSAL=False)} if causal else {}),
                         "triton": lambda q, k, v: sparse_attention(q, k, v, layout, causal=causal),
                     }
                     if variants == "split":  # the block-exact baseline and Triton's, nothing else
                         impls = {n: impls[n] for n in ("flash", "triton")}
                     if tok is not None:  # the same kept blocks, 20% of them token-exact (half their bits)
-                        impls["flash_tok20"] = _partial_path(flash, tok, causal, "mask_mod")
-                        impls["flash_split_tok20"] = _partial_path(flash, tok, causal, "split")
+                        impls["flash_tok20"] = _flash_with(flash, tok, causal, PARTIAL="mask_mod")
+                        impls["flash_split_tok20"] = _flash_with(flash, tok, causal, PARTIAL="split")
                         impls["triton_tok20"] = lambda q, k, v: sparse_attention(q, k, v, tok, causal=causal)
                         if variants == "split":
                             impls.update(_split_parts(tok, L, causal))
@@ -245,25 +245,18 @@ def _with_partial(layout, share: float, seed: int):
                        code.to(dev), bits.to(dev), layout.q_len, layout.k_len)
 
 
-def _causal_path(flash, layout, causal, native: bool):
-    """The flash backend with NATIVE_CAUSAL set to ``native`` for the call (native causal vs mask_mod)."""
+def _flash_with(flash, layout, causal, **switches):
+    """The flash backend with module switches set for the call, e.g. ``NATIVE_CAUSAL=False`` (mask_mod
+    causality) or ``PARTIAL="split"`` (token-exact blocks through the split path)."""
     def f(q, k, v):
-        before, flash.NATIVE_CAUSAL = flash.NATIVE_CAUSAL, native
+        before = {name: getattr(flash, name) for name in switches}
+        for name, value in switches.items():
+            setattr(flash, name, value)
         try:
             return flash.flash_sparse_attention(q, k, v, layout, causal=causal)
         finally:
-            flash.NATIVE_CAUSAL = before
-    return f
-
-
-def _partial_path(flash, layout, causal, mode: str):
-    """The flash backend with PARTIAL set to ``mode`` ("mask_mod" / "split") for the call."""
-    def f(q, k, v):
-        before, flash.PARTIAL = flash.PARTIAL, mode
-        try:
-            return flash.flash_sparse_attention(q, k, v, layout, causal=causal)
-        finally:
-            flash.PARTIAL = before
+            for name, value in before.items():
+                setattr(flash, name, value)
     return f
 
 
