@@ -18,6 +18,7 @@ import attnprune  # noqa: E402
 from attnprune.models import load_model  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend runs CUDA tensors where CUDA exists
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="the triton backend needs CUDA or TRITON_INTERPRET=1")
 
@@ -70,12 +71,12 @@ def test_masked_model_compiles_as_one_graph(name):
 def _block_masked(name):
     """A tiny model without dropout and a 50% mask of whole 16 x 16 blocks (stats observed on blocks)."""
     lm = load_model(name)
-    model = lm.model
+    model = lm.model.to(DEV)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, lm.vocab_size, (2, 32), generator=g)
+    ids = torch.randint(0, lm.vocab_size, (2, 32), generator=g).to(DEV)
     stats = attnprune.observe(model.eval(), [{"input_ids": ids}], progress=False, granularity=16)
     return lm, model, attnprune.make_mask(stats, 0.5, block=16), ids, g
 
@@ -102,7 +103,7 @@ def _check_triton_model(name, inner, tol_factor):
             with torch.no_grad():  # inference: forward only
                 eager = model(ids).logits
                 got = compiled(ids).logits
-                other = torch.randint(0, lm.vocab_size, (1, 20), generator=g)
+                other = torch.randint(0, lm.vocab_size, (1, 20), generator=g).to(DEV)
                 got2, eager2 = compiled(other).logits, model(other).logits
             counts = [_ops_in([gm], "sparse_fwd") for gm in graphs]  # (the second shape may add a small graph)
             assert counts[0] == n_sites and set(counts) <= {0, n_sites}  # every site through the op
@@ -163,8 +164,8 @@ def test_compiled_masked_model_does_not_recompile_on_a_repeated_call():
 # -------------------------------------------------------------------------------------- the ops themselves
 def _qkv(B, Hq, Hkv, Lq, Lk, D, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g),
-            torch.randn(B, Hkv, Lk, D, generator=g))
+    return tuple(torch.randn(shape, generator=g).to(DEV)
+                 for shape in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
 
 
 @needs_triton
@@ -179,12 +180,12 @@ def test_sparse_attention_by_handle_equals_the_direct_launch():
     layout = BlockLayout.from_tokens(torch.rand(Hq, 48, 48) < 0.5, block=16)
     handle = layout_handle("layout", layout)
     assert layout_handle("layout", layout) == handle  # one handle per object
-    kp = torch.tensor([[True] * 40, [True] * 29 + [False] * 11])
+    kp = torch.tensor([[True] * 40, [True] * 29 + [False] * 11], device=DEV)
     outs, grads = [], []
     for lay in (layout, handle):
         q, k, v = (t.requires_grad_() for t in _qkv(2, Hq, Hkv, L, L, D))
         out = sparse_attention(q, k, v, lay, causal=True, q_offset=3, key_padding=kp)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEV))
         outs.append(out.detach())
         grads.append([q.grad, k.grad, v.grad])
     assert outs[0].abs().max() > 0 and torch.equal(outs[0], outs[1])
@@ -207,8 +208,8 @@ def test_compiled_sparse_attention_and_backend_with_a_padding_mask():
     layout = BlockLayout.from_tokens(torch.rand(Hq, L, L) < 0.5, block=16)
     site = SiteMask(SiteInfo("layers.0.self_attn", "causal", Hq, Hkv), L, L, keep=torch.rand(Hq, 2, 2) < 0.6,
                     block=16)
-    j = torch.arange(L)
-    allowed = (j[None, :] < torch.tensor([L, 21])[:, None])[:, None, None, :] & (j[None, :] <= j[:, None])
+    j = torch.arange(L, device=DEV)
+    allowed = (j[None, :] < torch.tensor([L, 21], device=DEV)[:, None])[:, None, None, :] & (j[None, :] <= j[:, None])
     add = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)  # [B, 1, L, L]
 
     def by_layout(q, k, v):
