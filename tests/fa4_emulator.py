@@ -24,8 +24,8 @@ def emulated_fa4(monkeypatch, flash):
             self.tensors, self.block_size = tensors, block_size
 
     def table(cnt, idx, n):  # lists -> bool [B|1, H, A, n]
-        valid = torch.arange(idx.shape[-1]) < cnt[..., None].long()
-        out = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool)  # column n: where the unused entries go
+        valid = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None].long()
+        out = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool, device=idx.device)  # column n: where the unused entries go
         return out.scatter_(-1, torch.where(valid, idx.long(), n), True)[..., :n]
 
     def allowed(bst, mask_mod, aux, B, Lq, Lk, transposed):

@@ -213,6 +213,7 @@ def test_split_matches_float64(case):
         key_padding[0, :16] = False  # a whole padded block (left padding)
     elif kp == "lengths":
         key_padding = torch.tensor([64, 17, 40])
+    key_padding = None if key_padding is None else key_padding.to(DEV)
     DV = 40 if case == "dv_not_pow2" else None
     _, _, _, lay = run_split(B, Hq, Hkv, Lq, Lk, D, tok, block, causal=causal, q_offset=off,
                              key_padding=key_padding, DV=DV)
@@ -300,16 +301,14 @@ def test_flash_backend_selects_split(monkeypatch):
     token_exact = BlockLayout.from_tokens(tok, B)
     block_exact = BlockLayout.from_blocks(torch.rand(2, 3, 3) < 0.7, B)
     assert token_exact.num_partial > 0
-    q = torch.randn(1, 2, 300, 16, requires_grad=True)
-    k = torch.randn(1, 2, 300, 16, requires_grad=True)
-    v = torch.randn(1, 2, 300, 16, requires_grad=True)
-    kp = torch.ones(1, 300, dtype=torch.bool)
+    q, k, v = (torch.randn(1, 2, 300, 16, device=DEV, requires_grad=True) for _ in range(3))
+    kp = torch.ones(1, 300, dtype=torch.bool, device=DEV)
     kp[0, 290:] = False
 
     monkeypatch.setattr(flash, "PARTIAL", "split")
     out = flash.flash_sparse_attention(q, k, v, token_exact, causal=True, key_padding=kp)
     assert not calls, "the split path called FA4's masked attention"
-    allowed = allowed_mask(tok, 1, 300, 300, True, 0, kp)
+    allowed = allowed_mask(tok.to(DEV), 1, 300, 300, True, 0, kp)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = reference(q64, k64, v64, allowed, 16 ** -0.5)
     assert rel(out, ref) < tol(torch.float32, 16, 300)
@@ -356,6 +355,7 @@ def test_fa4_full_part_on_emulated_fa4(monkeypatch, case):
         key_padding[0, :16] = False
     elif kp == "lengths":
         key_padding = torch.tensor([64, 17, 40])
+    key_padding = None if key_padding is None else key_padding.to(DEV)
     _, _, _, lay = run_split(B, Hq, Hkv, Lq, Lk, D, tok, block, causal=causal, q_offset=off,
                              key_padding=key_padding, full="fa4")
     assert fs.split_layout(lay, Lq, Lk, causal, off).full is not None

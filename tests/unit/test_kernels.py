@@ -39,7 +39,7 @@ def allowed_mask(tok, B, Lq, Lk, causal=False, q_offset=0, key_padding=None):
     if key_padding is not None:
         if key_padding.dtype != torch.bool:
             key_padding = torch.arange(Lk, device=tok.device)[None, :] < key_padding[:, None].to(tok.device)
-        a &= key_padding[:, None, None, :]
+        a &= key_padding.to(tok.device)[:, None, None, :]
     return a
 
 
