@@ -144,6 +144,9 @@ class Interceptor:
             for c in m.children():
                 self.up.setdefault(c, []).append(m)
         self.parents = {c: ps[-1] for c, ps in self.up.items()}
+        # transformers models among the modules, looked up here: an import inside a forward hook
+        # breaks torch.compile's graph on some torch versions (2.11: "Bad import result", _LazyModule)
+        self.hf_models = {m: _is_hf_model(m) for m in model.modules()}
         self.stack: list[nn.Module] = []
         self.counts: dict[nn.Module, int] = {}
         self.infos: dict[str, SiteInfo] = {}
@@ -246,7 +249,7 @@ class Interceptor:
         # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
         if not self.stack:
             if ForwardContext.starts_forward(kwargs, module is self.model):
-                self.context = ForwardContext(kwargs, trusted=_is_hf_model(module))
+                self.context = ForwardContext(kwargs, trusted=self.hf_models.get(module, False))
             if self._hf is None or self.mode_needed is not False:
                 self.mode.__enter__()
                 self.mode_on = True
