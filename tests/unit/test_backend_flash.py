@@ -145,11 +145,14 @@ def _fa4_ok():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fa4_ok(), reason="needs an sm90+ GPU with FlashAttention-4")
+@pytest.mark.parametrize("partial", ["mask_mod", "triton"])  # how token-exact blocks run ("split": test_flash_split)
 @pytest.mark.parametrize("case", ["odd", "gqa", "causal", "padding", "empty", "blocks"])
-def test_flash_backend_matches_float64(case):
+def test_flash_backend_matches_float64(case, partial, monkeypatch):
+    import attnprune.backends.flash as flash
     from attnprune.mask import SiteMask
     from attnprune.sites import SiteInfo
 
+    monkeypatch.setattr(flash, "PARTIAL", partial)
     torch.manual_seed(1)
     Bt, H, Hkv, D, lq, lk = 2, 4, 4, 64, 333, 333
     causal = case in ("causal", "padding")
@@ -224,6 +227,7 @@ def test_native_causal_only_where_fa4_causality_is_ours(monkeypatch):
 
     calls = _fake_fa4(monkeypatch)
     monkeypatch.setattr(flash, "_mask_mod", lambda *a: ("mask_mod", a))
+    monkeypatch.setattr(flash, "PARTIAL", "mask_mod")  # token-exact layouts through FA4 (default: Triton)
     monkeypatch.setattr(flash, "NATIVE_CAUSAL", True)  # the default, unless ATTNPRUNE_FA4_NATIVE_CAUSAL=0
     blocks = torch.rand(2, 3, 3) < 0.7
     block_exact = BlockLayout.from_blocks(blocks, block=B)

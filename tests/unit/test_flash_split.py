@@ -288,7 +288,8 @@ def test_split_equals_single_kernel():
 def test_flash_backend_selects_split(monkeypatch):
     """ATTNPRUNE_FA4_PARTIAL / flash.PARTIAL: "split" sends token-exact layouts through the split (here
     with the Triton kernel standing in for FA4's full part, so the whole call runs on the CPU), and
-    never calls FA4's masked path; block-exact layouts and "mask_mod" keep the one FA4 call."""
+    never calls FA4's masked path; block-exact layouts and "mask_mod" keep the one FA4 call; "triton"
+    (the default) runs the whole call on the Triton kernels."""
     from test_backend_flash import _fake_fa4
 
     calls = _fake_fa4(monkeypatch)
@@ -322,6 +323,10 @@ def test_flash_backend_selects_split(monkeypatch):
     monkeypatch.setattr(flash, "PARTIAL", "mask_mod")
     flash.flash_sparse_attention(q, k, v, token_exact, causal=True)
     assert len(calls) == 2 and calls[-1]["mask_mod"] is not None
+    monkeypatch.setattr(flash, "PARTIAL", "triton")  # the default: the whole call on the Triton kernels
+    got = flash.flash_sparse_attention(q, k, v, token_exact, causal=True, key_padding=kp)
+    assert len(calls) == 2
+    assert torch.equal(got, sparse_attention(q, k, v, token_exact, causal=True, key_padding=kp))
     monkeypatch.setattr(flash, "PARTIAL", "bogus")
     with pytest.raises(InvalidArgumentError, match="ATTNPRUNE_FA4_PARTIAL"):
         flash.flash_sparse_attention(q, k, v, token_exact)
@@ -334,7 +339,7 @@ def test_partial_mode_from_environment():
     assert got.stdout.strip() == "split"
     env.pop("ATTNPRUNE_FA4_PARTIAL")
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert got.stdout.strip() == "mask_mod"
+    assert got.stdout.strip() == "triton"
 
 
 # ----------------------------------------------------------------------------- FA4Full's glue, on an emulated FA4

@@ -19,18 +19,23 @@ On by default since 2026-12-05 (``NATIVE_CAUSAL = False`` or ``ATTNPRUNE_FA4_NAT
 gradients to the ``mask_mod`` path, it is the call FA4 direct makes, and over the 24 causal rows it took 0.95x
 the ``mask_mod`` time (geometric mean; 0.72x-1.10x, slower on 8 rows, most of them d 64 at 16k).
 
-Layouts with token-exact (bitmask) blocks have two ways, chosen by ``PARTIAL`` (environment variable
+Layouts with token-exact (bitmask) blocks have three ways, chosen by ``PARTIAL`` (environment variable
 ``ATTNPRUNE_FA4_PARTIAL``, read at import; any other value is an error at the call):
 
-* ``"mask_mod"`` (default): one FA4 call, the bitmask read by the ``mask_mod`` above. On sm90 it runs per
-  element: with 20% partial blocks the call took 1.30-1.85x the block-exact time on an H200 (measured).
+* ``"triton"`` (default since 2026-12-05): the whole call goes to the project's Triton kernels
+  (:func:`attnprune.kernels.sparse_attention`), which read the bitmask one word per (row, 32 columns).
+  On an H200 (bench/fa4_check.py ``--variants split``, 2026-12-05, BENCHMARKS.md) with 20% of the kept
+  blocks token-exact it took 1.47x FA4's block-exact time in geometric mean over 32 rows (d 64 / 128,
+  4k / 16k, causal and not, densities 0.5 / 0.1, fwd and fwd+bwd), against 1.68x for ``"mask_mod"`` and
+  1.67x for ``"split"`` (range 0.88-1.80x); the fastest of the three on 16 rows, and 1.12x its own block-exact
+  time (geometric mean).
+* ``"mask_mod"``: one FA4 call, the bitmask read by the ``mask_mod`` above. On sm90 it runs per element:
+  1.36-2.12x the block-exact time on that run (the fastest way on 6 rows, d 128 fwd+bwd).
 * ``"split"``: FA4 runs the full blocks only, block-exact with no ``mask_mod`` (but for key padding on the
   blocks it touches), the project's Triton kernel runs the partial / causal-diagonal / end-of-keys blocks,
   and the two merge exactly through the log-sum-exp, forward and backward
-  (:mod:`attnprune.backends._flash_split`). Not yet run on a GPU: opt-in until bench/fa4_check.py
-  (``gpu_session.sh fa4split``) has measured it. By the issue's model about 1.1x the block-exact time at 20%
-  partial blocks plus the merge; but the 2026-12-02 H200 run suggests the Triton kernel's bitmask blocks
-  cost ~8x an FA4 block, which would make it ~2.4x (see that script's docstring).
+  (:mod:`attnprune.backends._flash_split`): 1.28-2.50x (the fastest on 10 rows, most at density 0.5 and
+  16k; at density 0.1 two kernel launches and the merge cost more than they save).
 The split's layouts are built on a call's first use (one host read), so a CUDA graph capture needs an
 eager call of the same shapes first.
 """
@@ -54,9 +59,24 @@ FLASH_BLOCK = (128, 128)
 PACK_GQA = False  # FA4's packed-GQA path with block sparsity is not verified here
 # see the module docstring (checked against float64 and the mask_mod path on an H200, bench/fa4_check.py)
 NATIVE_CAUSAL = os.environ.get("ATTNPRUNE_FA4_NATIVE_CAUSAL", "1") != "0"
-# see the module docstring: "mask_mod" (default) or "split", for layouts with token-exact blocks
-PARTIAL = os.environ.get("ATTNPRUNE_FA4_PARTIAL", "mask_mod")
-_PARTIAL_MODES = ("mask_mod", "split")
+# see the module docstring: "triton" (default), "mask_mod" or "split", for layouts with token-exact blocks
+PARTIAL = os.environ.get("ATTNPRUNE_FA4_PARTIAL", "triton")
+
+
+def _by_split(q, k, v, layout, **kw):
+    from ._flash_split import split_attention
+
+    return split_attention(q, k, v, layout, full="fa4", **kw)
+
+
+def _by_triton(q, k, v, layout, **kw):
+    from ..kernels import sparse_attention
+
+    return sparse_attention(q, k, v, layout, **kw)
+
+
+# PARTIAL -> how a layout with token-exact blocks runs (None: FA4's mask_mod, below in flash_sparse_attention)
+PARTIAL_WAYS = {"mask_mod": None, "split": _by_split, "triton": _by_triton}
 
 
 def fa4_block_tables(layout: BlockLayout, lq: int, lk: int, causal: bool = False, q_offset: int = 0):
@@ -220,14 +240,13 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
         key_padding = torch.arange(Lk, device=dev)[None, :] < key_padding.to(dev)[:, None]
     layout = _layout_on(layout, dev)  # moved once per device, with its caches
     has_bits = layout.num_partial > 0
-    if has_bits and PARTIAL != "mask_mod":
-        if PARTIAL not in _PARTIAL_MODES:
-            raise InvalidArgumentError(f"ATTNPRUNE_FA4_PARTIAL / flash.PARTIAL must be one of {_PARTIAL_MODES}, "
+    if has_bits:
+        if PARTIAL not in PARTIAL_WAYS:
+            raise InvalidArgumentError(f"ATTNPRUNE_FA4_PARTIAL / flash.PARTIAL must be one of {tuple(PARTIAL_WAYS)}, "
                                        f"got {PARTIAL!r}")
-        from ._flash_split import split_attention
-
-        return split_attention(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding,
-                               q_offset=q_offset, full="fa4")
+        way = PARTIAL_WAYS[PARTIAL]
+        if way is not None:
+            return way(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=q_offset)
     meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
     native_causal = (causal and NATIVE_CAUSAL and not has_bits and key_padding is None
                      and int(q_offset) == Lk - Lq)
