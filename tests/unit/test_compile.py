@@ -232,3 +232,31 @@ def test_compiled_sparse_attention_and_backend_with_a_padding_mask():
             assert a.abs().max() > 0
             assert (a - b).abs().max() <= 64 * EPS * a.abs().max(), fn.__name__
         torch._dynamo.reset()
+
+
+def test_no_transformers_import_inside_a_masked_forward(monkeypatch):
+    """The capture path imports nothing from transformers while the model runs: torch 2.11's dynamo
+    refuses an import of transformers' lazy module inside a compiled forward ("Bad import result"; the
+    H200 run of 2026-12-05 failed 6 tests of this file on it), which CI's torch version traces."""
+    import builtins
+
+    lm = load_model("tiny-llama")
+    model = lm.model.eval()
+    ids = torch.randint(0, lm.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = attnprune.make_mask(attnprune.observe(model, [{"input_ids": ids}], progress=False), 0.5)
+    seen = []
+    real_import = builtins.__import__
+
+    def spy(name, *args, **kwargs):
+        if name.startswith("transformers"):
+            seen.append(name)
+        return real_import(name, *args, **kwargs)
+
+    with torch.no_grad(), warnings.catch_warnings(), attnprune.apply(model, mask, backend="reference"):
+        warnings.simplefilter("ignore")
+        model(ids)  # the first forward (the capture path narrows its hooks there)
+        monkeypatch.setattr(builtins, "__import__", spy)
+        model(ids)
+        model(ids[:1, :9])
+        monkeypatch.setattr(builtins, "__import__", real_import)
+    assert not seen, seen

@@ -22,15 +22,20 @@ from ..errors import UnsupportedModelError
 NAME = "attnprune"
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 _registered = False
+# transformers' SDPA path, imported by _register (before any forward): an import inside the attention
+# function breaks torch.compile's graph on some torch versions (transformers is a lazy module)
+_sdpa_forward = _position_bias_mask = None
 
 
 def _register() -> None:
-    global _registered
+    global _registered, _sdpa_forward, _position_bias_mask
     if _registered:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _sdpa_forward, _position_bias_mask = sdpa_attention_forward, create_position_bias_mask
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     _registered = True
@@ -42,8 +47,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     query: ``[B, Hq, Lq, D]``; key/value: ``[B, Hkv, Lk, D]``; returns (``[B, Lq, Hq, Dv]``, None).
     """
-    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
-
+    sdpa_attention_forward, create_position_bias_mask = _sdpa_forward, _position_bias_mask
     it = _ACTIVE.get(module)
     if it is None:  # a module of a model no longer intercepted, or not part of the intercepted model
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
