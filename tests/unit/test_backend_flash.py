@@ -1,6 +1,7 @@
 """``backend="flash"`` (FlashAttention-4 block sparsity): the FA4 metadata against a brute-force
 construction from the dense block table (CPU), ``resolve_backend``, the missing-dependency error, and
-on an sm90+ GPU with FA4 the backend's output and gradients against a float64 reference."""
+on an sm90+ GPU with FA4 the backend's output and gradients against a float64 reference, alone and inside
+``apply`` on a small transformers model."""
 
 from __future__ import annotations
 
@@ -269,3 +270,91 @@ def test_native_causal_is_the_default_and_the_environment_turns_it_off():
             env["ATTNPRUNE_FA4_NATIVE_CAUSAL"] = value
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         assert out.stdout.strip() == want, (value, out.stdout, out.stderr)
+
+
+def _small_llama():
+    """A 2-layer Llama (GQA 4/2 heads, head dim 64, rotary positions: any length) with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_apply_against_float64(backend, granularity, dev, dtype, length=300):
+    """``apply(model, mask, backend=...)`` on ``dtype`` weights against the same model in float64 through the
+    reference backend: logits and every parameter's gradient. The bound comes from the same comparison
+    without a mask: the masked model may be at most 3x as far from float64 as the dense one in ``dtype``
+    (the same rounding of weights and activations; attention itself accumulates in float32)."""
+    import copy
+    import warnings
+
+    import attnprune
+
+    model = _small_llama()
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    block = 128 if granularity == "blocks" else None
+    stats = attnprune.observe(model, [{"input_ids": ids}], progress=False, granularity=block or 1)
+    mask = attnprune.make_mask(stats, 0.5, block=block)
+    ids = ids.to(dev)
+    m64 = copy.deepcopy(model).to(dev, torch.float64)
+    low = model.to(dev, dtype)
+
+    def run(m, backend=None):
+        m.zero_grad()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*hands this call to the reference backend")
+            if backend is None:
+                logits = m(ids).logits
+            else:
+                with attnprune.apply(m, mask, backend=backend):
+                    logits = m(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        grads = torch.cat([p.grad.double().flatten() for p in m.parameters()])
+        return logits.detach(), grads
+
+    ref, ref_g = run(m64, "reference")
+    dense64, dense64_g = run(m64)
+    got, got_g = run(low, backend)
+    dense, dense_g = run(low)
+    # the mask moves the logits far more than the bound below allows: an ignored mask fails it
+    assert _rel(ref, dense64) > 10 * _rel(dense, dense64)
+    assert _rel(got, ref) <= 3 * _rel(dense, dense64), (_rel(got, ref), _rel(dense, dense64))
+    assert _rel(got_g, ref_g) <= 3 * _rel(dense_g, dense64_g), (_rel(got_g, ref_g), _rel(dense_g, dense64_g))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fa4_ok(), reason="needs an sm90+ GPU with FlashAttention-4")
+@pytest.mark.parametrize("partial", ["mask_mod", "triton"])
+@pytest.mark.parametrize("granularity", ["blocks", "tokens"])
+def test_apply_flash_matches_float64_on_a_small_llama(granularity, partial, monkeypatch):
+    """``apply(..., backend="flash")`` on a bf16 transformers model (GQA, 300 tokens: a partial last
+    block) against the float64 reference backend, forward and gradients; token masks make token-exact
+    blocks, run by each way of ``PARTIAL``."""
+    import attnprune.backends.flash as flash
+
+    monkeypatch.setattr(flash, "PARTIAL", partial)
+    check_apply_against_float64("flash", granularity, "cuda", torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_apply_triton_matches_float64_on_a_small_llama(monkeypatch):
+    """The check above with the triton backend, in float32 under the Triton interpreter on the CPU (~15 s,
+    so that the check itself runs in CI), in bf16 on a GPU; token masks (token-exact blocks, a partial
+    last block)."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    if torch.cuda.is_available():  # bf16: Triton's float32 dots run as TF32 there, dense float32 SDPA does not
+        check_apply_against_float64("triton", "tokens", "cuda", torch.bfloat16)
+    else:
+        check_apply_against_float64("triton", "tokens", "cpu", torch.float32)
