@@ -46,6 +46,8 @@ def test_model_bench_cpu(capsys, tmp_path, arch):
     (["--model", "tiny-llama", "--model-modes", "decode", "--decode-variants", "dense,turbo"],
      ["--decode-variants", "turbo", "pruned-graph"]),
     (["--model", "tiny-llama", "--decode-variants", "dense"], ["--decode-variants", "--model-modes decode"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--plot", "p.png"], ["--plot", "prefill"]),
+    (["--plot", "p.png"], ["--plot", "--model"]),
 ])
 def test_model_bench_bad_input(capsys, tmp_path, monkeypatch, argv, words):
     from attnprune.bench import decode, model as mb  # (decode imported before model's build_model is patched)
@@ -164,3 +166,22 @@ def test_old_arch_names_still_work():
     assert set(ARCHS) <= set(model_names())  # every benchmark name is a --model name of the other commands
     for name in ARCHS:
         assert resolve_arch(f"{name}-arch") == name == resolve_arch(name)
+
+
+def test_model_bench_plot(capsys, tmp_path):
+    """--plot draws the speed-up against sparsity; the same picture from the JSON file's rows."""
+    from attnprune.bench.plot import plot_speed
+    from attnprune.errors import InvalidArgumentError
+
+    js, png = tmp_path / "mb.json", tmp_path / "speed.png"
+    rc, out, err = run(capsys, "bench", "--model", "tiny-llama", "--lengths", "32", "--sparsities", "0.5", "0.75",
+                       "--backend", "reference", "--block", "8", "--warmup", "0", "--reps", "1", "-o", js,
+                       "--plot", png)
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out
+    rows = json.loads(js.read_text())["rows"]
+    again = plot_speed(rows, tmp_path / "again.png")
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(InvalidArgumentError, match="decode"):
+        plot_speed([dict(r, mode="decode") for r in rows], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

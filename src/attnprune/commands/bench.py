@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(wm, "--masks", what="file", default=(),
                       help="real masks (PruneMask files, e.g. from attnprune eval --save-masks), each timed at its "
                            "calibrated length next to a synthetic mask of the same sparsity")
+    wm.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw the speed-up over dense against achieved sparsity (prefill / train) here")
     wm.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     wm.add_argument("--reps", type=int, default=3, help="timed runs, median reported (default 3)")
     use_shared(p, backend=("auto", "--model: attnprune backend for masked rows (default auto: flash on Hopper "
@@ -79,8 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_outputs(args) -> None:
     check_output_file(args.output)
-    if args.markdown:
-        check_output_file(args.markdown)
+    for extra in (args.markdown, args.plot):
+        if extra:
+            check_output_file(extra)
 
 
 def _write_table(args, table: str) -> None:
@@ -92,6 +95,8 @@ def _write_table(args, table: str) -> None:
 def cmd_bench(args) -> int:
     if getattr(args, "model", None):
         return cmd_model_bench(args)
+    if args.plot:
+        raise InvalidArgumentError("--plot draws the whole-model benchmark: give it with --model")
     import torch
 
     if not torch.cuda.is_available():
@@ -136,6 +141,13 @@ def cmd_model_bench(args) -> int:
     if any(b < 1 for b in args.batch):
         raise InvalidArgumentError(f"--batch must be >= 1, got {list(args.batch)}")
     mb.check_modes(arch, args.model_modes, args.new_tokens)
+    if args.plot and not {"prefill", "train"} & set(args.model_modes):
+        raise InvalidArgumentError("--plot draws prefill / train rows against sparsity: add --model-modes prefill "
+                                   "or train")
+    if args.plot:
+        from ..plots import need_pyplot
+
+        need_pyplot()  # before the benchmark, not after it
     if args.decode_variants is not None:
         from ..bench.decode import ALL_VARIANTS
 
@@ -166,4 +178,10 @@ def cmd_model_bench(args) -> int:
                           "block": args.block, "masks": list(args.masks), "modes": list(args.model_modes),
                           "new_tokens": args.new_tokens, "rows": rows, "table": table})
     _write_table(args, table)
+    if args.plot:
+        from ..bench.plot import plot_speed
+
+        plot_speed([r for r in rows if r.mode in ("prefill", "train")], args.plot,
+                   title=f"{arch}, backend {backend}")
+        print(f"plot: {args.plot}")
     return 0
