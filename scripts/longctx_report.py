@@ -43,7 +43,7 @@ def _ood(x, name):
 
 
 SCORE_ORDER = ("prob", "value", "influence", "loss")
-POLICY_ORDER = ("layer", "global", "structured", "structured-global", "streaming", "random")
+POLICY_ORDER = ("layer", "global", "structured", "structured-global", "streaming", "random", "elastic", "elastic-site")
 
 
 def _ordered(g) -> list[str]:
@@ -114,10 +114,17 @@ def plot(groups, path) -> None:
             ax.set_xlabel("achieved block sparsity (% of attendable entries)", fontsize=7)
             if j == 0:
                 ax.set_ylabel("perplexity / dense (log)")
-    axes[0][-1].legend(fontsize=6, loc="upper left")
+    from matplotlib.lines import Line2D
+
+    shown = [p for p in POLICY_ORDER if p != "random" and any(lab.partition(" (")[0] == p for g in groups.values()
+                                                              for lab in _ordered(g))]
+    handles = [Line2D([], [], color=f"C{POLICY_ORDER.index(p)}", lw=2, label=p) for p in shown]
+    handles += [Line2D([], [], color="k", ls=ls, label=sc) for sc, ls in
+                (("prob", "-"), ("value", "--"), ("influence", ":"), ("loss", "-."))]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle("SmolLM2-135M, no fine-tuning: perplexity ratio vs block sparsity; colour = policy, line = score "
                  "(solid prob, dashed value, dotted influence, dash-dot loss; random omitted)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(path, dpi=110)
 
 
