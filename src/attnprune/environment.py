@@ -18,7 +18,7 @@ import torch
 
 ENV_KEYS = ("date_utc", "python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "cuda", "cudnn",
             "gpu", "gpu_count", "gpu_memory_gib", "triton", "transformers", "numpy", "attnprune", "device",
-            "git_commit")
+            "git_commit", "switches")
 """The keys of :func:`environment`, always all present (``None`` where a value does not apply or is unknown)."""
 
 
@@ -69,7 +69,10 @@ def environment(device=None) -> dict:
     version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
     ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
     ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit`` (the commit when
-    this process imported attnprune, see :func:`remember_commit`).
+    this process imported attnprune, see :func:`remember_commit`) and ``switches``: the ``ATTNPRUNE_*``
+    environment variables that change how attention is computed (``ATTNPRUNE_FA4_PARTIAL``,
+    ``ATTNPRUNE_TRITON_BITS``, ...; all but ``ATTNPRUNE_CACHE``) as set for this process, ``{}`` when none
+    is (every default then holds).
     """
     if device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,5 +104,6 @@ def environment(device=None) -> dict:
         "attnprune": _version("attnprune"),
         "device": str(dev),
         "git_commit": _AT_IMPORT["commit"] if "commit" in _AT_IMPORT else _git_commit(),
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATTNPRUNE_") and k != "ATTNPRUNE_CACHE"},
     }
     return env

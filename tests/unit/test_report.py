@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -176,3 +177,14 @@ def test_the_record_names_the_commit_read_when_attnprune_was_imported(monkeypatc
     assert "commit" in E._AT_IMPORT
     monkeypatch.setitem(E._AT_IMPORT, "commit", "a" * 40)
     assert E.environment("cpu")["git_commit"] == "a" * 40
+
+
+def test_environment_records_the_kernel_switches_set(monkeypatch):
+    """Result files name the ATTNPRUNE_* switches that change the computation (not the cache folder)."""
+    for k in [k for k in os.environ if k.startswith("ATTNPRUNE_")]:
+        monkeypatch.delenv(k)
+    assert report.environment("cpu")["switches"] == {}
+    monkeypatch.setenv("ATTNPRUNE_FA4_PARTIAL", "split")
+    monkeypatch.setenv("ATTNPRUNE_DKDV_SPLIT", "0")
+    monkeypatch.setenv("ATTNPRUNE_CACHE", "/tmp/somewhere")
+    assert report.environment("cpu")["switches"] == {"ATTNPRUNE_DKDV_SPLIT": "0", "ATTNPRUNE_FA4_PARTIAL": "split"}
