@@ -3,7 +3,7 @@ break raises) and computes what the eager masked model computes, across a second
 
 With the reference backend, and with the triton backend (issue 9), whose kernels dynamo sees as the custom
 ops ``attnprune::sparse_fwd`` / ``sparse_bwd`` (:mod:`attnprune.kernels.ops`); on the CPU they run under the
-Triton interpreter, so shapes are tiny. The FA4 (``flash``) backend under compile is not covered."""
+Triton interpreter, so shapes are tiny. The FA4 (``flash``) backend under compile: test_flash_compile.py."""
 
 import os
 import warnings

@@ -275,10 +275,13 @@ def _flash_unsupported(q, k, v) -> str | None:
 
 
 flash_backend = block_sparse_backend(flash_sparse_attention, lambda site_mask, lq, lk: FLASH_BLOCK, "flash",
-                                     "FlashAttention-4 here", _flash_unsupported)
+                                     "FlashAttention-4 here", lambda q, k, v: _flash_unsupported(q, k, v),
+                                     by_handle=lambda *a, **kw: flash_by_handle(*a, **kw))
 flash_backend.__doc__ = """Masked attention for one site with FA4 block-sparse attention on the site's layout (128 x 128).
 
 q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.
 """
 
 BACKENDS.add("flash", flash_backend)
+
+from .flash_ops import flash_by_handle  # noqa: E402 - the traceable form (torch.compile) imports this module
