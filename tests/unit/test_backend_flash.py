@@ -358,3 +358,41 @@ def test_apply_triton_matches_float64_on_a_small_llama(monkeypatch):
         check_apply_against_float64("triton", "tokens", "cuda", torch.bfloat16)
     else:
         check_apply_against_float64("triton", "tokens", "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fa4_ok(), reason="needs an sm90+ GPU with FlashAttention-4")
+@pytest.mark.parametrize("granularity", ["blocks", "tokens"])
+def test_compiled_flash_backend_equals_eager_on_the_gpu(granularity, monkeypatch):
+    """``torch.compile(fullgraph=True)`` of the flash backend (the custom ops of attnprune.backends.flash_ops,
+    or the Triton ops for token-exact masks) gives the eager call's output and gradients (bf16, causal)."""
+    import attnprune.backends.flash as flash
+    from attnprune.mask import SiteMask
+    from attnprune.sites import SiteInfo
+
+    monkeypatch.setattr(flash, "PARTIAL", "mask_mod" if granularity == "blocks" else "triton")
+    torch.manual_seed(3)
+    H, L, D = 4, 333, 64
+    n = L if granularity == "tokens" else -(-L // B)
+    keep = (torch.rand(H, n, n) < 0.5) | torch.eye(n, dtype=torch.bool)
+    site = SiteMask(SiteInfo("layers.0.self_attn", "causal", H, H), L, L, keep=keep,
+                    block=B if granularity == "blocks" else None)
+    backend = BACKENDS.get("flash")
+
+    def f(q, k, v):
+        return backend(q, k, v, site, is_causal=True)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2, H, L, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        out = fn(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        results.append((out, *grads))
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        assert b.float().abs().max() > 0
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err <= 2 ** -8, err  # the same kernels on the same inputs: at most bf16 rounding apart

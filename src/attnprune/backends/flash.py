@@ -38,6 +38,8 @@ Layouts with token-exact (bitmask) blocks have three ways, chosen by ``PARTIAL``
   16k; at density 0.1 two kernel launches and the merge cost more than they save).
 The split's layouts are built on a call's first use (one host read), so a CUDA graph capture needs an
 eager call of the same shapes first.
+
+Under ``torch.compile`` the backend traces as custom ops (:mod:`attnprune.backends.flash_ops`).
 """
 
 from __future__ import annotations
