@@ -51,7 +51,7 @@ import torch
 
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..kernels import BlockLayout
-from ..kernels.attention import _layout_on
+from ..kernels.attention import _layout_on, _placeholder
 from . import BACKENDS
 from ._block_sparse import block_sparse_backend
 
@@ -212,11 +212,10 @@ def _mask_args(layout: BlockLayout, Lq: int, Lk: int, causal: bool, q_offset: in
     dev = layout.device
     bq, bk = layout.block
     qn, kn = -(-Lq // bq), -(-Lk // bk)
-    codes = layout.code_table()[:, :qn, :kn] if has_bits else torch.full((1, 1, 1), -1, dtype=torch.int32,
-                                                                          device=dev)
-    bits = layout.bits if has_bits else torch.full((1, bq, (bk + 31) // 32), -1, dtype=torch.int32, device=dev)
-    kp = key_padding.to(torch.int32) if key_padding is not None else torch.ones(1, 1, dtype=torch.int32,
-                                                                                 device=dev)
+    # the tensors a variant does not read: cached placeholders (no allocation or fill kernel per call)
+    codes = layout.code_table()[:, :qn, :kn] if has_bits else _placeholder(dev, torch.int32, -1, (1, 1, 1))
+    bits = layout.bits if has_bits else _placeholder(dev, torch.int32, -1, (1, bq, (bk + 31) // 32))
+    kp = key_padding.to(torch.int32) if key_padding is not None else _placeholder(dev, torch.int32, 1, (1, 1))
     params = _params(int(q_offset), int(Lk), dev)
     aux = [_aux(params), _aux(codes), _aux(bits), _aux(kp)]
     return _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk), aux

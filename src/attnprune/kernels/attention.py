@@ -108,13 +108,14 @@ def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     return moved
 
 
-def _placeholder(device: torch.device, dtype: torch.dtype, fill: int) -> torch.Tensor:
-    """A 1-element tensor standing in for an absent kernel argument (no key padding, no bitmask),
-    made once per (device, dtype, fill): no allocation or fill kernel per call. Never written."""
-    key = (device, dtype, fill)
+def _placeholder(device: torch.device, dtype: torch.dtype, fill: int, shape: tuple = (1,)) -> torch.Tensor:
+    """A small tensor (1 element unless ``shape``) standing in for an absent kernel argument (no key
+    padding, no bitmask), made once per (device, dtype, fill, shape): no allocation or fill kernel per
+    call. Never written."""
+    key = (device, dtype, fill, tuple(shape))
     t = _PLACEHOLDERS.get(key)
     if t is None:
-        t = torch.full((1,), fill, dtype=dtype, device=device)
+        t = torch.full(tuple(shape), fill, dtype=dtype, device=device)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # not in a graph's pool
             _PLACEHOLDERS[key] = t
     return t
