@@ -61,14 +61,16 @@
 #   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget):
 #     1. `tests13`; then a second call `compile` (the compile test file on the GPU after e0bc2fe, and
 #        bench/compile_check.py).
-#     2. `fa4stash` (carry .gpu-fa4/a), at once `fa4 modelflash` (carry .gpu-fa4/b): the whole model at 16k x 4 and
-#        4k x 1 with backend flash vs triton vs dense vs no attention (issue 9's whole-model targets with FA4).
+#     2. `fa4stash` (carry .gpu-fa4/a), at once `fa4 testsfa4 modelflash` (carry .gpu-fa4/b): the flash backend's
+#        GPU tests with FA4 (compiled vs eager, apply on a small bf16 Llama vs float64), then the whole model at
+#        16k x 4 and 4k x 1 with backend flash vs triton vs dense vs no attention (issue 9's whole-model targets).
 #     3. `stash1` (carry .gpu/w1), at once `weights` + POLICIES="elastic-site elastic streaming layer"
 #        SCORES="prob value loss" TAG=-el `long2k` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl),
 #        then on the warm machine `recovery8k` with RECOVERY_POLICIES="elastic-site streaming"
 #        RECOVERY_ARGS="--steps 240 --epochs 3" (and later a second seed: RECOVERY_ARGS+=" --seed 1").
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
+#   testsfa4    tests/unit/test_backend_flash.py + test_flash_split.py with FA4 installed (issue 9)
 #   modelflash  attnprune bench --model smollm2 (random weights) at 16k and 4k, batch 4 and 1, 90% and all-kept masks, backends flash and
 #               triton (needs fa4 first) (issue 9)
 #   bitsab      bench/bits_ab.py twice (the Triton kernels' bitmask reads per row vs ATTNPRUNE_TRITON_BITS=gather,
@@ -224,6 +226,9 @@ while [ $# -gt 0 ]; do
         stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py ;;
     elastic)
         POLICIES="elastic elastic-site streaming structured layer" SCORES="prob value loss" TAG=-el bash "$0" long8k long2k ;;
+    testsfa4)  # the flash backend's tests with FA4 installed (after fa4 / fa4env) (issue 9)
+        stage testsfa4 ${TESTSFA4_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
+            tests/unit/test_backend_flash.py tests/unit/test_flash_split.py ;;
     modelflash)
         for be in flash triton; do
             stage modelflash_$be ${MODELFLASH_LIMIT:-240} python3 -m attnprune bench --model smollm2 --backend $be \
