@@ -31,7 +31,7 @@ import torch
 
 from ..kernels import BlockLayout
 from ..kernels.attention import _layout_on, attention_by_handle
-from ..kernels.ops import _SOURCES, _resolve
+from ..kernels.ops import _SOURCES, _resolve, register_attention_autograd
 from . import flash
 
 __all__ = ["flash_by_handle", "flash_fwd", "flash_bwd"]
@@ -122,18 +122,4 @@ def _(do, q, k, v, o, lse, key_padding, handle, layout_q_offset, beyond, causal,
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding, *rest = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding)
-    ctx.rest = tuple(rest)  # handle, layout_q_offset, beyond, causal, offset, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward_formula(ctx, do, _dlse):
-    q, k, v, o, lse, key_padding = ctx.saved_tensors
-    dq, dk, dv = flash_bwd(do.contiguous(), q, k, v, o, lse, key_padding, *ctx.rest)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-flash_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+register_attention_autograd(flash_fwd, flash_bwd, 6)  # handle, layout_q_offset, beyond, causal, offset, scale

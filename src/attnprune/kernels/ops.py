@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["layout_handle", "add_layout_source", "sparse_fwd", "sparse_bwd"]
+__all__ = ["layout_handle", "add_layout_source", "sparse_fwd", "sparse_bwd", "register_attention_autograd"]
 
 # kind -> factory(obj) -> source(lq, lk, device, q_offset, beyond) -> BlockLayout
 _FACTORIES: dict[str, Callable] = {}
@@ -143,18 +143,24 @@ def _(do, q, k, v, o, lse, kpm, handle, q_offset, beyond, causal, offset, scale)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, *rest = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kpm)
-    ctx.rest = tuple(rest)  # handle, q_offset, beyond, causal, offset, scale
-    ctx.mark_non_differentiable(lse)
+def register_attention_autograd(fwd_op, bwd_op, n_rest: int) -> None:
+    """Make ``bwd_op`` the autograd formula of ``fwd_op``, for ops of the form ``fwd_op(q, k, v, mask, *rest)
+    -> (o, lse)`` and ``bwd_op(do, q, k, v, o, lse, mask, *rest) -> (dq, dk, dv)`` (``mask``: an optional
+    tensor, ``rest``: ``n_rest`` non-tensor arguments; ``lse`` is not differentiable)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, *rest = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.rest = tuple(rest)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv = bwd_op(do.contiguous(), q, k, v, o, lse, mask, *ctx.rest)
+        return (dq, dk, dv) + (None,) * (1 + n_rest)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward_formula(ctx, do, _dlse):
-    q, k, v, o, lse, kpm = ctx.saved_tensors
-    dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, kpm, *ctx.rest)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-sparse_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+register_attention_autograd(sparse_fwd, sparse_bwd, 6)  # handle, q_offset, beyond, causal, offset, scale
