@@ -221,6 +221,19 @@ def _mask_args(layout: BlockLayout, Lq: int, Lk: int, causal: bool, q_offset: in
     return _mask_mod(has_bits, bool(causal), key_padding is not None, layout.num_heads == 1, bq, bk), aux
 
 
+def fa4_call_args(layout: BlockLayout, Lq: int, Lk: int, causal: bool, q_offset: int, key_padding):
+    """What an FA4 call on ``layout`` (on the inputs' device) takes besides q, k, v, both directions:
+    ``(native_causal, mask_mod, aux_tensors, metadata)``. FA4's own causality where it is ours (block-exact,
+    no key padding, ``q_offset == Lk - Lq``, ``NATIVE_CAUSAL``), else a ``mask_mod`` for the bitmask,
+    causality and key padding (bool ``[B, Lk]``) as needed (None when nothing needs one)."""
+    has_bits = layout.num_partial > 0
+    meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
+    native = causal and NATIVE_CAUSAL and not has_bits and key_padding is None and int(q_offset) == Lk - Lq
+    use_mod = has_bits or (causal and not native) or key_padding is not None
+    mask_mod, aux = _mask_args(layout, Lq, Lk, causal, q_offset, key_padding, has_bits) if use_mod else (None, None)
+    return native, mask_mod, aux, meta
+
+
 def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=None, key_padding=None, q_offset=0):
     """Same contract as :func:`attnprune.kernels.sparse_attention`, computed by FA4's block-sparse kernels.
 
@@ -248,11 +261,7 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
         way = PARTIAL_WAYS[PARTIAL]
         if way is not None:
             return way(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=q_offset)
-    meta = fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
-    native_causal = (causal and NATIVE_CAUSAL and not has_bits and key_padding is None
-                     and int(q_offset) == Lk - Lq)
-    use_mod = has_bits or (causal and not native_causal) or key_padding is not None
-    mask_mod, aux = _mask_args(layout, Lq, Lk, causal, q_offset, key_padding, has_bits) if use_mod else (None, None)
+    native_causal, mask_mod, aux, meta = fa4_call_args(layout, Lq, Lk, causal, q_offset, key_padding)
     fwd = BlockSparseTensorsTorch(*meta["fwd"], block_size=FLASH_BLOCK)
     bwd = BlockSparseTensorsTorch(*meta["bwd"], block_size=FLASH_BLOCK)
     res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,

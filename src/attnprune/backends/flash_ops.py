@@ -63,17 +63,10 @@ def flash_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: float 
 
 
 def _call_args(handle, q, k, key_padding, layout_q_offset, beyond, causal, offset):
-    """The FA4 keyword arguments of a call (both directions): ``(causal, mask_mod, aux, meta)``, as
-    :func:`~attnprune.backends.flash.flash_sparse_attention` builds them eagerly."""
+    """:func:`~attnprune.backends.flash.fa4_call_args` on the layout of ``handle`` for this call."""
     Lq, Lk = q.shape[2], k.shape[2]
     layout = _layout_on(_resolve(handle, Lq, Lk, q.device, layout_q_offset, beyond), q.device)
-    has_bits = layout.num_partial > 0
-    meta = flash.fa4_metadata(layout, Lq, Lk, causal=causal, q_offset=offset, key_padding=key_padding)
-    native = causal and flash.NATIVE_CAUSAL and not has_bits and key_padding is None and offset == Lk - Lq
-    use_mod = has_bits or (causal and not native) or key_padding is not None
-    mask_mod, aux = (flash._mask_args(layout, Lq, Lk, causal, offset, key_padding, has_bits) if use_mod
-                     else (None, None))
-    return native, mask_mod, aux, meta
+    return flash.fa4_call_args(layout, Lq, Lk, causal, offset, key_padding)
 
 
 def _bst(lists):
