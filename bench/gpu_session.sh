@@ -221,9 +221,15 @@ while [ $# -gt 0 ]; do
             --out "$RUNS/overhead_graph.json" ;;
     launch)  # host time per attention call, layer by layer, + a cProfile of the eager masked forward (issue 9)
         stage launch 240 python3 bench/launch_overhead.py --profile-model --out "$RUNS/launch.json" ;;
-    compile)
-        stage compile 400 python3 bench/compile_check.py --out "$RUNS/compile.json"
-        stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py ;;
+    compile)  # COMPILE_ARGS: extra bench/compile_check.py arguments (e.g. --backend flash --modes eager,default)
+        stage tests_compile 200 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_compile.py
+        stage compile${TAG:-} ${COMPILE_LIMIT:-400} python3 bench/compile_check.py ${COMPILE_ARGS:-} --out "$RUNS/compile${TAG:-}.json" ;;
+    compileflash)  # the flash backend (FA4 as custom ops) under torch.compile; needs fa4 / fa4env first (issue 9)
+        stage compileflash ${COMPILE_LIMIT:-300} python3 bench/compile_check.py --backend flash --variants dense,masked-90 \
+            --modes eager,default --out "$RUNS/compileflash.json" ;;
+    kbench32)  # 32k rows of the kernel comparison, density 0.1 (issue 9's 4k-32k range)
+        stage kbench32 ${KBENCH_LIMIT:-300} python3 -m attnprune bench --head-dims 64 128 --lengths 32768 \
+            --densities 0.1 --causal 0 1 -o "$RUNS/kbench32.json" --markdown "$RUNS/kbench32.md" ;;
     elastic)
         POLICIES="elastic elastic-site streaming structured layer" SCORES="prob value loss" TAG=-el bash "$0" long8k long2k ;;
     testsfa4)  # the flash backend's tests with FA4 installed (after fa4 / fa4env) (issue 9)
