@@ -132,7 +132,9 @@ def _causal_form(m, Lq: int, Lk: int, off: int):
     j = torch.arange(Lk, device=m.device)[None, :]
     tri = j <= i + off
     kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
-    return kp_c, off, (m == (kp_c[:, None, :] & tri[None])).all()
+    # a count of mismatches, not ``.all()``: inductor on torch 2.11 fails to generate a bool reduction over
+    # index comparisons ("A Boolean argument can only be used in Eq and Ne", pytorch/pytorch#188231)
+    return kp_c, off, (m != (kp_c[:, None, :] & tri[None])).sum() == 0
 
 
 def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
