@@ -160,7 +160,7 @@ while [ $# -gt 0 ]; do
             long8k) args=(--seq-len 8192 --calib 8 --test 8 --batch-size 1 --blocks 128) ;;
         esac
         name=$1${TAG:-}  # SCORES / POLICIES / TAG (suffix of the run's folder) from the environment
-        stage "$name" 560 python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
+        stage "$name" ${LONG_LIMIT:-560} python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
             --scores ${SCORES:-prob value influence loss} \
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
