@@ -51,6 +51,9 @@ def main(argv=None) -> int:
                     "(cuda), aot_eager (cpu)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile N forwards of every variant and mode (torch.profiler): the top operations "
+                         "by host time and by device time per forward, printed and stored in the row")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
@@ -112,6 +115,9 @@ def main(argv=None) -> int:
                         row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     if mode == "reduce-overhead":
                         row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+                    if a.profile:
+                        row["profile"] = _profile(lambda: logits(fn), a.profile, cuda)
+                        print(f"top operations per forward, {variant} / {mode}:\n{_profile_table(row['profile'])}")
                 except Exception as e:  # noqa: BLE001 - keep the other rows; the reason is the result
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                 rows.append(row)
@@ -150,5 +156,39 @@ def main(argv=None) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _profile(fn, n: int, cuda: bool, top: int = 12) -> dict:
+    """Per forward: ``{"host": [...], "device": [...]}``, the ``top`` operations by self host time and by self
+    device time over ``n`` calls of ``fn``, each ``[name, calls, host ms, device ms]`` divided by ``n``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+
+    def rows(key):
+        return [[e.key[:80], e.count / n, e.self_cpu_time_total / n / 1e3, dev_us(e) / n / 1e3]
+                for e in sorted(ev, key=key, reverse=True)[:top]]
+    return {"host": rows(lambda e: e.self_cpu_time_total), "device": rows(dev_us)}
+
+
+def _profile_table(p: dict) -> str:
+    lines = ["| by | operation | calls | host ms | device ms |", "|---|---|---|---|---|"]
+    for by in ("host", "device"):
+        lines += [f"| {by} | {name} | {calls:g} | {h:.3f} | {d:.3f} |" for name, calls, h, d in p[by]]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exit without interpreter teardown: on the GPU machine inductor's compile workers kept a finished run
+    # alive past its time limit (2026-12-05)
+    os._exit(code)

@@ -227,6 +227,9 @@ while [ $# -gt 0 ]; do
     compileflash)  # the flash backend (FA4 as custom ops) under torch.compile; needs fa4 / fa4env first (issue 9)
         stage compileflash ${COMPILE_LIMIT:-300} python3 bench/compile_check.py --backend flash --variants dense,masked-90 \
             --modes eager,default --out "$RUNS/compileflash.json" ;;
+    compileprof)  # where the compiled flash backend's time goes (issue 9): profiles of eager and compiled forwards
+        stage compileprof ${COMPILE_LIMIT:-300} python3 bench/compile_check.py --backend flash --variants masked-90 \
+            --modes eager,default --profile 3 --out "$RUNS/compileprof.json" ;;
     kbench32)  # 32k rows of the kernel comparison, density 0.1 (issue 9's 4k-32k range)
         stage kbench32 ${KBENCH_LIMIT:-300} python3 -m attnprune bench --head-dims 64 128 --lengths 32768 \
             --densities 0.1 --causal 0 1 -o "$RUNS/kbench32.json" --markdown "$RUNS/kbench32.md" ;;
