@@ -230,6 +230,13 @@ while [ $# -gt 0 ]; do
     compileprof)  # where the compiled flash backend's time goes (issue 9): profiles of eager and compiled forwards
         stage compileprof ${COMPILE_LIMIT:-300} python3 bench/compile_check.py --backend flash --variants masked-90 \
             --modes eager,default --profile 3 --out "$RUNS/compileprof.json" ;;
+    kbenchgqa)  # SmolLM2's attention shape (9 query heads on 3 kv heads, d 64, causal, 16k x 4) vs the same without GQA:
+                # is grouped-query attention where the 16k x 4 training step loses to the kernel rows? (issue 9)
+        for kv in 3 9; do
+            stage kbenchgqa_kv$kv ${KBENCH_LIMIT:-200} python3 -m attnprune bench --heads 9 --kv-heads $kv --head-dims 64 \
+                --lengths 16384 --tokens 65536 --densities 0.1 1 --causal 1 --impls cudnn fa4 ours ours-flash \
+                -o "$RUNS/kbenchgqa_kv$kv.json" --markdown "$RUNS/kbenchgqa_kv$kv.md"
+        done ;;
     kbench32)  # 32k rows of the kernel comparison, density 0.1 (issue 9's 4k-32k range)
         stage kbench32 ${KBENCH_LIMIT:-300} python3 -m attnprune bench --head-dims 64 128 --lengths 32768 \
             --densities 0.1 --causal 0 1 -o "$RUNS/kbench32.json" --markdown "$RUNS/kbench32.md" ;;

@@ -414,3 +414,14 @@ def test_one_list_syntax_commas_spaces_or_both():
                  ["eval", "--blocks", "-4"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("args, words", [(["--kv-heads", "3"], ["--kv-heads", "divide", "16"]),
+                                         (["--rounds", "0"], ["--rounds"]),
+                                         (["--impls", "cudnn", "banana"], ["banana", "cudnn"])])
+def test_kernel_bench_checks_its_arguments_before_the_machine(capsys, tmp_path, args, words):
+    """Bad kernel-benchmark arguments are named with a non-zero exit on any machine (here, also without a
+    GPU: they come before the check for one), and nothing is written."""
+    rc, _, err = run(capsys, "bench", *args, "-o", str(tmp_path / "b.json"))
+    assert_clean_error(rc, err, *words)
+    assert os.listdir(tmp_path) == []

@@ -47,3 +47,38 @@ def test_run_config_interleaves_rounds_and_reports_their_median():
     assert by["fa4"].ms is None and "Error" in by["fa4"].note
     with pytest.raises(ValueError):
         bm.run_config(cfg, impls=("ours",), modes=("fwd",), rounds=0, timer=timer, device="cpu")
+
+
+def test_run_config_with_grouped_query_heads_times_the_right_attention():
+    """``kv_heads``: k and v get fewer heads than q, and each implementation computes attention with every
+    key/value head shared by its group of query heads (checked here against float64 for the Triton
+    kernels, run by the interpreter); a head count that does not divide is refused before any work."""
+    import pytest
+    import torch
+
+    got = {}
+
+    def timer(fn, q, k, v, mode):
+        got["shapes"] = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        got["out"], got["qkv"] = fn(q, k, v).detach(), (q.detach(), k.detach(), v.detach())
+        return 1.0
+
+    cfg = bm.BenchConfig(head_dim=16, length=200, density=0.5, causal=True, batch=1, heads=4, dtype="float32",
+                         kv_heads=2)
+    rows = bm.run_config(cfg, impls=("ours",), modes=("fwd",), rounds=1, timer=timer, device="cpu",
+                         log=lambda *a: None)
+    assert rows[0].ms == 1.0
+    assert got["shapes"] == ((1, 4, 200, 16), (1, 2, 200, 16), (1, 2, 200, 16))
+    q, k, v = (t.double() for t in got["qkv"])
+    layout = bm.random_block_layout(4, 200, 0.5, causal=True, seed=hash((200, 16, 0.5)) % 2**31, device="cpu")
+    blocks = layout.block_mask().cpu()  # [4, 2, 2] of 128-blocks
+    allowed = blocks.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :200, :200]
+    allowed &= torch.ones(200, 200, dtype=torch.bool).tril()
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # query heads 0,1 -> kv 0; 2,3 -> kv 1
+    s = (q @ k.transpose(-1, -2)) / 4.0
+    ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    err = (got["out"].double() - ref).abs().max().item()
+    assert err <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    with pytest.raises(ValueError, match="multiple"):
+        bm.run_config(bm.BenchConfig(16, 200, 0.5, True, 1, heads=4, dtype="float32", kv_heads=3),
+                      impls=("ours",), modes=("fwd",), timer=timer, device="cpu", log=lambda *a: None)

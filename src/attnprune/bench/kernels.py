@@ -29,7 +29,8 @@ BLOCK = 128
 
 @dataclass
 class BenchConfig:
-    """One benchmark configuration (query heads = kv heads = ``heads``)."""
+    """One benchmark configuration: ``heads`` query heads on ``kv_heads`` key/value heads (None: as many;
+    fewer: grouped-query attention, each key/value head shared by ``heads // kv_heads`` query heads)."""
 
     head_dim: int
     length: int
@@ -38,6 +39,7 @@ class BenchConfig:
     batch: int
     heads: int = 16
     dtype: str = "bfloat16"
+    kv_heads: int | None = None
 
 
 @dataclass
@@ -92,7 +94,8 @@ def _sdpa(backend_name: str):
 
     def f(q, k, v, causal):
         with sdpa_kernel(be):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                    enable_gqa=q.shape[1] != k.shape[1])
 
     return f
 
@@ -195,6 +198,9 @@ def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense
     timer = timer or time_fn
     dtype = getattr(torch, cfg.dtype)
     L, H, B, D = cfg.length, cfg.heads, cfg.batch, cfg.head_dim
+    Hkv = cfg.kv_heads or H
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     layout = random_block_layout(H, L, cfg.density, causal=cfg.causal, seed=hash((L, D, cfg.density)) % 2**31,
                                  device=device)
     kept = kept_entries(layout, L, cfg.causal)
@@ -202,12 +208,12 @@ def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense
     flops_fwd = 4.0 * B * kept * D
     rows: list[BenchRow] = []
     gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(B, h, L, D, device=device, dtype=dtype, generator=gen).requires_grad_() for h in (H, Hkv, Hkv))
     for mode in modes:
         flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
         fns, samples, notes = {}, {}, {}
         for impl in impls:  # round 0: build (and compile) every implementation
-            key = (impl, mode, L, D, B, H, cfg.causal)
+            key = (impl, mode, L, D, B, H, Hkv, cfg.causal)
             if impl in DENSE and dense_cache is not None and key in dense_cache:
                 samples[impl], notes[impl] = [dense_cache[key]], "dense: timed once per shape"
                 continue
@@ -229,7 +235,7 @@ def run_config(cfg: BenchConfig, *, impls=IMPLS, modes=("fwd", "fwd+bwd"), dense
             if impl in live and len(got) > 1:
                 notes[impl] += f"; median of {len(got)} interleaved rounds ({min(got):.3f}-{max(got):.3f} ms)"
             if impl in DENSE and dense_cache is not None and ms is not None:
-                dense_cache[(impl, mode, L, D, B, H, cfg.causal)] = ms
+                dense_cache[(impl, mode, L, D, B, H, Hkv, cfg.causal)] = ms
             tf = flops / (ms * 1e-3) / 1e12 if ms else None
             rows.append(BenchRow(cfg, mode, impl, ms, tf, kept_frac, notes[impl],
                                  {"rounds_ms": got} if impl in live else {}))
@@ -279,15 +285,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_grid(head_dims=(64, 128), lengths=(4096, 16384, 32768), densities=(1.0, 0.5, 0.1),
              causals=(False, True), modes=("fwd", "fwd+bwd"), impls=IMPLS, heads=16, tokens=32768,
-             configs=None, rounds: int = 3, log=print) -> list[dict]:
-    """The issue-3 grid; returns JSON-able rows."""
+             configs=None, rounds: int = 3, kv_heads: int | None = None, log=print) -> list[dict]:
+    """The issue-3 grid; returns JSON-able rows. ``kv_heads``: see :class:`BenchConfig`."""
     rows: list[BenchRow] = []
     dense_cache: dict = {}
     for d in head_dims:
         for L in lengths:
             for causal in causals:
                 for dens in densities:
-                    cfg = BenchConfig(d, L, dens, causal, default_batch(L, heads, tokens), heads)
+                    cfg = BenchConfig(d, L, dens, causal, default_batch(L, heads, tokens), heads, kv_heads=kv_heads)
                     rows += run_config(cfg, impls=impls, modes=modes, dense_cache=dense_cache, configs=configs,
                                        rounds=rounds, log=log)
                     torch.cuda.empty_cache()

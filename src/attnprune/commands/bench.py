@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="implementations to time (default all: cudnn, flash (SDPA dense), flex, flex-flash "
                            "(FlexAttention's FA4 kernels), fa4 (FlashAttention-4 direct), ours (triton), ours-flash "
                            "(backend='flash'); one missing on this machine gives rows with its error as the note)")
-    p.add_argument("--heads", type=int, default=16, help="query = kv heads (default 16)")
+    p.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads, a divisor of --heads (default: --heads; fewer: grouped-query attention)")
     p.add_argument("--tokens", type=int, default=32768, help="batch * length (default 32768)")
     p.add_argument("--rounds", type=int, default=3,
                    help="kernel benchmark: timings per implementation, interleaved (every implementation once per "
@@ -99,19 +101,21 @@ def cmd_bench(args) -> int:
         raise InvalidArgumentError("--plot draws the whole-model benchmark: give it with --model")
     import torch
 
-    if not torch.cuda.is_available():
-        raise MissingDependencyError("attnprune bench needs a CUDA GPU (none is visible)")
     from ..bench import kernels as bm
 
-    for m in args.modes:
+    for m in args.modes:  # the arguments first, then the machine
         if m not in ("fwd", "fwd+bwd"):
             raise InvalidArgumentError(f"unknown mode {m!r}: use fwd and/or fwd+bwd")
     args.impls = tuple(args.impls or bm.IMPLS)
     if args.rounds < 1:
         raise InvalidArgumentError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+        raise InvalidArgumentError(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     for i in args.impls:
         if i not in bm.IMPLS:
             raise InvalidArgumentError(f"unknown implementation {i!r}; known: {', '.join(bm.IMPLS)}")
+    if not torch.cuda.is_available():
+        raise MissingDependencyError("attnprune bench needs a CUDA GPU (none is visible)")
     _check_outputs(args)
     env = bm.environment()
     print(env)
@@ -119,7 +123,7 @@ def cmd_bench(args) -> int:
     print(f"dense bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
     rows = bm.run_grid(head_dims=args.head_dims, lengths=args.lengths or (4096, 16384, 32768),
                        densities=args.densities, causals=args.causal, modes=args.modes, impls=args.impls,
-                       heads=args.heads, tokens=args.tokens, rounds=args.rounds)
+                       heads=args.heads, tokens=args.tokens, rounds=args.rounds, kv_heads=args.kv_heads)
     table = bm.markdown_table(rows)
     bm.save(args.output, {"env": env, "matmul_tflops": ceiling, "rows": rows, "table": table})
     _write_table(args, table)
