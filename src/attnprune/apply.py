@@ -34,6 +34,9 @@ class _Patch:
             backend = resolve_backend(backend, device)
         self.mask, self.beyond, self.backend_name = mask, beyond, backend
         self.backend = BACKENDS.get(backend)
+        # a backend that reads Positions.padding_free (the block-sparse ones: under torch.compile it lets them
+        # drop the key padding of a materialised causal mask); the registry's contract stays as documented
+        self.takes_hint = getattr(self.backend, "takes_padding_hint", False)
         self.checked = False
         self.pruned_layers: dict = {}  # site -> the PrunedKVCache layer last used there (cache.py)
         self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
@@ -72,9 +75,10 @@ class _Patch:
                 self.decoder_pad_from = _first_unused_key(call) if beyond == "error" and outside else None
             if beyond == "error" and outside and _padding_only(call, sm, pos.q_offset, self.decoder_pad_from):
                 beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
+        hint = {"key_padding_free": pos.padding_free} if self.takes_hint and pos.padding_free else {}
         out = self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                            scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
-                           positions=None if pos.simple else (pos.q, pos.k))
+                           positions=None if pos.simple else (pos.q, pos.k), **hint)
         self._count(call, sm, padding_only=beyond != self.beyond)  # after the backend: it raises LengthError
         return out
 

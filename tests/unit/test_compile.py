@@ -260,3 +260,46 @@ def test_no_transformers_import_inside_a_masked_forward(monkeypatch):
         model(ids[:1, :9])
         monkeypatch.setattr(builtins, "__import__", real_import)
     assert not seen, seen
+
+
+def _kpm_args(graphs):
+    """The key-padding argument (``kpm``, the fourth) of every ``attnprune::sparse_fwd`` node."""
+    return [n.args[3] if len(n.args) > 3 else n.kwargs.get("kpm") for g in graphs for n in g.graph.nodes
+            if str(n.target).startswith("attnprune.sparse_fwd")]
+
+
+@needs_triton
+def test_compiled_forward_without_padding_passes_no_key_padding():
+    """Under compile transformers materialise the causal mask (of a forward without a cache); a forward called
+    without an attention mask
+    says no key is padding, so the kernels get none (their unpadded, natively causal path: FA4 would
+    otherwise run its per-element mask_mod on every block), and the output equals eager. (A forward with a
+    2-D padding mask does not compile yet: its positions need a host read.)"""
+    _, model, mask, ids, _ = _block_masked("tiny-llama")
+    graphs = []
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with attnprune.apply(model.eval(), mask, backend="triton"):
+            eager = model(ids, use_cache=False).logits  # (with a cache transformers 5 pass no mask at all)
+            got = torch.compile(model, backend=_recording(graphs), fullgraph=True)(ids, use_cache=False).logits
+    kpm = _kpm_args(graphs)
+    assert len(kpm) == len(mask.sites) and all(a is None for a in kpm)
+    assert (got - eager).abs().max() <= 64 * EPS * eager.abs().max()
+
+
+def test_compiled_split_checks_a_padding_free_forward_on_the_device():
+    """``padding_free``: no key padding is returned, and a mask that does pad a key fails the on-device
+    check (on the CPU ``torch._assert_async`` raises at once) instead of being computed unpadded."""
+    from attnprune.backends._block_sparse import _compiled_split
+
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    kp, is_causal, off = _compiled_split(causal, 2, 6, 6, False, 0, "causal", padding_free=True)
+    assert kp is None and is_causal and off == 0
+    kp, _, _ = _compiled_split(causal, 2, 6, 6, False, 0, "causal")
+    assert kp is not None and bool(kp.all())
+    padded = causal.clone()
+    padded[1, :, :, 4:] = False  # keys 4, 5 of the second sequence are padding
+    kp, _, _ = _compiled_split(padded, 2, 6, 6, False, 0, "causal")
+    assert kp[1].tolist() == [True] * 4 + [False] * 2  # without the claim: passed on as key padding
+    with pytest.raises(RuntimeError):
+        _compiled_split(padded, 2, 6, 6, False, 0, "causal", padding_free=True)

@@ -150,3 +150,29 @@ def test_compiled_flash_backend_follows_a_new_length_without_retracing_the_mask(
         want = fa4(q, k, v, site, is_causal=True)
         assert (got - want).abs().max() <= 64 * EPS * want.abs().max()
     assert _ops_in(graphs, "flash_fwd") >= 1
+
+
+def test_compiled_flash_backend_uses_fa4s_own_causality_when_the_forward_has_no_padding(fa4, monkeypatch):
+    """Under compile a causal site gets the model's materialised causal mask. Without the forward's word that
+    no key is padding (``key_padding_free``), its key padding goes to FA4 through the per-element
+    ``mask_mod``; with it, FA4 runs its own causality and no ``mask_mod``. Both equal the eager causal call."""
+    L = 256
+    site = _site("causal", 2, 2, L, "blocks")
+    causal_mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    q, k, v = _qkv(1, 2, 2, L, 16)
+    want = fa4(q, k, v, site, is_causal=True)
+    seen, build = [], flash.fa4_call_args
+
+    def recording(*a, **kw):
+        native, mask_mod, aux, meta = build(*a, **kw)
+        seen.append((native, mask_mod is not None))
+        return native, mask_mod, aux, meta
+
+    monkeypatch.setattr(flash, "fa4_call_args", recording)
+    for free in (False, True):
+        seen.clear()
+        torch._dynamo.reset()
+        compiled = _compiled(lambda q, k, v: fa4(q, k, v, site, attn_mask=causal_mask, key_padding_free=free), [])
+        got = compiled(q, k, v)
+        assert (got - want).abs().max() <= 64 * EPS * want.abs().max()
+        assert seen == [(True, False)] if free else seen == [(False, True)]

@@ -78,11 +78,15 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None):
+def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None,
+                    padding_free: bool = False):
     """:func:`split_attn_mask` while ``torch.compile`` traces: no memo (tensor ids and versions mean nothing
     there) and no host read. The form is the one of the site's ``kind`` (as under CUDA graph capture:
     ``"causal"``: key padding + causality from the last query, else key padding alone); the mask is
-    checked against it on the device (``torch._assert_async``) and its key padding is always passed on."""
+    checked against it on the device (``torch._assert_async``) and its key padding is passed on, unless
+    ``padding_free`` (the forward says no key is padding: ``Positions.padding_free``): then the check also
+    asserts that every key is kept and no key padding is passed (the kernels' unpadded, natively causal
+    path)."""
     from ..errors import GraphCaptureError
 
     if attn_mask is None:
@@ -101,9 +105,12 @@ def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     else:
         kp, off = m.any(dim=1), q_offset
         same = (m == kp[:, None, :]).all()
+    if padding_free:  # (a count, not .all(): see _causal_form)
+        same = same & ((~kp).sum() == 0)
     torch._assert_async(torch.stack(pre + [same]).all(),
-                        "attnprune: a compiled model got an attention mask that is not key padding (+ causal)")
-    return kp, causal or is_causal, off
+                        "attnprune: a compiled model got an attention mask that is not key padding (+ causal)"
+                        + (" or that pads keys of a forward without padding" if padding_free else ""))
+    return None if padding_free else kp, causal or is_causal, off
 
 
 def _normalised(attn_mask, B: int, Lq: int, Lk: int):
@@ -241,7 +248,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                q_offset=0, beyond="error", positions=None):
+                q_offset=0, beyond="error", positions=None, key_padding_free=False):
         q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
@@ -257,7 +264,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         Lk = k.shape[2]
         kind = getattr(getattr(site_mask, "info", None), "kind", None)
         if by_handle is not None and torch.compiler.is_compiling():
-            split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind)
+            split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind, key_padding_free)
             if split is None:
                 return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
             key_padding, causal, offset = split
@@ -296,4 +303,5 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
 
         add_layout_source(source, lambda site_mask: lambda lq, lk, device, q_offset, beyond: site_layout(
             site_mask, lq, lk, device, q_offset, beyond))
+    backend.takes_padding_hint = True  # apply passes key_padding_free= (Positions.padding_free)
     return backend

@@ -249,7 +249,7 @@ class Interceptor:
         # called directly (``model.get_encoder()(...)``) or recomputed by activation checkpointing.
         if not self.stack:
             if ForwardContext.starts_forward(kwargs, module is self.model):
-                self.context = ForwardContext(kwargs, trusted=self.hf_models.get(module, False))
+                self.context = ForwardContext(kwargs, trusted=self.hf_models.get(module, False), positional=len(args))
             if self._hf is None or self.mode_needed is not False:
                 self.mode.__enter__()
                 self.mode_on = True

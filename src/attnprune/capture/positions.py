@@ -41,6 +41,10 @@ class Positions:
     q_end, k_end: one past the last *real* query / key position of any sequence in the call (None:
         unknown; then only the call's attention mask can tell real tokens from padding).
     q_valid: bool ``[B, Lq]``, False for padded queries, when a 2-D mask says so.
+    padding_free: the forward says every key of the call is a real token: a transformers model called
+        without an attention mask for this side (by name or position) and without a cache, and the call's
+        keys are its tokens (so its own attention mask, if any, encodes the model's structure, e.g.
+        causality, never padding).
     """
 
     q_offset: int = 0
@@ -49,6 +53,7 @@ class Positions:
     q_end: int | None = None
     k_end: int | None = None
     q_valid: torch.Tensor | None = None
+    padding_free: bool = False
 
     @property
     def simple(self) -> bool:
@@ -127,12 +132,15 @@ class ForwardContext:
         cache of their own: without a ``cache_position`` they get the shape rule.
     """
 
-    def __init__(self, kwargs: dict | None = None, trusted: bool = False):
+    def __init__(self, kwargs: dict | None = None, trusted: bool = False, positional: int = 0):
         kwargs = kwargs or {}
         self.enc_dec = any(k in kwargs for k in ENC_DEC_KEYS)
         self.past = _past_length(kwargs, trusted)
         self._masks = {side: kwargs.get(name) for side, name in
                        (("encoder", "attention_mask"), ("decoder", "decoder_attention_mask"))}
+        # no padding unless a mask says so: a transformers model called with at most its first argument
+        # (input_ids) positionally and no cache (a mask may not hide among the positional arguments)
+        self._fresh = trusted and positional <= 1 and all(kwargs.get(k) is None for k in ("cache", "past_key_values"))
         self._sides: dict[str, _Side | None] = {}
         self.decoder_offset = 0  # cross sites' query offset when the past is unknown: the last causal site's
 
@@ -185,7 +193,9 @@ class ForwardContext:
         k_end = sk.end if sk is not None else (tk if known else None)
         q_valid = sq.valid[:, past_q:past_q + lq] if sq is not None else None
         if k0 == 0 and not (sq is not None and sq.shifted) and not (sk is not None and sk.shifted):
-            return Positions(past_q, None, None, q_end, k_end, q_valid)
+            key_side = "encoder" if kind == "cross" else side
+            free = self._fresh and lk == tk and self._masks[key_side] is None
+            return Positions(past_q, None, None, q_end, k_end, q_valid, padding_free=free)
         if sq is not None:
             qp = sq.own[:, past_q:past_q + lq].to(device)
         else:
