@@ -78,6 +78,10 @@
 #               triton (needs fa4 first) (issue 9)
 #   bitsab      bench/bits_ab.py twice (the Triton kernels' bitmask reads per row vs ATTNPRUNE_TRITON_BITS=gather,
 #               the reads before 2026-12-05): token-exact 20% vs block-exact time, d 64/128, 4k/16k (issue 9; no FA4)
+#   compileflash / compileprof   bench/compile_check.py with the flash backend (needs fa4 first): eager vs compiled;
+#               and the same with --profile 3 (top host / device operations per forward) (issue 9)
+#   kbench32 / kbenchgqa   attnprune bench at 32k (density 0.1); SmolLM2's grouped-query shape (9 query heads on 3 or 9
+#               kv heads, d 64, causal, 16k x 4) with cudnn / fa4 / ours / ours-flash (needs fa4 first) (issue 9)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
