@@ -65,7 +65,8 @@ class _Side:
 
     ``valid`` and ``own`` stay on the mask's device (no synchronisation); ``shifted`` and ``end``
     are host values, computed together on first use: one GPU->CPU synchronisation per side and
-    model forward (none for a mask on the CPU)."""
+    model forward (none for a mask on the CPU). While ``torch.compile`` traces: no read; the batch must be
+    right-padded (``shifted`` False, asserted on the device) and ``end`` is the mask's full length."""
 
     def __init__(self, mask: torch.Tensor):
         self.valid = mask != 0
@@ -75,6 +76,15 @@ class _Side:
         self._host: tuple[bool, int] | None = None
 
     def _read(self) -> tuple[bool, int]:
+        if self._host is None and torch.compiler.is_compiling():
+            # no host read in a traced forward: right padding is assumed (checked on the device: a count, not
+            # .any(), see backends/_block_sparse._causal_form) and the real tokens may reach the full length
+            if self.length and self.valid.shape[0]:
+                later = self.valid.flip(1).cummax(1).values.flip(1)
+                torch._assert_async((~self.valid & later).sum() == 0,
+                                    "attnprune: a compiled masked model got a left-padded batch (padding before "
+                                    "real tokens); under torch.compile pad on the right, or run it eagerly")
+            self._host = (False, self.length)
         if self._host is None:
             if self.valid.is_cuda and torch.cuda.is_current_stream_capturing():
                 from ..errors import GraphCaptureError
