@@ -67,8 +67,9 @@
 #     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b): the
 #        padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the 16k x 4
 #        training step's gap to the no-attention bound: 70 ms where the kernel rows predict ~38).
-#     2. on the warm machine: `compile` (test_compile.py after the bool-reduction workaround, compile_check triton
-#        without key padding now), then `tests13` (the suites at the new head) with TESTS_LIMIT=300.
+#     2. on the warm machine (fa4env first): `trainprof` (bench/train_profile.py: the training step's kernels, flash
+#        and triton), `compile` (test_compile.py after the bool-reduction workaround, compile_check triton without
+#        key padding now); then a call for `tests13` (the suites at the new head) with TESTS_LIMIT=300.
 #     3. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
@@ -82,6 +83,8 @@
 #               and the same with --profile 3 (top host / device operations per forward) (issue 9)
 #   kbench32 / kbenchgqa   attnprune bench at 32k (density 0.1); SmolLM2's grouped-query shape (9 query heads on 3 or 9
 #               kv heads, d 64, causal, 16k x 4) with cudnn / fa4 / ours / ours-flash (needs fa4 first) (issue 9)
+#   trainprof   bench/train_profile.py: device time per kernel of the 16k x 4 training step, dense / masked /
+#               no-attention, backends flash and triton (flash needs fa4 first) (issue 9)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
 # Weights, data and wheels are never committed: .gpu/ and .whl/ are git-ignored and carried.
@@ -243,6 +246,11 @@ while [ $# -gt 0 ]; do
             stage kbenchgqa_kv$kv ${KBENCH_LIMIT:-200} python3 -m attnprune bench --heads 9 --kv-heads $kv --head-dims 64 \
                 --lengths 16384 --tokens 65536 --densities 0.1 1 --causal 1 --impls cudnn fa4 ours ours-flash \
                 -o "$RUNS/kbenchgqa_kv$kv.json" --markdown "$RUNS/kbenchgqa_kv$kv.md"
+        done ;;
+    trainprof)  # where the 16k x 4 training step's time goes: kernels by device time, dense / masked / no-attention
+        for be in ${TRAINPROF_BACKENDS:-flash triton}; do
+            stage trainprof_$be ${TRAINPROF_LIMIT:-200} python3 bench/train_profile.py --backend $be \
+                --out "$RUNS/trainprof_$be.json"
         done ;;
     kbench32)  # 32k rows of the kernel comparison, density 0.1 (issue 9's 4k-32k range)
         stage kbench32 ${KBENCH_LIMIT:-300} python3 -m attnprune bench --head-dims 64 128 --lengths 32768 \
