@@ -185,3 +185,25 @@ def test_model_bench_plot(capsys, tmp_path):
     with pytest.raises(InvalidArgumentError, match="decode"):
         plot_speed([dict(r, mode="decode") for r in rows], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_no_attention_stand_in_still_backpropagates_into_q_and_k():
+    """The no-attention bound's stand-in returns the values (repeated over query-head groups) and, when
+    gradients are recorded, gives q and k (zero) gradients, so a training step still runs the backward of
+    their projections as with any real attention; without gradients nothing is added."""
+    import torch
+
+    from attnprune.bench.model import _no_attention
+    from attnprune.capture import AttentionCall
+
+    q = torch.randn(2, 4, 6, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(2))
+    call = AttentionCall.__new__(AttentionCall)
+    call.q, call.k, call.v = q, k, v
+    out = _no_attention(call)
+    assert torch.equal(out.detach(), v.detach().repeat_interleave(2, dim=1))
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None and not q.grad.any() and not k.grad.any()
+    assert torch.equal(v.grad, torch.full_like(v, 2.0))  # each kv head feeds two query heads
+    with torch.no_grad():
+        assert _no_attention(call).grad_fn is None

@@ -157,12 +157,18 @@ def synthetic_mask(infos: dict, length: int, sparsity: float, block: int, seed: 
 
 
 def _no_attention(call):
-    """Stand-in for attention of (almost) no cost: the values, repeated over query-head groups."""
-    v = call.v
-    hq, hkv, lq = call.q.shape[1], v.shape[1], call.q.shape[2]
+    """Stand-in for attention of (almost) no cost: the values, repeated over query-head groups. When gradients
+    are recorded, q and k get (zero) gradients through it too, as from a real attention, so the training step
+    still runs their projections' backward (before 2026-12-05 it did not: that bound was ~2 matmuls per
+    projection and layer too low)."""
+    q, k, v = call.q, call.k, call.v
+    hq, hkv, lq = q.shape[1], v.shape[1], q.shape[2]
     if hq != hkv:
         v = v.repeat_interleave(hq // hkv, dim=1)
-    return v[:, :, :lq] if v.shape[2] >= lq else v.new_zeros(v.shape[0], hq, lq, v.shape[3])
+    out = v[:, :, :lq] if v.shape[2] >= lq else v.new_zeros(v.shape[0], hq, lq, v.shape[3])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        out = out + 0.0 * (q.sum() + k.sum())
+    return out
 
 
 # ---------------------------------------------------------------------------------- timing
