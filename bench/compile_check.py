@@ -159,23 +159,14 @@ def main(argv=None) -> int:
 def _profile(fn, n: int, cuda: bool, top: int = 12) -> dict:
     """Per forward: ``{"host": [...], "device": [...]}``, the ``top`` operations by self host time and by self
     device time over ``n`` calls of ``fn``, each ``[name, calls, host ms, device ms]`` divided by ``n``."""
-    from torch.profiler import ProfilerActivity, profile
+    from train_profile import device_ms, profiled
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        for _ in range(n):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    ev = prof.key_averages()
-
-    def dev_us(e):
-        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+    ev = profiled(fn, n, cuda)
 
     def rows(key):
-        return [[e.key[:80], e.count / n, e.self_cpu_time_total / n / 1e3, dev_us(e) / n / 1e3]
+        return [[e.key[:80], e.count / n, e.self_cpu_time_total / n / 1e3, device_ms(e) / n]
                 for e in sorted(ev, key=key, reverse=True)[:top]]
-    return {"host": rows(lambda e: e.self_cpu_time_total), "device": rows(dev_us)}
+    return {"host": rows(lambda e: e.self_cpu_time_total), "device": rows(device_ms)}
 
 
 def _profile_table(p: dict) -> str:

@@ -34,23 +34,29 @@ import torch  # noqa: E402
 ATTENTION = re.compile(r"flash|fmha|cudnn|attn|attention|sparse_|_fwd_kernel|_bwd_kernel|sdpa", re.IGNORECASE)
 
 
-def _device_ms(e) -> float:
+def device_ms(e) -> float:
+    """Self device time (ms) of a profiler event average (the attribute's name differs between torch versions)."""
     return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e3
 
 
-def profile_step(step, n: int, cuda: bool, top: int) -> dict:
-    """Device time per step of ``step()`` over ``n`` profiled calls, by kernel."""
+def profiled(fn, n: int, cuda: bool):
+    """``torch.profiler`` event averages of ``n`` calls of ``fn`` (host, and device where ``cuda``)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            step()
+            fn()
         if cuda:
             torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def profile_step(step, n: int, cuda: bool, top: int) -> dict:
+    """Device time per step of ``step()`` over ``n`` profiled calls, by kernel."""
     # on the GPU the kernels are the device events; on the CPU (smoke run) the aten ops' host time stands in
-    events = [e for e in prof.key_averages() if (_device_ms(e) > 0 if cuda else e.key.startswith("aten::"))]
-    ms = {e.key: (_device_ms(e) if cuda else e.self_cpu_time_total / 1e3) / n for e in events}
+    events = [e for e in profiled(step, n, cuda) if (device_ms(e) > 0 if cuda else e.key.startswith("aten::"))]
+    ms = {e.key: (device_ms(e) if cuda else e.self_cpu_time_total / 1e3) / n for e in events}
     calls = {e.key: e.count / n for e in events}
     att = sum(v for k, v in ms.items() if ATTENTION.search(k))
     ranked = sorted(ms, key=ms.get, reverse=True)[:top]
