@@ -69,6 +69,8 @@ class _Patch:
             if sm.check_length(pos.q_end, pos.k_end, beyond) and pos.simple:
                 if pos.q_offset + lq > sm.q_len or lk > sm.k_len:
                     beyond = "dense"
+        elif torch.compiler.is_compiling():  # no host read of the call's mask while tracing: every position
+            sm.check_length(pos.q_offset + lq, lk, beyond)  # counts as real (LengthError at trace time)
         else:  # a model that passes no padding mask or cache: its call's attention mask decides
             outside = pos.q_offset + lq > sm.q_len or lk > sm.k_len
             if call.kind == "causal":

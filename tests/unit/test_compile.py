@@ -327,3 +327,25 @@ def test_right_padded_batch_compiles_and_a_left_padded_one_is_refused():
     assert len(kpm) == len(mask.sites) and all(a is not None for a in kpm)
     real = right.bool()
     assert (got[real] - eager[real]).abs().max() <= 64 * EPS * eager.abs().max()
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_input_past_the_calibrated_length_is_a_length_error_under_compile(backend):
+    """Under compile the call's mask is not read to find padding past the calibrated length, so every
+    position counts as real: an input longer than the mask's 32 positions raises ``LengthError`` while
+    tracing (not a data-dependent-guard failure); with ``fullgraph=True`` dynamo reports it with the
+    error's message."""
+    from attnprune.errors import LengthError
+
+    _, model, mask, ids, _ = _block_masked("tiny-llama")
+    longer = torch.randint(0, 100, (1, 48), generator=torch.Generator().manual_seed(1)).to(DEV)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with attnprune.apply(model.eval(), mask, backend=backend):
+            model(ids)
+            with pytest.raises(LengthError, match="calibrated for 32 x 32"):
+                torch.compile(model, backend="aot_eager")(longer)
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="calibrated for 32 x 32"):
+                torch.compile(model, backend="aot_eager", fullgraph=True)(longer)
