@@ -48,6 +48,9 @@ def test_model_bench_cpu(capsys, tmp_path, arch):
     (["--model", "tiny-llama", "--decode-variants", "dense"], ["--decode-variants", "--model-modes decode"]),
     (["--model", "tiny-llama", "--model-modes", "decode", "--plot", "p.png"], ["--plot", "prefill"]),
     (["--plot", "p.png"], ["--plot", "--model"]),
+    (["--model", "tiny-llama", "--compile", "banana"], ["banana", "reduce-overhead", "aot_eager"]),
+    (["--model", "tiny-llama", "--model-modes", "decode", "--compile", "default"], ["--compile", "decode"]),
+    (["--compile", "default"], ["--compile", "--model"]),
 ])
 def test_model_bench_bad_input(capsys, tmp_path, monkeypatch, argv, words):
     from attnprune.bench import decode, model as mb  # (decode imported before model's build_model is patched)
@@ -207,3 +210,33 @@ def test_no_attention_stand_in_still_backpropagates_into_q_and_k():
     assert torch.equal(v.grad, torch.full_like(v, 2.0))  # each kv head feeds two query heads
     with torch.no_grad():
         assert _no_attention(call).grad_fn is None
+
+
+def test_model_bench_compiled_rows(capsys, tmp_path, monkeypatch):
+    """``--compile MODE``: every prefill / train row (dense, no-attention, masked) runs its own compiled graph
+    (counted here through a recording dynamo backend standing in for the mode), the rows and the file say
+    so; a row that fails to compile would have no time (its error is its note)."""
+    import torch
+
+    from attnprune.bench import compiled
+
+    graphs = []
+    inner = torch._dynamo.lookup_backend("aot_eager")
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    monkeypatch.setitem(compiled.COMPILE_MODES, "aot_eager", {"backend": recording})
+    js, md = tmp_path / "c.json", tmp_path / "c.md"
+    rc, out, err = run(capsys, "bench", "--model", "tiny-llama", "--lengths", "32", "--sparsities", "0.5",
+                       "--backend", "reference", "--block", "8", "--warmup", "0", "--reps", "1",
+                       "--compile", "aot_eager", "-o", js, "--markdown", md)
+    assert rc == 0, err
+    data = json.loads(js.read_text())
+    assert data["compile"] == "aot_eager"
+    rows = data["rows"]
+    assert len(rows) == 6 and all(r["compile"] == "aot_eager" and r["ms"] > 0 for r in rows)
+    assert all(r["note"].startswith("compiled in ") for r in rows)
+    assert len(graphs) >= 6  # one graph (at least) per row: nothing ran eagerly in place of the compiled model
+    assert "| prefill (compiled, aot_eager) | masked |" in md.read_text()

@@ -21,9 +21,10 @@ greedy generation, dense vs masked vs masked with ``PrunedKVCache``, its own row
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import statistics
 import time
-import itertools
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Callable
 
@@ -35,6 +36,7 @@ from ..mask import PruneMask, SiteMask
 from ..policies import check_sparsity
 from ..environment import environment  # noqa: F401 - the record of this benchmark's files
 from ..runtime import default_device
+from .compiled import compiled_runner
 
 GRID_MODES = ("prefill", "train")  # the prefill / train grid of this module
 MODES = GRID_MODES + ("decode",)  # every mode (RUNNERS)
@@ -187,6 +189,7 @@ class ModelBenchRow:
     attention_share: float | None = None  # (ms - no-attention ms) / ms
     speedup_vs_dense: float | None = None
     note: str = ""
+    compile: str | None = None  # the torch.compile mode of the row (attnprune.bench.compiled), None: eager
 
 
 def _measure(fn, device, warmup: int, reps: int) -> tuple[float, float | None]:
@@ -265,7 +268,8 @@ def check_modes(arch: str, modes, new_tokens: int = 64, lengths=(), batches=(), 
 
 def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEFAULT_MODES, batch=1,
         block: int = 128, warmup: int = 1, reps: int = 3, device=None, dtype=None, log=print,
-        masks: dict[str, PruneMask] | None = None, new_tokens: int = 64, decode_variants=None) -> list:
+        masks: dict[str, PruneMask] | None = None, new_tokens: int = 64, decode_variants=None,
+        compile_mode: str | None = None) -> list:
     """Run the grid; returns one row per (length, batch, mode, variant[, sparsity]): ``ModelBenchRow``
     (prefill, train) and ``decode.DecodeBenchRow`` (decode: ``lengths`` are the prompt lengths,
     ``new_tokens`` generated). ``batch``: an int or a sequence of them.
@@ -274,12 +278,17 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEF
     timed at its calibrated length (which is added to ``lengths``) as variant ``ap-mask`` (``note``: the
     label), next to a synthetic mask of the same achieved sparsity (variant ``masked``, ``note``
     ``"density of <label>"``). The masks must match the model's sites (checked before timing).
-    Decode: see :func:`attnprune.bench.decode.run` (``decode_variants``: its ``variants``)."""
+    Decode: see :func:`attnprune.bench.decode.run` (``decode_variants``: its ``variants``).
+    compile_mode: every prefill / train row under ``torch.compile`` as :data:`attnprune.bench.compiled.COMPILE_MODES`
+    says (None: eager)."""
     batches = [batch] if isinstance(batch, int) else [int(b) for b in batch]
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
         raise InvalidArgumentError(f"lengths must be positive integers, got {lengths}")
     arch = check_modes(arch, modes, new_tokens, lengths, batches, masks)
+    from .compiled import check_compile
+
+    check_compile(compile_mode, modes)
     groups: dict[Callable, list[str]] = {}
     for m in dict.fromkeys(modes):
         groups.setdefault(RUNNERS[m], []).append(m)
@@ -287,7 +296,8 @@ def run(arch: str, lengths, sparsities, *, backend: str = "reference", modes=DEF
     for runner, ms in groups.items():
         rows += runner(arch, lengths, sparsities, modes=ms, batches=batches, backend=backend, block=block,
                        warmup=warmup, reps=reps, device=device, dtype=dtype, log=log, masks=masks,
-                       new_tokens=new_tokens, decode_variants=decode_variants)
+                       new_tokens=new_tokens, decode_variants=decode_variants,
+                       **({"compile_mode": compile_mode} if compile_mode else {}))
     return rows
 
 
@@ -300,7 +310,7 @@ def _decode(arch, lengths, sparsities, *, modes, batches, masks, new_tokens, dec
 
 def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block: int, warmup: int, reps: int,
           device, dtype, log, masks: dict[str, PruneMask] | None, new_tokens: int,
-          decode_variants=None) -> list[ModelBenchRow]:
+          decode_variants=None, compile_mode: str | None = None) -> list[ModelBenchRow]:
     """The prefill / train grid of :func:`run` (``new_tokens``, ``decode_variants`` unused)."""
     from ..apply import apply
     from ..capture import intercept
@@ -339,17 +349,25 @@ def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block
             def one(variant, bk, ctx, s=None, achieved=None, label=""):
                 note = label
                 try:
-                    if ctx is None:
-                        ms, peak = _measure(fn, device, warmup, reps)
-                    else:
-                        with ctx():
-                            ms, peak = _measure(fn, device, warmup, reps)
+                    with ctx() if ctx is not None else contextlib.nullcontext():
+                        run_fn = fn
+                        if compile_mode:
+                            run_fn, secs = compiled_runner(model, lambda m: _runners(m, ids, kind)[0][mode],
+                                                           compile_mode, device)
+                            note = "; ".join(filter(None, [f"compiled in {secs:.1f} s", label]))
+                        ms, peak = _measure(run_fn, device, warmup, reps)
                 except torch.OutOfMemoryError:
                     ms, peak, note = None, None, "out of memory" + (f"; {label}" if label else "")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     opt.zero_grad(set_to_none=True)
-                row = ModelBenchRow(arch, n, batch, mode, variant, bk, s, achieved, ms, peak, note=note)
+                except Exception as e:  # noqa: BLE001 - a model that does not compile is this row's result
+                    if not compile_mode:
+                        raise
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    ms, peak, note = None, None, f"compile failed: {type(e).__name__}: {first}"
+                row = ModelBenchRow(arch, n, batch, mode, variant, bk, s, achieved, ms, peak, note=note,
+                                    compile=compile_mode)
                 rows.append(row)
                 log(f"{arch} L={n} {mode:7s} {variant:12s} {bk:9s} s={s} ms={_fmt(ms)} peak_MiB={_fmt(peak)} {note}")
                 return row
@@ -373,6 +391,8 @@ def _grid(arch: str, lengths, sparsities, *, modes, batches, backend: str, block
                     if base["dense"] is not None:
                         r.speedup_vs_dense = round(base["dense"] / r.ms, 3)
         del opt, fns
+    if compile_mode:
+        torch._dynamo.reset()
     return rows
 
 
@@ -406,7 +426,8 @@ def _grid_table(rows: list[ModelBenchRow]) -> str:
         sp = "" if r.sparsity is None else f"{r.sparsity:g} ({r.achieved_sparsity:.3f})"
         share = "" if r.attention_share is None else f"{100 * r.attention_share:.0f}%"
         ms = _fmt(r.ms, 2) + (f" ({r.note})" if r.note else "")
-        lines.append(f"| {r.arch} | {r.length} | {r.batch} | {r.mode} | {r.variant} | {r.backend} | {sp} | {ms} "
+        mode = r.mode if r.compile is None else f"{r.mode} (compiled, {r.compile})"
+        lines.append(f"| {r.arch} | {r.length} | {r.batch} | {mode} | {r.variant} | {r.backend} | {sp} | {ms} "
                      f"| {_fmt(r.peak_mib, 0)} | {share} | {'' if r.speedup_vs_dense is None else r.speedup_vs_dense} |")
     return "\n".join(lines)
 

@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "calibrated length next to a synthetic mask of the same sparsity")
     wm.add_argument("--plot", default=None, metavar="PNG",
                     help="also draw the speed-up over dense against achieved sparsity (prefill / train) here")
+    wm.add_argument("--compile", default=None, metavar="MODE",
+                    help="prefill / train rows (dense, no-attention and masked alike) under torch.compile("
+                         "fullgraph=True): default, reduce-overhead (CUDA graphs), max-autotune, or aot_eager "
+                         "(traced without code generation: checks that it compiles; no speed-up)")
     wm.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     wm.add_argument("--reps", type=int, default=3, help="timed runs, median reported (default 3)")
     use_shared(p, backend=("auto", "--model: attnprune backend for masked rows (default auto: flash on Hopper "
@@ -99,6 +103,8 @@ def cmd_bench(args) -> int:
         return cmd_model_bench(args)
     if args.plot:
         raise InvalidArgumentError("--plot draws the whole-model benchmark: give it with --model")
+    if args.compile:
+        raise InvalidArgumentError("--compile compiles the whole-model benchmark: give it with --model")
     import torch
 
     from ..bench import kernels as bm
@@ -145,6 +151,9 @@ def cmd_model_bench(args) -> int:
     if any(b < 1 for b in args.batch):
         raise InvalidArgumentError(f"--batch must be >= 1, got {list(args.batch)}")
     mb.check_modes(arch, args.model_modes, args.new_tokens)
+    from ..bench.compiled import check_compile
+
+    check_compile(args.compile, args.model_modes)
     if args.plot and not {"prefill", "train"} & set(args.model_modes):
         raise InvalidArgumentError("--plot draws prefill / train rows against sparsity: add --model-modes prefill "
                                    "or train")
@@ -176,9 +185,10 @@ def cmd_model_bench(args) -> int:
     print(env)
     rows = mb.run(arch, lengths, args.sparsities, backend=backend, modes=args.model_modes, batch=args.batch,
                   block=args.block, warmup=args.warmup, reps=args.reps, device=device, masks=masks,
-                  new_tokens=args.new_tokens, decode_variants=args.decode_variants)
+                  new_tokens=args.new_tokens, decode_variants=args.decode_variants, compile_mode=args.compile)
     table = mb.markdown_table(rows)
     mb.save(args.output, {"env": env, "arch": arch, "backend": backend, "backend_asked": args.backend,
+                          "compile": args.compile,
                           "block": args.block, "masks": list(args.masks), "modes": list(args.model_modes),
                           "new_tokens": args.new_tokens, "rows": rows, "table": table})
     _write_table(args, table)
