@@ -67,7 +67,7 @@
 #     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b): the
 #        padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the 16k x 4
 #        training step's gap to the no-attention bound: 70 ms where the kernel rows predict ~38).
-#     2. on the warm machine (fa4env first): `trainprof` (bench/train_profile.py: the training step's kernels, flash
+#     2. on the warm machine (fa4env first): `modelcompile` (COMPILE_MODE=reduce-overhead), `trainprof` (bench/train_profile.py: the training step's kernels, flash
 #        and triton), `compile` (test_compile.py after the bool-reduction workaround, compile_check triton without
 #        key padding now); then a call for `tests13` (the suites at the new head) with TESTS_LIMIT=300.
 #     3. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
@@ -83,6 +83,8 @@
 #               and the same with --profile 3 (top host / device operations per forward) (issue 9)
 #   kbench32 / kbenchgqa   attnprune bench at 32k (density 0.1); SmolLM2's grouped-query shape (9 query heads on 3 or 9
 #               kv heads, d 64, causal, 16k x 4) with cudnn / fa4 / ours / ours-flash (needs fa4 first) (issue 9)
+#   modelcompile   attnprune bench --model smollm2 --compile reduce-overhead at 4k x 1, prefill and train, 90% and
+#               all-kept, backends triton and flash (flash needs fa4 first) (issue 9)
 #   trainprof   bench/train_profile.py: device time per kernel of the 16k x 4 training step, dense / masked /
 #               no-attention, backends flash and triton (flash needs fa4 first) (issue 9)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
@@ -246,6 +248,12 @@ while [ $# -gt 0 ]; do
             stage kbenchgqa_kv$kv ${KBENCH_LIMIT:-200} python3 -m attnprune bench --heads 9 --kv-heads $kv --head-dims 64 \
                 --lengths 16384 --tokens 65536 --densities 0.1 1 --causal 1 --impls cudnn fa4 ours ours-flash \
                 -o "$RUNS/kbenchgqa_kv$kv.json" --markdown "$RUNS/kbenchgqa_kv$kv.md"
+        done ;;
+    modelcompile)  # the whole model compiled (attnprune bench --model --compile), 4k x 1: issue 9's small-batch targets
+        for be in ${MODELCOMPILE_BACKENDS:-triton flash}; do
+            stage modelcompile_$be ${MODELCOMPILE_LIMIT:-300} python3 -m attnprune bench --model smollm2 --backend $be \
+                --lengths 4096 --batch 1 --sparsities 0.9 0 --compile ${COMPILE_MODE:-reduce-overhead} --warmup 3 \
+                --reps 20 -o "$RUNS/modelcompile_$be.json" --markdown "$RUNS/modelcompile_$be.md"
         done ;;
     trainprof)  # where the 16k x 4 training step's time goes: kernels by device time, dense / masked / no-attention
         for be in ${TRAINPROF_BACKENDS:-flash triton}; do
