@@ -64,13 +64,15 @@
 #               worked around, not rerun); the compiled flash backend slower than eager (cause found on the CPU: key
 #               padding of the materialised causal mask; fixed, not rerun).
 #   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget):
-#     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b): the
-#        padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the 16k x 4
-#        training step's gap to the no-attention bound: 70 ms where the kernel rows predict ~38).
-#     2. on the warm machine (fa4env first): `modelcompile` (COMPILE_MODE=reduce-overhead), `trainprof` (bench/train_profile.py: the training step's kernels, flash
-#        and triton), `compile` (test_compile.py after the bool-reduction workaround, compile_check triton without
-#        key padding now); then a call for `tests13` (the suites at the new head) with TESTS_LIMIT=300.
-#     3. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
+#     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b, ~450 s):
+#        the padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the
+#        16k x 4 training step's gap to the no-attention bound: 70 ms where the kernel rows predict ~38).
+#     2. warm: `fa4env trainprof` then MODELCOMPILE_BACKENDS=triton `modelcompile` (~500 s): the training step's
+#        kernels (flash, triton); the whole model compiled as CUDA graphs at 4k x 1 (issue 9's small-batch targets).
+#     3. warm: `fa4env` MODELCOMPILE_BACKENDS=flash `modelcompile`, then `tests_compile` alone
+#        (python3 -m pytest tests/unit/test_compile.py: the bool-reduction workaround on torch 2.11).
+#     4. a call for `tests13` (TESTS_LIMIT=300), the suites at the new head.
+#     5. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
