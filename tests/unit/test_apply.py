@@ -464,3 +464,21 @@ def test_auto_backend_resolves_on_the_models_device(monkeypatch):
         assert attnprune.attached_backend(model) == "reference"
     assert len(seen) == 1  # a named backend is not resolved
     assert attnprune.attached_backend(model) is None
+
+
+def test_reference_reads_finfo_min_in_additive_masks_as_masked():
+    """transformers' float masks hide entries with ``finfo.min``, not ``-inf``: the reference backend counts
+    entries at or below half of it as masked, as the capture path and the kernels do, so a row they hide
+    entirely is 0 (SDPA would average its values), the other rows equal the boolean mask's result, and a
+    real (finite) bias elsewhere is still added."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    allow = torch.ones(4, 4, dtype=torch.bool).tril()
+    allow[2] = False  # query 2 may see nothing
+    bias = torch.randn(4, 4, generator=g)
+    additive = torch.where(allow, bias, torch.finfo(torch.float32).min)[None, None]
+    got = reference_backend(q, k, v, _site(2, 4, 4), attn_mask=additive)
+    assert torch.equal(got[:, :, 2], torch.zeros(1, 2, 8))
+    rows = [0, 1, 3]
+    want = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=torch.where(allow, bias, float("-inf"))[rows])
+    torch.testing.assert_close(got[:, :, rows], want, atol=1e-6, rtol=1e-5)

@@ -22,7 +22,8 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     (long ``[B or 1, Lq]`` / ``[B or 1, Lk]`` or ``[B or 1, Hkv, Lk]`` per key/value head) entry
     ``(i, j)`` of sequence ``b`` is the mask's entry ``(q_pos[b, i], k_pos[b, j])`` instead, keys at
     negative positions (empty slots) are never attended, and causality is ``k_pos <= q_pos``. An additive float ``attn_mask`` is
-    added to the scores. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
+    added to the scores, its entries at or below half the dtype's most negative value (``-inf``, ``finfo.min``)
+    counting as masked. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
     are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
     Half-precision inputs are computed in float32 and cast back.
     """
@@ -48,8 +49,11 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
-        else:
-            scores = scores + attn_mask.to(dt)
+        else:  # entries below half the dtype's most negative value are masked (as the capture path and the
+            # kernels read such masks: transformers use finfo.min, not -inf); the rest is a bias on the scores
+            hidden = attn_mask <= torch.finfo(attn_mask.dtype).min / 2
+            allowed = allowed & ~hidden
+            scores = scores + attn_mask.masked_fill(hidden, 0.0).to(dt)
     if is_causal and positions is None:
         i = torch.arange(Lq, device=q.device)[:, None]
         allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= i + q_offset)
