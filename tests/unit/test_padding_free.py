@@ -27,3 +27,12 @@ def test_any_sign_of_padding_or_a_cache_is_not():
     assert not _free({"input_ids": ids, "past_key_values": object()})  # cached keys (a static cache has holes)
     assert not _free({"input_ids": ids}, lq=8, lk=12)  # more keys than tokens: the extra ones are not real
     assert not _free({"input_ids": ids, "attention_mask": mask[:, :8, None]}, kind="self")  # a 3-D mask too
+
+
+def test_input_ids_given_positionally_still_mean_nothing_is_cached():
+    """``model(ids)``: a transformers forward with its inputs as the one positional argument has nothing
+    cached (so the call's real lengths are known without reading its mask); with more positional
+    arguments a cache may be among them, so the past stays unknown."""
+    assert ForwardContext({}, trusted=True, positional=1).past == 0
+    assert ForwardContext({}, trusted=True, positional=3).past is None
+    assert ForwardContext({}, trusted=False, positional=1).past is None

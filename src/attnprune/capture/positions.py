@@ -116,8 +116,9 @@ class _Side:
 HOST_READS = [0]  # host reads of 2-D padding masks (tests count them)
 
 
-def _past_length(kwargs: dict, trusted: bool) -> int | None:
-    """Tokens already in the model's KV cache (None: the forward does not say)."""
+def _past_length(kwargs: dict, trusted: bool, positional: int = 0) -> int | None:
+    """Tokens already in the model's KV cache (None: the forward does not say). ``positional``: the number of
+    positional arguments of the forward (one: ``input_ids``; more may hold a cache)."""
     cp = kwargs.get("cache_position")
     if isinstance(cp, torch.Tensor) and cp.numel():
         return int(cp.reshape(-1)[0])
@@ -129,7 +130,7 @@ def _past_length(kwargs: dict, trusted: bool) -> int | None:
         if fn is None:
             return None  # a legacy tuple cache: unknown here
         return int(fn())
-    if trusted and any(k in kwargs for k in _ENTRY_KEYS):
+    if trusted and (any(k in kwargs for k in _ENTRY_KEYS) or positional == 1):
         return 0  # a fresh forward of a model that takes its inputs by these names: nothing cached
     return None
 
@@ -145,7 +146,7 @@ class ForwardContext:
     def __init__(self, kwargs: dict | None = None, trusted: bool = False, positional: int = 0):
         kwargs = kwargs or {}
         self.enc_dec = any(k in kwargs for k in ENC_DEC_KEYS)
-        self.past = _past_length(kwargs, trusted)
+        self.past = _past_length(kwargs, trusted, positional)
         self._masks = {side: kwargs.get(name) for side, name in
                        (("encoder", "attention_mask"), ("decoder", "decoder_attention_mask"))}
         # no padding unless a mask says so: a transformers model called with at most its first argument
