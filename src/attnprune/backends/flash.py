@@ -51,7 +51,7 @@ import torch
 
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..kernels import BlockLayout
-from ..kernels.attention import _layout_on, _placeholder
+from ..kernels.attention import _layout_on, _placeholder, key_padding_bool
 from . import BACKENDS
 from ._block_sparse import block_sparse_backend
 
@@ -250,8 +250,7 @@ def flash_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     dev = q.device
-    if key_padding is not None and key_padding.dtype != torch.bool:
-        key_padding = torch.arange(Lk, device=dev)[None, :] < key_padding.to(dev)[:, None]
+    key_padding = key_padding_bool(key_padding, Lk, dev)
     layout = _layout_on(layout, dev)  # moved once per device, with its caches
     has_bits = layout.num_partial > 0
     if has_bits:
@@ -284,6 +283,8 @@ def _flash_unsupported(q, k, v) -> str | None:
     return None
 
 
+# (the lambdas look the names up per call: flash_by_handle is imported below, and the tests replace
+# _flash_unsupported to run the backend on an emulated FA4)
 flash_backend = block_sparse_backend(flash_sparse_attention, lambda site_mask, lq, lk: FLASH_BLOCK, "flash",
                                      "FlashAttention-4 here", lambda q, k, v: _flash_unsupported(q, k, v),
                                      by_handle=lambda *a, **kw: flash_by_handle(*a, **kw))

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import BlockLayout
-from ..kernels.attention import _layout_on, attention_by_handle
+from ..kernels.attention import _layout_on, attention_by_handle, key_padding_bool
 from ..kernels.ops import _SOURCES, _resolve, register_attention_autograd
 from . import flash
 
@@ -56,8 +56,7 @@ def flash_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: float 
     if flash.PARTIAL == "triton" and _token_exact(handle):
         return attention_by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding,
                                    q_offset=q_offset, layout_q_offset=layout_q_offset, beyond=beyond)
-    if key_padding is not None and key_padding.dtype != torch.bool:
-        key_padding = torch.arange(k.shape[2], device=q.device)[None, :] < key_padding.to(q.device)[:, None]
+    key_padding = key_padding_bool(key_padding, k.shape[2], q.device)
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     return flash_fwd(q, k, v, key_padding, handle, layout_q_offset, beyond, bool(causal), int(q_offset), scale)[0]
 

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import MissingDependencyError
 from ..kernels import BlockLayout
+from ..kernels.attention import key_padding_bool
 from . import BACKENDS
 from ._block_sparse import block_sparse_backend
 
@@ -119,8 +120,7 @@ def flex_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, scale=N
     """
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
-    if key_padding is not None and key_padding.dtype != torch.bool:
-        key_padding = torch.arange(Lk, device=q.device)[None, :] < key_padding.to(q.device)[:, None]
+    key_padding = key_padding_bool(key_padding, Lk, q.device)
     bm = flex_block_mask(layout, Lq, Lk, causal=causal, q_offset=q_offset, key_padding=key_padding)
     fx = _flex(q.device)
     gqa = q.shape[1] != k.shape[1]

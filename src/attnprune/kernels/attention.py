@@ -403,6 +403,14 @@ def _scale(scale, D: int) -> float:
     return scale
 
 
+def key_padding_bool(key_padding, Lk: int, device) -> torch.Tensor | None:
+    """``key_padding`` as bool ``[B, Lk]`` (True: a real key): int key lengths ``[B]`` are expanded on ``device``;
+    a bool mask or None is returned as it is."""
+    if key_padding is None or key_padding.dtype == torch.bool:
+        return key_padding
+    return torch.arange(Lk, device=device)[None, :] < key_padding.to(device)[:, None]
+
+
 def _key_padding_mask(key_padding, B: int, Lk: int, device) -> torch.Tensor | None:
     """``key_padding`` (bool ``[B, Lk]`` or int lengths ``[B]``) as the kernels' int8 ``[B, Lk]``, or None."""
     if key_padding is None:
@@ -414,7 +422,7 @@ def _key_padding_mask(key_padding, B: int, Lk: int, device) -> torch.Tensor | No
         return kp.to(torch.int8).contiguous()
     if kp.shape != (B,):
         raise InvalidArgumentError(f"key lengths must be [batch] = {(B,)}, got {tuple(kp.shape)}")
-    return (torch.arange(Lk, device=device)[None, :] < kp[:, None]).to(torch.int8).contiguous()
+    return key_padding_bool(kp, Lk, device).to(torch.int8).contiguous()
 
 
 def _pad_inputs(q, k, v):
