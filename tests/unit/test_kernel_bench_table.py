@@ -78,7 +78,8 @@ def test_run_config_with_grouped_query_heads_times_the_right_attention():
     s = (q @ k.transpose(-1, -2)) / 4.0
     ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
     err = (got["out"].double() - ref).abs().max().item()
-    assert err <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    # float32 rounding: dots of 16 terms, softmax and P @ V sums of up to 200 terms, scaled by the values
+    assert err <= (16 + 200) * torch.finfo(torch.float32).eps * v.abs().max().item()
     with pytest.raises(ValueError, match="multiple"):
         bm.run_config(bm.BenchConfig(16, 200, 0.5, True, 1, heads=4, dtype="float32", kv_heads=3),
                       impls=("ours",), modes=("fwd",), timer=timer, device="cpu", log=lambda *a: None)
