@@ -11,6 +11,7 @@ from torch import nn
 
 from .capture import AttentionCall, intercept
 from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionError
+from .sinks import sink_attention, softmax_with_sinks
 from .stats import SCORES, AttentionStats  # noqa: F401 - SCORES re-exported: prob, value, influence, loss
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
@@ -60,11 +61,12 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
               block (magnitudes of entries that help and hurt do not add up, as with ``"influence"``).
               Negative where removing the entry lowers the loss; policies keep the highest first.
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
-    scale, masks and causality, exactly as softmax attention defines them. An entry is counted when
-    its query is real and its key attendable: padded keys (masked out), causal-future keys and padded
-    queries are neither counted nor averaged. A query is padding when the batch's 2-D
-    ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites of encoder-decoder batches)
-    has length ``Lq`` and is 0 there, or when every key of its row is masked. Entries are counted at
+    scale, masks and causality, exactly as softmax attention defines them (with a model's attention
+    sinks in the denominators: the sink's share is not an entry, so such rows sum to less than 1). An
+    entry is counted when its query is real and its key attendable: padded keys (masked out),
+    causal-future keys and padded queries are neither counted nor averaged. A query is padding when
+    the batch's 2-D ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites of
+    encoder-decoder batches) has length ``Lq`` and is 0 there, or when every key of its row is masked. Entries are counted at
     each token's own position in its sequence (the number of real tokens before it), so a sequence
     gives the same statistics left-padded in a batch as alone.
 
@@ -170,6 +172,8 @@ def attention_output(call: AttentionCall) -> torch.Tensor:
     differentiable, memory ``O(L)`` where the backend allows; rows with no attendable key give 0
     (as ``explicit_attention``), with no NaN in the forward or the backward. Dropout is not applied."""
     q, k, v = call.q, call.k, call.v
+    if call.sinks is not None:
+        return sink_attention(q, k, v, call.attn_mask, call.is_causal, call.scale, call.sinks)
     Lq, Lk = q.shape[-2], k.shape[-2]
     gqa = k.shape[1] != q.shape[1]
     mask = call.attn_mask
@@ -221,7 +225,7 @@ def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]
         allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     none = ~allowed.any(-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(none, 0.0)
-    probs = torch.softmax(scores, dim=-1) * (~none).to(dt)
+    probs = softmax_with_sinks(scores, call.sinks) * (~none).to(dt)
     return (probs @ v).to(call.q.dtype), probs
 
 
@@ -295,7 +299,7 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
         scores, allowed = _masked_scores(scores, ms)
         if call.is_causal:
             allowed = allowed & (torch.arange(s, e, device=q.device)[:, None] >= kpos[None, :])
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        probs = softmax_with_sinks(scores.masked_fill(~allowed, float("-inf")), call.sinks)
         valid = allowed & allowed.any(-1, keepdim=True)
         if call.q_valid is not None:
             valid = valid & call.q_valid[:, None, s:e, None].to(q.device)

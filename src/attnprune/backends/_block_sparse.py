@@ -226,7 +226,8 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q.to(dt), k.to(dt), v.to(dt)
 
 
-def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None):
+def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None,
+                         takes_sinks: bool = False):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
     ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
@@ -235,6 +236,9 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     Calls the kernel cannot express (dropout while training; an ``attn_mask`` that is not key padding,
     with or without causality) go to the reference backend, with one warning per site. ``what`` names
     the kernel in that warning; ``name`` is the backend's registry name.
+
+    ``takes_sinks``: the kernel takes ``sinks=`` (attention-sink logits ``[Hq]``) eagerly; otherwise, and
+    under ``torch.compile``, calls with sinks go to the reference backend (with the warning).
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -248,10 +252,17 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                q_offset=0, beyond="error", positions=None, key_padding_free=False):
+                q_offset=0, beyond="error", positions=None, key_padding_free=False, sinks=None):
         q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
+        extra = {}
+        if sinks is not None:
+            kw["sinks"] = sinks
+            if not takes_sinks or torch.compiler.is_compiling():
+                return _fallback(q, k, v, site_mask, f"attention sinks are not supported by {what}"
+                                 f"{' under torch.compile' if takes_sinks else ''}", name, **kw)
+            extra["sinks"] = sinks
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
                              "left-padded batch or a sliding-window cache)", name, **kw)
@@ -279,7 +290,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         layout = per.get((Lq, Lk, q.device, q_offset, beyond)) if per is not None else None
         if layout is None:
             layout = site_layout(site_mask, Lq, Lk, q.device, q_offset, beyond)
-        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset)
+        return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset, **extra)
 
     def site_layout(site_mask, Lq: int, Lk: int, device, q_offset: int, beyond: str):
         key = (Lq, Lk, device, q_offset, beyond)

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MaskMismatchError
+from ..sinks import softmax_with_sinks
 from . import BACKENDS
 
 
 @BACKENDS.register("reference")
 def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                      q_offset=0, beyond="error", positions=None):
+                      q_offset=0, beyond="error", positions=None, sinks=None):
     """Masked softmax attention computed densely.
 
     q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` -> ``[B, Hq, Lq, Dv]``.
@@ -25,6 +26,7 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     added to the scores, its entries at or below half the dtype's most negative value (``-inf``, ``finfo.min``)
     counting as masked. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
     are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
+    ``sinks``: ``[Hq]`` sink logits counted in every row's denominator (:mod:`attnprune.sinks`), or None.
     Half-precision inputs are computed in float32 and cast back.
     """
     B, Hq, Lq, D = q.shape
@@ -63,8 +65,11 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
         if is_causal:
             allowed = allowed & (kp <= q_pos[:, None, :, None])
     scores = scores.masked_fill(~allowed, float("-inf"))
-    alive = (scores > float("-inf")).any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)
+    if sinks is not None:  # the sink keeps every row's denominator positive: an empty row gives 0 by itself
+        probs = softmax_with_sinks(scores, sinks)
+    else:
+        alive = (scores > float("-inf")).any(-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return (probs @ v.to(dt)).to(q.dtype)

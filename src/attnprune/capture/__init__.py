@@ -61,6 +61,8 @@ class AttentionCall:
         from the forward's padding masks and cache (``positions.py``).
     window: the model's sliding window for this call (query ``i`` sees keys ``j > i - window``),
         when the model says it (transformers' ``sliding_window``); already part of ``attn_mask``.
+    sinks: ``[Hq]`` per-head sink logits in every row's softmax denominator (gpt-oss's ``s_aux``;
+        :mod:`attnprune.sinks`), or None.
     """
 
     site: str
@@ -77,6 +79,7 @@ class AttentionCall:
     q_valid: torch.Tensor | None = None
     positions: Positions | None = None
     window: int | None = None
+    sinks: torch.Tensor | None = None
 
 
 Handler = Callable[[AttentionCall], "torch.Tensor | None"]
@@ -293,7 +296,7 @@ class Interceptor:
 
     # ---- dispatch --------------------------------------------------------------------------
     def dispatch(self, module: nn.Module | None, q, k, v, attn_mask, is_causal, scale, dropout_p,
-                 causal_hint: bool, window: int | None = None):
+                 causal_hint: bool, window: int | None = None, sinks: torch.Tensor | None = None):
         """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
         if self._seen is not None:
@@ -316,7 +319,7 @@ class Interceptor:
             self.calls += 1
         pos = self.context.positions(name, info.kind, lq, lk, bool(is_causal), q.device)
         call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
-                             info.kind, info, positions=pos, window=window)
+                             info.kind, info, positions=pos, window=window, sinks=sinks)
         return self.handler(call)
 
     def check_found(self) -> None:

@@ -176,11 +176,14 @@ def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
-                q_offset: int, configs, split):
+                q_offset: int, configs, split, sinks=None):
         o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs)
+        if sinks is not None:
+            o, lse = _with_sinks(o, lse, sinks)
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
         ctx.has_kpm, ctx.configs, ctx.split = kpm is not None, configs, split
+        ctx.sinks = None if sinks is None else (_sink_log2(sinks), sinks.dtype, sinks.requires_grad)
         return o
 
     @staticmethod
@@ -188,7 +191,31 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, o, lse, kpm_t, bits = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, kpm_t, bits, ctx.layout, ctx.plan, ctx.scale, ctx.causal,
                                ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        ds = None
+        if ctx.sinks is not None and ctx.sinks[2]:
+            # the sink is a key of value 0: dL/ds_h = -sum over rows of p_sink * (dO . O)
+            s2, dtype, _ = ctx.sinks
+            delta = (do.float() * o.float()).sum(-1)
+            ds = -(torch.exp2(s2 - lse) * delta).sum((0, 2)).to(dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, ds
+
+
+def _sink_log2(sinks: torch.Tensor) -> torch.Tensor:
+    """Sink logits ``[Hq]`` as ``[1, Hq, 1]`` float32 in the kernels' log2 domain."""
+    return sinks.detach().float().reshape(1, -1, 1) * _LOG2E
+
+
+def _with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Fold the heads' sink logits ``sinks [Hq]`` into a forward's ``o [B, Hq, Lq, DV]`` and log2-domain
+    ``lse [B, Hq, Lq]`` (``+inf``: a row with no kept key): ``(o * Z / (Z + e^s), log2(Z + e^s))`` per row,
+    which is what a softmax over the kept keys and the sink gives (the sink holds no value). The
+    backward kernels then need nothing else: with this ``o`` and ``lse`` their gradients for q, k, v are
+    those of the sink softmax; a row with no kept key gets ``lse = s`` and stays 0."""
+    s2 = _sink_log2(sinks)
+    keys = lse.masked_fill(lse == float("inf"), float("-inf"))
+    total = torch.logaddexp2(keys, s2)
+    o = (o.float() * torch.exp2(keys - total)[..., None]).to(o.dtype)
+    return o, total
 
 
 def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
@@ -285,6 +312,7 @@ def sparse_attention(
     key_padding: torch.Tensor | None = None,
     q_offset: int = 0,
     configs: dict | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention computed only on the blocks ``layout`` keeps (Triton kernels, differentiable).
 
@@ -301,6 +329,9 @@ def sparse_attention(
         key_padding: bool ``[batch, Lk]`` (True = real key, may be attended), or int ``[batch]``
             of per-sequence key lengths (keys ``0..len-1`` are real).
         configs: optional ``{"fwd"|"dq"|"dkdv": KernelConfig}`` overriding the tuned table.
+        sinks: optional ``[q_heads]`` attention-sink logits (gpt-oss): each row's softmax also counts
+            ``exp(sinks[h])`` in its denominator (the sink holds no value); differentiable. Eager calls
+            only (not through a handle or under ``torch.compile``).
 
     Returns:
         ``[batch, q_heads, Lq, dv]`` in ``q``'s dtype. A query row with no allowed key is zero and
@@ -315,6 +346,14 @@ def sparse_attention(
     eagerly they are launched directly.
     """
     _check_inputs(q, k, v)
+    if sinks is not None:
+        if isinstance(layout, int) or torch.compiler.is_compiling():
+            raise InvalidArgumentError("sinks are not supported through a layout handle or under torch.compile; "
+                                       "call sparse_attention eagerly or use backend='reference'")
+        if tuple(sinks.shape) != (q.shape[1],) or not sinks.is_floating_point():
+            raise InvalidArgumentError(f"sinks must be float [q_heads] = [{q.shape[1]}], got "
+                                       f"{sinks.dtype} {tuple(sinks.shape)}")
+        sinks = sinks.to(q.device)
     if isinstance(layout, int) or torch.compiler.is_compiling():
         handle = layout if isinstance(layout, int) else _ops().layout_handle("layout", layout)
         return attention_by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding,
@@ -329,15 +368,17 @@ def sparse_attention(
         lay = _layout_on(layout, q.device)
         Lq, Lk = q.shape[2], k.shape[2]
         plan = lay.plan(Lq, Lk, causal, q_offset)
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                            or (sinks is not None and sinks.requires_grad))
         split = None  # dK/dV chunk table, built (once per plan and head grouping) only when a backward may follow
         if grad and _split.split_enabled():
             split = lay.dkdv_split(Lq, Lk, causal, q_offset, Hq, k.shape[1])
         if grad:
             return _SparseAttention.apply(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset),
-                                          configs or {}, split)
+                                          configs or {}, split, sinks)
         # no backward can follow: the launch without autograd's bookkeeping
-        return _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs)[0]
+        o, lse = _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs)[:2]
+        return o if sinks is None else _with_sinks(o, lse, sinks)[0]
 
     return _padded_call(q, k, v, scale, key_padding, run)
 

@@ -1,0 +1,105 @@
+"""Observe / make_mask / apply on tiny random-initialised models of many transformers architectures.
+
+For each: an all-kept mask reproduces the model's own logits (right-padded batch), a 50% mask changes
+them, and the Triton kernels (interpreter on the CPU) give what the reference backend gives. Models
+whose attention the capture path cannot see or express are refused with one named error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+transformers = pytest.importorskip("transformers")
+
+import attnprune  # noqa: E402
+from attnprune.errors import NoAttentionSitesError, UnsupportedModelError  # noqa: E402
+
+V = 97
+SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+EXTRA = {  # what each architecture needs beyond SMALL to build at this size
+    "qwen3": dict(head_dim=8), "qwen3_moe": dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=32),
+    "mixtral": dict(num_local_experts=4), "gemma": dict(head_dim=8), "gemma3_text": dict(head_dim=8),
+    "olmo2": dict(head_dim=8), "phi3": dict(pad_token_id=0),
+}
+GQA = {"qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "gemma3_text", "olmo2", "phi3", "granite",
+       "stablelm"}
+ARCHS = ["qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "gemma3_text", "phi", "phi3", "gpt_neox",
+         "opt", "falcon", "stablelm", "starcoder2", "olmo2", "granite", "gpt_bigcode", "roberta", "distilbert"]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def build(model_type: str, **kw):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {model_type}")
+    args = dict(SMALL, **EXTRA.get(model_type, {}), **kw)
+    if model_type == "distilbert":
+        args = dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                    pad_token_id=0)
+    cfg = AutoConfig.for_model(model_type, **args)
+    if model_type in GQA:
+        cfg.num_key_value_heads = 2
+    torch.manual_seed(0)
+    impl = kw.pop("attn_implementation", None) or "sdpa"
+    try:
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+    except ValueError:  # encoders without a causal-LM head
+        return AutoModel.from_config(cfg, attn_implementation=impl).eval()
+
+
+def _out(model, batch):
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out.last_hidden_state).float()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_architecture_all_kept_equals_model_and_kernels_equal_reference(model_type):
+    model = build(model_type)
+    torch.manual_seed(1)
+    L = 24
+    am = torch.ones(2, L, dtype=torch.long)
+    am[1, -5:] = 0
+    batch = dict(input_ids=torch.randint(3, V, (2, L)), attention_mask=am)
+    stats = attnprune.observe(model, [batch, dict(input_ids=torch.randint(3, V, (2, L)))], progress=False)
+    real = am.bool()
+    # float32 attention and a few layers on top: relative errors of a few hundred ulps at most
+    tol = 256 * EPS32
+    with torch.no_grad():
+        dense = _out(model, batch)[real]
+        with attnprune.apply(model, attnprune.make_mask(stats, 0.0), backend="reference"):
+            kept = _out(model, batch)[real]
+        mask = attnprune.make_mask(stats, 0.5)
+        with attnprune.apply(model, mask, backend="reference"):
+            pruned = _out(model, batch)[real]
+        assert rel(kept, dense) < tol
+        assert rel(pruned, dense) > 1e-3
+        if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.importorskip("triton")
+            with attnprune.apply(model, mask, backend="triton"):
+                assert rel(_out(model, batch)[real], pruned) < (tol if not HAS_CUDA else 1e-2)
+
+
+@pytest.mark.parametrize("model_type, error, match", [
+    ("gemma2", UnsupportedModelError, "soft-capping"),
+    ("bloom", NoAttentionSitesError, "no attention site found"),
+])
+def test_architectures_refused_with_a_named_error(model_type, error, match):
+    model = build(model_type, **({"head_dim": 8} if model_type == "gemma2" else {}), attn_implementation="eager")
+    with pytest.raises(error, match=match):
+        attnprune.observe(model, [dict(input_ids=torch.randint(3, V, (1, 8)))], progress=False)

@@ -1,0 +1,242 @@
+"""Attention sinks (gpt-oss's ``s_aux``): the dense form, the Triton kernels and a tiny gpt-oss end to end.
+
+The float64 reference here does not use ``attnprune.sinks``: a sink is written as one more key whose score
+is the sink logit and whose value is 0, built by widening the head dim (q gets a 1, every real key a 0,
+the virtual key the logit), so plain masked softmax attention over ``Lk + 1`` keys gives the expected result.
+Kernels run under the Triton interpreter without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import attnprune  # noqa: E402
+from attnprune.errors import InvalidArgumentError  # noqa: E402
+from attnprune.sinks import sink_attention  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def virtual_key_reference(q, k, v, allowed, scale, sinks):
+    """float64 ``[B, Hq, Lq, Dv]``: softmax over the allowed keys plus a virtual key (score = the sink
+    logit, value 0), written as ordinary attention with the head dim widened by one; empty rows -> 0."""
+    B, Hq, Lq, D = q.shape
+    G = Hq // k.shape[1]
+    k = k.double().repeat_interleave(G, 1)
+    v = v.double().repeat_interleave(G, 1)
+    Lk = k.shape[2]
+    q1 = torch.cat([q.double() * scale, torch.ones(B, Hq, Lq, 1, dtype=torch.float64)], -1)
+    k1 = torch.cat([k, torch.zeros(B, Hq, Lk, 1, dtype=torch.float64)], -1)
+    sink_key = torch.zeros(B, Hq, 1, D + 1, dtype=torch.float64)
+    sink_key[..., D] = sinks.double()[None, :, None]
+    k1 = torch.cat([k1, sink_key], 2)
+    v1 = torch.cat([v, torch.zeros(B, Hq, 1, v.shape[-1], dtype=torch.float64)], 2)
+    ok = torch.cat([allowed.expand(B, Hq, Lq, Lk), torch.ones(B, Hq, Lq, 1, dtype=torch.bool)], -1)
+    s = (q1 @ k1.transpose(-1, -2)).masked_fill(~ok, float("-inf"))
+    return torch.softmax(s, -1) @ v1
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_sink_attention_bool_additive_causal_and_empty_rows():
+    torch.manual_seed(0)
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 7, 9, 8
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    sinks = torch.randn(Hq) * 2
+    allowed = torch.rand(B, 1, Lq, Lk) < 0.6
+    allowed[1, :, 3] = False  # a row with no key: all mass on the sink, output 0
+    ref = virtual_key_reference(q, k, v, allowed, 0.3, sinks)
+    tol = 4 * (Lk + D) * EPS32  # float32 sums of Lk + D terms of size <= 1 (relative)
+    got = sink_attention(q, k, v, allowed, False, 0.3, sinks)
+    assert rel(got, ref) < tol
+    assert got[1, :, 3].abs().max() == 0
+    additive = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)  # transformers' form
+    assert rel(sink_attention(q, k, v, additive, False, 0.3, sinks), ref) < tol
+    causal = torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    ref_c = virtual_key_reference(q, k, v, causal[None, None], D ** -0.5, sinks)
+    assert rel(sink_attention(q, k, v, None, True, None, sinks), ref_c) < tol
+
+
+def test_sink_attention_chunks_rows(monkeypatch):
+    """Chunking the query rows (memory bound at long context) changes nothing."""
+    import attnprune.sinks as S
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 11, 4), torch.randn(1, 2, 11, 4), torch.randn(1, 2, 11, 4)
+    sinks = torch.randn(2)
+    whole = sink_attention(q, k, v, None, True, None, sinks)
+    monkeypatch.setattr(S, "_ROWS_ELEMS", 2 * 11 * 3)  # 3 rows per chunk
+    assert rel(sink_attention(q, k, v, None, True, None, sinks), whole) < 4 * (11 + 4) * EPS32
+
+
+def _kernels_or_skip():
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    pytest.importorskip("triton")
+    from attnprune.kernels import BlockLayout, sparse_attention
+
+    return BlockLayout, sparse_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_sinks_forward_and_gradients_against_float64(causal):
+    """Token-exact layout (partial blocks), GQA, odd lengths, key padding with one sequence fully padded
+    (its rows are empty: output 0), forward and the gradients of q, k, v and the sink logits."""
+    BlockLayout, sparse_attention = _kernels_or_skip()
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, Hq, Hkv, Lq, Lk, D, blk = 3, 4, 2, 37, 45 if not causal else 37, 16, 16
+    tok = torch.rand(Hq, Lq, Lk, generator=gen) < 0.6
+    tok[:, :, :blk] &= torch.rand(Hq, Lq, blk, generator=gen) < 0.5
+    layout = BlockLayout.from_tokens(tok, (blk, blk))
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(DEV).requires_grad_()
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEV).requires_grad_()
+    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEV).requires_grad_()
+    sinks = (torch.randn(Hq, generator=gen) * 2).to(DEV).requires_grad_()
+    lens = torch.tensor([Lk, Lk - 9, 0])
+    out = sparse_attention(q, k, v, layout, causal=causal, key_padding=lens, sinks=sinks)
+    allowed = tok[None].clone()
+    if causal:
+        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    allowed = allowed & (torch.arange(Lk)[None, :] < lens[:, None])[:, None, None, :]
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, sinks)]
+    ref = virtual_key_reference(*leaves[:3], allowed, D ** -0.5, leaves[3])
+    # float32 (TF32 on a GPU): sums of Lk + D terms forward, Lq + Lk + D in the gradients
+    unit = EPS32 if not HAS_CUDA else 2.0 ** -10
+    assert rel(out.cpu(), ref) < 4 * (Lk + D) * unit
+    assert out[2].abs().max() == 0
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (out * w.to(DEV, out.dtype)).sum().backward()
+    (ref * w).sum().backward()
+    for got, want in zip((q, k, v, sinks), leaves):
+        assert rel(got.grad.cpu(), want.grad) < 8 * (Lq + Lk + D) * unit
+    with torch.no_grad():  # the no-grad launch folds the sinks in the same way
+        assert rel(sparse_attention(q, k, v, layout, causal=causal, key_padding=lens, sinks=sinks).cpu(),
+                   ref) < 4 * (Lk + D) * unit
+
+
+def test_kernel_sinks_bad_shape():
+    BlockLayout, sparse_attention = _kernels_or_skip()
+    x = torch.randn(1, 2, 16, 16, device=DEV)
+    layout = BlockLayout.from_tokens(torch.ones(2, 16, 16, dtype=torch.bool), (16, 16))
+    with pytest.raises(InvalidArgumentError, match=r"sinks must be float \[q_heads\] = \[2\]"):
+        sparse_attention(x, x, x, layout, sinks=torch.zeros(3, device=DEV))
+
+
+def gpt_oss(seed=0):
+    transformers = pytest.importorskip("transformers")
+    if "gpt_oss" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no gpt-oss")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
+                               num_experts_per_tok=2, sliding_window=8, max_position_embeddings=64,
+                               pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # initialised at 0 otherwise: large sinks make the test bite
+        for m in model.modules():
+            if hasattr(m, "sinks"):
+                m.sinks.normal_(0.0, 2.0)
+    return model
+
+
+def _sink_params(model):
+    return [p for n, p in model.named_parameters() if n.endswith("sinks")]
+
+
+def _batch(L=20):
+    ids = torch.randint(3, 97, (2, L))
+    am = torch.ones(2, L, dtype=torch.long)
+    am[1, -6:] = 0
+    return dict(input_ids=ids, attention_mask=am)
+
+
+def test_gpt_oss_observe_matches_its_attention_weights():
+    """observe's probabilities are the model's own (sinks in the denominators, so rows sum to < 1),
+    on full and sliding-window layers."""
+    model = gpt_oss()
+    ids = torch.randint(3, 97, (1, 16))
+    out = model(input_ids=ids, output_attentions=True)
+    stats = attnprune.observe(model, [dict(input_ids=ids)], progress=False)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    for site, weights in zip(stats.sites, out.attentions):
+        want = weights[0].double()  # [H, L, L], the sink's column already dropped by the model
+        got = stats.mean(site).double()
+        seen = ~got[0].isnan() & causal  # not counted: outside the sliding window (masked by the model)
+        assert torch.allclose(got[:, seen], want[:, seen], atol=16 * EPS32)
+        assert torch.all(want[:, causal & ~seen] == 0)
+        assert want.sum(-1).max() < 0.999  # the sinks hold mass: a softmax without them would fail above
+    assert stats.count(stats.sites[0]).count_nonzero() < causal.sum()  # one sliding-window layer among them
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gpt_oss_all_kept_mask_equals_the_model_with_sink_gradients(backend):
+    if backend == "triton":
+        _kernels_or_skip()
+    model = gpt_oss().to(DEV)
+    batch = {k: v.to(DEV) for k, v in _batch().items()}
+    stats = attnprune.observe(model, [batch], progress=False)
+    real = batch["attention_mask"].bool()
+
+    def run():
+        model.zero_grad()
+        logits = model(**batch).logits
+        (logits[real] ** 2).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in _sink_params(model)]
+
+    dense, dense_g = run()
+    with attnprune.apply(model, attnprune.make_mask(stats, 0.0), backend=backend):
+        got, got_g = run()
+    tol = 64 * EPS32 if not HAS_CUDA else 1e-2  # two layers of float32 (TF32 on a GPU) attention
+    assert rel(got[real], dense[real]) < tol
+    for a, b in zip(got_g, dense_g):
+        assert b.abs().max() > 0 and rel(a, b) < tol
+
+
+def test_gpt_oss_pruned_triton_equals_reference_and_flex_falls_back():
+    _kernels_or_skip()
+    model = gpt_oss(1).to(DEV)
+    batch = {k: v.to(DEV) for k, v in _batch(24).items()}
+    mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5)
+    real = batch["attention_mask"].bool()
+    outs = {}
+    for backend in ("reference", "triton"):
+        with torch.no_grad(), attnprune.apply(model, mask, backend=backend):
+            outs[backend] = model(**batch).logits[real]
+    with torch.no_grad():
+        dense = model(**batch).logits[real]
+    assert rel(outs["triton"], outs["reference"]) < (64 * EPS32 if not HAS_CUDA else 1e-2)
+    assert rel(outs["reference"], dense) > 1e-3  # the mask does prune
+    try:
+        from attnprune.backends.flex import flex_backend  # noqa: F401
+    except Exception:  # pragma: no cover - flex unavailable on this torch
+        return
+    with warnings.catch_warnings(record=True) as w, torch.no_grad(), attnprune.apply(model, mask, backend="flex"):
+        warnings.simplefilter("always")
+        got = model(**batch).logits[real]
+    assert any("attention sinks are not supported" in str(x.message) for x in w)
+    assert torch.equal(got, outs["reference"])
+
+
+def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
+    model = gpt_oss(2)
+    stats = attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))], progress=False)
+    mask = attnprune.make_mask(stats, 0.5)
+    prompt = torch.randint(3, 97, (1, 12))
+    with attnprune.apply(model, mask):
+        with_cache = model.generate(prompt, max_new_tokens=10, do_sample=False,
+                                    past_key_values=attnprune.PrunedKVCache(model, mask))
+        without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
