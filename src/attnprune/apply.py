@@ -15,7 +15,7 @@ from .backends import AUTO, BACKENDS, resolve_backend
 from .capture import AttentionCall, Interceptor, allowed_entries
 from .errors import InvalidArgumentError, MaskMismatchError
 from .mask import BEYOND
-from .sinks import sink_attention
+from .softmax import dense_attention
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
 _LAST_COUNTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # after detach
@@ -79,8 +79,10 @@ class _Patch:
             if beyond == "error" and outside and _padding_only(call, sm, pos.q_offset, self.decoder_pad_from):
                 beyond = "dense"  # only padding lies outside the calibrated region: nothing real runs dense
         hint = {"key_padding_free": pos.padding_free} if self.takes_hint and pos.padding_free else {}
-        if call.sinks is not None:  # only for models with attention sinks: other backends need not take it
+        if call.sinks is not None:  # only for models with sinks / soft-capping: other backends need not take them
             hint["sinks"] = call.sinks
+        if call.softcap is not None:
+            hint["softcap"] = call.softcap
         out = self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                            scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
                            positions=None if pos.simple else (pos.q, pos.k), **hint)
@@ -101,14 +103,15 @@ class _Patch:
         # positions inside the calibration (known on the host from layer.seen): the keep table
         # read directly; past it under beyond="extend", keep_at's length-free form
         inside = layer.seen <= min(sm.q_len, sm.k_len)
-        sinks = call.sinks  # the decode kernel has none: such models take the dense form below
-        if sinks is None and decode.usable(call.q) and (self.beyond != "extend" or inside):  # Triton (CUDA)
+        plain = call.sinks is None and call.softcap is None  # else the dense form below: the kernel has neither
+        if plain and decode.usable(call.q) and (self.beyond != "extend" or inside):  # Triton (CUDA)
             keep = layer.decode_keep(call.q.device, torch.uint8)
             return decode.masked_decode(call.q, call.k, call.v, layer.pos, q_pos, keep, sm.block or 1,
                                         scale=call.scale, window=layer.window, q_len=sm.q_len, k_len=sm.k_len)
         allowed = _pruned_allowed(sm, layer, q_pos, self.beyond, inside)
-        if sinks is not None:
-            return sink_attention(call.q, call.k, call.v, allowed, False, call.scale, sinks)
+        if not plain:
+            return dense_attention(call.q, call.k, call.v, allowed, False, call.scale, sinks=call.sinks,
+                                   softcap=call.softcap)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,
                                              enable_gqa=call.q.shape[1] != layer.pos.shape[1])
         return torch.where(allowed.any(-1, keepdim=True), out, 0.0)  # a row with nothing kept: 0

@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import AttentionCall, intercept
 from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionError
-from .sinks import sink_attention, softmax_with_sinks
+from .softmax import dense_attention, soft_cap, softmax_with_sinks
 from .stats import SCORES, AttentionStats  # noqa: F401 - SCORES re-exported: prob, value, influence, loss
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
@@ -61,8 +61,9 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
               block (magnitudes of entries that help and hurt do not add up, as with ``"influence"``).
               Negative where removing the entry lowers the loss; policies keep the highest first.
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
-    scale, masks and causality, exactly as softmax attention defines them (with a model's attention
-    sinks in the denominators: the sink's share is not an entry, so such rows sum to less than 1). An
+    scale, masks and causality, exactly as the model's attention defines them (logit soft-capping
+    included; attention sinks in the denominators: the sink's share is not an entry, so such rows sum
+    to less than 1). An
     entry is counted when its query is real and its key attendable: padded keys (masked out),
     causal-future keys and padded queries are neither counted nor averaged. A query is padding when
     the batch's 2-D ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites of
@@ -172,8 +173,9 @@ def attention_output(call: AttentionCall) -> torch.Tensor:
     differentiable, memory ``O(L)`` where the backend allows; rows with no attendable key give 0
     (as ``explicit_attention``), with no NaN in the forward or the backward. Dropout is not applied."""
     q, k, v = call.q, call.k, call.v
-    if call.sinks is not None:
-        return sink_attention(q, k, v, call.attn_mask, call.is_causal, call.scale, call.sinks)
+    if call.sinks is not None or call.softcap is not None:
+        return dense_attention(q, k, v, call.attn_mask, call.is_causal, call.scale, sinks=call.sinks,
+                               softcap=call.softcap)
     Lq, Lk = q.shape[-2], k.shape[-2]
     gqa = k.shape[1] != q.shape[1]
     mask = call.attn_mask
@@ -215,7 +217,7 @@ def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
-    scores = (q.to(dt) @ k.transpose(-1, -2)) * scale
+    scores = soft_cap((q.to(dt) @ k.transpose(-1, -2)) * scale, call.softcap)
     Lq, Lk = scores.shape[-2:]
     mask = call.attn_mask
     if mask is not None:
@@ -294,7 +296,7 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
     pos = call.positions
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
-        scores = (q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale
+        scores = soft_cap((q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale, call.softcap)
         ms = None if mask is None else (mask[..., s:e, :] if mask.shape[-2] != 1 else mask)
         scores, allowed = _masked_scores(scores, ms)
         if call.is_causal:

@@ -1,7 +1,7 @@
 """Backends: how masked attention is computed for one site. A small registry of functions::
 
     backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-            q_offset=0, beyond="error", positions=None[, sinks=None]) -> Tensor[B, Hq, Lq, Dv]
+            q_offset=0, beyond="error", positions=None[, sinks=, softcap=]) -> Tensor[B, Hq, Lq, Dv]
 
 q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; ``site_mask``: the site's
 ``SiteMask``. ``attn_mask``: None, bool (True = may attend) or additive float, broadcastable to
@@ -11,8 +11,9 @@ KV cache). ``positions``: None, or ``(q_pos [B or 1, Lq], k_pos [B or 1, Lk])`` 
 each query's and key's position in its own sequence (left-padded batches, sliding-window caches);
 then ``q_offset`` is unused and mask entry ``(q_pos[b, i], k_pos[b, j])`` applies. Pruned entries get
 exactly ``-inf`` before the softmax; a row with nothing left is 0. ``sinks``: ``[Hq]`` attention-sink
-logits in every row's denominator (:mod:`attnprune.sinks`); passed only to models that have them, so a
-backend registered without the keyword serves every other model.
+logits in every row's denominator; ``softcap``: scores capped to ``c * tanh(x / c)``
+(:mod:`attnprune.softmax`); each passed only for models that have it, so a backend registered without
+these keywords serves every other model.
 
 ``"reference"`` (dense, any device) is always registered; ``"triton"``, ``"flex"`` and ``"flash"``
 (FlashAttention-4, sm90+) are imported on first use. ``"auto"`` (:data:`AUTO`) picks one per device:

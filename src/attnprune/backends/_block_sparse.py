@@ -238,7 +238,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     the kernel in that warning; ``name`` is the backend's registry name.
 
     ``takes_sinks``: the kernel takes ``sinks=`` (attention-sink logits ``[Hq]``) eagerly; otherwise, and
-    under ``torch.compile``, calls with sinks go to the reference backend (with the warning).
+    under ``torch.compile``, calls with sinks go to the reference backend (with the warning), as do
+    soft-capped calls (``softcap=``) always.
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -252,11 +253,14 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                q_offset=0, beyond="error", positions=None, key_padding_free=False, sinks=None):
+                q_offset=0, beyond="error", positions=None, key_padding_free=False, sinks=None, softcap=None):
         q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
         extra = {}
+        if softcap is not None:
+            return _fallback(q, k, v, site_mask, f"logit soft-capping is not supported by {what}", name,
+                             softcap=softcap, **kw, **({} if sinks is None else {"sinks": sinks}))
         if sinks is not None:
             kw["sinks"] = sinks
             if not takes_sinks or torch.compiler.is_compiling():

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MaskMismatchError
-from ..sinks import softmax_with_sinks
+from ..softmax import soft_cap, softmax_with_sinks
 from . import BACKENDS
 
 
 @BACKENDS.register("reference")
 def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                      q_offset=0, beyond="error", positions=None, sinks=None):
+                      q_offset=0, beyond="error", positions=None, sinks=None, softcap=None):
     """Masked softmax attention computed densely.
 
     q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` -> ``[B, Hq, Lq, Dv]``.
@@ -26,7 +26,8 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
     added to the scores, its entries at or below half the dtype's most negative value (``-inf``, ``finfo.min``)
     counting as masked. Every other entry is exactly ``-inf`` before the softmax, so the kept ones
     are renormalised among themselves. Rows with no finite score left return 0 (and 0 gradients).
-    ``sinks``: ``[Hq]`` sink logits counted in every row's denominator (:mod:`attnprune.sinks`), or None.
+    ``sinks``: ``[Hq]`` sink logits counted in every row's denominator; ``softcap``: scores capped to
+    ``c * tanh(x / c)`` before the mask (:mod:`attnprune.softmax`); None: neither.
     Half-precision inputs are computed in float32 and cast back.
     """
     B, Hq, Lq, D = q.shape
@@ -46,7 +47,7 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    scores = soft_cap((q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale, softcap)
     allowed = keep
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

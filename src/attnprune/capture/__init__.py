@@ -62,7 +62,8 @@ class AttentionCall:
     window: the model's sliding window for this call (query ``i`` sees keys ``j > i - window``),
         when the model says it (transformers' ``sliding_window``); already part of ``attn_mask``.
     sinks: ``[Hq]`` per-head sink logits in every row's softmax denominator (gpt-oss's ``s_aux``;
-        :mod:`attnprune.sinks`), or None.
+        :mod:`attnprune.softmax`), or None.
+    softcap: the logit cap ``c`` of soft-capped attention (scores ``c * tanh(x / c)``; Gemma 2), or None.
     """
 
     site: str
@@ -80,6 +81,7 @@ class AttentionCall:
     positions: Positions | None = None
     window: int | None = None
     sinks: torch.Tensor | None = None
+    softcap: float | None = None
 
 
 Handler = Callable[[AttentionCall], "torch.Tensor | None"]
@@ -296,7 +298,8 @@ class Interceptor:
 
     # ---- dispatch --------------------------------------------------------------------------
     def dispatch(self, module: nn.Module | None, q, k, v, attn_mask, is_causal, scale, dropout_p,
-                 causal_hint: bool, window: int | None = None, sinks: torch.Tensor | None = None):
+                 causal_hint: bool, window: int | None = None, sinks: torch.Tensor | None = None,
+                 softcap: float | None = None):
         """Name the call, build an ``AttentionCall`` and run the handler (None: run the original)."""
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
         if self._seen is not None:
@@ -319,7 +322,8 @@ class Interceptor:
             self.calls += 1
         pos = self.context.positions(name, info.kind, lq, lk, bool(is_causal), q.device)
         call = AttentionCall(name, owner, q, k, v, attn_mask, bool(is_causal), scale, float(dropout_p),
-                             info.kind, info, positions=pos, window=window, sinks=sinks)
+                             info.kind, info, positions=pos, window=window, sinks=sinks,
+                             softcap=softcap)
         return self.handler(call)
 
     def check_found(self) -> None:

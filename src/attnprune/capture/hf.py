@@ -6,8 +6,8 @@ Masks for it are built by transformers' ``sdpa_mask`` (registered in ``Attention
 boolean (True = attend) or None together with the module's ``is_causal``. When the handler returns
 None, transformers' ``sdpa_attention_forward`` runs, so the model computes exactly what its ``"sdpa"``
 implementation computes, whatever implementation it was configured with; for models with attention
-sinks (gpt-oss's ``s_aux``), which SDPA cannot express, :func:`attnprune.sinks.sink_attention` runs
-instead. Attention logit soft-capping (Gemma 2) is refused with ``UnsupportedModelError``. Models whose classes do not
+sinks (gpt-oss's ``s_aux``) or logit soft-capping (Gemma 2's ``softcap``), which SDPA cannot express,
+:func:`attnprune.softmax.dense_attention` runs instead. Models whose classes do not
 use ``AttentionInterface`` (transformers' ``_can_set_attn_implementation()`` is False) are left alone
 and captured by the generic SDPA path when they call ``scaled_dot_product_attention``.
 """
@@ -19,8 +19,7 @@ import weakref
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..sinks import sink_attention
+from ..softmax import dense_attention
 
 NAME = "attnprune"
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
@@ -53,18 +52,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     sdpa_attention_forward, create_position_bias_mask = _sdpa_forward, _position_bias_mask
     sinks = kwargs.pop("s_aux", None)
     sinks = kwargs.pop("sinks", None) if sinks is None else sinks
+    softcap = kwargs.pop("softcap", None)
     it = _ACTIVE.get(module)
     module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if it is None and sinks is not None:
+    if it is None and (sinks is not None or softcap is not None):
         causal = bool(query.shape[2] > 1 and attention_mask is None and module_causal)
-        out = sink_attention(query, key, value, attention_mask, causal, scaling, sinks, dropout)
+        out = dense_attention(query, key, value, attention_mask, causal, scaling, sinks=sinks, softcap=softcap,
+                              dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
     if it is None:  # a module of a model no longer intercepted, or not part of the intercepted model
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError(f"{type(module).__name__}: attention logit soft-capping ('softcap') is not "
-                                    "supported")
     lq, lk = query.shape[2], key.shape[2]
     causal = bool(lq > 1 and attention_mask is None and module_causal)
     k, v = key, value
@@ -80,9 +78,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     try:
         out = it.dispatch(module, query, k, v, mask, causal, scaling, dropout,
                           bool(getattr(module, "is_causal", False)) or bool(is_causal),
-                          window=kwargs.get("sliding_window"), sinks=sinks)
-        if out is None and sinks is not None:  # SDPA has no sinks: the dense form with the model's own mask
-            out = sink_attention(query, k, v, mask, causal, scaling, sinks, dropout)
+                          window=kwargs.get("sliding_window"), sinks=sinks, softcap=softcap)
+        if out is None and (sinks is not None or softcap is not None):  # beyond SDPA: the dense form
+            out = dense_attention(query, k, v, mask, causal, scaling, sinks=sinks, softcap=softcap, dropout_p=dropout)
         elif out is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, position_bias=position_bias,

@@ -1,6 +1,7 @@
-"""Attention sinks (gpt-oss's ``s_aux``): the dense form, the Triton kernels and a tiny gpt-oss end to end.
+"""Attention sinks (gpt-oss's ``s_aux``) and logit soft-capping (Gemma 2's ``softcap``): the dense form,
+the Triton kernels (sinks) and tiny gpt-oss / Gemma 2 models end to end.
 
-The float64 reference here does not use ``attnprune.sinks``: a sink is written as one more key whose score
+The float64 reference here does not use ``attnprune.softmax``: a sink is written as one more key whose score
 is the sink logit and whose value is 0, built by widening the head dim (q gets a 1, every real key a 0,
 the virtual key the logit), so plain masked softmax attention over ``Lk + 1`` keys gives the expected result.
 Kernels run under the Triton interpreter without a GPU.
@@ -20,7 +21,7 @@ if not HAS_CUDA:
 
 import attnprune  # noqa: E402
 from attnprune.errors import InvalidArgumentError  # noqa: E402
-from attnprune.sinks import sink_attention  # noqa: E402
+from attnprune.softmax import dense_attention  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,7 +50,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_sink_attention_bool_additive_causal_and_empty_rows():
+def test_dense_attention_sinks_bool_additive_causal_and_empty_rows():
     torch.manual_seed(0)
     B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 7, 9, 8
     q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
@@ -58,26 +59,26 @@ def test_sink_attention_bool_additive_causal_and_empty_rows():
     allowed[1, :, 3] = False  # a row with no key: all mass on the sink, output 0
     ref = virtual_key_reference(q, k, v, allowed, 0.3, sinks)
     tol = 4 * (Lk + D) * EPS32  # float32 sums of Lk + D terms of size <= 1 (relative)
-    got = sink_attention(q, k, v, allowed, False, 0.3, sinks)
+    got = dense_attention(q, k, v, allowed, False, 0.3, sinks=sinks)
     assert rel(got, ref) < tol
     assert got[1, :, 3].abs().max() == 0
     additive = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)  # transformers' form
-    assert rel(sink_attention(q, k, v, additive, False, 0.3, sinks), ref) < tol
+    assert rel(dense_attention(q, k, v, additive, False, 0.3, sinks=sinks), ref) < tol
     causal = torch.ones(Lq, Lk, dtype=torch.bool).tril()
     ref_c = virtual_key_reference(q, k, v, causal[None, None], D ** -0.5, sinks)
-    assert rel(sink_attention(q, k, v, None, True, None, sinks), ref_c) < tol
+    assert rel(dense_attention(q, k, v, None, True, None, sinks=sinks), ref_c) < tol
 
 
-def test_sink_attention_chunks_rows(monkeypatch):
+def test_dense_attention_sinks_chunks_rows(monkeypatch):
     """Chunking the query rows (memory bound at long context) changes nothing."""
-    import attnprune.sinks as S
+    import attnprune.softmax as S
 
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 2, 11, 4), torch.randn(1, 2, 11, 4), torch.randn(1, 2, 11, 4)
     sinks = torch.randn(2)
-    whole = sink_attention(q, k, v, None, True, None, sinks)
+    whole = dense_attention(q, k, v, None, True, None, sinks=sinks)
     monkeypatch.setattr(S, "_ROWS_ELEMS", 2 * 11 * 3)  # 3 rows per chunk
-    assert rel(sink_attention(q, k, v, None, True, None, sinks), whole) < 4 * (11 + 4) * EPS32
+    assert rel(dense_attention(q, k, v, None, True, None, sinks=sinks), whole) < 4 * (11 + 4) * EPS32
 
 
 def _kernels_or_skip():
@@ -240,3 +241,96 @@ def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
                                     past_key_values=attnprune.PrunedKVCache(model, mask))
         without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
+
+
+def capped_reference(q, k, v, allowed, scale, cap):
+    """float64: scores ``cap * tanh(q.k * scale / cap)``, masked softmax, empty rows -> 0."""
+    G = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(G, 1)
+    v = v.double().repeat_interleave(G, 1)
+    s = cap * torch.tanh((q.double() @ k.transpose(-1, -2)) * scale / cap)
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+def test_dense_attention_softcap_and_reference_backend():
+    from attnprune.backends import BACKENDS
+    from attnprune.mask import SiteMask
+    from attnprune.sites import SiteInfo
+
+    torch.manual_seed(3)
+    B, Hq, Hkv, L, D, cap = 2, 4, 2, 10, 8, 0.7
+    q, k, v = torch.randn(B, Hq, L, D) * 3, torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    keep = torch.rand(Hq, L, L) < 0.7
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    ref = capped_reference(q, k, v, keep[None] & causal, D ** -0.5, cap)
+    tol = 4 * (L + D) * EPS32
+    assert rel(dense_attention(q, k, v, keep[None], True, None, softcap=cap), ref) < tol
+    assert rel(dense_attention(q, k, v, keep[None], True, None), ref) > 1e-2  # the cap matters at this scale
+    site = SiteMask(SiteInfo("layers.0.attn", "causal", Hq, Hkv), L, L, keep=keep)
+    got = BACKENDS.get("reference")(q, k, v, site, is_causal=True, softcap=cap)
+    assert rel(got, ref) < tol
+
+
+def gemma2(seed=0, cap=1.0):
+    transformers = pytest.importorskip("transformers")
+    if "gemma2" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Gemma 2")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("gemma2", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, intermediate_size=32, sliding_window=8,
+                               max_position_embeddings=64, attn_logit_softcapping=cap, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger query weights: scores well past the cap, so capping changes them
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                p.mul_(8.0)
+    return model
+
+
+def test_gemma2_observe_apply_gradients_and_pruned_cache():
+    model = gemma2()
+    ids = torch.randint(3, 97, (1, 16))
+    out = model(input_ids=ids, output_attentions=True)
+    stats = attnprune.observe(model, [dict(input_ids=ids)], progress=False)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    for site, weights in zip(stats.sites, out.attentions):  # the model's own (capped) probabilities
+        got, want = stats.mean(site).double(), weights[0].double()
+        seen = ~got[0].isnan() & causal
+        assert torch.allclose(got[:, seen], want[:, seen], atol=16 * EPS32)
+    batch = _batch()
+    real = batch["attention_mask"].bool()
+
+    def run():
+        model.zero_grad()
+        logits = model(**batch).logits
+        (logits[real] ** 2).sum().backward()
+        return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    dense, dense_g = run()
+    with attnprune.apply(model, attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.0)):
+        got, got_g = run()
+    assert rel(got[real], dense[real]) < 64 * EPS32 and rel(got_g, dense_g) < 64 * EPS32
+    mask = attnprune.make_mask(attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))],
+                                                 progress=False), 0.5)
+    prompt = torch.randint(3, 97, (1, 12))
+    with attnprune.apply(model, mask):
+        with_cache = model.generate(prompt, max_new_tokens=10, do_sample=False,
+                                    past_key_values=attnprune.PrunedKVCache(model, mask))
+        without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
+
+
+def test_gemma2_triton_backend_hands_capped_calls_to_reference():
+    _kernels_or_skip()
+    model = gemma2(1)
+    batch = _batch(24)
+    mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5)
+    with torch.no_grad(), attnprune.apply(model, mask, backend="reference"):
+        ref = model(**batch).logits
+    with warnings.catch_warnings(record=True) as w, torch.no_grad(), attnprune.apply(model, mask, backend="triton"):
+        warnings.simplefilter("always")
+        got = model(**batch).logits
+    assert any("logit soft-capping is not supported" in str(x.message) for x in w)
+    assert torch.equal(got, ref)

@@ -1,0 +1,87 @@
+"""Two variants of the attention softmax that transformers models use and SDPA cannot express.
+
+* **Attention sinks** (gpt-oss, passed as ``s_aux``): each query head ``h`` has a learned logit ``s_h``
+  in every row's denominator, ``p_j = exp(x_j) / (exp(s_h) + sum_i exp(x_i))`` over the row's
+  attendable keys ``i``; the sink takes the rest of the mass and contributes no value. It is a
+  parameter, not a position: a mask never prunes it, so under a mask the kept keys are renormalised
+  among themselves and the sink, and a row with every key pruned gives 0.
+* **Logit soft-capping** (Gemma 2, passed as ``softcap``): the scaled scores become
+  ``c * tanh(x / c)`` before the attention mask is added.
+
+These helpers are the dense form used where no kernel runs: the reference backend, ``observe``, the
+capture path's fallback and pruned-cache decoding. The Triton kernels take sinks through their
+log-sum-exp (:mod:`attnprune.kernels.attention`); soft-capped calls go to the reference backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_ROWS_ELEMS = 1 << 25  # score entries per chunk of query rows in dense_attention
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Row softmax of ``scores [B, H, R, Lk]`` (masked entries ``-inf``) with the heads' sink logits
+    ``sinks [H]`` in each denominator; None: the plain softmax. Rows with every entry ``-inf`` give 0
+    with sinks (NaN without, as ``torch.softmax``)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    s = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, s], dim=-1), dim=-1)[..., :-1]
+
+
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` (None: ``scores`` unchanged): Gemma 2's logit capping."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    is_causal: bool, scale: float | None, *, sinks: torch.Tensor | None = None,
+                    softcap: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax attention with sinks and / or soft-capping, differentiable (also in ``sinks``).
+
+    q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]`` (``Hq`` a multiple of ``Hkv``);
+    ``attn_mask``: None, bool (True = may attend) or additive float broadcastable to ``[B, Hq, Lq, Lk]``
+    (entries at or below half the dtype's most negative value count as masked, the rest is added after
+    capping); ``is_causal``: SDPA's top-left causal rule on top; ``sinks``: ``[Hq]`` logits;
+    ``softcap``: the cap ``c``. Returns ``[B, Hq, Lq, Dv]`` in q's dtype, computed in float32 (float64
+    for float64 inputs) over chunks of query rows, so memory holds one chunk's scores at a time. Rows
+    with no attendable key give 0. ``dropout_p`` drops probabilities as the models' eager attention does.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = k.to(dt), v.to(dt)
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    step = max(1, _ROWS_ELEMS // max(1, B * Hq * Lk))
+    outs = []
+    for s in range(0, Lq, step):
+        e = min(Lq, s + step)
+        scores = soft_cap((q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale, softcap)
+        allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+        if mask is not None:
+            m = mask if mask.shape[-2] == 1 else mask[..., s:e, :]
+            if m.dtype == torch.bool:
+                allowed = m
+            else:
+                allowed = m > torch.finfo(m.dtype).min / 2
+                scores = scores + m.masked_fill(~allowed, 0.0).to(dt)
+        if is_causal:
+            allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if sinks is None:  # rows with nothing attendable: 0, not NaN
+            alive = allowed.expand_as(scores).any(-1, keepdim=True)
+            probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1).masked_fill(~alive, 0.0)
+        else:
+            probs = softmax_with_sinks(scores, sinks)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        outs.append(probs @ v)
+    return torch.cat(outs, dim=2).to(q.dtype) if outs else q.new_zeros(B, Hq, 0, v.shape[-1])
