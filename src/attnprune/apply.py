@@ -38,6 +38,7 @@ class _Patch:
         # a backend that reads Positions.padding_free (the block-sparse ones: under torch.compile it lets them
         # drop the key padding of a materialised causal mask); the registry's contract stays as documented
         self.takes_hint = getattr(self.backend, "takes_padding_hint", False)
+        self.takes_window = getattr(self.backend, "takes_window", False)  # window= for sliding-window layers
         self.checked = False
         self.pruned_layers: dict = {}  # site -> the PrunedKVCache layer last used there (cache.py)
         self.decoder_pad_from: int | None = None  # queries from here on are padding (last causal site)
@@ -83,6 +84,8 @@ class _Patch:
             hint["sinks"] = call.sinks
         if call.softcap is not None:
             hint["softcap"] = call.softcap
+        if call.window is not None and self.takes_window:
+            hint["window"] = call.window
         out = self.backend(call.q, call.k, call.v, sm, attn_mask=call.attn_mask, is_causal=call.is_causal,
                            scale=call.scale, dropout_p=call.dropout_p, q_offset=pos.q_offset, beyond=beyond,
                            positions=None if pos.simple else (pos.q, pos.k), **hint)

@@ -22,13 +22,16 @@ __all__ = ["block_sparse_backend", "split_attn_mask"]
 _warned: set[tuple[str, str, str]] = set()
 
 
-def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None = None):
+def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None = None,
+                    window: int | None = None):
     """Express ``attn_mask`` as (key padding, causal, causal offset), or ``None`` if impossible.
 
     attn_mask: None, bool (True = may attend) or additive float, broadcastable to [B, H, Lq, Lk].
     Returns ``(key_padding bool [B, Lk] | None, causal: bool, offset: int)``: the allowed set is
     ``key_padding[b, j] and (not causal or j <= i + offset)``, intersected with ``is_causal``'s
-    own rule (``j <= i + q_offset``).
+    own rule (``j <= i + q_offset``). With a sliding ``window`` (the model's), the causal forms also
+    hold ``j > i + offset - window``: a caller that gets ``causal`` True must apply that edge too
+    (:meth:`~attnprune.kernels.BlockLayout.windowed`); keys no query's window reaches count as real.
 
     The analysis of a mask tensor needs one GPU->CPU synchronisation; it is memoised per (tensor,
     its in-place version, the call's shapes), so the layers of one forward, which receive the same
@@ -42,18 +45,18 @@ def split_attn_mask(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
     """
     if attn_mask is None:
         return None, is_causal, q_offset
-    key = (id(attn_mask), attn_mask._version, B, Lq, Lk, bool(is_causal), int(q_offset))
+    key = (id(attn_mask), attn_mask._version, B, Lq, Lk, bool(is_causal), int(q_offset), window)
     hit = _split_memo.get(key)
     if hit is not None and hit[0]() is attn_mask:
         _split_memo.move_to_end(key)
         return hit[1]
     form_key = (tuple(attn_mask.shape), attn_mask.dtype, str(attn_mask.device), B, Lq, Lk, bool(is_causal),
-                int(q_offset))
+                int(q_offset), window)
     ANALYSES[0] += 1
     if _capturing():
-        out = _analyse_captured(attn_mask, form_key, B, Lq, Lk, is_causal, q_offset, kind)
+        out = _analyse_captured(attn_mask, form_key, B, Lq, Lk, is_causal, q_offset, kind, window)
     else:
-        out, f = _analyse(attn_mask, B, Lq, Lk, is_causal, q_offset)
+        out, f = _analyse(attn_mask, B, Lq, Lk, is_causal, q_offset, window)
         _form_memo[form_key] = f
         while len(_form_memo) > _MEMO_SIZE:
             _form_memo.pop(next(iter(_form_memo)))
@@ -131,20 +134,25 @@ def _normalised(attn_mask, B: int, Lq: int, Lk: int):
     return pre, m.expand(B, 1, Lq, Lk)[:, 0]
 
 
-def _causal_form(m, Lq: int, Lk: int, off: int):
-    """``(key padding [B, Lk], off, same)`` of the causal form ``j <= i + off`` of ``m`` [B, Lq, Lk]:
-    keys past the causal limit of every query are not "padding", so the padding comes from the last row;
-    ``same``: 0-d bool, ``m`` is exactly that form."""
+def _causal_form(m, Lq: int, Lk: int, off: int, window: int | None = None):
+    """``(key padding [B, Lk], off, same)`` of the causal form ``j <= i + off`` (and ``j > i + off - window``
+    with a window) of ``m`` [B, Lq, Lk]: keys no query can reach are not "padding", so without a window
+    the padding comes from the last row, with one from all rows; ``same``: 0-d bool, ``m`` is exactly
+    that form."""
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
     tri = j <= i + off
-    kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
+    if window is not None:
+        tri = tri & (j > i + off - window)
+        kp_c = m.any(dim=1) | ~tri.any(dim=0)[None, :]
+    else:
+        kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
     # a count of mismatches, not ``.all()``: inductor on torch 2.11 fails to generate a bool reduction over
     # index comparisons ("A Boolean argument can only be used in Eq and Ne", pytorch/pytorch#188231)
     return kp_c, off, (m != (kp_c[:, None, :] & tri[None])).sum() == 0
 
 
-def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, window: int | None = None):
     """The device-side tests behind :func:`split_attn_mask`: ``(pre, forms)``, ``pre`` a list of 0-d
     bool tensors that must all hold for any form, ``forms`` a list of ``(key_padding [B, Lk], causal,
     offset, same, full)`` with ``same`` (the mask is exactly this form) and ``full`` (no key is
@@ -153,16 +161,16 @@ def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: 
     kp = m.any(dim=1)  # [B, Lk]: keys some query may see
     forms = [(kp, is_causal, q_offset, (m == kp[:, None, :]).all(), kp.all())]
     for off in dict.fromkeys((Lk - Lq, q_offset, 0)):
-        kp_c, _, same = _causal_form(m, Lq, Lk, off)
+        kp_c, _, same = _causal_form(m, Lq, Lk, off, window)
         forms.append((kp_c, True, off, same, kp_c.all()))
     return pre, forms
 
 
-def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int):
+def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, window: int | None = None):
     """:func:`split_attn_mask` without the memo: every candidate form is tested on the device and the
     answers come back to the host together (one synchronisation). Returns ``(split or None, index of
     the form that matched or -1)``."""
-    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset, window)
     flags = torch.stack(pre + [t for f in forms for t in f[3:]]).tolist()
     n_pre = len(pre)
     if not all(flags[:n_pre]):
@@ -178,7 +186,7 @@ def _analyse(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int
 
 
 def _analyse_captured(attn_mask, form_key, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int,
-                      kind: str | None = None):
+                      kind: str | None = None, window: int | None = None):
     """:func:`split_attn_mask` while a CUDA graph is captured: no host read. The form is the one an
     eager call of the same shapes found (``_form_memo``); the mask is checked against it on the device
     (``torch._assert_async``: a replay whose mask has another form stops with a device-side assertion
@@ -198,7 +206,7 @@ def _analyse_captured(attn_mask, form_key, B: int, Lq: int, Lk: int, is_causal: 
             f"eagerly with the same input shapes (a warm-up) before capturing")
     if f < 0:
         return None  # the eager call found no kernel form: the reference backend runs it, as eagerly
-    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset)
+    pre, forms = _candidates(attn_mask, B, Lq, Lk, is_causal, q_offset, window)
     kp_f, causal, off, same, _ = forms[f]
     torch._assert_async(torch.stack(pre + [same]).all(),
                         "attnprune: a replayed CUDA graph got an attention mask of another form than at capture")
@@ -237,6 +245,11 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     with or without causality) go to the reference backend, with one warning per site. ``what`` names
     the kernel in that warning; ``name`` is the backend's registry name.
 
+    ``window``: the model's sliding window (passed by ``apply`` for sliding-window layers,
+    ``takes_window``): masks of the causal sliding-window form are run on the site's layout cut to the
+    window (:meth:`~attnprune.kernels.BlockLayout.windowed`); eager only (under ``torch.compile``:
+    the reference backend).
+
     ``takes_sinks``: the kernel takes ``sinks=`` (attention-sink logits ``[Hq]``) eagerly; otherwise, and
     under ``torch.compile``, calls with sinks go to the reference backend (with the warning), as do
     soft-capped calls (``softcap=``) always.
@@ -253,7 +266,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                q_offset=0, beyond="error", positions=None, key_padding_free=False, sinks=None, softcap=None):
+                q_offset=0, beyond="error", positions=None, key_padding_free=False, sinks=None, softcap=None,
+                window=None):
         q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
@@ -278,6 +292,9 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         kind = getattr(getattr(site_mask, "info", None), "kind", None)
+        if window is not None and torch.compiler.is_compiling():
+            return _fallback(q, k, v, site_mask, f"a sliding-window layer is not supported by {what} under "
+                             "torch.compile", name, **kw)
         if by_handle is not None and torch.compiler.is_compiling():
             split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind, key_padding_free)
             if split is None:
@@ -286,14 +303,17 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             handle = layout_handle(source, site_mask)
             return by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset,
                              layout_q_offset=q_offset, beyond=beyond)
-        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=kind)
+        split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=kind, window=window)
         if split is None:
-            return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
+            return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal"
+                             f"{', sliding window' if window is not None else ''})", name, **kw)
         key_padding, causal, offset = split
         per = layouts.get(site_mask)  # the memo hit inline: this runs once per attention call
         layout = per.get((Lq, Lk, q.device, q_offset, beyond)) if per is not None else None
         if layout is None:
             layout = site_layout(site_mask, Lq, Lk, q.device, q_offset, beyond)
+        if window is not None and causal:  # the window's lower edge, cut into the layout (cached there)
+            layout = layout.windowed(window, offset)
         return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset, **extra)
 
     def site_layout(site_mask, Lq: int, Lk: int, device, q_offset: int, beyond: str):
@@ -319,4 +339,5 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         add_layout_source(source, lambda site_mask: lambda lq, lk, device, q_offset, beyond: site_layout(
             site_mask, lq, lk, device, q_offset, beyond))
     backend.takes_padding_hint = True  # apply passes key_padding_free= (Positions.padding_free)
+    backend.takes_window = True  # and window= (AttentionCall.window) for sliding-window layers
     return backend

@@ -49,7 +49,7 @@ def _unpack_bits(words: torch.Tensor, bk: int) -> torch.Tensor:
     shifts = torch.arange(32, device=words.device, dtype=torch.int64)
     w = words.to(torch.int64) & 0xFFFFFFFF
     bits = (w[..., None] >> shifts) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :bk].bool()
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :bk].bool()
 
 
 @dataclass
@@ -218,6 +218,41 @@ class BlockLayout:
             self.row.to(device), self.col.to(device), self.code.to(device), self.bits.to(device),
             self.q_len, self.k_len,
         )
+
+    def windowed(self, window: int, offset: int = 0) -> "BlockLayout":
+        """This layout intersected with the lower edge of a causal sliding window: query ``i`` keeps key
+        ``j`` only if ``i + offset - j < window`` (``offset``: the call's causal offset; the upper edge,
+        ``j <= i + offset``, is the kernels' causality). Blocks wholly past the edge are dropped, blocks
+        across it get a bitmask (their own narrowed, if they had one); nothing of size ``Lq x Lk`` is
+        built. Cached per ``(window, offset)``."""
+        key = ("window", int(window), int(offset))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        bq, bk = self.block
+        first = (self.row % self.q_blocks) * bq + offset - self.col.long() * bk  # i + offset - j at (0, 0)
+        keep = first - (bk - 1) < window  # some entry of the block lies inside the window
+        row, col, code, first = self.row[keep], self.col[keep], self.code[keep], first[keep]
+        edge = first + (bq - 1) >= window  # some entry lies outside: the block needs a bitmask
+        inner = (code >= 0) & ~edge  # partial blocks inside the window keep their bitmask
+        new_code = torch.full_like(code, -1)
+        n_inner = int(inner.sum())
+        new_code[inner] = torch.arange(n_inner, dtype=torch.int32, device=code.device)
+        new_code[edge] = n_inner + torch.arange(int(edge.sum()), dtype=torch.int32, device=code.device)
+        words = [self.bits[code[inner].long()]]
+        r = torch.arange(bq, device=code.device)[:, None]
+        c = torch.arange(bk, device=code.device)[None, :]
+        e_first, e_code = first[edge], code[edge]
+        for s in range(0, int(e_first.numel()), 4096):  # bounds the temporary [chunk, bq, bk] tiles
+            tiles = (e_first[s:s + 4096, None, None] + r - c) < window
+            had = e_code[s:s + 4096]
+            part = had >= 0
+            tiles[part] &= _unpack_bits(self.bits[had[part].long()], bk)
+            words.append(_pack_bits(tiles))
+        out = BlockLayout(self.num_heads, self.q_blocks, self.k_blocks, self.block, row.contiguous(),
+                          col.contiguous(), new_code, torch.cat(words), self.q_len, self.k_len)
+        self._cache[key] = out
+        return out
 
     def block_mask(self) -> torch.Tensor:
         """Dense bool ``[H, Qb, Kb]`` of kept blocks (for tests and FlexAttention)."""
