@@ -71,7 +71,8 @@
 #        kernels (flash, triton); the whole model compiled as CUDA graphs at 4k x 1 (issue 9's small-batch targets).
 #     3. warm: `fa4env` MODELCOMPILE_BACKENDS=flash `modelcompile`, then `tests_compile` alone
 #        (python3 -m pytest tests/unit/test_compile.py: the bool-reduction workaround on torch 2.11).
-#     4. a call for `tests13` (TESTS_LIMIT=300), the suites at the new head.
+#     4. a call for `tests13` (TESTS_LIMIT=300), the suites at the new head (with the tenth session's
+#        test_softmax_variants.py (gpt-oss sinks, Gemma 2 capping) and test_window.py (sliding windows), never on a GPU).
 #     5. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
@@ -211,7 +212,7 @@ while [ $# -gt 0 ]; do
     tests13)
         files=()
         for f in kernels kernels_split backend_triton backend_flash flash_split host_sync decode_kernel decode_step cache \
-                 cache_encdec decode_graph; do
+                 cache_encdec decode_graph softmax_variants window; do
             [ -f tests/unit/test_$f.py ] && files+=(tests/unit/test_$f.py)
         done
         stage tests13 ${TESTS_LIMIT:-480} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs --maxfail=20 "${files[@]}" ;;
