@@ -334,3 +334,39 @@ def test_gemma2_triton_backend_hands_capped_calls_to_reference():
         got = model(**batch).logits
     assert any("logit soft-capping is not supported" in str(x.message) for x in w)
     assert torch.equal(got, ref)
+
+
+def test_flash_backend_hands_calls_with_sinks_to_triton(monkeypatch):
+    """FA4 is not given sinks (not verified on a GPU yet): the flash backend passes such calls to the
+    triton backend, which computes them with the kernels; FA4 itself is never called."""
+    _kernels_or_skip()
+    import sys
+    import types
+
+    calls = []
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = lambda *a, **kw: calls.append(kw)
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    from attnprune.backends import BACKENDS
+    from attnprune.mask import SiteMask
+    from attnprune.sites import SiteInfo
+
+    import attnprune.backends.flash as flash
+
+    monkeypatch.setattr(flash, "_flash_unsupported", lambda q, k, v: None)
+    torch.manual_seed(5)
+    H, L = 4, 40
+    site = SiteMask(SiteInfo("layers.0.attn", "causal", H, 2), L, L, keep=torch.rand(H, 1, 1) < 2, block=128)
+    q = torch.randn(1, H, L, 16, device=DEV)
+    k, v = torch.randn(1, 2, L, 16, device=DEV), torch.randn(1, 2, L, 16, device=DEV)
+    sinks = torch.randn(H, device=DEV)
+    want = BACKENDS.get("triton")(q, k, v, site, is_causal=True, sinks=sinks)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = BACKENDS.get("flash")(q, k, v, site, is_causal=True, sinks=sinks)
+    assert any("hands this call to the triton backend" in str(x.message) for x in w)
+    assert torch.equal(got, want) and not calls
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    ref = virtual_key_reference(q.cpu(), k.cpu(), v.cpu(), causal[None, None], 16 ** -0.5, sinks.cpu())
+    assert rel(got.cpu(), ref) < 4 * (L + 16) * (EPS32 if not HAS_CUDA else 2.0 ** -10)

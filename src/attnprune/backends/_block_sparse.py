@@ -213,13 +213,13 @@ def _analyse_captured(attn_mask, form_key, B: int, Lq: int, Lk: int, is_causal: 
     return kp_f, causal, off
 
 
-def _fallback(q, k, v, site_mask, why: str, backend: str, **kw):
+def _fallback(q, k, v, site_mask, why: str, backend: str, to: str = "reference", **kw):
     name = getattr(site_mask, "name", "?")
     if (name, why, backend) not in _warned:  # once per site and reason
         _warned.add((name, why, backend))
-        warnings.warn(f"site {name!r}: {why}; the {backend} backend hands this call to the reference backend",
+        warnings.warn(f"site {name!r}: {why}; the {backend} backend hands this call to the {to} backend",
                       stacklevel=3)
-    return BACKENDS.get("reference")(q, k, v, site_mask, **kw)
+    return BACKENDS.get(to)(q, k, v, site_mask, **kw)
 
 
 def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -235,7 +235,7 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None,
-                         takes_sinks: bool = False):
+                         takes_sinks: bool = False, sinks_to: str = "reference"):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
     ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
@@ -251,8 +251,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     the reference backend).
 
     ``takes_sinks``: the kernel takes ``sinks=`` (attention-sink logits ``[Hq]``) eagerly; otherwise, and
-    under ``torch.compile``, calls with sinks go to the reference backend (with the warning), as do
-    soft-capped calls (``softcap=``) always.
+    under ``torch.compile``, calls with sinks go to the ``sinks_to`` backend eagerly and to the reference
+    backend under compile (with the warning); soft-capped calls (``softcap=``) always to the reference.
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -277,9 +277,11 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
                              softcap=softcap, **kw, **({} if sinks is None else {"sinks": sinks}))
         if sinks is not None:
             kw["sinks"] = sinks
-            if not takes_sinks or torch.compiler.is_compiling():
+            compiling = torch.compiler.is_compiling()
+            if not takes_sinks or compiling:
                 return _fallback(q, k, v, site_mask, f"attention sinks are not supported by {what}"
-                                 f"{' under torch.compile' if takes_sinks else ''}", name, **kw)
+                                 f"{' under torch.compile' if compiling else ''}", name,
+                                 to="reference" if compiling else sinks_to, **kw)
             extra["sinks"] = sinks
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
