@@ -9,6 +9,7 @@ say what a change does to the code, before a GPU measures what it does to the sp
     python3 bench/sass_stats.py                 # the kernels as configured (CONFIGS), this process's variant
     python3 bench/sass_stats.py --ab-bits       # ATTNPRUNE_TRITON_BITS=rows vs gather, one process each
     python3 bench/sass_stats.py --json out.json
+    python3 bench/sass_stats.py --softcap       # the same with Gemma 2's logit soft-capping compiled in
 
 Kernels: ``_fwd_kernel``, ``_dq_kernel``, ``_dkdv_kernel`` at head dims 64 and 128 with their tuned tile
 configuration (``kernels.attention.CONFIGS``), 128 x 128 layout blocks, bf16, not causal, no key padding, with
@@ -32,7 +33,7 @@ _BF16 = {"Q", "K", "V", "O", "KD", "VD", "DO", "DQ", "DK", "DV_"}
 _FLOAT = {"qk_scale", "sm_scale"}
 
 
-def compile_stats(kernel: str, d: int, has_bits: bool, cfg=None) -> dict:
+def compile_stats(kernel: str, d: int, has_bits: bool, cfg=None, softcap: bool = False) -> dict:
     """Compile one kernel for sm90 and count its SASS (``cfg``: a ``KernelConfig``, default the tuned one)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -44,6 +45,9 @@ def compile_stats(kernel: str, d: int, has_bits: bool, cfg=None) -> dict:
     cfg = cfg or get_config(kernel, d, (128, 128))
     cx = dict(BQ=128, BK=128, NW=4, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DV=d, CAUSAL=False,
               HAS_KPM=False, HAS_BITS=has_bits)
+    # logit soft-capping (Gemma 2) is compiled in only when asked: the constants of a cap of 50 at d**-0.5
+    cx.update(SOFTCAP=softcap, CAP_IN=(d ** -0.5) / 50.0 if softcap else 0.0, CAP_OUT=50.0 * 1.4426950408889634
+              if softcap else 0.0)
     if kernel == "fwd":
         cx["USE_TMA"] = False  # masked tiles never use TMA; keep the loads comparable
     else:
@@ -56,7 +60,7 @@ def compile_stats(kernel: str, d: int, has_bits: bool, cfg=None) -> dict:
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ins = _instructions(k.asm["cubin"])
-    return {"kernel": kernel, "d": d, "bits": has_bits, "tile": f"{cfg.block_m}x{cfg.block_n}",
+    return {"kernel": kernel, "d": d, "bits": has_bits, "softcap": softcap, "tile": f"{cfg.block_m}x{cfg.block_n}",
             "warps": cfg.num_warps, "stages": cfg.num_stages,
             "instructions": len(ins), "LDG": sum(1 for i in ins if re.match(r"(@!?U?P\d+ )?LDG", i)),
             "LDL+STL": sum(1 for i in ins if re.match(r"(@!?U?P\d+ )?(LDL|STL)", i)),
@@ -76,8 +80,9 @@ def _instructions(cubin: bytes) -> list[str]:
     return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", text)]
 
 
-def run_all() -> list[dict]:
-    return [compile_stats(kn, d, bits) for kn in ("fwd", "dq", "dkdv") for d in (64, 128) for bits in (False, True)]
+def run_all(softcap: bool = False) -> list[dict]:
+    return [compile_stats(kn, d, bits, softcap=softcap) for kn in ("fwd", "dq", "dkdv") for d in (64, 128)
+            for bits in (False, True)]
 
 
 def _child(variant: str) -> list[dict]:
@@ -90,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ab-bits", action="store_true", help="compare ATTNPRUNE_TRITON_BITS=rows with gather")
     ap.add_argument("--json", default=None, help="write the rows as JSON here ('-': stdout only)")
+    ap.add_argument("--softcap", action="store_true", help="the kernels with logit soft-capping compiled in")
     a = ap.parse_args()
     if a.json == "-":
         print(json.dumps(run_all()))
@@ -104,7 +110,7 @@ def main():
                   f"{r['LDL+STL']} / {g['LDL+STL']} | {r['shared_bytes'] / 1024:.1f} / {g['shared_bytes'] / 1024:.1f} |")
         result = {"rows": rows, "gather": gather}
     else:
-        result = run_all()
+        result = run_all(a.softcap)
         for r in result:
             print(json.dumps(r))
     if a.json:

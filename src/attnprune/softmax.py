@@ -10,7 +10,7 @@
 
 These helpers are the dense form used where no kernel runs: the reference backend, ``observe``, the
 capture path's fallback and pruned-cache decoding. The Triton kernels take sinks through their
-log-sum-exp (:mod:`attnprune.kernels.attention`); soft-capped calls go to the reference backend.
+log-sum-exp and capping inside their score computation (:mod:`attnprune.kernels.attention`).
 """
 
 from __future__ import annotations

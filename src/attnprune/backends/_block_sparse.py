@@ -235,7 +235,7 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None,
-                         takes_sinks: bool = False, sinks_to: str = "reference"):
+                         takes: tuple = (), variants_to: str = "reference"):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
     ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
@@ -250,9 +250,10 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     window (:meth:`~attnprune.kernels.BlockLayout.windowed`); eager only (under ``torch.compile``:
     the reference backend).
 
-    ``takes_sinks``: the kernel takes ``sinks=`` (attention-sink logits ``[Hq]``) eagerly; otherwise, and
-    under ``torch.compile``, calls with sinks go to the ``sinks_to`` backend eagerly and to the reference
-    backend under compile (with the warning); soft-capped calls (``softcap=``) always to the reference.
+    ``takes``: the softmax variants (:mod:`attnprune.softmax`) the kernel takes eagerly as keywords,
+    among ``"sinks"`` (attention-sink logits ``[Hq]``) and ``"softcap"`` (the logit cap); a call with a
+    variant the kernel does not take goes to the ``variants_to`` backend (the reference one unless the
+    backend names a better one), and under ``torch.compile`` to the reference backend (with the warning).
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -271,18 +272,17 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         q, k, v = autocast_inputs(q, k, v)
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                   q_offset=q_offset, beyond=beyond, positions=positions)
-        extra = {}
-        if softcap is not None:
-            return _fallback(q, k, v, site_mask, f"logit soft-capping is not supported by {what}", name,
-                             softcap=softcap, **kw, **({} if sinks is None else {"sinks": sinks}))
-        if sinks is not None:
-            kw["sinks"] = sinks
+        extra = {n: x for n, x in (("sinks", sinks), ("softcap", softcap)) if x is not None}
+        if extra:
+            kw.update(extra)
+            missing = [n for n in extra if n not in takes]
             compiling = torch.compiler.is_compiling()
-            if not takes_sinks or compiling:
-                return _fallback(q, k, v, site_mask, f"attention sinks are not supported by {what}"
+            if missing or compiling:
+                what_ = {"sinks": "attention sinks", "softcap": "logit soft-capping"}
+                why = " and ".join(what_[n] for n in (missing or extra))
+                return _fallback(q, k, v, site_mask, f"{why}: not supported by {what}"
                                  f"{' under torch.compile' if compiling else ''}", name,
-                                 to="reference" if compiling else sinks_to, **kw)
-            extra["sinks"] = sinks
+                                 to="reference" if compiling else variants_to, **kw)
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
                              "left-padded batch or a sliding-window cache)", name, **kw)

@@ -287,7 +287,7 @@ def _flash_unsupported(q, k, v) -> str | None:
 # _flash_unsupported to run the backend on an emulated FA4)
 flash_backend = block_sparse_backend(flash_sparse_attention, lambda site_mask, lq, lk: FLASH_BLOCK, "flash",
                                      "FlashAttention-4 here", lambda q, k, v: _flash_unsupported(q, k, v),
-                                     by_handle=lambda *a, **kw: flash_by_handle(*a, **kw), sinks_to="triton")
+                                     by_handle=lambda *a, **kw: flash_by_handle(*a, **kw), variants_to="triton")
 flash_backend.__doc__ = """Masked attention for one site with FA4 block-sparse attention on the site's layout (128 x 128).
 
 q: ``[B, Hq, Lq, D]``, k/v: ``[B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, D]``.

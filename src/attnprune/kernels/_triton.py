@@ -15,7 +15,7 @@ The dk/dv inner loop (``_dkdv_blocks``) and the split dk/dv kernels for long kv-
 import triton
 import triton.language as tl
 
-from ._triton_bwd import _bits_ok, _dkdv_blocks, _kv_tile
+from ._triton_bwd import _bits_ok, _dkdv_blocks, _kv_tile, _tanh
 
 
 @triton.jit
@@ -32,6 +32,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -82,7 +83,14 @@ def _fwd_kernel(
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd)
             qk = tl.dot(q, k)
-        if HAS_KPM:
+        if SOFTCAP:  # capped scores, log2 domain
+            qk = _tanh(qk * CAP_IN) * CAP_OUT
+            if HAS_KPM:
+                qk = tl.where((tl.load(kpm_base + offs_n) != 0)[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+        elif HAS_KPM:
             kp = tl.load(kpm_base + offs_n) != 0
             qk = tl.where(kp[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -108,7 +116,10 @@ def _fwd_kernel(
         col_ok = offs_n < Lk
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, k) * qk_scale
+        if SOFTCAP:
+            qk = _tanh(tl.dot(q, k) * CAP_IN) * CAP_OUT
+        else:
+            qk = tl.dot(q, k) * qk_scale
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_offset)
@@ -150,6 +161,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -191,7 +203,10 @@ def _dq_kernel(
         offs_n = kb * BK + s * BLOCK_N + offs_nb
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
         vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
-        if PRESCALE:  # scale the scores first (separate multiply), or fold it into the exponent
+        if SOFTCAP:
+            th = _tanh(tl.dot(q, kT) * CAP_IN)
+            p = tl.math.exp2(th * CAP_OUT - lse[:, None])
+        elif PRESCALE:  # scale the scores first (separate multiply), or fold it into the exponent
             qk = tl.dot(q, kT) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
         else:
@@ -202,6 +217,8 @@ def _dq_kernel(
             p = tl.where(kp[None, :], p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     for t in range(mid * SPLIT, end * SPLIT):
         e = t // SPLIT
@@ -222,9 +239,15 @@ def _dq_kernel(
             ok = ok & kp[None, :]
         if HAS_BITS:
             ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, s * BLOCK_N, BQ, NW, False)
-        p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
+        if SOFTCAP:
+            th = _tanh(qk * CAP_IN)
+            p = tl.where(ok, tl.math.exp2(th * CAP_OUT - lse[:, None]), 0.0)
+        else:
+            p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
@@ -247,6 +270,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -277,7 +301,7 @@ def _dkdv_kernel(
             LSE, DELTA, (b * Hq + h).to(tl.int64) * Lq, BROW, BCODE, BITS,
             start, mid, mid, end,
             sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
-            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE,
+            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT,
         )
 
     dk = dk * sm_scale

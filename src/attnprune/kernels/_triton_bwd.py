@@ -62,6 +62,15 @@ def _bits_ok(BITS, code, rows, cols, col0, BQ: tl.constexpr, NW: tl.constexpr, T
 
 
 @triton.jit
+def _tanh(x):
+    """``tanh(x)`` from ``exp2`` (Triton has no tanh on every backend): ``1 - 2 / (1 + e^(2x))``, exact
+    at both infinities. Used for logit soft-capping: scores ``CAP_OUT * tanh(q.k * CAP_IN)`` with
+    ``CAP_IN = scale / cap`` and ``CAP_OUT = cap * log2(e)`` (log2 domain), derivative factor
+    ``1 - tanh^2``."""
+    return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * 2.8853900817779268))
+
+
+@triton.jit
 def _kv_tile(K, V, KPM, b, hk, offs_n, col_ok, skb, skh, skn, skd, svb, svh, svn, svd, skpb,
              D: tl.constexpr, DV: tl.constexpr, HAS_KPM: tl.constexpr):
     """One key tile's keys ``[BLOCK_N, D]``, values ``[BLOCK_N, DV]`` (zeros past the keys) and which of
@@ -87,6 +96,7 @@ def _dkdv_blocks(
     sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
     BQ: tl.constexpr, NW: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr, CAP_IN: tl.constexpr, CAP_OUT: tl.constexpr,
 ):
     """Add to ``dk`` [BLOCK_N, D] / ``dv`` [BLOCK_N, DV] (fp32, unscaled) the list entries
     ``[c_lo, c_hi)`` (clean: no masking) and ``[m_lo, m_hi)`` (masked) of one dK/dV list.
@@ -110,7 +120,10 @@ def _dkdv_blocks(
         do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-        if PRESCALE:
+        if SOFTCAP:
+            thT = _tanh(tl.dot(k, qT) * CAP_IN)
+            pT = tl.math.exp2(thT * CAP_OUT - lse[None, :])
+        elif PRESCALE:
             qkT = tl.dot(k, qT) * qk_scale
             pT = tl.math.exp2(qkT - lse[None, :])
         else:
@@ -121,6 +134,8 @@ def _dkdv_blocks(
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - thT * thT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     for t in range(m_lo * SPLIT, m_hi * SPLIT):
         e = t // SPLIT
@@ -142,10 +157,16 @@ def _dkdv_blocks(
             ok = ok & kp[:, None]
         if HAS_BITS:
             ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, col0, BQ, NW, True)
-        pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
+        if SOFTCAP:
+            thT = _tanh(qkT * CAP_IN)
+            pT = tl.where(ok, tl.math.exp2(thT * CAP_OUT - lse[None, :]), 0.0)
+        else:
+            pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - thT * thT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
@@ -166,6 +187,7 @@ def _dkdv_items_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
 ):
     """Grid ``(n_items * NSUB * NBG,)``, ``NSUB = BK // BLOCK_N``. Program ``(i * NSUB + sub) * NBG + bg``:
     work item ``i`` on kv sub-tile ``sub`` (keys ``kb*BK + sub*BLOCK_N ..``) of batch ``bg // HG``, kv
@@ -216,7 +238,7 @@ def _dkdv_items_kernel(
             start + tl.minimum(lo, ncl), start + tl.minimum(hi, ncl),
             start + tl.maximum(lo, ncl), start + tl.maximum(hi, ncl),
             sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
-            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE,
+            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT,
         )
         off += n
 

@@ -137,8 +137,16 @@ def _fwd_launch(layout: BlockLayout, B: int, Hq: int, Lq: int, D: int, configs, 
     return hit
 
 
+def _cap_args(scale: float, softcap: float | None) -> dict:
+    """The kernels' soft-capping constants (none without a cap): scores ``CAP_OUT * tanh(q.k * CAP_IN)``
+    in the log2 domain, i.e. ``cap * tanh(q.k * scale / cap)`` in natural units."""
+    if softcap is None:
+        return {}
+    return dict(SOFTCAP=True, CAP_IN=float(scale) / float(softcap), CAP_OUT=float(softcap) * _LOG2E)
+
+
 def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool, q_offset: int,
-             configs):
+             configs, softcap: float | None = None):
     """The forward kernel's launch: ``(o [B, Hq, Lq, DV], lse [B, Hq, Lq] float32, kpm_t, bits)``,
     the last two being the key-padding and bitmask arguments it got (placeholders when absent)."""
     tk = _kernels()
@@ -168,7 +176,7 @@ def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, 
         Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
         BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
         CAUSAL=causal, HAS_KPM=has_kpm, HAS_BITS=has_bits, USE_TMA=use_tma, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **_cap_args(scale, softcap),
     )
     return o, lse, kpm_t, bits
 
@@ -176,28 +184,29 @@ def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
-                q_offset: int, configs, split, sinks=None):
-        o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs)
+                q_offset: int, configs, split, sinks=None, softcap=None):
+        o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs, softcap)
         if sinks is not None:
             o, lse = _with_sinks(o, lse, sinks)
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
         ctx.has_kpm, ctx.configs, ctx.split = kpm is not None, configs, split
         ctx.sinks = None if sinks is None else (_sink_log2(sinks), sinks.dtype, sinks.requires_grad)
+        ctx.softcap = softcap
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm_t, bits = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, kpm_t, bits, ctx.layout, ctx.plan, ctx.scale, ctx.causal,
-                               ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split)
+                               ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split, ctx.softcap)
         ds = None
         if ctx.sinks is not None and ctx.sinks[2]:
             # the sink is a key of value 0: dL/ds_h = -sum over rows of p_sink * (dO . O)
             s2, dtype, _ = ctx.sinks
             delta = (do.float() * o.float()).sum(-1)
             ds = -(torch.exp2(s2 - lse) * delta).sum((0, 2)).to(dtype)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, ds
+        return dq, dk, dv, None, None, None, None, None, None, None, None, ds, None
 
 
 def _sink_log2(sinks: torch.Tensor) -> torch.Tensor:
@@ -219,9 +228,9 @@ def _with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
 
 
 def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
-              q_offset: int, has_kpm: bool, configs: dict, split):
+              q_offset: int, has_kpm: bool, configs: dict, split, softcap: float | None = None):
     """The backward launches (delta, dq, dk/dv): ``(dq, dk, dv)``. ``kpm_t``, ``bits``: what the forward
-    got (placeholders when absent); ``split``: the dK/dV chunk table or None."""
+    got (placeholders when absent); ``split``: the dK/dV chunk table or None; ``softcap``: the logit cap."""
     tk = _kernels()
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -236,7 +245,7 @@ def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: Layou
     dv = torch.empty_like(v)
     kpm_s = kpm_t.stride(0) if has_kpm else 0
     common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=causal, HAS_KPM=has_kpm,
-                  HAS_BITS=layout.num_partial > 0)
+                  HAS_BITS=layout.num_partial > 0, **_cap_args(scale, softcap))
     qk_scale = scale * _LOG2E
 
     cfg = configs.get("dq") or get_config("dq", D, layout.block)
@@ -313,6 +322,7 @@ def sparse_attention(
     q_offset: int = 0,
     configs: dict | None = None,
     sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention computed only on the blocks ``layout`` keeps (Triton kernels, differentiable).
 
@@ -332,6 +342,7 @@ def sparse_attention(
         sinks: optional ``[q_heads]`` attention-sink logits (gpt-oss): each row's softmax also counts
             ``exp(sinks[h])`` in its denominator (the sink holds no value); differentiable. Eager calls
             only (not through a handle or under ``torch.compile``).
+        softcap: optional logit cap ``c`` (Gemma 2): scores ``c * tanh(q.k * scale / c)``; eager only.
 
     Returns:
         ``[batch, q_heads, Lq, dv]`` in ``q``'s dtype. A query row with no allowed key is zero and
@@ -346,10 +357,12 @@ def sparse_attention(
     eagerly they are launched directly.
     """
     _check_inputs(q, k, v)
+    if (sinks is not None or softcap is not None) and (isinstance(layout, int) or torch.compiler.is_compiling()):
+        raise InvalidArgumentError("sinks and softcap are not supported through a layout handle or under "
+                                   "torch.compile; call sparse_attention eagerly or use backend='reference'")
+    if softcap is not None and not float(softcap) > 0:
+        raise InvalidArgumentError(f"softcap must be positive, got {softcap}")
     if sinks is not None:
-        if isinstance(layout, int) or torch.compiler.is_compiling():
-            raise InvalidArgumentError("sinks are not supported through a layout handle or under torch.compile; "
-                                       "call sparse_attention eagerly or use backend='reference'")
         if tuple(sinks.shape) != (q.shape[1],) or not sinks.is_floating_point():
             raise InvalidArgumentError(f"sinks must be float [q_heads] = [{q.shape[1]}], got "
                                        f"{sinks.dtype} {tuple(sinks.shape)}")
@@ -375,9 +388,9 @@ def sparse_attention(
             split = lay.dkdv_split(Lq, Lk, causal, q_offset, Hq, k.shape[1])
         if grad:
             return _SparseAttention.apply(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset),
-                                          configs or {}, split, sinks)
+                                          configs or {}, split, sinks, softcap)
         # no backward can follow: the launch without autograd's bookkeeping
-        o, lse = _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs)[:2]
+        o, lse = _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs, softcap)[:2]
         return o if sinks is None else _with_sinks(o, lse, sinks)[0]
 
     return _padded_call(q, k, v, scale, key_padding, run)
