@@ -158,3 +158,43 @@ def batch(lengths, total=None, seed=0, vocab=VOCAB, low=3):
         am[i, :n] = 1
     ids = ids.masked_fill(am == 0, 1)
     return {"input_ids": ids, "attention_mask": am}
+
+
+def auto_causal_lm(model_type, seed=0, impl="sdpa", **kw):
+    """A tiny random ``AutoModelForCausalLM`` of transformers' ``model_type`` (2 layers, width 32, 4 query /
+    2 kv heads, vocabulary 97, sliding windows of 8 where the family has them; ``kw`` on top); skips the
+    test when this transformers lacks the family."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {model_type}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _seed(seed)
+    args = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=32, sliding_window=8, max_position_embeddings=64, pad_token_id=0)
+    cfg = AutoConfig.for_model(model_type, **dict(args, **kw))
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def masked_runs(model, mask, batch, param, backends=("reference", "triton")):
+    """Forward + backward of ``sum(logits**2)`` over the real tokens of ``batch`` under ``mask`` with each
+    backend: ``{backend: (logits of the real tokens, param.grad)}``. Fails if a backend handed a call to
+    the reference backend (every call must run on the backend named)."""
+    import warnings
+
+    import attnprune
+
+    real = batch["attention_mask"].bool()
+    out = {}
+    for backend in backends:
+        model.zero_grad()
+        with warnings.catch_warnings(record=True) as caught, attnprune.apply(model, mask, backend=backend):
+            warnings.simplefilter("always")
+            logits = model(**batch).logits
+            (logits[real] ** 2).sum().backward()
+        handed = [str(w.message) for w in caught if "reference backend" in str(w.message)]
+        assert not handed, handed
+        out[backend] = (logits.detach()[real], param.grad.clone())
+    return out

@@ -22,6 +22,7 @@ if not HAS_CUDA:
 import attnprune  # noqa: E402
 from attnprune.errors import InvalidArgumentError  # noqa: E402
 from attnprune.softmax import dense_attention  # noqa: E402
+from tiny_models import auto_causal_lm, masked_runs  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
@@ -135,17 +136,8 @@ def test_kernel_sinks_bad_shape():
 
 
 def gpt_oss(seed=0):
-    transformers = pytest.importorskip("transformers")
-    if "gpt_oss" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
-        pytest.skip("this transformers has no gpt-oss")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("gpt_oss", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
-                               num_experts_per_tok=2, sliding_window=8, max_position_embeddings=64,
-                               pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model = auto_causal_lm("gpt_oss", seed, impl="eager", head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                           eos_token_id=1, bos_token_id=2)
     with torch.no_grad():  # initialised at 0 otherwise: large sinks make the test bite
         for m in model.modules():
             if hasattr(m, "sinks"):
@@ -231,8 +223,9 @@ def test_gpt_oss_pruned_triton_equals_reference_and_flex_falls_back():
     assert torch.equal(got, outs["reference"])
 
 
-def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
-    model = gpt_oss(2)
+def pruned_cache_generation_matches_the_masked_model(model):
+    """Greedy generation over a ``PrunedKVCache`` equals generation without a cache, both under a 50%
+    mask (the decode path computes the model's softmax variant as the prefill path does)."""
     stats = attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))], progress=False)
     mask = attnprune.make_mask(stats, 0.5)
     prompt = torch.randint(3, 97, (1, 12))
@@ -241,6 +234,10 @@ def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
                                     past_key_values=attnprune.PrunedKVCache(model, mask))
         without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
+
+
+def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
+    pruned_cache_generation_matches_the_masked_model(gpt_oss(2))
 
 
 def capped_reference(q, k, v, allowed, scale, cap, sinks=None):
@@ -277,16 +274,7 @@ def test_dense_attention_softcap_and_reference_backend():
 
 
 def gemma2(seed=0, cap=1.0):
-    transformers = pytest.importorskip("transformers")
-    if "gemma2" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
-        pytest.skip("this transformers has no Gemma 2")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("gemma2", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=8, intermediate_size=32, sliding_window=8,
-                               max_position_embeddings=64, attn_logit_softcapping=cap, pad_token_id=0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model = auto_causal_lm("gemma2", seed, impl="eager", head_dim=8, attn_logit_softcapping=cap)
     with torch.no_grad():  # larger query weights: scores well past the cap, so capping changes them
         for name, p in model.named_parameters():
             if name.endswith("q_proj.weight"):
@@ -317,14 +305,7 @@ def test_gemma2_observe_apply_gradients_and_pruned_cache():
     with attnprune.apply(model, attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.0)):
         got, got_g = run()
     assert rel(got[real], dense[real]) < 64 * EPS32 and rel(got_g, dense_g) < 64 * EPS32
-    mask = attnprune.make_mask(attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))],
-                                                 progress=False), 0.5)
-    prompt = torch.randint(3, 97, (1, 12))
-    with attnprune.apply(model, mask):
-        with_cache = model.generate(prompt, max_new_tokens=10, do_sample=False,
-                                    past_key_values=attnprune.PrunedKVCache(model, mask))
-        without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
-    assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
+    pruned_cache_generation_matches_the_masked_model(model)
 
 
 def test_gemma2_capped_layers_run_on_the_kernels():
@@ -332,16 +313,7 @@ def test_gemma2_capped_layers_run_on_the_kernels():
     model = gemma2(1)
     batch = _batch(24)
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5, block=16)
-    real = batch["attention_mask"].bool()
-    got = {}
-    for backend in ("reference", "triton"):
-        model.zero_grad()
-        with warnings.catch_warnings(record=True) as w, attnprune.apply(model, mask, backend=backend):
-            warnings.simplefilter("always")
-            logits = model(**batch).logits
-            (logits[real] ** 2).sum().backward()
-        assert not [x for x in w if "reference backend" in str(x.message)]
-        got[backend] = (logits.detach()[real], model.model.layers[1].self_attn.k_proj.weight.grad.clone())
+    got = masked_runs(model, mask, batch, model.model.layers[1].self_attn.k_proj.weight)
     tol = 64 * EPS32 if not HAS_CUDA else 1e-2
     assert rel(got["triton"][0], got["reference"][0]) < tol
     assert rel(got["triton"][1], got["reference"][1]) < tol

@@ -5,7 +5,6 @@ sliding layers run on the kernels (not handed to the reference backend) and agre
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ if not HAS_CUDA:
 import attnprune  # noqa: E402
 from attnprune.backends._block_sparse import split_attn_mask  # noqa: E402
 from attnprune.kernels import BlockLayout  # noqa: E402
+from tiny_models import auto_causal_lm, masked_runs  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -71,20 +71,6 @@ def test_split_attn_mask_reads_a_sliding_window_mask():
     assert split_attn_mask(m2, 1, 4, 30, False, 0, window=w + 1) is None  # another window: another form
 
 
-def tiny(model_type, **kw):
-    transformers = pytest.importorskip("transformers")
-    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
-        pytest.skip(f"this transformers has no {model_type}")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=32, sliding_window=8,
-                               max_position_embeddings=64, pad_token_id=0, **kw)
-    impl = "eager" if model_type == "gpt_oss" else "sdpa"
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
-
-
 @pytest.mark.parametrize("model_type, kw", [
     ("mistral", {}),
     ("gemma3_text", dict(head_dim=8)),
@@ -95,23 +81,13 @@ def test_sliding_window_layers_run_on_the_kernels(model_type, kw, block):
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
     pytest.importorskip("triton")
-    model = tiny(model_type, **kw)
+    model = auto_causal_lm(model_type, impl="eager" if model_type == "gpt_oss" else "sdpa", **kw)
     L = 40  # five windows
     am = torch.ones(2, L, dtype=torch.long)
     am[1, -7:] = 0
     batch = dict(input_ids=torch.randint(3, 97, (2, L)), attention_mask=am)
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.3, block=block)
-    real = am.bool()
-    got = {}
-    for backend in ("reference", "triton"):
-        model.zero_grad()
-        with warnings.catch_warnings(record=True) as caught, attnprune.apply(model, mask, backend=backend):
-            warnings.simplefilter("always")
-            logits = model(**batch).logits
-            (logits[real] ** 2).sum().backward()
-        handed = [str(x.message) for x in caught if "reference backend" in str(x.message)]
-        assert not handed, handed
-        got[backend] = (logits.detach()[real], model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    got = masked_runs(model, mask, batch, model.model.layers[0].self_attn.q_proj.weight)
     tol = 64 * EPS32 if not HAS_CUDA else 1e-2
-    assert ((got["triton"][0] - got["reference"][0]).norm() / got["reference"][0].norm()) < tol
-    assert ((got["triton"][1] - got["reference"][1]).norm() / got["reference"][1].norm()) < tol
+    for i in (0, 1):  # logits, a gradient
+        assert ((got["triton"][i] - got["reference"][i]).norm() / got["reference"][i].norm()) < tol
