@@ -91,3 +91,38 @@ def test_sliding_window_layers_run_on_the_kernels(model_type, kw, block):
     tol = 64 * EPS32 if not HAS_CUDA else 1e-2
     for i in (0, 1):  # logits, a gradient
         assert ((got["triton"][i] - got["reference"][i]).norm() / got["reference"][i].norm()) < tol
+
+
+@pytest.mark.parametrize("model_type, kw", [("mistral", {}), ("gemma3_text", dict(head_dim=8))])
+def test_sliding_window_layers_compile_on_the_kernels(model_type, kw):
+    """Under ``torch.compile`` (one graph) the sliding-window layers run the kernels' custom op on the windowed
+    layout that the eager forward registered, and give what eager gives."""
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    pytest.importorskip("triton")
+    import warnings
+
+    torch._dynamo.reset()
+    model = auto_causal_lm(model_type, **kw)
+    L = 40
+    am = torch.ones(2, L, dtype=torch.long)
+    am[1, -7:] = 0
+    batch = dict(input_ids=torch.randint(3, 97, (2, L)), attention_mask=am)
+    mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.3, block=16)
+    real = am.bool()
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, \
+            attnprune.apply(model, mask, backend="triton"):
+        warnings.simplefilter("always")
+        eager = model(**batch).logits[real]
+        compiled = torch.compile(model, backend=recording, fullgraph=True)(**batch).logits[real]
+    torch._dynamo.reset()
+    assert not [str(w.message) for w in caught if "reference backend" in str(w.message)]
+    ops = sum(str(n.target).startswith("attnprune.sparse_fwd") for g in graphs for n in g.graph.nodes)
+    assert len(graphs) == 1 and ops == 2  # both layers through the op (one of them a sliding one)
+    assert ((compiled - eager).norm() / eager.norm()) < 64 * EPS32

@@ -82,14 +82,14 @@ def _capturing() -> bool:
 
 
 def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, kind: str | None,
-                    padding_free: bool = False):
+                    padding_free: bool = False, window: int | None = None):
     """:func:`split_attn_mask` while ``torch.compile`` traces: no memo (tensor ids and versions mean nothing
     there) and no host read. The form is the one of the site's ``kind`` (as under CUDA graph capture:
     ``"causal"``: key padding + causality from the last query, else key padding alone); the mask is
     checked against it on the device (``torch._assert_async``) and its key padding is passed on, unless
     ``padding_free`` (the forward says no key is padding: ``Positions.padding_free``): then the check also
     asserts that every key is kept and no key padding is passed (the kernels' unpadded, natively causal
-    path)."""
+    path). ``window``: the causal form holds the sliding window's edge too (as in :func:`split_attn_mask`)."""
     from ..errors import GraphCaptureError
 
     if attn_mask is None:
@@ -104,7 +104,7 @@ def _compiled_split(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offs
         return None
     pre, m = _normalised(attn_mask, B, Lq, Lk)
     if causal:
-        kp, off, same = _causal_form(m, Lq, Lk, Lk - Lq)
+        kp, off, same = _causal_form(m, Lq, Lk, Lk - Lq, window)
     else:
         kp, off = m.any(dim=1), q_offset
         same = (m == kp[:, None, :]).all()
@@ -142,9 +142,9 @@ def _causal_form(m, Lq: int, Lk: int, off: int, window: int | None = None):
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
     tri = j <= i + off
-    if window is not None:
+    if window is not None:  # (sums, not .any(): the inductor bug below)
         tri = tri & (j > i + off - window)
-        kp_c = m.any(dim=1) | ~tri.any(dim=0)[None, :]
+        kp_c = m.any(dim=1) | (tri.sum(dim=0) == 0)[None, :]
     else:
         kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
     # a count of mismatches, not ``.all()``: inductor on torch 2.11 fails to generate a bool reduction over
@@ -247,8 +247,9 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
 
     ``window``: the model's sliding window (passed by ``apply`` for sliding-window layers,
     ``takes_window``): masks of the causal sliding-window form are run on the site's layout cut to the
-    window (:meth:`~attnprune.kernels.BlockLayout.windowed`); eager only (under ``torch.compile``:
-    the reference backend).
+    window (:meth:`~attnprune.kernels.BlockLayout.windowed`); under ``torch.compile`` through a layout source
+    of the windowed layout that the first (eager) forward registers (without ``by_handle``, or without
+    that forward: the reference backend).
 
     ``takes``: the softmax variants (:mod:`attnprune.softmax`) the kernel takes eagerly as keywords,
     among ``"sinks"`` (attention-sink logits ``[Hq]``) and ``"softcap"`` (the logit cap); a call with a
@@ -294,15 +295,23 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         kind = getattr(getattr(site_mask, "info", None), "kind", None)
-        if window is not None and torch.compiler.is_compiling():
+        if window is not None and by_handle is None and torch.compiler.is_compiling():
             return _fallback(q, k, v, site_mask, f"a sliding-window layer is not supported by {what} under "
                              "torch.compile", name, **kw)
         if by_handle is not None and torch.compiler.is_compiling():
-            split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind, key_padding_free)
+            split = _compiled_split(attn_mask, B, Lq, Lk, is_causal, q_offset, kind, key_padding_free,
+                                    None if attn_mask is None else window)
             if split is None:
-                return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal)", name, **kw)
+                return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal"
+                                 f"{', sliding window' if window is not None else ''})", name, **kw)
             key_padding, causal, offset = split
-            handle = layout_handle(source, site_mask)
+            src = source
+            if window is not None and causal and attn_mask is not None:  # (no mask: the window cuts nothing)
+                src = f"{source}:window={window}"
+                if src not in windowed_sources:  # registered by the eager forward that must come first
+                    return _fallback(q, k, v, site_mask, "a sliding-window layer compiled before any eager forward",
+                                     name, **kw)
+            handle = layout_handle(src, site_mask)
             return by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset,
                              layout_q_offset=q_offset, beyond=beyond)
         split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=kind, window=window)
@@ -316,6 +325,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             layout = site_layout(site_mask, Lq, Lk, q.device, q_offset, beyond)
         if window is not None and causal:  # the window's lower edge, cut into the layout (cached there)
             layout = layout.windowed(window, offset)
+            if by_handle is not None and f"{source}:window={window}" not in windowed_sources:
+                add_windowed_source(window)
         return kernel(q, k, v, layout, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset, **extra)
 
     def site_layout(site_mask, Lq: int, Lk: int, device, q_offset: int, beyond: str):
@@ -340,6 +351,15 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
 
         add_layout_source(source, lambda site_mask: lambda lq, lk, device, q_offset, beyond: site_layout(
             site_mask, lq, lk, device, q_offset, beyond))
+    windowed_sources: set = set()
+
+    def add_windowed_source(window: int) -> None:
+        """The op's layout source for a site's sliding-window layer: the site's layout cut to the window at
+        the causal offset ``lk - lq`` (the compiled causal form's), registered by the first eager call."""
+        kind = f"{source}:window={window}"
+        add_layout_source(kind, lambda site_mask: lambda lq, lk, device, q_offset, beyond: site_layout(
+            site_mask, lq, lk, device, q_offset, beyond).windowed(window, lk - lq))
+        windowed_sources.add(kind)
     backend.takes_padding_hint = True  # apply passes key_padding_free= (Positions.padding_free)
     backend.takes_window = True  # and window= (AttentionCall.window) for sliding-window layers
     return backend
