@@ -386,3 +386,57 @@ def test_flash_backend_hands_calls_with_sinks_to_triton(monkeypatch):
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     ref = virtual_key_reference(q.cpu(), k.cpu(), v.cpu(), causal[None, None], 16 ** -0.5, sinks.cpu())
     assert rel(got.cpu(), ref) < 4 * (L + 16) * (EPS32 if not HAS_CUDA else 2.0 ** -10)
+
+
+@pytest.mark.parametrize("make", ["gpt_oss", "gemma2"])
+def test_compiled_softmax_variants_run_the_kernels_op_and_equal_eager(make):
+    """Under ``torch.compile`` (one graph) the kernels' op runs capped scores and the sinks are folded into its
+    differentiable ``(o, lse)``: logits and the gradients (sink logits included) equal the eager ones."""
+    _kernels_or_skip()
+    torch._dynamo.reset()
+    model = {"gpt_oss": gpt_oss, "gemma2": gemma2}[make](1)
+    batch = _batch(24)
+    mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5, block=16)
+    real = batch["attention_mask"].bool()
+    params = _sink_params(model) or [model.model.layers[0].self_attn.q_proj.weight]
+    got = {}
+    for mode in ("eager", "compiled"):  # eager first: the sliding-window layers register their layouts
+        model.zero_grad()
+        with warnings.catch_warnings(record=True) as caught, attnprune.apply(model, mask, backend="triton"):
+            warnings.simplefilter("always")
+            run = model if mode == "eager" else torch.compile(model, backend="aot_eager", fullgraph=True)
+            logits = run(**batch).logits
+            (logits[real] ** 2).sum().backward()
+        assert not [str(w.message) for w in caught if "reference backend" in str(w.message)]
+        got[mode] = (logits.detach()[real], [p.grad.clone() for p in params])
+    torch._dynamo.reset()
+    tol = 64 * EPS32 if not HAS_CUDA else 1e-2
+    assert rel(got["compiled"][0], got["eager"][0]) < tol
+    for a, b in zip(got["compiled"][1], got["eager"][1]):
+        assert b.abs().max() > 0 and rel(a, b) < tol
+
+
+def test_sparse_attention_by_handle_with_sinks_and_softcap_against_float64():
+    """The op path (a layout handle, as under compile): sinks through the op's differentiable lse."""
+    BlockLayout, sparse_attention = _kernels_or_skip()
+    from attnprune.kernels.ops import layout_handle
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, Hq, Hkv, L, D, cap = 2, 4, 2, 37, 16, 0.8
+    tok = torch.rand(Hq, L, L, generator=gen) < 0.6
+    layout = BlockLayout.from_tokens(tok, (16, 16))
+    q = (torch.randn(B, Hq, L, D, generator=gen) * 3).to(DEV).requires_grad_()
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEV).requires_grad_()
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(DEV).requires_grad_()
+    sinks = (torch.randn(Hq, generator=gen) * 2).to(DEV).requires_grad_()
+    out = sparse_attention(q, k, v, layout_handle("layout", layout), causal=True, softcap=cap, sinks=sinks)
+    allowed = tok[None] & torch.ones(L, L, dtype=torch.bool).tril()
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, sinks)]
+    ref = capped_reference(*leaves[:3], allowed, D ** -0.5, cap, leaves[3])
+    unit = EPS32 if not HAS_CUDA else 2.0 ** -10
+    assert rel(out.cpu(), ref) < 4 * (L + D) * unit
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * w.to(DEV, out.dtype)).sum(), [q, k, v, sinks])
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(got, want):
+        assert rel(a.cpu(), b) < 8 * (2 * L + D) * unit

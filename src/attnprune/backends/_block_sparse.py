@@ -235,7 +235,7 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=None, by_handle=None,
-                         takes: tuple = (), variants_to: str = "reference"):
+                         takes: tuple = (), variants_to: str = "reference", handle_takes: tuple = ()):
     """Make a backend that runs ``kernel(q, k, v, layout, causal=, scale=, key_padding=, q_offset=)`` on
     the site's block layout, with ``block_for(site_mask, lq, lk) -> (bq, bk)`` choosing the block shape.
     ``unsupported(q, k, v) -> str | None``: why the kernel cannot run this call (then the reference
@@ -254,7 +254,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     ``takes``: the softmax variants (:mod:`attnprune.softmax`) the kernel takes eagerly as keywords,
     among ``"sinks"`` (attention-sink logits ``[Hq]``) and ``"softcap"`` (the logit cap); a call with a
     variant the kernel does not take goes to the ``variants_to`` backend (the reference one unless the
-    backend names a better one), and under ``torch.compile`` to the reference backend (with the warning).
+    backend names a better one); under ``torch.compile`` ``handle_takes`` are those ``by_handle`` takes, and
+    a call with another goes to the reference backend (with the warning).
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -276,13 +277,12 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
         extra = {n: x for n, x in (("sinks", sinks), ("softcap", softcap)) if x is not None}
         if extra:
             kw.update(extra)
-            missing = [n for n in extra if n not in takes]
             compiling = torch.compiler.is_compiling()
-            if missing or compiling:
+            missing = [n for n in extra if n not in (handle_takes if compiling else takes)]
+            if missing:
                 what_ = {"sinks": "attention sinks", "softcap": "logit soft-capping"}
-                why = " and ".join(what_[n] for n in (missing or extra))
-                return _fallback(q, k, v, site_mask, f"{why}: not supported by {what}"
-                                 f"{' under torch.compile' if compiling else ''}", name,
+                return _fallback(q, k, v, site_mask, f"{' and '.join(what_[n] for n in missing)}: not supported by "
+                                 f"{what}{' under torch.compile' if compiling else ''}", name,
                                  to="reference" if compiling else variants_to, **kw)
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
@@ -313,7 +313,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
                                      name, **kw)
             handle = layout_handle(src, site_mask)
             return by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding, q_offset=offset,
-                             layout_q_offset=q_offset, beyond=beyond)
+                             layout_q_offset=q_offset, beyond=beyond, **extra)
         split = split_attn_mask(attn_mask, B, Lq, Lk, is_causal, q_offset, kind=kind, window=window)
         if split is None:
             return _fallback(q, k, v, site_mask, "its attention mask is not key padding (+ causal"

@@ -29,7 +29,8 @@ def kernel_block(site_mask, lq: int, lk: int) -> tuple[int, int]:
 
 
 triton_backend = block_sparse_backend(sparse_attention, kernel_block, "triton", "the kernels",
-                                      by_handle=attention_by_handle, takes=("sinks", "softcap"))
+                                      by_handle=attention_by_handle, takes=("sinks", "softcap"),
+                                      handle_takes=("sinks", "softcap"))
 triton_backend.__doc__ = """Masked attention for one site with the block-sparse kernels.
 
 q: ``[B, Hq, Lq, D]``, k: ``[B, Hkv, Lk, D]``, v: ``[B, Hkv, Lk, Dv]`` on a CUDA device;

@@ -191,7 +191,7 @@ class _SparseAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
         ctx.has_kpm, ctx.configs, ctx.split = kpm is not None, configs, split
-        ctx.sinks = None if sinks is None else (_sink_log2(sinks), sinks.dtype, sinks.requires_grad)
+        ctx.sinks = None if sinks is None else (_sink_log2(sinks.detach()), sinks.dtype, sinks.requires_grad)
         ctx.softcap = softcap
         return o
 
@@ -210,8 +210,9 @@ class _SparseAttention(torch.autograd.Function):
 
 
 def _sink_log2(sinks: torch.Tensor) -> torch.Tensor:
-    """Sink logits ``[Hq]`` as ``[1, Hq, 1]`` float32 in the kernels' log2 domain."""
-    return sinks.detach().float().reshape(1, -1, 1) * _LOG2E
+    """Sink logits ``[Hq]`` as ``[1, Hq, 1]`` float32 in the kernels' log2 domain (differentiable: the
+    compiled path folds sinks in with torch ops; the eager autograd Function runs without grad)."""
+    return sinks.float().reshape(1, -1, 1) * _LOG2E
 
 
 def _with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
@@ -228,9 +229,11 @@ def _with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
 
 
 def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
-              q_offset: int, has_kpm: bool, configs: dict, split, softcap: float | None = None):
+              q_offset: int, has_kpm: bool, configs: dict, split, softcap: float | None = None, dlse=None):
     """The backward launches (delta, dq, dk/dv): ``(dq, dk, dv)``. ``kpm_t``, ``bits``: what the forward
-    got (placeholders when absent); ``split``: the dK/dV chunk table or None; ``softcap``: the logit cap."""
+    got (placeholders when absent); ``split``: the dK/dV chunk table or None; ``softcap``: the logit cap;
+    ``dlse``: a gradient of the log2-domain ``lse`` too (its path adds ``P * dlse * log2(e)`` to the
+    scores' gradient: ``delta`` lowered by ``dlse * log2(e)``), or None."""
     tk = _kernels()
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -240,6 +243,8 @@ def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: Layou
     delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     tk._delta_kernel[(triton_cdiv(Lq, 64), B * Hq)](
         o, do, delta, *o.stride(), *do.stride(), Hq, Lq, BLOCK_M=64, DV=DV, num_warps=4)
+    if dlse is not None:
+        delta = delta - dlse.float() * _LOG2E
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -357,9 +362,6 @@ def sparse_attention(
     eagerly they are launched directly.
     """
     _check_inputs(q, k, v)
-    if (sinks is not None or softcap is not None) and (isinstance(layout, int) or torch.compiler.is_compiling()):
-        raise InvalidArgumentError("sinks and softcap are not supported through a layout handle or under "
-                                   "torch.compile; call sparse_attention eagerly or use backend='reference'")
     if softcap is not None and not float(softcap) > 0:
         raise InvalidArgumentError(f"softcap must be positive, got {softcap}")
     if sinks is not None:
@@ -370,7 +372,7 @@ def sparse_attention(
     if isinstance(layout, int) or torch.compiler.is_compiling():
         handle = layout if isinstance(layout, int) else _ops().layout_handle("layout", layout)
         return attention_by_handle(q, k, v, handle, causal=causal, scale=scale, key_padding=key_padding,
-                                   q_offset=q_offset)
+                                   q_offset=q_offset, sinks=sinks, softcap=softcap)
     Hq = q.shape[1]
     if layout.num_heads not in (1, Hq):
         raise InvalidArgumentError(
@@ -398,14 +400,21 @@ def sparse_attention(
 
 def attention_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: float | None = None,
                         key_padding: torch.Tensor | None = None, q_offset: int = 0, layout_q_offset: int = 0,
-                        beyond: str = "error") -> torch.Tensor:
+                        beyond: str = "error", sinks: torch.Tensor | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """:func:`sparse_attention` through the ``attnprune::sparse_fwd`` custom op (traceable by dynamo as one
     node; differentiable through its registered backward) on the layout that the source ``handle``
     (:func:`attnprune.kernels.ops.layout_handle`) gives for ``(Lq, Lk, device, layout_q_offset, beyond)``.
-    ``causal``, ``q_offset``: the causal rule ``j <= i + q_offset``, as in :func:`sparse_attention`."""
+    ``causal``, ``q_offset``: the causal rule ``j <= i + q_offset``, as in :func:`sparse_attention`;
+    ``sinks``, ``softcap`` as there (sinks folded into the op's ``(o, lse)`` with differentiable torch ops)."""
     _check_inputs(q, k, v)
-    return _padded_call(q, k, v, scale, key_padding, lambda q, k, v, kpm, scale: _ops().sparse_fwd(
-        q, k, v, kpm, handle, layout_q_offset, beyond, bool(causal), q_offset, scale)[0])
+
+    def run(q, k, v, kpm, scale):
+        o, lse = _ops().sparse_fwd(q, k, v, kpm, handle, layout_q_offset, beyond, bool(causal), q_offset, scale,
+                                   float(softcap or 0.0))
+        return o if sinks is None else _with_sinks(o, lse, sinks.to(q.device))[0]
+
+    return _padded_call(q, k, v, scale, key_padding, run)
 
 
 def _padded_call(q, k, v, scale, key_padding, run) -> torch.Tensor:

@@ -4,8 +4,9 @@ Under ``torch.compile`` the Python around a launch (layout objects, memo dicts, 
 tensors) cannot be traced, so :func:`~attnprune.kernels.sparse_attention` calls two opaque ops
 instead, whose non-tensor arguments are plain ints / floats / bools / strings:
 
-* ``attnprune::sparse_fwd(q, k, v, kpm, handle, q_offset, beyond, causal, offset, scale) -> (o, lse)``
-* ``attnprune::sparse_bwd(do, q, k, v, o, lse, kpm, handle, ...) -> (dq, dk, dv)`` (its autograd formula)
+* ``attnprune::sparse_fwd(q, k, v, kpm, handle, q_offset, beyond, causal, offset, scale, softcap) -> (o, lse)``
+* ``attnprune::sparse_bwd(do, q, k, v, o, lse, kpm, handle, ..., dlse) -> (dq, dk, dv)`` (its autograd formula;
+  ``lse`` is differentiable, so attention sinks can be folded in with plain torch ops on ``(o, lse)``)
 
 ``handle`` names a *layout source* in a registry of this module: a function ``(lq, lk, device,
 q_offset, beyond) -> BlockLayout`` that the op calls when it runs, with the lengths of its real
@@ -100,21 +101,23 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("attnprune::sparse_fwd", mutates_args=())
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor], handle: int,
-               q_offset: int, beyond: str, causal: bool, offset: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               q_offset: int, beyond: str, causal: bool, offset: int, scale: float,
+               softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of :func:`~attnprune.kernels.sparse_attention` on the layout of ``handle`` (its
     ``q_offset``, ``beyond``: the layout's query offset and calibrated-region rule; ``causal``,
-    ``offset``: the causal rule ``j <= i + offset``). q, k, v: head dims already powers of two;
-    kpm: int8 ``[B, Lk]`` or None. Returns ``(o [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32)``."""
+    ``offset``: the causal rule ``j <= i + offset``; ``softcap``: the logit cap, 0 for none). q, k, v: head
+    dims already powers of two; kpm: int8 ``[B, Lk]`` or None. Returns ``(o [B, Hq, Lq, Dv], lse [B, Hq, Lq]
+    float32, log2 domain, +inf for a row with no kept key)``."""
     from .attention import _forward
 
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     layout, plan = _launch_state(handle, q, k, causal, q_offset, offset, beyond)
-    o, lse, _, _ = _forward(q, k, v, kpm, layout, plan, scale, causal, offset, None)
+    o, lse, _, _ = _forward(q, k, v, kpm, layout, plan, scale, causal, offset, None, softcap or None)
     return o, lse
 
 
 @sparse_fwd.register_fake
-def _(q, k, v, kpm, handle, q_offset, beyond, causal, offset, scale):
+def _(q, k, v, kpm, handle, q_offset, beyond, causal, offset, scale, softcap=0.0):
     B, Hq, Lq, _ = q.shape
     return q.new_empty(B, Hq, Lq, v.shape[3]), q.new_empty(B, Hq, Lq, dtype=torch.float32)
 
@@ -122,8 +125,10 @@ def _(q, k, v, kpm, handle, q_offset, beyond, causal, offset, scale):
 @torch.library.custom_op("attnprune::sparse_bwd", mutates_args=())
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, kpm: Optional[torch.Tensor], handle: int, q_offset: int, beyond: str, causal: bool,
-               offset: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of :func:`sparse_fwd`: ``(dq, dk, dv)``, the kernels the eager autograd path runs."""
+               offset: int, scale: float, softcap: float = 0.0,
+               dlse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`sparse_fwd`: ``(dq, dk, dv)``, the kernels the eager autograd path runs;
+    ``dlse``: the gradient of the (log2-domain) ``lse`` output, or None."""
     from . import _split
     from .attention import _backward, _placeholder
 
@@ -135,32 +140,36 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if _split.split_enabled():
         split = layout.dkdv_split(q.shape[2], k.shape[2], causal, offset, q.shape[1], k.shape[1])
     return _backward(do, q, k, v, o, lse, kpm_t, bits, layout, plan, scale, causal, offset, kpm is not None, {},
-                     split)
+                     split, softcap or None, dlse)
 
 
 @sparse_bwd.register_fake
-def _(do, q, k, v, o, lse, kpm, handle, q_offset, beyond, causal, offset, scale):
+def _(do, q, k, v, o, lse, kpm, handle, q_offset, beyond, causal, offset, scale, softcap=0.0, dlse=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def register_attention_autograd(fwd_op, bwd_op, n_rest: int) -> None:
+def register_attention_autograd(fwd_op, bwd_op, n_rest: int, lse_grad: bool = False) -> None:
     """Make ``bwd_op`` the autograd formula of ``fwd_op``, for ops of the form ``fwd_op(q, k, v, mask, *rest)
     -> (o, lse)`` and ``bwd_op(do, q, k, v, o, lse, mask, *rest) -> (dq, dk, dv)`` (``mask``: an optional
-    tensor, ``rest``: ``n_rest`` non-tensor arguments; ``lse`` is not differentiable)."""
+    tensor, ``rest``: ``n_rest`` non-tensor arguments). ``lse`` is not differentiable unless ``lse_grad``:
+    then ``bwd_op`` takes its gradient as a last argument (None when nothing reached it)."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, mask, *rest = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse, mask)
         ctx.rest = tuple(rest)
-        ctx.mark_non_differentiable(lse)
+        if not lse_grad:
+            ctx.mark_non_differentiable(lse)
 
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse, mask = ctx.saved_tensors
-        dq, dk, dv = bwd_op(do.contiguous(), q, k, v, o, lse, mask, *ctx.rest)
+        extra = (dlse,) if lse_grad else ()
+        dq, dk, dv = bwd_op(do.contiguous(), q, k, v, o, lse, mask, *ctx.rest, *extra)
         return (dq, dk, dv) + (None,) * (1 + n_rest)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-register_attention_autograd(sparse_fwd, sparse_bwd, 6)  # handle, q_offset, beyond, causal, offset, scale
+register_attention_autograd(sparse_fwd, sparse_bwd, 7, lse_grad=True)  # handle, q_offset, beyond, causal, offset,
+# scale, softcap
