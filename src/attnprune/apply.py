@@ -106,13 +106,13 @@ class _Patch:
         # positions inside the calibration (known on the host from layer.seen): the keep table
         # read directly; past it under beyond="extend", keep_at's length-free form
         inside = layer.seen <= min(sm.q_len, sm.k_len)
-        plain = call.sinks is None and call.softcap is None  # else the dense form below: the kernel has neither
-        if plain and decode.usable(call.q) and (self.beyond != "extend" or inside):  # Triton (CUDA)
+        if decode.usable(call.q) and (self.beyond != "extend" or inside):  # the Triton decode kernel (CUDA)
             keep = layer.decode_keep(call.q.device, torch.uint8)
             return decode.masked_decode(call.q, call.k, call.v, layer.pos, q_pos, keep, sm.block or 1,
-                                        scale=call.scale, window=layer.window, q_len=sm.q_len, k_len=sm.k_len)
+                                        scale=call.scale, window=layer.window, q_len=sm.q_len, k_len=sm.k_len,
+                                        sinks=call.sinks, softcap=call.softcap)
         allowed = _pruned_allowed(sm, layer, q_pos, self.beyond, inside)
-        if not plain:
+        if call.sinks is not None or call.softcap is not None:  # what SDPA below cannot express
             return dense_attention(call.q, call.k, call.v, allowed, False, call.scale, sinks=call.sinks,
                                    softcap=call.softcap)
         out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=allowed, scale=call.scale,

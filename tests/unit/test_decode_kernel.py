@@ -133,3 +133,22 @@ def test_launch_plan_cache_keeps_checks_and_strides():
         masked_decode(q, k, v, pos, q_pos[:, :0], keep, splits=2, block_n=16)
     with pytest.raises(InvalidArgumentError, match="bad shapes"):
         masked_decode(q, k, v, pos[:, :, 1:], q_pos, keep, splits=2, block_n=16)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("variant", ["sinks", "softcap", "both"])
+def test_sinks_and_softcap(splits, variant):
+    """Attention sinks (gpt-oss) and logit capping (Gemma 2), one split (sink in the kernel's denominator)
+    and several (in the combine kernel); rows with nothing allowed stay 0 (all mass on the sink)."""
+    q, k, v, pos, q_pos, keep = _inputs(11 + splits, B=2, Hq=6, Hkv=2, n=2, C=37, D=32)
+    q = q * 3  # scores past the cap
+    keep[4] = False  # head 4 keeps nothing
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(3), device="cpu").to(DEV) * 2
+    kw = dict(sinks=sinks if variant != "softcap" else None, softcap=0.7 if variant != "sinks" else None)
+    ref = masked_decode_reference(q, k, v, pos, q_pos, keep, 1, **kw)
+    out = masked_decode(q, k, v, pos, q_pos, keep, 1, splits=splits, block_n=16, **kw)
+    tol = 4 * (37 + 32) * torch.finfo(torch.float32).eps  # float32 sums of C + D terms of values ~1
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    assert out[:, 4].abs().max() == 0
+    plain = masked_decode_reference(q, k, v, pos, q_pos, keep, 1)
+    assert (plain - ref).abs().max() > 1e-2  # the variant changes the result at this scale

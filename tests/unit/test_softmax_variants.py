@@ -223,9 +223,19 @@ def test_gpt_oss_pruned_triton_equals_reference_and_flex_falls_back():
     assert torch.equal(got, outs["reference"])
 
 
-def pruned_cache_generation_matches_the_masked_model(model):
+def pruned_cache_generation_matches_the_masked_model(model, kernel_patch=None, variant=None):
     """Greedy generation over a ``PrunedKVCache`` equals generation without a cache, both under a 50%
-    mask (the decode path computes the model's softmax variant as the prefill path does)."""
+    mask (the decode path computes the model's softmax variant as the prefill path does). With
+    ``kernel_patch`` (pytest's monkeypatch) the decode steps run the Triton decode kernel (on the CPU under
+    the interpreter), which must get the ``variant`` keyword (``"sinks"`` / ``"softcap"``)."""
+    calls = []
+    if kernel_patch is not None:
+        _kernels_or_skip()
+        from attnprune.kernels import decode
+
+        kernel_patch.setattr(decode, "FORCE", DEV == "cpu")
+        real = decode.masked_decode
+        kernel_patch.setattr(decode, "masked_decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     stats = attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))], progress=False)
     mask = attnprune.make_mask(stats, 0.5)
     prompt = torch.randint(3, 97, (1, 12))
@@ -234,10 +244,14 @@ def pruned_cache_generation_matches_the_masked_model(model):
                                     past_key_values=attnprune.PrunedKVCache(model, mask))
         without = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 22) and torch.equal(with_cache, without)
+    if kernel_patch is not None:
+        assert calls and all(kw[variant] is not None for kw in calls)
 
 
-def test_gpt_oss_pruned_cache_generation_matches_the_masked_model():
-    pruned_cache_generation_matches_the_masked_model(gpt_oss(2))
+@pytest.mark.parametrize("kernel", [False, True])
+def test_gpt_oss_pruned_cache_generation_matches_the_masked_model(kernel, monkeypatch):
+    """Through the dense form, and through the Triton decode kernel (sinks in its denominators)."""
+    pruned_cache_generation_matches_the_masked_model(gpt_oss(2), monkeypatch if kernel else None, "sinks")
 
 
 def capped_reference(q, k, v, allowed, scale, cap, sinks=None):
@@ -306,6 +320,10 @@ def test_gemma2_observe_apply_gradients_and_pruned_cache():
         got, got_g = run()
     assert rel(got[real], dense[real]) < 64 * EPS32 and rel(got_g, dense_g) < 64 * EPS32
     pruned_cache_generation_matches_the_masked_model(model)
+
+
+def test_gemma2_pruned_cache_generation_through_the_decode_kernel(monkeypatch):
+    pruned_cache_generation_matches_the_masked_model(gemma2(), monkeypatch, "softcap")
 
 
 def test_gemma2_capped_layers_run_on_the_kernels():

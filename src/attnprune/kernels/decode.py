@@ -10,6 +10,9 @@ Semantics, for query ``i`` of head ``h`` (kv head ``g = h // (Hq // Hkv)``) and 
     keep(h, p, k) = keep_table[h, p // block, k // block]  if p < q_len and k < k_len  else True
     out[b, h, i] = softmax over allowed c of (q . k_c * scale) applied to v_c; 0 if nothing is allowed
 
+With a logit cap ``softcap`` the scores are ``softcap * tanh(q . k_c * scale / softcap)``; with attention
+sinks ``sinks [Hq]`` every row's denominator also holds ``exp(sinks[h])`` (:mod:`attnprune.softmax`).
+
 (positions outside the calibrated ``q_len x k_len`` region are kept, as ``SiteMask.keep_at`` does
 under ``beyond="dense"``/``"error"``; ``beyond="extend"`` past the calibration is not handled here.)
 Grid: one program per (batch, kv head, split of the cache); each program computes all ``G * n`` query
@@ -40,10 +43,11 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 if triton is not None:
+    from ._triton_bwd import _tanh
 
     @triton.jit
     def _decode_kernel(
-        Q, K, V, POS, QPOS, KEEP, OP, LP, O,
+        Q, K, V, POS, QPOS, KEEP, OP, LP, O, SINK,
         sqb, sqh, sqn, sqd,
         skb, skh, skc, skd,
         svb, svh, svc, svd,
@@ -54,7 +58,8 @@ if triton is not None:
         Hkv, G, N, C, chunk, S, q_len, k_len, blk, window, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         DP: tl.constexpr, DVP: tl.constexpr, HAS_WINDOW: tl.constexpr, SINGLE: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, HAS_SINKS: tl.constexpr = False,
+        SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
     ):
         bg = tl.program_id(0)
         split = tl.program_id(1)
@@ -105,7 +110,10 @@ if triton is not None:
             inside = q_in[:, None] & (kp[None, :] < k_len)
             kv = tl.load(keep_row[:, None] + (kp[None, :] // blk) * skek, mask=ok & inside, other=1)
             ok = ok & (kv != 0)
-            s = tl.where(ok, qk * qk_scale, float("-inf"))
+            if SOFTCAP:
+                s = tl.where(ok, _tanh(qk * CAP_IN) * CAP_OUT, float("-inf"))
+            else:
+                s = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
@@ -119,6 +127,9 @@ if triton is not None:
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
+        if SINGLE and HAS_SINKS:  # the sink's share in the denominator (an empty row: 0 / e^s = 0)
+            sink = tl.load(SINK + h, mask=row_ok, other=0.0) * 1.4426950408889634
+            l_safe = l_i + tl.math.exp2(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
         out = acc / l_safe[:, None]
         if SINGLE:
             o_ptrs = (O + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + qi[:, None] * son
@@ -131,8 +142,8 @@ if triton is not None:
             tl.store(LP + row * S + split, lse, mask=row_ok)
 
     @triton.jit
-    def _combine_kernel(OP, LP, O, sob, soh, son, sod, Hq, N, S,
-                        SP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    def _combine_kernel(OP, LP, O, SINK, sob, soh, son, sod, Hq, N, S,
+                        SP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, HAS_SINKS: tl.constexpr = False):
         row = tl.program_id(0)
         b = row // (Hq * N)
         h = (row // N) % Hq
@@ -147,6 +158,8 @@ if triton is not None:
         o = tl.load(OP + (row.to(tl.int64) * S + offs_s[:, None]) * DVP + offs_dv[None, :], mask=s_ok[:, None],
                     other=0.0)
         tot = tl.sum(w, 0)
+        if HAS_SINKS:
+            tot = tot + tl.math.exp2(tl.load(SINK + h) * 1.4426950408889634 - m_use)
         out = tl.sum(o * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
         tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * son + offs_dv * sod,
                  out.to(O.dtype.element_ty), mask=offs_dv < DV)
@@ -177,7 +190,8 @@ def _sm_count(device: torch.device) -> int:
 def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor,
                   keep: torch.Tensor, block: int = 1, *, scale: float | None = None, window: int | None = None,
                   q_len: int | None = None, k_len: int | None = None, splits: int | None = None,
-                  block_n: int | None = None) -> torch.Tensor:
+                  block_n: int | None = None, sinks: torch.Tensor | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     """Masked attention of decode queries over a compacted KV cache (semantics: the module docstring).
 
     Args:
@@ -193,6 +207,7 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
         q_len, k_len: the calibrated lengths (default ``Qt * block``, ``Kt * block``); positions at or
             past them are kept.
         splits, block_n: override the number of key splits / the key tile (tests, tuning).
+        sinks: ``[Hq]`` attention-sink logits, or None. softcap: a logit cap, or None.
 
     Returns ``[B, Hq, n, Dv]`` in ``q``'s dtype (fp32 accumulation); rows with nothing allowed are 0.
     """
@@ -203,12 +218,13 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
     if keep.dtype == torch.bool:
         keep = keep.view(torch.uint8)
     key = (q.shape, k.shape, v.shape, pos.shape, q_pos.shape, keep.shape, q.dtype, q.device, block, scale, window,
-           q_len, k_len, splits, block_n)
+           q_len, k_len, splits, block_n, sinks is not None, softcap)
     plan = _PLANS.get(key)
     if plan is None:  # shapes checked and launch parameters worked out once per shape (decode: per compaction)
         if len(_PLANS) >= 256:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n)
+        plan = _PLANS[key] = _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n,
+                                   sinks is not None, softcap)
     B, Hq, n, Hkv, DV, S, single, args, meta = plan
     o = torch.empty(B, Hq, n, DV, dtype=q.dtype, device=q.device)
     if B == 0 or n == 0:
@@ -219,16 +235,19 @@ def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.
         op = torch.empty(B * Hq * n, S, meta["DVP"], dtype=torch.float32, device=q.device)
         lp = torch.empty(B * Hq * n, S, dtype=torch.float32, device=q.device)
     sqpb = q_pos.stride(0) if q_pos.shape[0] > 1 else 0
+    sink = o if sinks is None else sinks.detach().to(q.device, torch.float32).contiguous()  # (unread without sinks)
     _decode_kernel[(B * Hkv, S)](
-        q, k, v, pos, q_pos, keep, op, lp, o,
+        q, k, v, pos, q_pos, keep, op, lp, o, sink,
         *q.stride(), *k.stride(), *v.stride(), *pos.stride(), sqpb, q_pos.stride(1), *keep.stride(),
         *o.stride(), *args, **meta)
     if not single:
-        _combine_kernel[(B * Hq * n,)](op, lp, o, *o.stride(), Hq, n, S, SP=max(2, _p2(S)), DV=DV, DVP=meta["DVP"])
+        _combine_kernel[(B * Hq * n,)](op, lp, o, sink, *o.stride(), Hq, n, S, SP=max(2, _p2(S)), DV=DV,
+                                       DVP=meta["DVP"], HAS_SINKS=sinks is not None)
     return o
 
 
-def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n) -> tuple:
+def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits, block_n, has_sinks=False,
+          softcap=None) -> tuple:
     """Check the shapes of a :func:`masked_decode` call and work out its launch: ``(B, Hq, n, Hkv, DV,
     S, single, the kernel's scalar arguments after the strides, its keyword arguments)``."""
     B, Hq, n, D = q.shape
@@ -261,14 +280,16 @@ def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits,
     single = S == 1
     args = (Hkv, G, n, C, chunk, S, q_len, k_len, block, int(window) if window is not None else 0, scale * _LOG2E)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
-                SINGLE=single, IEEE=q.dtype == torch.float32)
+                SINGLE=single, IEEE=q.dtype == torch.float32, HAS_SINKS=bool(has_sinks))
+    if softcap is not None:
+        meta.update(SOFTCAP=True, CAP_IN=scale / float(softcap), CAP_OUT=float(softcap) * _LOG2E)
     if not interp:
         meta.update(num_warps=4, num_stages=2)
     return B, Hq, n, Hkv, DV, S, single, args, meta
 
 
 def masked_decode_reference(q, k, v, pos, q_pos, keep, block: int = 1, *, scale=None, window=None,
-                            q_len=None, k_len=None, dtype=torch.float64) -> torch.Tensor:
+                            q_len=None, k_len=None, dtype=torch.float64, sinks=None, softcap=None) -> torch.Tensor:
     """Plain PyTorch, same arguments and semantics as :func:`masked_decode` (computed in ``dtype``)."""
     B, Hq, n, D = q.shape
     Hkv, C = k.shape[1], k.shape[2]
@@ -288,6 +309,12 @@ def masked_decode_reference(q, k, v, pos, q_pos, keep, block: int = 1, *, scale=
     kk = k.to(dtype).repeat_interleave(G, dim=1)
     vv = v.to(dtype).repeat_interleave(G, dim=1)
     s = (q.to(dtype) @ kk.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:  # one more column: the sink's logit, value 0
+        col = sinks.to(dtype).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, col], -1)
+        vv = torch.cat([vv, vv.new_zeros(*vv.shape[:2], 1, vv.shape[-1])], 2)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return (p @ vv).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
