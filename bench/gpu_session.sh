@@ -72,11 +72,14 @@
 #     3. warm: `fa4env` MODELCOMPILE_BACKENDS=flash `modelcompile`, then `tests_compile` alone
 #        (python3 -m pytest tests/unit/test_compile.py: the bool-reduction workaround on torch 2.11).
 #     4. a call for `tests13` (TESTS_LIMIT=300), the suites at the new head (with the tenth session's
-#        test_softmax_variants.py (gpt-oss sinks, Gemma 2 capping) and test_window.py (sliding windows), never on a GPU).
+#        test_softmax_variants.py (gpt-oss sinks, Gemma 2 capping) and test_window.py (sliding windows), never on a GPU),
+#        then `variants` in the same call if it fits (TESTS_LIMIT=300 VARIANTS_LIMIT=240).
 #     5. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
+#   variants    bench/variants_bench.py: the kernels with logit capping, sinks, a sliding window vs plain, 16k, d 64/128,
+#               fwd and fwd+bwd, each first checked against float64 (tenth session; expected in BENCHMARKS.md)
 #   testsfa4    tests/unit/test_backend_flash.py + test_flash_split.py with FA4 installed (issue 9)
 #   modelflash  attnprune bench --model smollm2 (random weights) at 16k and 4k, batch 4 and 1, 90% and all-kept masks, backends flash and
 #               triton (needs fa4 first) (issue 9)
@@ -220,6 +223,7 @@ while [ $# -gt 0 ]; do
         stage capture 150 python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs tests/unit/test_capture_graph.py \
             tests/unit/test_host_sync.py tests/unit/test_decode_graph.py ;;
     bwd) stage bwd 150 python3 bench/bwd_balance.py --out "$RUNS/bwd_balance.json" ;;
+    variants) stage variants ${VARIANTS_LIMIT:-240} python3 bench/variants_bench.py --out "$RUNS/variants.json" ;;
     decode3)
         stage decode3 ${DECODE_LIMIT:-330} python3 bench/decode_bench.py --contexts ${DECODE_CONTEXTS:-4096,8192,16384} \
             --batches ${DECODE_BATCHES:-1,8} --new 64 -o "$RUNS/decode3${TAG:-}.json" ;;
