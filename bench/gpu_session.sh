@@ -78,6 +78,8 @@
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
+#   modelgemma  attnprune bench --model gemma3-1b (random weights) at 16k x 1, 90% and all-kept masks, triton: sliding-window
+#               layers on windowed layouts against dense SDPA (which computes every block under its mask) (tenth session)
 #   variants    bench/variants_bench.py: the kernels with logit capping, sinks, a sliding window vs plain, 16k, d 64/128,
 #               fwd and fwd+bwd, each first checked against float64 (tenth session; expected in BENCHMARKS.md)
 #   testsfa4    tests/unit/test_backend_flash.py + test_flash_split.py with FA4 installed (issue 9)
@@ -275,6 +277,10 @@ while [ $# -gt 0 ]; do
     testsfa4)  # the flash backend's tests with FA4 installed (after fa4 / fa4env) (issue 9)
         stage testsfa4 ${TESTSFA4_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/unit/test_backend_flash.py tests/unit/test_flash_split.py ;;
+    modelgemma)  # Gemma 3 1B's architecture (sliding windows of 512 in 5 of 6 layers): windowed layouts (tenth session)
+        stage modelgemma ${MODELGEMMA_LIMIT:-300} python3 -m attnprune bench --model gemma3-1b --backend triton \
+            --lengths 16384 --batch 1 --sparsities 0.9 0 --warmup 2 --reps 10 \
+            -o "$RUNS/modelgemma.json" --markdown "$RUNS/modelgemma.md" ;;
     modelflash)
         for be in flash triton; do
             stage modelflash_$be ${MODELFLASH_LIMIT:-240} python3 -m attnprune bench --model smollm2 --backend $be \

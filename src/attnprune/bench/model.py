@@ -1,7 +1,7 @@
 """Whole-model benchmark: prefill and one training step, dense SDPA versus synthetic AP-style masks.
 
-Used by ``attnprune bench --model NAME`` (``smollm2``, ``minilm``, ``tiny-llama``, ``tiny-bert``: the
-architectures of the models of those names). The model is built from a config with random weights (no
+Used by ``attnprune bench --model NAME`` (``smollm2``, ``gemma3-1b``, ``minilm``, ``tiny-llama``, ``tiny-bert``:
+the architectures of the models of those names; Gemma 3's sliding-window layers run the windowed layouts). The model is built from a config with random weights (no
 download). For every length it times, with batch ``batch``:
 
 * ``dense``: the model as built (``attn_implementation="sdpa"``);
@@ -59,6 +59,13 @@ def _smollm2(t, max_len: int):
     return t.LlamaForCausalLM, cfg, "causal"
 
 
+def _gemma3_1b(t, max_len: int):
+    cfg = t.Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                             num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                             query_pre_attn_scalar=256, max_position_embeddings=max(32768, max_len))
+    return t.Gemma3ForCausalLM, cfg, "causal"
+
+
 def _minilm(t, max_len: int):
     cfg = t.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                        intermediate_size=1536, max_position_embeddings=max(512, max_len),
@@ -83,6 +90,8 @@ def _tiny_bert(t, max_len: int):
 ARCHS: dict[str, Callable] = {
     "smollm2": _smollm2,  # SmolLM2-135M: Llama, 30 layers, width 576, 9 heads / 3 kv heads
     "minilm": _minilm,  # MiniLM-L6: BERT, 6 layers, width 384, 12 heads
+    # Gemma 3 1B: 26 layers, 4 heads / 1 kv head of dim 256, five of every six layers a 512-token sliding window
+    "gemma3-1b": _gemma3_1b,
     "tiny-llama": _tiny_llama,  # for tests
     "tiny-bert": _tiny_bert,  # for tests
 }

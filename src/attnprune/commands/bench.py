@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
     wm = p.add_argument_group("whole-model benchmark (--model; see attnprune.bench.model)")
     wm.add_argument("--model", default=None,
-                    help="time a whole model: smollm2, minilm, tiny-llama or tiny-bert (that model's architecture "
-                         "built from its config, random weights; the old names smollm2-arch, ... still work); "
+                    help="time a whole model: smollm2, gemma3-1b, minilm, tiny-llama or tiny-bert (that model's "
+                         "architecture built from its config, random weights; the old names smollm2-arch, ... still work); "
                          "prefill and a training step, dense vs masked; --model-modes decode: generation, dense vs "
                          "masked vs masked with PrunedKVCache")
     add_list_argument(wm, "--sparsities", item=float, default=(0.9,),
