@@ -96,6 +96,7 @@ ARCHS: dict[str, Callable] = {
     "tiny-bert": _tiny_bert,  # for tests
 }
 ALIASES = {f"{name}-arch": name for name in ARCHS}  # the names of earlier versions
+ARCH_ONLY = frozenset({"gemma3-1b"})  # architectures without a loadable model (no weights in a package registry)
 
 
 def resolve_arch(name: str) -> str:
