@@ -4,7 +4,8 @@
 runs, so importing this package works without Triton installed.
 """
 
-from .attention import CONFIGS, KernelConfig, get_config, sparse_attention
+from .attention import sparse_attention
+from .config import CONFIGS, KernelConfig, get_config
 from .layout import BlockLayout, LayoutPlan
 
 __all__ = ["BlockLayout", "LayoutPlan", "sparse_attention", "KernelConfig", "CONFIGS", "get_config"]

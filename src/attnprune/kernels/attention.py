@@ -19,66 +19,17 @@ its own program, summed in a fixed order afterwards (:mod:`attnprune.kernels._sp
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import InvalidArgumentError, MissingDependencyError
 from . import _split
+from ._inputs import _check_inputs, _padded_call, key_padding_bool  # noqa: F401 - key_padding_bool re-exported
+from .config import get_config
 from .layout import BlockLayout, LayoutPlan
 
-__all__ = ["sparse_attention", "attention_by_handle", "KernelConfig", "CONFIGS", "get_config"]
+__all__ = ["sparse_attention", "attention_by_handle", "key_padding_bool"]
 
 _LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch parameters of one kernel (``block_m`` x ``block_n`` tiles)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-    tma: bool = False  # forward only: K/V tiles of unmasked blocks through TMA descriptors (Hopper+)
-    prescale: bool = False  # dq/dkdv only: multiply scores by the scale before exp2 instead of an FMA inside
-
-
-# Measured table (see BENCHMARKS.md / bench/gpu_check.py): key (pass, head_dim) with pass in
-# "fwd", "dq", "dkdv". For dkdv, block_m is the query tile and block_n the key tile. Entries are
-# clipped to the layout's block size. Anything missing falls back to "default".
-# Measured on an H200 (torch 2.11, triton 3.6), bf16, 16k tokens, 50% block density, 128x128 layout
-# blocks (bench/gpu_check.py --sweep, 2026-11-28); d=32 and d=256 are untuned guesses.
-CONFIGS: dict[tuple[str, int | str], KernelConfig] = {
-    ("fwd", "default"): KernelConfig(128, 64, 4, 3),
-    ("fwd", 64): KernelConfig(128, 64, 4, 3, True),
-    ("fwd", 128): KernelConfig(128, 128, 8, 3, True),
-    ("fwd", 256): KernelConfig(64, 64, 8, 2),
-    ("dq", "default"): KernelConfig(64, 64, 4, 3),
-    ("dq", 64): KernelConfig(64, 64, 4, 3),
-    ("dq", 128): KernelConfig(128, 64, 8, 2, False, True),
-    ("dq", 256): KernelConfig(64, 32, 8, 2),
-    ("dkdv", "default"): KernelConfig(64, 64, 4, 3),
-    ("dkdv", 64): KernelConfig(32, 128, 4, 3),
-    ("dkdv", 128): KernelConfig(64, 128, 8, 3, False, True),  # A/B rerun, bench/results/h200_ab128_*.json
-    ("dkdv", 256): KernelConfig(32, 64, 8, 2),
-}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def get_config(kind: str, head_dim: int, block: tuple[int, int]) -> KernelConfig:
-    """The launch configuration for pass ``kind`` at ``head_dim``, fitted into layout ``block``."""
-    bq, bk = block
-    if _interpreting():
-        return KernelConfig(bq, bk, 4, 1)
-    cfg = CONFIGS.get((kind, head_dim)) or CONFIGS[(kind, "default")]
-    return KernelConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages, cfg.tma,
-                        cfg.prescale)
 
 
 def _kernels():
@@ -311,10 +262,6 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pow2_dim(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -417,87 +364,7 @@ def attention_by_handle(q, k, v, handle: int, *, causal: bool = False, scale: fl
     return _padded_call(q, k, v, scale, key_padding, run)
 
 
-def _padded_call(q, k, v, scale, key_padding, run) -> torch.Tensor:
-    """What both entry points do around the kernels: empty inputs give zeros; otherwise
-    ``run(q, k, v, kpm, scale)`` on head dims padded to powers of two, with the scale checked and the key
-    padding as int8 ``[B, Lk]`` (or None), and the output ``[B, Hq, Lq, Dv]`` cut back to ``v``'s head dim."""
-    B, Hq, Lq, D = q.shape
-    Lk, dv = k.shape[2], v.shape[3]
-    if Lq == 0 or Lk == 0 or B == 0:
-        return q.new_zeros(B, Hq, Lq, dv)
-    scale = _scale(scale, D)
-    kpm = _key_padding_mask(key_padding, B, Lk, q.device)
-    out = run(*_pad_inputs(q, k, v), kpm, scale)
-    return out if out.shape[3] == dv else out[..., :dv]
-
-
 def _ops():
     from . import ops
 
     return ops
-
-
-def _check_inputs(q, k, v) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Lk or Dk != D:
-        raise InvalidArgumentError(
-            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if Hq % Hkv:
-        raise InvalidArgumentError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InvalidArgumentError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if max(D, v.shape[3]) > 256:
-        raise InvalidArgumentError(f"head dim {max(D, v.shape[3])} > 256 is not supported by the kernels")
-    if q.device.type != "cuda" and not _interpreting():
-        raise InvalidArgumentError(
-            f"sparse_attention runs on CUDA tensors (got {q.device}); on the CPU use backend='reference' "
-            "or set TRITON_INTERPRET=1 before importing triton (slow, for tests)"
-        )
-
-
-def _scale(scale, D: int) -> float:
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if not scale > 0:
-        raise InvalidArgumentError(f"scale must be positive, got {scale}")
-    return scale
-
-
-def key_padding_bool(key_padding, Lk: int, device) -> torch.Tensor | None:
-    """``key_padding`` as bool ``[B, Lk]`` (True: a real key): int key lengths ``[B]`` are expanded on ``device``;
-    a bool mask or None is returned as it is."""
-    if key_padding is None or key_padding.dtype == torch.bool:
-        return key_padding
-    return torch.arange(Lk, device=device)[None, :] < key_padding.to(device)[:, None]
-
-
-def _key_padding_mask(key_padding, B: int, Lk: int, device) -> torch.Tensor | None:
-    """``key_padding`` (bool ``[B, Lk]`` or int lengths ``[B]``) as the kernels' int8 ``[B, Lk]``, or None."""
-    if key_padding is None:
-        return None
-    kp = key_padding.to(device)
-    if kp.dtype == torch.bool:
-        if kp.shape != (B, Lk):
-            raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
-        return kp.to(torch.int8).contiguous()
-    if kp.shape != (B,):
-        raise InvalidArgumentError(f"key lengths must be [batch] = {(B,)}, got {tuple(kp.shape)}")
-    return key_padding_bool(kp, Lk, device).to(torch.int8).contiguous()
-
-
-def _pad_inputs(q, k, v):
-    """Head dims padded to powers of two (>= 16), last dims made dense."""
-    D, dv_orig = q.shape[3], v.shape[3]
-    dp, dvp = _pow2_dim(D), _pow2_dim(dv_orig)
-    if dp != D:
-        q = torch.nn.functional.pad(q, (0, dp - D))
-        k = torch.nn.functional.pad(k, (0, dp - D))
-    if dvp != dv_orig:
-        v = torch.nn.functional.pad(v, (0, dvp - dv_orig))
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    return q, k, v
