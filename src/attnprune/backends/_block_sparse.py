@@ -254,8 +254,8 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
     ``takes``: the softmax variants (:mod:`attnprune.softmax`) the kernel takes eagerly as keywords,
     among ``"sinks"`` (attention-sink logits ``[Hq]``) and ``"softcap"`` (the logit cap); a call with a
     variant the kernel does not take goes to the ``variants_to`` backend (the reference one unless the
-    backend names a better one); under ``torch.compile`` ``handle_takes`` are those ``by_handle`` takes, and
-    a call with another goes to the reference backend (with the warning).
+    backend names a better one), with the warning; under ``torch.compile`` ``handle_takes`` are those
+    ``by_handle`` takes.
 
     ``by_handle``: the kernel's ``torch.compile`` form, ``by_handle(q, k, v, handle, causal=, scale=,
     key_padding=, q_offset=, layout_q_offset=, beyond=)`` (:func:`attnprune.kernels.attention_by_handle`):
@@ -282,8 +282,7 @@ def block_sparse_backend(kernel, block_for, name: str, what: str, unsupported=No
             if missing:
                 what_ = {"sinks": "attention sinks", "softcap": "logit soft-capping"}
                 return _fallback(q, k, v, site_mask, f"{' and '.join(what_[n] for n in missing)}: not supported by "
-                                 f"{what}{' under torch.compile' if compiling else ''}", name,
-                                 to="reference" if compiling else variants_to, **kw)
+                                 f"{what}{' under torch.compile' if compiling else ''}", name, to=variants_to, **kw)
         if positions is not None:
             return _fallback(q, k, v, site_mask, "its queries or keys do not sit at their tensor index (a "
                              "left-padded batch or a sliding-window cache)", name, **kw)
