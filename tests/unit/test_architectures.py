@@ -1,4 +1,5 @@
-"""Observe / make_mask / apply on tiny random-initialised models of many transformers architectures.
+"""Observe / make_mask / apply on tiny random-initialised models of many transformers architectures (text,
+images, audio).
 
 For each: an all-kept mask reproduces the model's own logits (right-padded batch), a 50% mask changes
 them, and the Triton kernels (interpreter on the CPU) give what the reference backend gives. Models
@@ -101,3 +102,58 @@ def test_architectures_refused_with_a_named_error(model_type):
     model = build(model_type, attn_implementation="eager")
     with pytest.raises(NoAttentionSitesError, match="no attention site found"):
         attnprune.observe(model, [dict(input_ids=torch.randint(3, V, (1, 8)))], progress=False)
+
+
+def _pixels():
+    return dict(pixel_values=torch.randn(2, 3, 32, 32))
+
+
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+              patch_size=8)
+OTHER = {  # model_type: (config, inputs, number of attention sites)
+    "vit": (VISION, _pixels, 2),
+    "siglip_vision_model": (VISION, _pixels, 3),  # + the pooling head's nn.MultiheadAttention
+    "whisper": (dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                     max_source_positions=32, max_target_positions=32, vocab_size=V, pad_token_id=0,
+                     decoder_start_token_id=1),
+                lambda: dict(input_features=torch.randn(2, 16, 64), decoder_input_ids=torch.randint(2, V, (2, 10))),
+                3),  # encoder self, decoder causal, cross
+    "wav2vec2": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=4),
+                 lambda: dict(input_values=torch.randn(2, 800)), 2),
+}
+
+
+@pytest.mark.parametrize("model_type", list(OTHER))
+def test_vision_and_speech_models(model_type):
+    """Images and audio: ViT, SigLIP's vision tower, Whisper (self, causal and cross sites), wav2vec 2."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {model_type}")
+    cfg_kw, inputs, n_sites = OTHER[model_type]
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg_kw), attn_implementation="sdpa").eval()
+    batch = inputs()
+    stats = attnprune.observe(model, [batch], progress=False)
+    assert len(stats.sites) == n_sites
+
+    def out():
+        return model(**batch).last_hidden_state.float()
+
+    tol = 256 * EPS32
+    with torch.no_grad():
+        dense = out()
+        with attnprune.apply(model, attnprune.make_mask(stats, 0.0), backend="reference"):
+            assert rel(out(), dense) < tol
+        mask = attnprune.make_mask(stats, 0.5)
+        with attnprune.apply(model, mask, backend="reference"):
+            pruned = out()
+        assert rel(pruned, dense) > 1e-3
+        if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.importorskip("triton")
+            with attnprune.apply(model, mask, backend="triton"):
+                assert rel(out(), pruned) < (tol if not HAS_CUDA else 1e-2)
