@@ -160,11 +160,11 @@ def _influence_of(call: AttentionCall, d_out: torch.Tensor | None, absolute: boo
     if v.shape[1] != H:
         v = v.repeat_interleave(H // v.shape[1], dim=1)
 
-    def values(s: int, e: int, probs: torch.Tensor) -> torch.Tensor:
+    def values(s: int, e: int, probs: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
         if d_out is None:
             return torch.zeros_like(probs)
         do = d_out[:, :, s:e].to(dt)
-        return influence(probs, do @ v.transpose(-1, -2), absolute)
+        return influence(probs, do @ v[:, :, c0:c1].transpose(-1, -2), absolute)
     return values
 
 
@@ -264,14 +264,29 @@ def _value_weighted(call: AttentionCall):
     if norm.shape[1] != H:
         norm = norm.repeat_interleave(H // norm.shape[1], dim=1)
     norm = norm[:, :, None, :]
-    return lambda s, e, probs: probs * norm
+    return lambda s, e, probs, c0=0, c1=None: probs * norm[..., c0:c1]
+
+
+def _key_range(mask_rows, is_causal: bool, s: int, e: int, Lk: int, g: int) -> tuple[int, int]:
+    """``(c0, c1)``: the keys ``c0 <= j < c1`` that some query of rows ``s:e`` may attend, from SDPA's
+    top-left causality (``j <= i``) and the rows' mask ``[..., rows | 1, Lk]`` (one host read); ``c0``
+    rounded down to a multiple of ``g``. ``c0 >= c1``: no key at all."""
+    c1 = min(Lk, e) if is_causal else Lk
+    if mask_rows is None or mask_rows.shape[-1] != Lk:
+        return 0, c1
+    m = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min / 2
+    idx = m.reshape(-1, Lk)[:, :c1].any(0).nonzero()
+    if idx.numel() == 0:
+        return 0, 0
+    return int(idx[0]) // g * g, int(idx[-1]) + 1
 
 
 def site_sums(call: AttentionCall, g: int = 1, values=None):
     """Probability sums (or other per-entry scores) of one attention call on a ``g x g`` grid.
 
-    values: None to sum the probabilities, or ``values(s, e, probs)`` giving the scores
-    ``[B, H, e - s, Lk]`` of query rows ``s:e`` to sum instead (``probs``: those rows' probabilities).
+    values: None to sum the probabilities, or ``values(s, e, probs, c0, c1)`` giving the scores
+    ``[B, H, e - s, c1 - c0]`` of query rows ``s:e`` and keys ``c0:c1`` to sum instead (``probs``: those
+    entries' probabilities, 0 where not observed).
     Returns ``(sum [H, Qg, Kg] float64, count [Qg, Kg] float64, q_len, k_len)`` trimmed to the
     last query / key position observed, or None when nothing in the call is observable.
     """
@@ -294,39 +309,47 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
     step = max(g, (_CHUNK_ELEMS // max(1, B * H * Lk)) // g * g)
     kpos = torch.arange(Lk, device=q.device)
     pos = call.positions
+    simple = pos is None or pos.simple
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
-        scores = soft_cap((q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale, call.softcap)
         ms = None if mask is None else (mask[..., s:e, :] if mask.shape[-2] != 1 else mask)
-        scores, allowed = _masked_scores(scores, ms)
+        # only the keys some query of these rows may attend (causal: about half of them; a sliding window: the
+        # window): the scores of the rest would be -inf, contributing nothing to the softmax or the sums
+        c0, c1 = _key_range(ms, call.is_causal, s, e, Lk, g) if simple else (0, Lk)
+        if c0 >= c1:
+            continue
+        w = c1 - c0
+        scores = soft_cap((q[:, :, s:e].to(dt) @ k[:, :, c0:c1].transpose(-1, -2)) * scale, call.softcap)
+        scores, allowed = _masked_scores(scores, ms if ms is None or ms.shape[-1] == 1 else ms[..., c0:c1])
         if call.is_causal:
-            allowed = allowed & (torch.arange(s, e, device=q.device)[:, None] >= kpos[None, :])
+            allowed = allowed & (torch.arange(s, e, device=q.device)[:, None] >= kpos[None, c0:c1])
         probs = softmax_with_sinks(scores.masked_fill(~allowed, float("-inf")), call.sinks)
-        valid = allowed & allowed.any(-1, keepdim=True)
+        rows_ok = allowed.any(-1, keepdim=True)
         if call.q_valid is not None:
-            valid = valid & call.q_valid[:, None, s:e, None].to(q.device)
-        valid = valid.expand(B, valid.shape[1], e - s, Lk)
-        if bool((~torch.isfinite(probs) & valid).any()):
+            rows_ok = rows_ok & call.q_valid[:, None, s:e, None].to(q.device)
+        valid = (allowed & rows_ok).expand(B, max(allowed.shape[1], rows_ok.shape[1]), e - s, w)
+        probs = probs.masked_fill(~valid, 0.0)  # unobserved entries out (rows with nothing allowed: NaN)
+        # a non-finite valid entry makes the sum non-finite (probabilities are at most 1: no overflow)
+        if not bool(torch.isfinite(probs.sum())):
             raise NonFiniteAttentionError(
                 f"attention probabilities at site {call.site!r} contain NaN or Inf; check the model's "
                 "weights and inputs (an overflow in half precision is a common cause)")
         if values is not None:
-            probs = values(s, e, probs).to(probs.dtype)
-            if bool((~torch.isfinite(probs) & valid).any()):
+            probs = values(s, e, probs, c0, c1).to(probs.dtype).masked_fill(~valid, 0.0)
+            if not bool(torch.isfinite(probs.abs().sum(dtype=torch.float64))):
                 raise NonFiniteAttentionError(f"attention scores at site {call.site!r} contain NaN or Inf")
-        if pos is not None and not pos.simple:  # realign each sequence to its own positions
-            _add_at_positions(psum, cnt, q_any, k_any, torch.where(valid, probs, 0.0), valid.any(1),
-                              pos.q[:, s:e], pos.k, g)
+        if not simple:  # realign each sequence to its own positions
+            _add_at_positions(psum, cnt, q_any, k_any, probs, valid.any(1), pos.q[:, s:e], pos.k, g)
             continue
-        p = torch.where(valid, probs, 0.0).sum(0, dtype=torch.float64)  # [H, rows, Lk]
-        c = valid.any(1).sum(0, dtype=torch.float64)  # [rows, Lk]
-        q_any[s:e] |= c.sum(1) > 0
-        k_any |= c.sum(0) > 0
-        rows = -(-(e - s) // g)
-        p = torch.nn.functional.pad(p, (0, Kg * g - Lk, 0, rows * g - (e - s)))
-        c = torch.nn.functional.pad(c, (0, Kg * g - Lk, 0, rows * g - (e - s)))
-        psum[:, s // g: s // g + rows] += p.view(H, rows, g, Kg, g).sum((2, 4))
-        cnt[s // g: s // g + rows] += c.view(rows, g, Kg, g).sum((1, 3))
+        seen = valid.any(1)  # [B, rows, w]: the entry is observed in some head
+        q_any[s:e] |= seen.any(0).any(1)
+        k_any[c0:c1] |= seen.any(0).any(0)
+        rows, kc = -(-(e - s) // g), -(-w // g)
+        grow = (0, kc * g - w, 0, rows * g - (e - s))  # to whole g x g cells; sums over batch and cell in float64
+        p = torch.nn.functional.pad(probs, grow).view(B, H, rows, g, kc, g).sum((0, 3, 5), dtype=torch.float64)
+        c = torch.nn.functional.pad(seen, grow).view(B, rows, g, kc, g).sum((0, 2, 4), dtype=torch.float64)
+        psum[:, s // g: s // g + rows, c0 // g: c0 // g + kc] += p
+        cnt[s // g: s // g + rows, c0 // g: c0 // g + kc] += c
     if not bool(q_any.any()):
         return None
     ql = int(q_any.nonzero().max()) + 1
