@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import AttentionCall, intercept
 from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionError
-from .softmax import dense_attention, soft_cap, softmax_with_sinks
+from .softmax import dense_attention, key_range, soft_cap, softmax_with_sinks
 from .stats import SCORES, AttentionStats  # noqa: F401 - SCORES re-exported: prob, value, influence, loss
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
@@ -175,7 +175,7 @@ def attention_output(call: AttentionCall) -> torch.Tensor:
     q, k, v = call.q, call.k, call.v
     if call.sinks is not None or call.softcap is not None:
         return dense_attention(q, k, v, call.attn_mask, call.is_causal, call.scale, sinks=call.sinks,
-                               softcap=call.softcap)
+                               softcap=call.softcap, narrow=True)
     Lq, Lk = q.shape[-2], k.shape[-2]
     gqa = k.shape[1] != q.shape[1]
     mask = call.attn_mask
@@ -267,20 +267,6 @@ def _value_weighted(call: AttentionCall):
     return lambda s, e, probs, c0=0, c1=None: probs * norm[..., c0:c1]
 
 
-def _key_range(mask_rows, is_causal: bool, s: int, e: int, Lk: int, g: int) -> tuple[int, int]:
-    """``(c0, c1)``: the keys ``c0 <= j < c1`` that some query of rows ``s:e`` may attend, from SDPA's
-    top-left causality (``j <= i``) and the rows' mask ``[..., rows | 1, Lk]`` (one host read); ``c0``
-    rounded down to a multiple of ``g``. ``c0 >= c1``: no key at all."""
-    c1 = min(Lk, e) if is_causal else Lk
-    if mask_rows is None or mask_rows.shape[-1] != Lk:
-        return 0, c1
-    m = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min / 2
-    idx = m.reshape(-1, Lk)[:, :c1].any(0).nonzero()
-    if idx.numel() == 0:
-        return 0, 0
-    return int(idx[0]) // g * g, int(idx[-1]) + 1
-
-
 def site_sums(call: AttentionCall, g: int = 1, values=None):
     """Probability sums (or other per-entry scores) of one attention call on a ``g x g`` grid.
 
@@ -315,7 +301,7 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
         ms = None if mask is None else (mask[..., s:e, :] if mask.shape[-2] != 1 else mask)
         # only the keys some query of these rows may attend (causal: about half of them; a sliding window: the
         # window): the scores of the rest would be -inf, contributing nothing to the softmax or the sums
-        c0, c1 = _key_range(ms, call.is_causal, s, e, Lk, g) if simple else (0, Lk)
+        c0, c1 = key_range(ms, call.is_causal, s, e, Lk, g) if simple else (0, Lk)
         if c0 >= c1:
             continue
         w = c1 - c0

@@ -38,9 +38,23 @@ def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
+def key_range(mask_rows, is_causal: bool, s: int, e: int, Lk: int, g: int) -> tuple[int, int]:
+    """``(c0, c1)``: the keys ``c0 <= j < c1`` that some query of rows ``s:e`` may attend, from SDPA's
+    top-left causality (``j <= i``) and the rows' mask ``[..., rows | 1, Lk]`` (one host read); ``c0``
+    rounded down to a multiple of ``g``. ``c0 >= c1``: no key at all."""
+    c1 = min(Lk, e) if is_causal else Lk
+    if mask_rows is None or mask_rows.shape[-1] != Lk:
+        return 0, c1
+    m = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min / 2
+    idx = m.reshape(-1, Lk)[:, :c1].any(0).nonzero()
+    if idx.numel() == 0:
+        return 0, 0
+    return int(idx[0]) // g * g, int(idx[-1]) + 1
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                     is_causal: bool, scale: float | None, *, sinks: torch.Tensor | None = None,
-                    softcap: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                    softcap: float | None = None, dropout_p: float = 0.0, narrow: bool = False) -> torch.Tensor:
     """Softmax attention with sinks and / or soft-capping, differentiable (also in ``sinks``).
 
     q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]`` (``Hq`` a multiple of ``Hkv``);
@@ -50,6 +64,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     ``softcap``: the cap ``c``. Returns ``[B, Hq, Lq, Dv]`` in q's dtype, computed in float32 (float64
     for float64 inputs) over chunks of query rows, so memory holds one chunk's scores at a time. Rows
     with no attendable key give 0. ``dropout_p`` drops probabilities as the models' eager attention does.
+    ``narrow``: each chunk scores only the keys its queries may attend (:func:`key_range`: one host read
+    per chunk, so not for CUDA-graph capture); the result is the same.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -64,17 +80,24 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     outs = []
     for s in range(0, Lq, step):
         e = min(Lq, s + step)
-        scores = soft_cap((q[:, :, s:e].to(dt) @ k.transpose(-1, -2)) * scale, softcap)
+        m = None if mask is None else (mask if mask.shape[-2] == 1 else mask[..., s:e, :])
+        c0, c1 = key_range(m, is_causal, s, e, Lk, 1) if narrow else (0, Lk)
+        if c0 >= c1:  # no key for these rows
+            outs.append(v.new_zeros(B, Hq, e - s, v.shape[-1]))
+            continue
+        if m is not None and m.shape[-1] != 1:
+            m = m[..., c0:c1]
+        scores = soft_cap((q[:, :, s:e].to(dt) @ k[:, :, c0:c1].transpose(-1, -2)) * scale, softcap)
         allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
-        if mask is not None:
-            m = mask if mask.shape[-2] == 1 else mask[..., s:e, :]
+        if m is not None:
             if m.dtype == torch.bool:
                 allowed = m
             else:
                 allowed = m > torch.finfo(m.dtype).min / 2
                 scores = scores + m.masked_fill(~allowed, 0.0).to(dt)
         if is_causal:
-            allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None])
+            allowed = allowed & (torch.arange(c0, c1, device=q.device)[None, :]
+                                 <= torch.arange(s, e, device=q.device)[:, None])
         scores = scores.masked_fill(~allowed, float("-inf"))
         if sinks is None:  # rows with nothing attendable: 0, not NaN
             alive = allowed.expand_as(scores).any(-1, keepdim=True)
@@ -83,5 +106,5 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
             probs = softmax_with_sinks(scores, sinks)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
-        outs.append(probs @ v)
+        outs.append(probs @ v[:, :, c0:c1])
     return torch.cat(outs, dim=2).to(q.dtype) if outs else q.new_zeros(B, Hq, 0, v.shape[-1])

@@ -458,3 +458,33 @@ def test_sparse_attention_by_handle_with_sinks_and_softcap_against_float64():
     want = torch.autograd.grad((ref * w).sum(), leaves)
     for a, b in zip(got, want):
         assert rel(a.cpu(), b) < 8 * (2 * L + D) * unit
+
+
+def test_dense_attention_narrow_scores_the_same():
+    """``narrow=True`` (each chunk scores only its attendable keys) gives what scoring every key gives:
+    a sliding-window mask with key padding and a row with nothing allowed, with sinks and capping, and
+    the gradients; and SDPA's top-left causality without a mask."""
+    import attnprune.softmax as S
+
+    torch.manual_seed(9)
+    B, H, L, D, w = 2, 4, 23, 8, 5
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(H, dtype=torch.float64, requires_grad=True)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    allowed = ((j <= i) & (i - j < w))[None, None] & (torch.arange(L) < torch.tensor([[L], [L - 6]]))[:, None, None]
+    allowed[0, :, 3] = False
+    outs = []
+    for narrow in (False, True):
+        old = S._ROWS_ELEMS
+        S._ROWS_ELEMS = B * H * L * 4  # four rows a chunk: several chunks, each with its own key range
+        try:
+            out = dense_attention(q, k, v, allowed, False, None, sinks=sinks, softcap=1.5, narrow=narrow)
+        finally:
+            S._ROWS_ELEMS = old
+        outs.append((out, torch.autograd.grad(out.square().sum(), [q, k, v, sinks])))
+    tol = 8 * (L + D) * torch.finfo(torch.float64).eps
+    assert rel(outs[1][0], outs[0][0]) < tol and outs[1][0][0, :, 3].abs().max() == 0
+    for a, b in zip(outs[1][1], outs[0][1]):
+        assert rel(a, b) < tol
+    plain = dense_attention(q, k, v, None, True, None, sinks=sinks)
+    assert rel(dense_attention(q, k, v, None, True, None, sinks=sinks, narrow=True), plain) < tol

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import weakref
 
+import torch
 from torch import nn
 
 from ..softmax import dense_attention
@@ -80,7 +81,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                           bool(getattr(module, "is_causal", False)) or bool(is_causal),
                           window=kwargs.get("sliding_window"), sinks=sinks, softcap=softcap)
         if out is None and (sinks is not None or softcap is not None):  # beyond SDPA: the dense form
-            out = dense_attention(query, k, v, mask, causal, scaling, sinks=sinks, softcap=softcap, dropout_p=dropout)
+            out = dense_attention(query, k, v, mask, causal, scaling, sinks=sinks, softcap=softcap, dropout_p=dropout,
+                                  narrow=_may_read_host())
         elif out is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, position_bias=position_bias,
@@ -88,6 +90,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     finally:
         it.hf_depth -= 1
     return out.transpose(1, 2).contiguous(), None
+
+
+def _may_read_host() -> bool:
+    """Not while torch.compile traces or a CUDA graph is captured: no host reads there."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (capturing or torch.compiler.is_compiling())
 
 
 def _configs(model: nn.Module) -> list:
