@@ -460,14 +460,15 @@ def test_sparse_attention_by_handle_with_sinks_and_softcap_against_float64():
         assert rel(a.cpu(), b) < 8 * (2 * L + D) * unit
 
 
-def test_dense_attention_narrow_scores_the_same():
+def test_dense_attention_narrow_scores_the_same(monkeypatch):
     """``narrow=True`` (each chunk scores only its attendable keys) gives what scoring every key gives:
     a sliding-window mask with key padding and a row with nothing allowed, with sinks and capping, and
-    the gradients; and SDPA's top-left causality without a mask."""
+    the gradients; SDPA's top-left causality without a mask and on top of a window mask."""
     import attnprune.softmax as S
 
     torch.manual_seed(9)
     B, H, L, D, w = 2, 4, 23, 8, 5
+    monkeypatch.setattr(S, "_ROWS_ELEMS", B * H * L * 4)  # four rows a chunk: each chunk its own key range
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     sinks = torch.randn(H, dtype=torch.float64, requires_grad=True)
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
@@ -475,16 +476,12 @@ def test_dense_attention_narrow_scores_the_same():
     allowed[0, :, 3] = False
     outs = []
     for narrow in (False, True):
-        old = S._ROWS_ELEMS
-        S._ROWS_ELEMS = B * H * L * 4  # four rows a chunk: several chunks, each with its own key range
-        try:
-            out = dense_attention(q, k, v, allowed, False, None, sinks=sinks, softcap=1.5, narrow=narrow)
-        finally:
-            S._ROWS_ELEMS = old
+        out = dense_attention(q, k, v, allowed, False, None, sinks=sinks, softcap=1.5, narrow=narrow)
         outs.append((out, torch.autograd.grad(out.square().sum(), [q, k, v, sinks])))
     tol = 8 * (L + D) * torch.finfo(torch.float64).eps
     assert rel(outs[1][0], outs[0][0]) < tol and outs[1][0][0, :, 3].abs().max() == 0
     for a, b in zip(outs[1][1], outs[0][1]):
         assert rel(a, b) < tol
-    plain = dense_attention(q, k, v, None, True, None, sinks=sinks)
-    assert rel(dense_attention(q, k, v, None, True, None, sinks=sinks, narrow=True), plain) < tol
+    for mask in (None, (i - j < w)[None, None]):  # causality alone, and with a window mask (keys from > 0)
+        want = dense_attention(q, k, v, mask, True, None, sinks=sinks)
+        assert rel(dense_attention(q, k, v, mask, True, None, sinks=sinks, narrow=True), want) < tol
