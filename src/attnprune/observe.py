@@ -63,13 +63,12 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
     scale, masks and causality, exactly as the model's attention defines them (logit soft-capping
     included; attention sinks in the denominators: the sink's share is not an entry, so such rows sum
-    to less than 1). An
-    entry is counted when its query is real and its key attendable: padded keys (masked out),
-    causal-future keys and padded queries are neither counted nor averaged. A query is padding when
-    the batch's 2-D ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites of
-    encoder-decoder batches) has length ``Lq`` and is 0 there, or when every key of its row is masked. Entries are counted at
-    each token's own position in its sequence (the number of real tokens before it), so a sequence
-    gives the same statistics left-padded in a batch as alone.
+    to less than 1). An entry is counted when its query is real and its key attendable: padded keys
+    (masked out), causal-future keys and padded queries are neither counted nor averaged. A query is
+    padding when the batch's 2-D ``attention_mask`` (``decoder_attention_mask`` for decoder-side sites
+    of encoder-decoder batches) has length ``Lq`` and is 0 there, or when every key of its row is
+    masked. Entries are counted at each token's own position in its sequence (the number of real
+    tokens before it), so a sequence gives the same statistics left-padded in a batch as alone.
 
     Raises ``EmptyDatasetError`` (no batch, or nothing attendable), ``NoAttentionSitesError``,
     ``NonFiniteAttentionError`` (naming the site).
