@@ -63,6 +63,9 @@
 #               (elastic-site, TAG=-e3el). Found: test_compile's inductor test fails on torch 2.11 (bool reduction bug;
 #               worked around, not rerun); the compiled flash backend slower than eager (cause found on the CPU: key
 #               padding of the materialised causal mask; fixed, not rerun).
+#   Tenth session (2026-12-05): no machine lent. Built on the CPU: attention sinks, logit capping and sliding windows on
+#               the kernels (eager, compiled, decode); none of it has run on a GPU (tests13 now runs their suites;
+#               stages `variants` and `modelgemma` time them).
 #   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget):
 #     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b, ~450 s):
 #        the padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the
@@ -76,6 +79,7 @@
 #        then `variants` in the same call if it fits (TESTS_LIMIT=300 VARIANTS_LIMIT=240).
 #     5. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
+#     6. if time is left: `modelgemma` (~300 s): Gemma 3 1B's architecture, sliding layers on windowed layouts.
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   modelgemma  attnprune bench --model gemma3-1b (random weights) at 16k x 1, 90% and all-kept masks, triton: sliding-window
