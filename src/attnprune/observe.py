@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import AttentionCall, intercept
 from .errors import EmptyDatasetError, InvalidArgumentError, NonFiniteAttentionError
-from .softmax import dense_attention, key_range, soft_cap, softmax_with_sinks
+from .softmax import dense_attention, key_range, masked_scores, soft_cap, softmax_with_sinks
 from .stats import SCORES, AttentionStats  # noqa: F401 - SCORES re-exported: prob, value, influence, loss
 
 _CHUNK_ELEMS = 1 << 24  # probabilities computed at once per attention call (B * H * rows * Lk)
@@ -181,7 +181,7 @@ def attention_output(call: AttentionCall) -> torch.Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=call.is_causal, scale=call.scale, enable_gqa=gqa)
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    _, allowed = _masked_scores(torch.zeros(1, 1, Lq, Lk, device=q.device), mask)
+    _, allowed = masked_scores(torch.zeros(1, 1, Lq, Lk, device=q.device), mask)
     if call.is_causal:
         allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     none = ~allowed.any(-1, keepdim=True)  # such rows attend to every key, then are zeroed
@@ -191,17 +191,6 @@ def attention_output(call: AttentionCall) -> torch.Tensor:
         m = mask.to(q.dtype).masked_fill(~allowed, float("-inf")).masked_fill(none, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=call.scale, enable_gqa=gqa)
     return out.masked_fill(none, 0.0)
-
-
-def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scores [B, H, rows, Lk]`` with a 4-D ``attn_mask`` (bool: True = may attend, or additive float;
-    None: no mask) applied: ``(scores + the additive mask, allowed bool [B or 1, H or 1, rows, Lk])``."""
-    allowed = torch.ones(1, 1, *scores.shape[-2:], dtype=torch.bool, device=scores.device)
-    if mask is None:
-        return scores, allowed
-    if mask.dtype == torch.bool:
-        return scores, allowed & mask
-    return scores + mask.to(scores.dtype), allowed & (mask > torch.finfo(mask.dtype).min / 2)
 
 
 def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +210,7 @@ def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]
     mask = call.attn_mask
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    scores, allowed = _masked_scores(scores, mask)
+    scores, allowed = masked_scores(scores, mask)
     if call.is_causal:
         allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     none = ~allowed.any(-1, keepdim=True)
@@ -305,7 +294,7 @@ def site_sums(call: AttentionCall, g: int = 1, values=None):
             continue
         w = c1 - c0
         scores = soft_cap((q[:, :, s:e].to(dt) @ k[:, :, c0:c1].transpose(-1, -2)) * scale, call.softcap)
-        scores, allowed = _masked_scores(scores, ms if ms is None or ms.shape[-1] == 1 else ms[..., c0:c1])
+        scores, allowed = masked_scores(scores, ms if ms is None or ms.shape[-1] == 1 else ms[..., c0:c1])
         if call.is_causal:
             allowed = allowed & (torch.arange(s, e, device=q.device)[:, None] >= kpos[None, c0:c1])
         probs = softmax_with_sinks(scores.masked_fill(~allowed, float("-inf")), call.sinks)

@@ -38,6 +38,23 @@ def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
+def attendable(mask: torch.Tensor) -> torch.Tensor:
+    """The entries an attention mask lets through: a bool mask itself, an additive one where it is above half its
+    dtype's most negative value (``-inf`` and transformers' ``finfo.min`` hide an entry)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores [B, H, rows, Lk]`` with a 4-D ``attn_mask`` (bool: True = may attend, or additive float;
+    None: no mask) applied: ``(scores + the additive mask, allowed bool [B or 1, H or 1, rows, Lk])``."""
+    allowed = torch.ones(1, 1, *scores.shape[-2:], dtype=torch.bool, device=scores.device)
+    if mask is None:
+        return scores, allowed
+    if mask.dtype == torch.bool:
+        return scores, allowed & mask
+    return scores + mask.to(scores.dtype), allowed & attendable(mask)
+
+
 def key_range(mask_rows, is_causal: bool, s: int, e: int, Lk: int, g: int) -> tuple[int, int]:
     """``(c0, c1)``: the keys ``c0 <= j < c1`` that some query of rows ``s:e`` may attend, from SDPA's
     top-left causality (``j <= i``) and the rows' mask ``[..., rows | 1, Lk]`` (one host read); ``c0``
@@ -45,8 +62,7 @@ def key_range(mask_rows, is_causal: bool, s: int, e: int, Lk: int, g: int) -> tu
     c1 = min(Lk, e) if is_causal else Lk
     if mask_rows is None or mask_rows.shape[-1] != Lk:
         return 0, c1
-    m = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min / 2
-    idx = m.reshape(-1, Lk)[:, :c1].any(0).nonzero()
+    idx = attendable(mask_rows).reshape(-1, Lk)[:, :c1].any(0).nonzero()
     if idx.numel() == 0:
         return 0, 0
     return int(idx[0]) // g * g, int(idx[-1]) + 1
@@ -88,13 +104,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         if m is not None and m.shape[-1] != 1:
             m = m[..., c0:c1]
         scores = soft_cap((q[:, :, s:e].to(dt) @ k[:, :, c0:c1].transpose(-1, -2)) * scale, softcap)
-        allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
-        if m is not None:
-            if m.dtype == torch.bool:
-                allowed = m
-            else:
-                allowed = m > torch.finfo(m.dtype).min / 2
-                scores = scores + m.masked_fill(~allowed, 0.0).to(dt)
+        scores, allowed = masked_scores(scores, m)
         if is_causal:
             allowed = allowed & (torch.arange(c0, c1, device=q.device)[None, :]
                                  <= torch.arange(s, e, device=q.device)[:, None])

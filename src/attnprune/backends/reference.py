@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MaskMismatchError
-from ..softmax import soft_cap, softmax_with_sinks
+from ..softmax import masked_scores, soft_cap, softmax_with_sinks
 from . import BACKENDS
 
 
@@ -48,15 +48,10 @@ def reference_backend(q, k, v, site_mask, *, attn_mask=None, is_causal=False, sc
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     scores = soft_cap((q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale, softcap)
-    allowed = keep
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = allowed & attn_mask
-        else:  # entries below half the dtype's most negative value are masked (as the capture path and the
-            # kernels read such masks: transformers use finfo.min, not -inf); the rest is a bias on the scores
-            hidden = attn_mask <= torch.finfo(attn_mask.dtype).min / 2
-            allowed = allowed & ~hidden
-            scores = scores + attn_mask.masked_fill(hidden, 0.0).to(dt)
+    # an additive mask's entries at or below half the dtype's most negative value hide their entry (as the
+    # capture path and the kernels read masks: transformers use finfo.min, not -inf); the rest is a bias
+    scores, attendable = masked_scores(scores, attn_mask)
+    allowed = keep & attendable
     if is_causal and positions is None:
         i = torch.arange(Lq, device=q.device)[:, None]
         allowed = allowed & (torch.arange(Lk, device=q.device)[None, :] <= i + q_offset)
