@@ -50,20 +50,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     query: ``[B, Hq, Lq, D]``; key/value: ``[B, Hkv, Lk, D]``; returns (``[B, Lq, Hq, Dv]``, None).
     """
-    sdpa_attention_forward, create_position_bias_mask = _sdpa_forward, _position_bias_mask
+    create_position_bias_mask = _position_bias_mask
     sinks = kwargs.pop("s_aux", None)
     sinks = kwargs.pop("sinks", None) if sinks is None else sinks
     softcap = kwargs.pop("softcap", None)
     it = _ACTIVE.get(module)
-    module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if it is None and (sinks is not None or softcap is not None):
-        causal = bool(query.shape[2] > 1 and attention_mask is None and module_causal)
-        out = dense_attention(query, key, value, attention_mask, causal, scaling, sinks=sinks, softcap=softcap,
-                              dropout_p=dropout)
-        return out.transpose(1, 2).contiguous(), None
     if it is None:  # a module of a model no longer intercepted, or not part of the intercepted model
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+        return _original(module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias,
+                         kwargs, sinks, softcap)
+    module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     lq, lk = query.shape[2], key.shape[2]
     causal = bool(lq > 1 and attention_mask is None and module_causal)
     k, v = key, value
@@ -80,15 +75,29 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out = it.dispatch(module, query, k, v, mask, causal, scaling, dropout,
                           bool(getattr(module, "is_causal", False)) or bool(is_causal),
                           window=kwargs.get("sliding_window"), sinks=sinks, softcap=softcap)
-        if out is None and (sinks is not None or softcap is not None):  # beyond SDPA: the dense form
-            out = dense_attention(query, k, v, mask, causal, scaling, sinks=sinks, softcap=softcap, dropout_p=dropout,
-                                  narrow=_may_read_host())
-        elif out is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, position_bias=position_bias,
-                                          **kwargs)
+        if out is None:
+            return _original(module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias,
+                             kwargs, sinks, softcap)
     finally:
         it.hf_depth -= 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _original(module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, kwargs, sinks,
+              softcap):
+    """What the model computes without attnprune: transformers' ``sdpa_attention_forward``, or for the softmax
+    variants SDPA cannot express (sinks, soft-capping) :func:`attnprune.softmax.dense_attention` with SDPA's
+    causality rules (top-left causal without a mask, an empty static cache's keys cut to the queries)."""
+    if sinks is None and softcap is None:
+        return _sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, position_bias=position_bias, **kwargs)
+    module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    lq = query.shape[2]
+    causal = bool(lq > 1 and attention_mask is None and module_causal)
+    if causal and key.shape[2] > lq:
+        key, value = key[:, :, :lq], value[:, :, :lq]
+    out = dense_attention(query, key, value, attention_mask, causal, scaling, sinks=sinks, softcap=softcap,
+                          dropout_p=dropout, narrow=_may_read_host())
     return out.transpose(1, 2).contiguous(), None
 
 
