@@ -15,6 +15,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"  # the triton backend runs CUDA tensors where CUDA exists
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -72,14 +73,14 @@ def rel(a, b):
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_architecture_all_kept_equals_model_and_kernels_equal_reference(model_type):
-    model = build(model_type)
+    model = build(model_type).to(DEV)
     torch.manual_seed(1)
     L = 24
     am = torch.ones(2, L, dtype=torch.long)
     am[1, -5:] = 0
-    batch = dict(input_ids=torch.randint(3, V, (2, L)), attention_mask=am)
-    stats = attnprune.observe(model, [batch, dict(input_ids=torch.randint(3, V, (2, L)))], progress=False)
-    real = am.bool()
+    batch = dict(input_ids=torch.randint(3, V, (2, L)).to(DEV), attention_mask=am.to(DEV))
+    stats = attnprune.observe(model, [batch, dict(input_ids=torch.randint(3, V, (2, L)).to(DEV))], progress=False)
+    real = am.bool().to(DEV)
     tol = model_tol(model, L)
     with torch.no_grad():
         dense = _out(model, batch)[real]
@@ -135,8 +136,8 @@ def test_vision_and_speech_models(model_type):
         pytest.skip(f"this transformers has no {model_type}")
     cfg_kw, inputs, n_sites = OTHER[model_type]
     torch.manual_seed(0)
-    model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg_kw), attn_implementation="sdpa").eval()
-    batch = inputs()
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg_kw), attn_implementation="sdpa").eval().to(DEV)
+    batch = {k: x.to(DEV) for k, x in inputs().items()}
     stats = attnprune.observe(model, [batch], progress=False)
     assert len(stats.sites) == n_sites
 

@@ -236,9 +236,11 @@ def pruned_cache_generation_matches_the_masked_model(model, kernel_patch=None, v
         kernel_patch.setattr(decode, "FORCE", DEV == "cpu")
         real = decode.masked_decode
         kernel_patch.setattr(decode, "masked_decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    stats = attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40)))], progress=False)
+        model = model.to(DEV)  # the kernel runs CUDA tensors where CUDA exists
+    dev = next(model.parameters()).device
+    stats = attnprune.observe(model, [dict(input_ids=torch.randint(3, 97, (2, 40), device=dev))], progress=False)
     mask = attnprune.make_mask(stats, 0.5)
-    prompt = torch.randint(3, 97, (1, 12))
+    prompt = torch.randint(3, 97, (1, 12), device=dev)
     with attnprune.apply(model, mask):
         with_cache = model.generate(prompt, max_new_tokens=10, do_sample=False,
                                     past_key_values=attnprune.PrunedKVCache(model, mask))
@@ -329,8 +331,8 @@ def test_gemma2_pruned_cache_generation_through_the_decode_kernel(monkeypatch):
 
 def test_gemma2_capped_layers_run_on_the_kernels():
     _kernels_or_skip()
-    model = gemma2(1)
-    batch = _batch(24)
+    model = gemma2(1).to(DEV)
+    batch = {k: v.to(DEV) for k, v in _batch(24).items()}
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5, block=16)
     got = masked_runs(model, mask, batch, model.model.layers[1].self_attn.k_proj.weight)
     tol = model_tol(model, 24, HAS_CUDA)
@@ -413,8 +415,8 @@ def test_compiled_softmax_variants_run_the_kernels_op_and_equal_eager(make):
     differentiable ``(o, lse)``: logits and the gradients (sink logits included) equal the eager ones."""
     _kernels_or_skip()
     torch._dynamo.reset()
-    model = {"gpt_oss": gpt_oss, "gemma2": gemma2}[make](1)
-    batch = _batch(24)
+    model = {"gpt_oss": gpt_oss, "gemma2": gemma2}[make](1).to(DEV)
+    batch = {k: v.to(DEV) for k, v in _batch(24).items()}
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.5, block=16)
     real = batch["attention_mask"].bool()
     params = _sink_params(model) or [model.model.layers[0].self_attn.q_proj.weight]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -80,11 +81,11 @@ def test_sliding_window_layers_run_on_the_kernels(model_type, kw, block):
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
     pytest.importorskip("triton")
-    model = auto_causal_lm(model_type, impl="eager" if model_type == "gpt_oss" else "sdpa", **kw)
+    model = auto_causal_lm(model_type, impl="eager" if model_type == "gpt_oss" else "sdpa", **kw).to(DEV)
     L = 40  # five windows
     am = torch.ones(2, L, dtype=torch.long)
     am[1, -7:] = 0
-    batch = dict(input_ids=torch.randint(3, 97, (2, L)), attention_mask=am)
+    batch = dict(input_ids=torch.randint(3, 97, (2, L)).to(DEV), attention_mask=am.to(DEV))
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.3, block=block)
     got = masked_runs(model, mask, batch, model.model.layers[0].self_attn.q_proj.weight)
     tol = model_tol(model, L, HAS_CUDA)
@@ -102,13 +103,13 @@ def test_sliding_window_layers_compile_on_the_kernels(model_type, kw):
     import warnings
 
     torch._dynamo.reset()
-    model = auto_causal_lm(model_type, **kw)
+    model = auto_causal_lm(model_type, **kw).to(DEV)
     L = 40
     am = torch.ones(2, L, dtype=torch.long)
     am[1, -7:] = 0
-    batch = dict(input_ids=torch.randint(3, 97, (2, L)), attention_mask=am)
+    batch = dict(input_ids=torch.randint(3, 97, (2, L)).to(DEV), attention_mask=am.to(DEV))
     mask = attnprune.make_mask(attnprune.observe(model, [batch], progress=False), 0.3, block=16)
-    real = am.bool()
+    real = am.bool().to(DEV)
     graphs = []
 
     def recording(gm, example_inputs):
