@@ -9,6 +9,7 @@ Kernels run under the Triton interpreter without a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -371,6 +372,64 @@ def test_kernel_softcap_forward_and_gradients_against_float64(causal):
         want = torch.autograd.grad((ref * w).sum(), leaves[:len(mine)])
         for a, b in zip(got, want):
             assert rel(a.cpu(), b) < 8 * (2 * L + D) * unit
+
+
+def test_cap_args_use_the_hardware_tanh_only_for_16_bit_cuda_inputs(monkeypatch):
+    """``FAST_TANH`` (``tanh.approx.f32``, PTX): fp16 / bf16 on a CUDA device, not float32 (its rounding is
+    finer than the approximation's), not the CPU, the interpreter or ``ATTNPRUNE_FAST_TANH=0``."""
+    from types import SimpleNamespace
+
+    from attnprune.kernels.config import cap_args
+
+    def fast(device, dtype):
+        return cap_args(0.125, 50.0, SimpleNamespace(device=torch.device(device), dtype=dtype))["FAST_TANH"]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ATTNPRUNE_FAST_TANH", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert fast("cuda", torch.bfloat16) and fast("cuda", torch.float16)
+    assert not fast("cuda", torch.float32) and not fast("cpu", torch.bfloat16)
+    monkeypatch.setenv("ATTNPRUNE_FAST_TANH", "0")
+    assert not fast("cuda", torch.bfloat16)
+    monkeypatch.delenv("ATTNPRUNE_FAST_TANH")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not fast("cuda", torch.bfloat16)
+    args = cap_args(0.125, 50.0, SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
+    assert args["CAP_IN"] == 0.125 / 50.0 and abs(args["CAP_OUT"] - 50.0 / math.log(2)) < 1e-12
+    assert cap_args(0.125, None, None) == {}
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the hardware tanh runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_kernel_softcap_16_bit_against_float64(dtype, fast, monkeypatch):
+    """The capped kernels in fp16 / bf16 (where ``FAST_TANH`` is on unless ``ATTNPRUNE_FAST_TANH=0``), forward
+    and gradients, against float64 on the same rounded inputs. Bound: the kernels round probabilities, dS and
+    the outputs to the 16-bit type (unit ``u``); the approximate tanh moves a logit by at most
+    ``cap * 2^-11``, a relative change of that size in its probability."""
+    from attnprune.kernels import BlockLayout, sparse_attention
+
+    monkeypatch.setenv("ATTNPRUNE_FAST_TANH", fast)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, Hq, Hkv, L, D, cap = 2, 4, 2, 300, 64, 5.0
+    tok = torch.rand(Hq, L, L, generator=gen) < 0.6
+    tok[0] = True
+    layout = BlockLayout.from_tokens(tok, (64, 64))
+    x = [torch.randn(B, h, L, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv)]
+    x[0] = (x[0].float() * 3).to(dtype)
+    q, k, v = (t.to(DEV).requires_grad_() for t in x)
+    allowed = tok[None] & torch.ones(L, L, dtype=torch.bool).tril()
+    out = sparse_attention(q, k, v, layout, causal=True, softcap=cap)
+    leaves = [t.double().requires_grad_() for t in x]
+    ref = capped_reference(*leaves, allowed, D ** -0.5, cap, None)
+    u = torch.finfo(dtype).eps
+    tanh_err = cap * 2.0 ** -11
+    assert rel(out.cpu(), ref) < 4 * u + tanh_err
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * w.to(DEV, dtype)).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(got, want):
+        assert rel(a.cpu(), b) < 8 * u + 4 * tanh_err
 
 
 def test_flash_backend_hands_calls_with_sinks_to_triton(monkeypatch):

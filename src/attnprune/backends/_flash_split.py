@@ -208,7 +208,7 @@ class TritonPart:
         kpm_t = self.kpm if self.kpm is not None else _placeholder(dev, torch.int8, 0)
         bits = self.layout.bits if self.layout.num_partial else _placeholder(dev, torch.int32, -1)
         return _backward(do, q, k, v, o, _to_log2(lse).contiguous(), kpm_t, bits, self.layout, self.plan, self.scale,
-                         self.causal, self.q_offset, self.kpm is not None, {}, self.split)
+                         self.causal, self.q_offset, self.kpm is not None, {}, self.split)[:3]
 
 
 def _triton_full(layout: BlockLayout, **kw) -> TritonPart:

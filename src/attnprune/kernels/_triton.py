@@ -3,7 +3,9 @@
 Conventions shared by all three kernels:
 * scores are kept in the log2 domain: ``s = (q . k) * scale * log2(e)``, ``p = exp2(s - lse2)``;
 * ``LSE`` holds ``lse2 = m + log2(l)`` per query row, ``+inf`` for a row with no kept key
-  (so that its probabilities, and therefore its gradients, are exactly zero);
+  (so that its probabilities, and therefore its gradients, are exactly zero); with attention sinks
+  (``HAS_SINKS``) the forward counts the head's sink in ``l`` and ``lse2`` (a key of value 0), so the
+  backward kernels need nothing more;
 * every (head, query block) list has its unmasked ("clean") blocks first: those run with no
   per-element masking; the rest ("masked") apply key bounds, causality and the packed bitmask;
 * a layout block (BQ x BK) may be split into several kernel tiles (BLOCK_M x BLOCK_N).
@@ -20,7 +22,7 @@ from ._triton_bwd import _bits_ok, _dkdv_blocks, _kv_tile, _tanh
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KPM, BITS, KD, VD,
+    Q, K, V, O, LSE, KPM, BITS, KD, VD, SINK,
     FPTR, FCLEAN, FCOL, FCODE,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -33,6 +35,8 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr,
     SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
+    FAST_TANH: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -84,7 +88,7 @@ def _fwd_kernel(
             v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd)
             qk = tl.dot(q, k)
         if SOFTCAP:  # capped scores, log2 domain
-            qk = _tanh(qk * CAP_IN) * CAP_OUT
+            qk = _tanh(qk * CAP_IN, FAST_TANH) * CAP_OUT
             if HAS_KPM:
                 qk = tl.where((tl.load(kpm_base + offs_n) != 0)[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -117,7 +121,7 @@ def _fwd_kernel(
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=col_ok[:, None], other=0.0)
         if SOFTCAP:
-            qk = _tanh(tl.dot(q, k) * CAP_IN) * CAP_OUT
+            qk = _tanh(tl.dot(q, k) * CAP_IN, FAST_TANH) * CAP_OUT
         else:
             qk = tl.dot(q, k) * qk_scale
         ok = col_ok[None, :]
@@ -135,6 +139,15 @@ def _fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    if HAS_SINKS:  # the head's sink: one more key (log2-domain logit SINK[h]) whose value is 0
+        s2 = tl.load(SINK + h)
+        m_new = tl.maximum(m_i, s2)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.math.exp2(s2 - m_use)
+        acc = acc * alpha[:, None]
         m_i = m_new
 
     empty = l_i == 0.0
@@ -162,6 +175,7 @@ def _dq_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
     SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
+    FAST_TANH: tl.constexpr = False,
 ):
     SPLIT: tl.constexpr = BK // BLOCK_N
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -204,7 +218,7 @@ def _dq_kernel(
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd)
         vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd)
         if SOFTCAP:
-            th = _tanh(tl.dot(q, kT) * CAP_IN)
+            th = _tanh(tl.dot(q, kT) * CAP_IN, FAST_TANH)
             p = tl.math.exp2(th * CAP_OUT - lse[:, None])
         elif PRESCALE:  # scale the scores first (separate multiply), or fold it into the exponent
             qk = tl.dot(q, kT) * qk_scale
@@ -240,7 +254,7 @@ def _dq_kernel(
         if HAS_BITS:
             ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, s * BLOCK_N, BQ, NW, False)
         if SOFTCAP:
-            th = _tanh(qk * CAP_IN)
+            th = _tanh(qk * CAP_IN, FAST_TANH)
             p = tl.where(ok, tl.math.exp2(th * CAP_OUT - lse[:, None]), 0.0)
         else:
             p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
@@ -271,6 +285,7 @@ def _dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
     SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
+    FAST_TANH: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -301,7 +316,7 @@ def _dkdv_kernel(
             LSE, DELTA, (b * Hq + h).to(tl.int64) * Lq, BROW, BCODE, BITS,
             start, mid, mid, end,
             sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
-            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT,
+            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT, FAST_TANH,
         )
 
     dk = dk * sm_scale

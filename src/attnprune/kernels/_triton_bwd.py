@@ -62,12 +62,17 @@ def _bits_ok(BITS, code, rows, cols, col0, BQ: tl.constexpr, NW: tl.constexpr, T
 
 
 @triton.jit
-def _tanh(x):
-    """``tanh(x)`` from ``exp2`` (Triton has no tanh on every backend): ``1 - 2 / (1 + e^(2x))``, exact
-    at both infinities. Used for logit soft-capping: scores ``CAP_OUT * tanh(q.k * CAP_IN)`` with
-    ``CAP_IN = scale / cap`` and ``CAP_OUT = cap * log2(e)`` (log2 domain), derivative factor
-    ``1 - tanh^2``."""
-    return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * 2.8853900817779268))
+def _tanh(x, FAST: tl.constexpr):
+    """``tanh(x)`` for logit soft-capping: scores ``CAP_OUT * tanh(q.k * CAP_IN)`` with ``CAP_IN = scale / cap``
+    and ``CAP_OUT = cap * log2(e)`` (log2 domain), derivative factor ``1 - tanh^2``. ``FAST``: NVIDIA's
+    ``tanh.approx.f32`` (one special-function op; relative error about 2^-11; the host enables it for 16-bit
+    inputs on CUDA only, see :func:`attnprune.kernels.config.cap_args`); else ``1 - 2 / (1 + e^(2x))`` from
+    ``exp2`` (every backend and the interpreter; exact at both infinities), an exp2 and a division more."""
+    if FAST:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * 2.8853900817779268))
 
 
 @triton.jit
@@ -97,6 +102,7 @@ def _dkdv_blocks(
     BQ: tl.constexpr, NW: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
     SOFTCAP: tl.constexpr, CAP_IN: tl.constexpr, CAP_OUT: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Add to ``dk`` [BLOCK_N, D] / ``dv`` [BLOCK_N, DV] (fp32, unscaled) the list entries
     ``[c_lo, c_hi)`` (clean: no masking) and ``[m_lo, m_hi)`` (masked) of one dK/dV list.
@@ -121,7 +127,7 @@ def _dkdv_blocks(
         lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
         if SOFTCAP:
-            thT = _tanh(tl.dot(k, qT) * CAP_IN)
+            thT = _tanh(tl.dot(k, qT) * CAP_IN, FAST_TANH)
             pT = tl.math.exp2(thT * CAP_OUT - lse[None, :])
         elif PRESCALE:
             qkT = tl.dot(k, qT) * qk_scale
@@ -158,7 +164,7 @@ def _dkdv_blocks(
         if HAS_BITS:
             ok = ok & _bits_ok(BITS, code, rows_in_block, cols_in_block, col0, BQ, NW, True)
         if SOFTCAP:
-            thT = _tanh(qkT * CAP_IN)
+            thT = _tanh(qkT * CAP_IN, FAST_TANH)
             pT = tl.where(ok, tl.math.exp2(thT * CAP_OUT - lse[None, :]), 0.0)
         else:
             pT = tl.where(ok, tl.math.exp2(qkT * qk_scale - lse[None, :]), 0.0)
@@ -188,6 +194,7 @@ def _dkdv_items_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BITS: tl.constexpr, PRESCALE: tl.constexpr,
     SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
+    FAST_TANH: tl.constexpr = False,
 ):
     """Grid ``(n_items * NSUB * NBG,)``, ``NSUB = BK // BLOCK_N``. Program ``(i * NSUB + sub) * NBG + bg``:
     work item ``i`` on kv sub-tile ``sub`` (keys ``kb*BK + sub*BLOCK_N ..``) of batch ``bg // HG``, kv
@@ -238,7 +245,7 @@ def _dkdv_items_kernel(
             start + tl.minimum(lo, ncl), start + tl.minimum(hi, ncl),
             start + tl.maximum(lo, ncl), start + tl.maximum(hi, ncl),
             sqm, sqd, sdom, sdod, Lq, qk_scale, q_offset,
-            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT,
+            BQ, NW, BLOCK_M, D, DV, CAUSAL, HAS_KPM, HAS_BITS, PRESCALE, SOFTCAP, CAP_IN, CAP_OUT, FAST_TANH,
         )
         off += n
 

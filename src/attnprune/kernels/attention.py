@@ -24,7 +24,7 @@ import torch
 from ..errors import InvalidArgumentError, MissingDependencyError
 from . import _split
 from ._inputs import _check_inputs, _padded_call, key_padding_bool  # noqa: F401 - key_padding_bool re-exported
-from .config import get_config
+from .config import cap_args, get_config
 from .layout import BlockLayout, LayoutPlan
 
 __all__ = ["sparse_attention", "attention_by_handle", "key_padding_bool"]
@@ -88,18 +88,12 @@ def _fwd_launch(layout: BlockLayout, B: int, Hq: int, Lq: int, D: int, configs, 
     return hit
 
 
-def _cap_args(scale: float, softcap: float | None) -> dict:
-    """The kernels' soft-capping constants (none without a cap): scores ``CAP_OUT * tanh(q.k * CAP_IN)``
-    in the log2 domain, i.e. ``cap * tanh(q.k * scale / cap)`` in natural units."""
-    if softcap is None:
-        return {}
-    return dict(SOFTCAP=True, CAP_IN=float(scale) / float(softcap), CAP_OUT=float(softcap) * _LOG2E)
-
-
 def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool, q_offset: int,
-             configs, softcap: float | None = None):
+             configs, softcap: float | None = None, sinks2: torch.Tensor | None = None):
     """The forward kernel's launch: ``(o [B, Hq, Lq, DV], lse [B, Hq, Lq] float32, kpm_t, bits)``,
-    the last two being the key-padding and bitmask arguments it got (placeholders when absent)."""
+    the last two being the key-padding and bitmask arguments it got (placeholders when absent).
+    ``sinks2``: the heads' sink logits in the log2 domain (:func:`_sink_log2`), folded into ``o`` and
+    ``lse`` by the kernel's epilogue (what :func:`_with_sinks` does with torch ops), or None."""
     tk = _kernels()
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -111,6 +105,8 @@ def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, 
     kpm_t = kpm if has_kpm else _placeholder(q.device, torch.int8, 0)
     has_bits = layout.num_partial > 0
     bits = layout.bits if has_bits else _placeholder(q.device, torch.int32, -1)
+    has_sinks = sinks2 is not None
+    sink_t = sinks2.reshape(-1).contiguous() if has_sinks else _placeholder(q.device, torch.float32, 0)
     use_tma = bool(cfg.tma) and k.is_contiguous() and v.is_contiguous()
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -120,14 +116,14 @@ def _forward(q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, 
     else:
         kd, vd = k, v
     tk._fwd_kernel[grid](
-        q, k, v, o, lse, kpm_t, bits, kd, vd,
+        q, k, v, o, lse, kpm_t, bits, kd, vd, sink_t,
         plan.fwd_ptr, plan.fwd_nclean, plan.fwd_col, plan.fwd_code,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         kpm_t.stride(0) if has_kpm else 0,
         Hq, Hq // Hkv, layout.num_heads, Lq, Lk, layout.q_blocks, scale * _LOG2E, q_offset,
         BQ=bq, BK=bk, NW=nw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=D, DV=DV,
         CAUSAL=causal, HAS_KPM=has_kpm, HAS_BITS=has_bits, USE_TMA=use_tma, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_cap_args(scale, softcap),
+        num_stages=cfg.num_stages, HAS_SINKS=has_sinks, **cap_args(scale, softcap, q),
     )
     return o, lse, kpm_t, bits
 
@@ -136,26 +132,25 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
                 q_offset: int, configs, split, sinks=None, softcap=None):
-        o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs, softcap)
-        if sinks is not None:
-            o, lse = _with_sinks(o, lse, sinks)
+        s2 = None if sinks is None else _sink_log2(sinks.detach())
+        o, lse, kpm_t, bits = _forward(q, k, v, kpm, layout, plan, scale, causal, q_offset, configs, softcap, s2)
         ctx.save_for_backward(q, k, v, o, lse, kpm_t, bits)
         ctx.layout, ctx.plan, ctx.scale, ctx.causal, ctx.q_offset = layout, plan, scale, causal, q_offset
         ctx.has_kpm, ctx.configs, ctx.split = kpm is not None, configs, split
-        ctx.sinks = None if sinks is None else (_sink_log2(sinks.detach()), sinks.dtype, sinks.requires_grad)
+        ctx.sinks = None if sinks is None else (s2, sinks.dtype, sinks.requires_grad)
         ctx.softcap = softcap
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm_t, bits = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, kpm_t, bits, ctx.layout, ctx.plan, ctx.scale, ctx.causal,
-                               ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split, ctx.softcap)
+        dq, dk, dv, delta = _backward(do, q, k, v, o, lse, kpm_t, bits, ctx.layout, ctx.plan, ctx.scale,
+                                      ctx.causal, ctx.q_offset, ctx.has_kpm, ctx.configs, ctx.split, ctx.softcap)
         ds = None
         if ctx.sinks is not None and ctx.sinks[2]:
-            # the sink is a key of value 0: dL/ds_h = -sum over rows of p_sink * (dO . O)
+            # the sink is a key of value 0: dL/ds_h = -sum over rows of p_sink * (dO . O), the
+            # backward's own delta = rowsum(dO * O)
             s2, dtype, _ = ctx.sinks
-            delta = (do.float() * o.float()).sum(-1)
             ds = -(torch.exp2(s2 - lse) * delta).sum((0, 2)).to(dtype)
         return dq, dk, dv, None, None, None, None, None, None, None, None, ds, None
 
@@ -181,7 +176,8 @@ def _with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
 
 def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: LayoutPlan, scale: float, causal: bool,
               q_offset: int, has_kpm: bool, configs: dict, split, softcap: float | None = None, dlse=None):
-    """The backward launches (delta, dq, dk/dv): ``(dq, dk, dv)``. ``kpm_t``, ``bits``: what the forward
+    """The backward launches (delta, dq, dk/dv): ``(dq, dk, dv, delta)`` (``delta [B, Hq, Lq]`` float32:
+    ``rowsum(dO * O)``, lowered by ``dlse`` when given). ``kpm_t``, ``bits``: what the forward
     got (placeholders when absent); ``split``: the dK/dV chunk table or None; ``softcap``: the logit cap;
     ``dlse``: a gradient of the log2-domain ``lse`` too (its path adds ``P * dlse * log2(e)`` to the
     scores' gradient: ``delta`` lowered by ``dlse * log2(e)``), or None."""
@@ -201,7 +197,7 @@ def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: Layou
     dv = torch.empty_like(v)
     kpm_s = kpm_t.stride(0) if has_kpm else 0
     common = dict(BQ=bq, BK=bk, NW=nw, D=D, DV=DV, CAUSAL=causal, HAS_KPM=has_kpm,
-                  HAS_BITS=layout.num_partial > 0, **_cap_args(scale, softcap))
+                  HAS_BITS=layout.num_partial > 0, **cap_args(scale, softcap, q))
     qk_scale = scale * _LOG2E
 
     cfg = configs.get("dq") or get_config("dq", D, layout.block)
@@ -217,7 +213,7 @@ def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: Layou
     if split is not None:
         _dkdv_split_launch(split, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common,
                            kpm_s, qk_scale, scale, q_offset)
-        return dq, dk, dv
+        return dq, dk, dv, delta
     tk._dkdv_kernel[(triton_cdiv(Lk, cfg.block_n), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, kpm_t, bits,
         plan.bwd_ptr, plan.bwd_nclean, plan.bwd_row, plan.bwd_code,
@@ -226,7 +222,7 @@ def _backward(do, q, k, v, o, lse, kpm_t, bits, layout: BlockLayout, plan: Layou
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         PRESCALE=cfg.prescale, **common,
     )
-    return dq, dk, dv
+    return dq, dk, dv, delta
 
 
 def _dkdv_split_launch(sp, cfg, q, k, v, do, dk, dv, lse, delta, kpm_t, bits, plan, layout, common, kpm_s,
@@ -339,8 +335,8 @@ def sparse_attention(
             return _SparseAttention.apply(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset),
                                           configs or {}, split, sinks, softcap)
         # no backward can follow: the launch without autograd's bookkeeping
-        o, lse = _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs, softcap)[:2]
-        return o if sinks is None else _with_sinks(o, lse, sinks)[0]
+        s2 = None if sinks is None else _sink_log2(sinks)
+        return _forward(q, k, v, kpm, lay, plan, scale, bool(causal), int(q_offset), configs, softcap, s2)[0]
 
     return _padded_call(q, k, v, scale, key_padding, run)
 

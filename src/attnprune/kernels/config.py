@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["KernelConfig", "CONFIGS", "get_config"]
+__all__ = ["KernelConfig", "CONFIGS", "get_config", "cap_args"]
+
+_LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,19 @@ def get_config(kind: str, head_dim: int, block: tuple[int, int]) -> KernelConfig
     cfg = CONFIGS.get((kind, head_dim)) or CONFIGS[(kind, "default")]
     return KernelConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages, cfg.tma,
                         cfg.prescale)
+
+
+def cap_args(scale: float, softcap: float | None, q) -> dict:
+    """The kernels' soft-capping constants (none without a cap): scores ``CAP_OUT * tanh(q.k * CAP_IN)``
+    in the log2 domain, i.e. ``cap * tanh(q.k * scale / cap)`` in natural units. ``FAST_TANH``: the
+    hardware ``tanh.approx.f32`` (one MUFU op, relative error about 2^-11) instead of ``exp2`` and a
+    division, for fp16 / bf16 inputs on NVIDIA GPUs (their rounding, 2^-8 / 2^-11, is already as coarse);
+    ``ATTNPRUNE_FAST_TANH=0`` turns it off. ``q``: the query tensor (its device and dtype decide)."""
+    if softcap is None:
+        return {}
+    import torch
+
+    fast = (q.device.type == "cuda" and torch.version.hip is None and q.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("ATTNPRUNE_FAST_TANH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1")
+    return dict(SOFTCAP=True, CAP_IN=float(scale) / float(softcap), CAP_OUT=float(softcap) * _LOG2E,
+                FAST_TANH=fast)

@@ -28,6 +28,7 @@ import math
 import torch
 
 from ..errors import InvalidArgumentError
+from .config import cap_args
 
 __all__ = ["masked_decode", "masked_decode_reference", "usable", "MAX_QUERIES"]
 
@@ -60,6 +61,7 @@ if triton is not None:
         DP: tl.constexpr, DVP: tl.constexpr, HAS_WINDOW: tl.constexpr, SINGLE: tl.constexpr,
         IEEE: tl.constexpr, HAS_SINKS: tl.constexpr = False,
         SOFTCAP: tl.constexpr = False, CAP_IN: tl.constexpr = 0.0, CAP_OUT: tl.constexpr = 0.0,
+        FAST_TANH: tl.constexpr = False,
     ):
         bg = tl.program_id(0)
         split = tl.program_id(1)
@@ -111,7 +113,7 @@ if triton is not None:
             kv = tl.load(keep_row[:, None] + (kp[None, :] // blk) * skek, mask=ok & inside, other=1)
             ok = ok & (kv != 0)
             if SOFTCAP:
-                s = tl.where(ok, _tanh(qk * CAP_IN) * CAP_OUT, float("-inf"))
+                s = tl.where(ok, _tanh(qk * CAP_IN, FAST_TANH) * CAP_OUT, float("-inf"))
             else:
                 s = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -282,7 +284,7 @@ def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits,
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
                 SINGLE=single, IEEE=q.dtype == torch.float32, HAS_SINKS=bool(has_sinks))
     if softcap is not None:
-        meta.update(SOFTCAP=True, CAP_IN=scale / float(softcap), CAP_OUT=float(softcap) * _LOG2E)
+        meta.update(cap_args(scale, softcap, q))
     if not interp:
         meta.update(num_warps=4, num_stages=2)
     return B, Hq, n, Hkv, DV, S, single, args, meta

@@ -140,7 +140,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if _split.split_enabled():
         split = layout.dkdv_split(q.shape[2], k.shape[2], causal, offset, q.shape[1], k.shape[1])
     return _backward(do, q, k, v, o, lse, kpm_t, bits, layout, plan, scale, causal, offset, kpm is not None, {},
-                     split, softcap or None, dlse)
+                     split, softcap or None, dlse)[:3]
 
 
 @sparse_bwd.register_fake
