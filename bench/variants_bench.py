@@ -7,20 +7,27 @@ kept, causal), bf16, ``--heads`` query heads over ``--kv-heads`` kv heads, ``bat
 times (median, ``attnprune.bench.kernels.time_fn``: Triton's ``do_bench``) of ``sparse_attention``:
 
 * ``plain``: the kernels as before;
-* ``softcap``: Gemma 2's logit capping (the ``SOFTCAP`` kernels: a ``tanh`` from ``exp2`` per score);
-* ``sinks``: gpt-oss's attention sinks (folded into the forward's log-sum-exp, a few elementwise ops);
+* ``softcap``: Gemma 2's logit capping (the ``SOFTCAP`` kernels; bf16 on CUDA: the hardware ``tanh.approx``),
+  next to ``softcap-exp2``, the same with ``ATTNPRUNE_FAST_TANH=0`` (a ``tanh`` from ``exp2`` and a division
+  per score: the tenth session's kernels);
+* ``sinks``: gpt-oss's attention sinks (folded into the forward kernel's epilogue);
 * ``window``: the layout cut to a sliding window of ``--window`` tokens (``BlockLayout.windowed``:
   fewer blocks, a token-exact edge), next to ``window-blocks``, the same kept blocks without the
   token-exact edge (what the window would cost if it fell on block edges).
 
 Before timing, each variant's forward is compared with the float64 reference on a small case (bf16,
-relative error < 2e-2 as in the GPU kernel tests). Expected (BENCHMARKS.md, tenth session): capped
-forward 1.2-1.5x plain at d 64, less at d 128; sinks within ~2%; the window's time in proportion to its
-kept blocks, the token-exact edge adding what a partial block costs (1.4-2.7x a full one, 2026-12-02).
+relative error < 2e-2 as in the GPU kernel tests). Measured on an H100 (BENCHMARKS.md, 2026-12-05, the
+tenth session's kernels): capped 1.73x / 1.67x plain at d 64 (fwd / fwd+bwd), 1.55x / 1.33x at d 128; sinks
+1.21x / 1.07x and 1.24x / 1.04x (then three torch passes over o after the kernel). Expected for the eleventh
+session's kernels: ``softcap`` 1.2-1.4x at d 64, 1.1-1.3x at d 128 (half the special-function ops of
+``softcap-exp2``: ``bench/sass_stats.py --softcap [--fast-tanh]`` counts 279 vs 407 MUFU in the d-64 forward,
+151 plain), ``softcap-exp2`` as before; sinks within 3% of plain; the window's time in proportion to its kept
+blocks, the token-exact edge adding what a partial block costs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -34,7 +41,7 @@ from attnprune.environment import environment  # noqa: E402
 from attnprune.kernels import sparse_attention  # noqa: E402
 from attnprune.softmax import dense_attention  # noqa: E402
 
-VARIANTS = ("plain", "softcap", "sinks", "window", "window-blocks")
+VARIANTS = ("plain", "softcap", "softcap-exp2", "sinks", "window", "window-blocks")
 DEV = "cuda"  # --check-only on the CPU (TRITON_INTERPRET=1): the float64 checks alone, at 256 tokens
 
 
@@ -47,8 +54,24 @@ def variant_fn(name: str, layout, sinks: torch.Tensor, window: int, cap: float =
 
             cut = BlockLayout.from_blocks(cut.block_mask(), cut.block)
         return (lambda q, k, v: sparse_attention(q, k, v, cut, causal=True)), cut
-    kw = {"softcap": dict(softcap=cap), "sinks": dict(sinks=sinks)}.get(name, {})
+    kw = {"softcap": dict(softcap=cap), "softcap-exp2": dict(softcap=cap), "sinks": dict(sinks=sinks)}.get(name, {})
     return (lambda q, k, v: sparse_attention(q, k, v, layout, causal=True, **kw)), layout
+
+
+@contextlib.contextmanager
+def tanh_of(name: str):
+    """``softcap-exp2``: the kernels' tanh from exp2 (``ATTNPRUNE_FAST_TANH=0``) for the whole block, forward
+    and backward (the kernels read it at each launch); other variants: as configured."""
+    old = os.environ.get("ATTNPRUNE_FAST_TANH")
+    if name == "softcap-exp2":
+        os.environ["ATTNPRUNE_FAST_TANH"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTNPRUNE_FAST_TANH", None)
+        else:
+            os.environ["ATTNPRUNE_FAST_TANH"] = old
 
 
 def check(name: str, d: int, heads: int, kv: int, window: int, L: int = 1024) -> float:
@@ -62,7 +85,7 @@ def check(name: str, d: int, heads: int, kv: int, window: int, L: int = 1024) ->
     v = torch.randn(1, kv, L, d, device=DEV, dtype=dt)
     out = fn(q, k, v).double()
     allowed = used.to_dense(L, L)[None] & torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
-    kw = {"softcap": dict(softcap=2.0), "sinks": dict(sinks=sinks.double())}.get(name, {})
+    kw = {"softcap": dict(softcap=2.0), "softcap-exp2": dict(softcap=2.0), "sinks": dict(sinks=sinks.double())}.get(name, {})
     ref = dense_attention(q.double(), k.double(), v.double(), allowed, False, None, **kw)
     return ((out - ref).norm() / ref.norm()).item()
 
@@ -89,8 +112,9 @@ def main():
     rows, checks = [], {}
     for d in a.head_dims:
         for name in VARIANTS:
-            checks[f"{name}-d{d}"] = check(name, d, a.heads, a.kv_heads, 256 if not a.check_only else 64,
-                                           1024 if not a.check_only else 256)
+            with tanh_of(name):
+                checks[f"{name}-d{d}"] = check(name, d, a.heads, a.kv_heads, 256 if not a.check_only else 64,
+                                               1024 if not a.check_only else 256)
         if a.check_only:
             continue
         for L in a.lengths:
@@ -103,7 +127,8 @@ def main():
             for name in VARIANTS:
                 fn, used = variant_fn(name, layout, torch.randn(a.heads, device=DEV), a.window)
                 for mode in ("fwd", "fwd+bwd"):
-                    ms = time_fn(fn, q, k, v, mode)
+                    with tanh_of(name):
+                        ms = time_fn(fn, q, k, v, mode)
                     base.setdefault(mode, ms)
                     row = dict(variant=name, d=d, length=L, batch=B, mode=mode, ms=round(ms, 4),
                                vs_plain=round(ms / base[mode], 4), kept_blocks=used.nnz, partial=used.num_partial)
