@@ -82,6 +82,7 @@
 #     6. if time is left: `modelgemma` (~300 s): Gemma 3 1B's architecture, sliding layers on windowed layouts.
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
+#   testfiles   TEST_FILES (default: the softmax-variant and window suites), one pytest process per file (eleventh session)
 #   modelgemma  attnprune bench --model gemma3-1b (random weights) at 16k x 1, 90% and all-kept masks, triton: sliding-window
 #               layers on windowed layouts against dense SDPA (which computes every block under its mask) (tenth session)
 #   variants    bench/variants_bench.py: the kernels with logit capping, sinks, a sliding window vs plain, 16k, d 64/128,
@@ -281,6 +282,11 @@ while [ $# -gt 0 ]; do
     testsfa4)  # the flash backend's tests with FA4 installed (after fa4 / fa4env) (issue 9)
         stage testsfa4 ${TESTSFA4_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/unit/test_backend_flash.py tests/unit/test_flash_split.py ;;
+    testfiles)  # TEST_FILES, each in its own process (a file's kernels compile once; one slow file cannot starve the rest)
+        for f in ${TEST_FILES:-tests/unit/test_softmax_variants.py tests/unit/test_window.py}; do
+            stage "tf_$(basename "$f" .py)" ${TESTFILE_LIMIT:-170} python3 -m pytest -o addopts= -q -p no:cacheprovider \
+                -rfEs --tb=short -W ignore "$f"
+        done ;;
     modelgemma)  # Gemma 3 1B's architecture (sliding windows of 512 in 5 of 6 layers): windowed layouts (tenth session)
         stage modelgemma ${MODELGEMMA_LIMIT:-300} python3 -m attnprune bench --model gemma3-1b --backend triton \
             --lengths 16384 --batch 1 --sparsities 0.9 0 --warmup 2 --reps 10 \
