@@ -139,17 +139,20 @@ def _causal_form(m, Lq: int, Lk: int, off: int, window: int | None = None):
     with a window) of ``m`` [B, Lq, Lk]: keys no query can reach are not "padding", so without a window
     the padding comes from the last row, with one from all rows; ``same``: 0-d bool, ``m`` is exactly
     that form."""
+    # The form is built with integer arithmetic on the index grid (0/1 by clamping), not comparisons, and
+    # tested by counting mismatches, not with ``.all()``: inductor on torch 2.11 fails to generate kernels
+    # where bools come from comparisons of index expressions ("A Boolean argument can only be used in Eq
+    # and Ne", pytorch/pytorch#188231).
     i = torch.arange(Lq, device=m.device)[:, None]
     j = torch.arange(Lk, device=m.device)[None, :]
-    tri = j <= i + off
-    if window is not None:  # (sums, not .any(): the inductor bug below)
-        tri = tri & (j > i + off - window)
+    tri = (i + (off + 1) - j).clamp(0, 1)  # [Lq, Lk] int: 1 where j <= i + off
+    if window is not None:
+        tri = tri * (j - (i + off - window)).clamp(0, 1)  # and j > i + off - window
         kp_c = m.any(dim=1) | (tri.sum(dim=0) == 0)[None, :]
     else:
-        kp_c = m[:, -1, :] | ~tri[-1][None, :] if Lq else m.any(dim=1)
-    # a count of mismatches, not ``.all()``: inductor on torch 2.11 fails to generate a bool reduction over
-    # index comparisons ("A Boolean argument can only be used in Eq and Ne", pytorch/pytorch#188231)
-    return kp_c, off, (m != (kp_c[:, None, :] & tri[None])).sum() == 0
+        kp_c = m[:, -1, :] | (tri[-1] == 0)[None, :] if Lq else m.any(dim=1)
+    want = kp_c.to(torch.int32)[:, None, :] * tri[None]
+    return kp_c, off, (m.to(torch.int32) - want).abs().sum() == 0
 
 
 def _candidates(attn_mask, B: int, Lq: int, Lk: int, is_causal: bool, q_offset: int, window: int | None = None):
