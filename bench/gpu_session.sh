@@ -282,11 +282,13 @@ while [ $# -gt 0 ]; do
     testsfa4)  # the flash backend's tests with FA4 installed (after fa4 / fa4env) (issue 9)
         stage testsfa4 ${TESTSFA4_LIMIT:-240} python3 -m pytest -o addopts= -q -p no:cacheprovider -rfEs \
             tests/unit/test_backend_flash.py tests/unit/test_flash_split.py ;;
-    testfiles)  # TEST_FILES, each in its own process (a file's kernels compile once; one slow file cannot starve the rest)
+    testfiles)  # TEST_FILES, each in its own process, all at once (compile-bound on the host's cores; no timing runs
+                # beside them): one slow file cannot starve the rest
         for f in ${TEST_FILES:-tests/unit/test_softmax_variants.py tests/unit/test_window.py}; do
             stage "tf_$(basename "$f" .py)" ${TESTFILE_LIMIT:-170} python3 -m pytest -o addopts= -q -p no:cacheprovider \
-                -rfEs --tb=short -W ignore "$f"
-        done ;;
+                -rfEs --tb=short -W ignore "$f" &
+        done
+        wait ;;
     modelgemma)  # Gemma 3 1B's architecture (sliding windows of 512 in 5 of 6 layers): windowed layouts (tenth session)
         stage modelgemma ${MODELGEMMA_LIMIT:-300} python3 -m attnprune bench --model gemma3-1b --backend triton \
             --lengths 16384 --batch 1 --sparsities 0.9 0 --warmup 2 --reps 10 \
