@@ -304,7 +304,8 @@ class Interceptor:
         owner = module if module is not None else (self.stack[-1] if self.stack else None)
         if self._seen is not None:
             self._keep.add(owner)
-            self._keep.update(self.stack)
+            for m in self.stack:  # (not set.update: dynamo's polyfill of it fails here on torch 2.11)
+                self._keep.add(m)
         elif self.narrowed and owner not in self.hooked and owner in self.names:
             self._widen(owner)
         base = self.names.get(owner, type(owner).__name__ if owner is not None else "<root>")
