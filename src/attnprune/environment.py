@@ -39,15 +39,22 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (``None`` outside a git checkout)."""
+def _git_commit(where: Path | None = None) -> str | None:
+    """The commit of the source tree this package runs from, ``+dirty`` when tracked files differ from it
+    (``None`` outside a git checkout). ``where``: a folder of the checkout (default: this package's)."""
+    where = where or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+    if out.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
+        return None
+    try:  # tracked files that differ from that commit (a copied work tree, local edits): say so
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=where, capture_output=True, timeout=5).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        dirty = False
+    return sha + "+dirty" if dirty else sha
 
 
 _AT_IMPORT: dict = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):
     assert tuple(env) == report.ENV_KEYS
     assert env["torch"] == torch.__version__ and env["python"] and env["date_utc"].endswith(" UTC")
     assert env["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"])
     host = socket.gethostname()
     assert len(host) < 4 or all(host not in str(v) for v in env.values())
     # the device given is the device recorded; the keys stay the same
@@ -177,6 +178,30 @@ def test_the_record_names_the_commit_read_when_attnprune_was_imported(monkeypatc
     assert "commit" in E._AT_IMPORT
     monkeypatch.setitem(E._AT_IMPORT, "commit", "a" * 40)
     assert E.environment("cpu")["git_commit"] == "a" * 40
+
+
+def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
+    """A copied or edited tree is not the commit it names: ``+dirty`` (as on the GPU machine, whose copy of the
+    tree carries an older ``.git``); untracked files do not count."""
+    import shutil
+    import subprocess
+
+    from attnprune.environment import _git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        if cmd[0] == "add":
+            (tmp_path / "f.py").write_text("a = 1\n")
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, env=env, capture_output=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert _git_commit(tmp_path) == sha
+    (tmp_path / "new.py").write_text("")
+    assert _git_commit(tmp_path) == sha
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert _git_commit(tmp_path) == sha + "+dirty"
 
 
 def test_environment_records_the_kernel_switches_set(monkeypatch):
