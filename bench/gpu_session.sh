@@ -66,20 +66,19 @@
 #   Tenth session (2026-12-05): no machine lent. Built on the CPU: attention sinks, logit capping and sliding windows on
 #               the kernels (eager, compiled, decode); none of it has run on a GPU (tests13 now runs their suites;
 #               stages `variants` and `modelgemma` time them).
-#   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget):
-#     1. `fa4stash` (carry .gpu-fa4/a), at once `fa4 compileflash compileprof kbenchgqa` (carry .gpu-fa4/b, ~450 s):
-#        the padding-free fix for the compiled flash backend, a profile of it, and grouped-query kernel rows (the
-#        16k x 4 training step's gap to the no-attention bound: 70 ms where the kernel rows predict ~38).
-#     2. warm: `fa4env trainprof` then MODELCOMPILE_BACKENDS=triton `modelcompile` (~500 s): the training step's
-#        kernels (flash, triton); the whole model compiled as CUDA graphs at 4k x 1 (issue 9's small-batch targets).
-#     3. warm: `fa4env` MODELCOMPILE_BACKENDS=flash `modelcompile`, then `tests_compile` alone
-#        (python3 -m pytest tests/unit/test_compile.py: the bool-reduction workaround on torch 2.11).
-#     4. a call for `tests13` (TESTS_LIMIT=300), the suites at the new head (with the tenth session's
-#        test_softmax_variants.py (gpt-oss sinks, Gemma 2 capping) and test_window.py (sliding windows), never on a GPU),
-#        then `variants` in the same call if it fits (TESTS_LIMIT=300 VARIANTS_LIMIT=240).
-#     5. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
+#   Eleventh session (2026-12-05, H100): fa4stash + testfiles (softmax variants, window, compile, architectures) +
+#               variants; fa4 + train_profile.py --batch 2 (16k x 4 OOMs on an H100's 80 GB); fa4env kbenchgqa compileflash;
+#               testfiles again after fixes (+ flash suites with FA4). Left: modelcompile with the flash backend (compiling
+#               the masked FA4 model under reduce-overhead took > 120 s), test_softmax_variants' compiled gpt-oss test
+#               (now with batched_mm experts), the last 5 tests of test_backend_flash.py (120 s limit).
+#   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
+#   refused start costs ~90 s of it: wait several minutes between tries):
+#     1. `fa4stash` (carry .gpu-fa4/a) with TEST_FILES="tests/unit/test_softmax_variants.py" `testfiles`; at once
+#        `fa4 testsfa4` (carry .gpu-fa4/b; TESTSFA4_LIMIT=240) then MODELCOMPILE_LIMIT=400 MODELCOMPILE_BACKENDS=flash
+#        `modelcompile` in the same invocation (the env of `fa4` lives only in that bash process).
+#     2. issue 11 if time is left: `stash1` (carry .gpu/w1), at once `weights` + a second seed at 2k
 #        (RECOVERY_POLICIES="streaming elastic-site" RECOVERY_ARGS="--steps 240 --epochs 3 --seed 1" TAG=-e3s1 recovery2k).
-#     6. if time is left: `modelgemma` (~300 s): Gemma 3 1B's architecture, sliding layers on windowed layouts.
+#     3. if time is left: `modelgemma` (~300 s).
 #               Issue dependent device calls (stash1 -> weights, fa4stash -> fa4) in ONE tool block: the machine
 #               is released ~30 s after a call, and a fresh one has lost /tmp and /root/stash.
 #   testfiles   TEST_FILES (default: the softmax-variant and window suites), one pytest process per file (eleventh session)
@@ -98,7 +97,7 @@
 #               kv heads, d 64, causal, 16k x 4) with cudnn / fa4 / ours / ours-flash (needs fa4 first) (issue 9)
 #   modelcompile   attnprune bench --model smollm2 --compile reduce-overhead at 4k x 1, prefill and train, 90% and
 #               all-kept, backends triton and flash (flash needs fa4 first) (issue 9)
-#   trainprof   bench/train_profile.py: device time per kernel of the 16k x 4 training step, dense / masked /
+#   trainprof   bench/train_profile.py: device time per kernel of the 16k x 4 training step (TRAINPROF_ARGS="--batch 2" on an H100), dense / masked /
 #               no-attention, backends flash and triton (flash needs fa4 first) (issue 9)
 #   pack NAME   tar $RUNS into $OUT/NAME.tgz
 # bash scripts/pack_gpu.sh makes .gpu/ (weights in two halves, corpora, Bible text) and .whl/ here.
@@ -271,7 +270,7 @@ while [ $# -gt 0 ]; do
         done ;;
     trainprof)  # where the 16k x 4 training step's time goes: kernels by device time, dense / masked / no-attention
         for be in ${TRAINPROF_BACKENDS:-flash triton}; do
-            stage trainprof_$be ${TRAINPROF_LIMIT:-200} python3 bench/train_profile.py --backend $be \
+            stage trainprof_$be ${TRAINPROF_LIMIT:-200} python3 bench/train_profile.py --backend $be ${TRAINPROF_ARGS:-} \
                 --out "$RUNS/trainprof_$be.json"
         done ;;
     kbench32)  # 32k rows of the kernel comparison, density 0.1 (issue 9's 4k-32k range)
