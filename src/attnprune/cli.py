@@ -71,7 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: out of memory ({first[:200]}): the run needs more memory than the device has free; lower "
+              f"--batch-size or --seq-len (or the number of windows), or use a larger device", file=sys.stderr)
+        return 1
     return int(status or 0)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch's out-of-memory error (CUDA or another accelerator); torch is not imported here."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(e, oom)
 
 
 if __name__ == "__main__":  # pragma: no cover

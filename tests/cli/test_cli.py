@@ -425,3 +425,28 @@ def test_kernel_bench_checks_its_arguments_before_the_machine(capsys, tmp_path, 
     rc, _, err = run(capsys, "bench", *args, "-o", str(tmp_path / "b.json"))
     assert_clean_error(rc, err, *words)
     assert os.listdir(tmp_path) == []
+
+
+def test_out_of_memory_is_one_error_line_and_other_errors_still_raise(capsys, monkeypatch):
+    """A command that runs out of device memory (torch's ``OutOfMemoryError``) exits 1 with one ``error:`` line
+    naming the cause and what to lower, no traceback; any other unexpected exception is not swallowed."""
+    import argparse
+
+    from attnprune import cli
+
+    def parser_raising(exc):
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(exc))
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", lambda: parser_raising(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB.\nmore detail")))
+    rc = cli.main([])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: out of memory (CUDA out of memory. Tried to allocate 12.00 GiB.)")
+    assert "--batch-size" in lines[0] and "--seq-len" in lines[0]
+    monkeypatch.setattr(cli, "build_parser", lambda: parser_raising(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([])
