@@ -15,8 +15,8 @@ logits in every row's denominator; ``softcap``: scores capped to ``c * tanh(x / 
 (:mod:`attnprune.softmax`); each passed only for models that have it, so a backend registered without
 these keywords serves every other model.
 
-``"reference"`` (dense, any device) is always registered; ``"triton"``, ``"flex"`` and ``"flash"``
-(FlashAttention-4, sm90+) are imported on first use. ``"auto"`` (:data:`AUTO`) picks one per device:
+``"reference"`` (dense, any device) is always registered; ``"triton"``, ``"flex"``, ``"flash"``
+(FlashAttention-4, sm90+) and ``"gather"`` (block-sparse in PyTorch ops, any device) are imported on first use. ``"auto"`` (:data:`AUTO`) picks one per device:
 :func:`resolve_backend`.
 """
 
@@ -27,7 +27,8 @@ import importlib
 from ..errors import MissingDependencyError
 from ..registry import Registry
 
-_LAZY = {"triton": "attnprune.backends.triton", "flex": "attnprune.backends.flex", "flash": "attnprune.backends.flash"}
+_LAZY = {"triton": "attnprune.backends.triton", "flex": "attnprune.backends.flex", "flash": "attnprune.backends.flash",
+         "gather": "attnprune.backends.gather"}
 AUTO = "auto"
 
 

@@ -1,0 +1,155 @@
+"""Block-sparse attention in plain PyTorch ops, on any device (CPU, MPS, CUDA without Triton).
+
+:func:`gather_attention` computes what :func:`attnprune.kernels.sparse_attention` computes, with the same
+layout (:class:`BlockLayout`) and arguments, but without Triton: for each chunk of query blocks it gathers the
+key / value blocks each (head, query block) keeps into a dense ``[kept blocks x block]`` strip and runs batched
+matmuls over those strips only. The work is proportional to the longest kept-block list of each chunk (not to
+the whole key length), so a 90%-sparse layout costs about a tenth of dense attention's matmuls when the rows
+keep similar numbers of blocks (sink + band layouts do; a layout whose rows differ widely pays for its longest
+row in each chunk). It is exact: partly kept blocks read their token bitmasks, and causality, key padding,
+attention sinks and logit capping are applied per element. Gradients come from autograd (memory: one chunk's
+scores and the gathered strips are kept for the backward).
+
+Scores are computed in float32 (float64 for float64 inputs), as the reference backend does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..softmax import soft_cap, softmax_with_sinks
+from ._inputs import _scale, key_padding_bool
+from .layout import BlockLayout, _unpack_bits
+
+__all__ = ["gather_attention"]
+
+# scores of one chunk (float32 elements) held at a time; the chunk is at least one query block
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _tables(layout: BlockLayout) -> dict:
+    """Per (layout head, query block): the kept key blocks ``idx [H, Qb, K]`` (padded with 0), their bitmask
+    codes ``code [H, Qb, K]`` (-1: fully kept; padded with -1) and counts ``count [H, Qb]``; built once
+    per layout (cached in ``layout._cache``)."""
+    hit = layout._cache.get("gather")
+    if hit is None:
+        H, Qb = layout.num_heads, layout.q_blocks
+        rows = H * Qb
+        count = torch.bincount(layout.row, minlength=rows)
+        kmax = int(count.max()) if layout.nnz else 0
+        start = torch.cumsum(count, 0) - count
+        slot = torch.arange(layout.nnz, device=layout.device) - start[layout.row]
+        idx = torch.zeros(rows, max(kmax, 1), dtype=torch.long, device=layout.device)
+        code = torch.full((rows, max(kmax, 1)), -1, dtype=torch.long, device=layout.device)
+        idx[layout.row, slot] = layout.col.long()
+        code[layout.row, slot] = layout.code.long()
+        hit = dict(idx=idx.view(H, Qb, -1), code=code.view(H, Qb, -1), count=count.view(H, Qb),
+                   bits=_unpack_bits(layout.bits, layout.block[1]) if layout.num_partial else None)
+        layout._cache["gather"] = hit
+    return hit
+
+
+def gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    q_offset: int = 0,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention on the blocks ``layout`` keeps, in PyTorch ops (any device; differentiable).
+
+    Args:
+        q: ``[batch, q_heads, Lq, d]``; k: ``[batch, kv_heads, Lk, d]``; v: ``[batch, kv_heads, Lk, dv]``
+            (``q_heads`` a multiple of ``kv_heads``); one floating dtype.
+        layout: :class:`BlockLayout` with ``num_heads`` equal to ``q_heads`` or 1, covering ``Lq x Lk``.
+        causal, q_offset: query ``i`` sees key ``j`` only if ``j <= i + q_offset``.
+        scale: score scale, default ``1 / sqrt(d)``.
+        key_padding: bool ``[batch, Lk]`` (True: a real key) or int key lengths ``[batch]``.
+        sinks: optional ``[q_heads]`` attention-sink logits (in every row's denominator, no value).
+        softcap: optional logit cap ``c``: scores ``c * tanh(q.k * scale / c)``.
+
+    Returns:
+        ``[batch, q_heads, Lq, dv]`` in ``q``'s dtype; a row with no allowed key is 0.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D or Hq % max(Hkv, 1):
+        raise InvalidArgumentError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgumentError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    bq, bk = layout.block
+    Qb, Kb = -(-Lq // bq), -(-Lk // bk)
+    if layout.num_heads not in (1, Hq) or layout.q_blocks < Qb or layout.k_blocks < Kb:
+        raise InvalidArgumentError(f"layout ({layout.num_heads} heads, {layout.q_blocks} x {layout.k_blocks} blocks of "
+                                   f"{bq} x {bk}) does not cover {Hq} heads of {Lq} x {Lk} tokens")
+    if B == 0 or Lq == 0 or Lk == 0:
+        return q.new_zeros(B, Hq, Lq, Dv)
+    scale = _scale(scale, D)
+    if softcap is not None and not float(softcap) > 0:
+        raise InvalidArgumentError(f"softcap must be positive, got {softcap}")
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    tab = _tables(layout.to(dev))
+    heads = torch.arange(Hq, device=dev) if layout.num_heads == Hq else torch.zeros(Hq, dtype=torch.long, device=dev)
+    kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
+    pad = torch.nn.functional.pad
+    qb = pad(q, (0, 0, 0, Qb * bq - Lq)).view(B, Hq, Qb, bq, D)
+    kb = pad(k, (0, 0, 0, Kb * bk - Lk)).view(B, Hkv, Kb, bk, D)
+    vb = pad(v, (0, 0, 0, Kb * bk - Lk)).view(B, Hkv, Kb, bk, Dv)
+    real = torch.arange(Kb * bk, device=dev) < Lk  # [Kb*bk] keys inside the length
+    kp = key_padding_bool(key_padding, Lk, dev)
+    if kp is not None:
+        if kp.shape != (B, Lk):
+            raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
+        real = real[None] & pad(kp.to(dev), (0, Kb * bk - Lk))
+    real = real.expand(B, Kb * bk).reshape(B, Kb, bk)
+    count = tab["count"][heads, :Qb]  # [Hq, Qb]
+    widest = max(1, int(count.max()))
+    step = max(1, CHUNK_ELEMENTS // max(1, B * Hq * bq * widest * bk))
+    outs = []
+    for q0 in range(0, Qb, step):
+        q1 = min(Qb, q0 + step)
+        outs.append(_chunk(qb[:, :, q0:q1], kb, vb, real, tab, heads, kv_of, count[:, q0:q1], q0, bq, bk, scale,
+                           causal, q_offset, sinks, softcap, dt))
+    out = torch.cat(outs, 2).reshape(B, Hq, Qb * bq, Dv)[:, :, :Lq]
+    return out.to(q.dtype)
+
+
+def _chunk(qc, kb, vb, real, tab, heads, kv_of, count, q0: int, bq: int, bk: int, scale: float, causal: bool,
+           q_offset: int, sinks, softcap, dt):
+    """Output ``[B, Hq, nq, bq, Dv]`` of query blocks ``q0 .. q0 + nq`` (``qc [B, Hq, nq, bq, D]``)."""
+    B, Hq, nq = qc.shape[:3]
+    width = int(count.max())
+    if width == 0:  # no kept block in these rows: zeros (a sink adds no value)
+        return qc.new_zeros(B, Hq, nq, bq, vb.shape[-1], dtype=dt)
+    idx = tab["idx"][heads, q0:q0 + nq, :width]  # [Hq, nq, W] key blocks
+    valid = torch.arange(width, device=qc.device) < count[..., None]  # [Hq, nq, W] (padding slots are not)
+    kg = kb[:, kv_of[:, None, None], idx].to(dt)  # [B, Hq, nq, W, bk, D]
+    vg = vb[:, kv_of[:, None, None], idx].to(dt)
+    s = torch.einsum("bhqid,bhqwjd->bhqiwj", qc.to(dt), kg) * scale  # [B, Hq, nq, bq, W, bk]
+    s = soft_cap(s, softcap)
+    ok = (valid[..., None] & real[:, idx])[:, :, :, None]  # [B, Hq, nq, 1, W, bk]
+    if tab["bits"] is not None:  # token bitmasks of partly kept blocks
+        code = tab["code"][heads, q0:q0 + nq, :width]
+        elem = tab["bits"][code.clamp(min=0)]  # [Hq, nq, W, bq, bk]
+        elem = elem | (code < 0)[..., None, None]
+        ok = ok & elem.permute(0, 1, 3, 2, 4)[None]
+    if causal:
+        i = (q0 + torch.arange(nq, device=qc.device))[:, None] * bq + torch.arange(bq, device=qc.device)  # [nq, bq]
+        j = idx[..., None] * bk + torch.arange(bk, device=qc.device)  # [Hq, nq, W, bk]
+        ok = ok & (j[:, :, None] <= i[None, :, :, None, None] + q_offset)[None]
+    s = s.masked_fill(~ok, float("-inf")).reshape(B, Hq, nq * bq, width * bk)
+    some = ok.expand(B, Hq, nq, bq, width, bk).reshape(B, Hq, nq * bq, width * bk).any(-1, keepdim=True)
+    s = torch.where(some, s, torch.zeros((), dtype=dt, device=s.device))  # no NaN from empty rows
+    p = softmax_with_sinks(s, None if sinks is None else sinks.to(qc.device)) * some
+    p = p.view(B, Hq, nq, bq, width, bk)
+    return torch.einsum("bhqiwj,bhqwjd->bhqid", p, vg)
