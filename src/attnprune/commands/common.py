@@ -35,7 +35,8 @@ SHARED_OPTIONS.add("device", SharedOption("--device", {}, "cpu, cuda, cuda:1 (de
 SHARED_OPTIONS.add("seed", SharedOption("--seed", dict(type=int), "random seed (default {default})"))
 SHARED_OPTIONS.add("backend", SharedOption("--backend", {}, "attention backend under the mask: auto (flash on "
                                                             "an sm90+ GPU with FlashAttention-4, else triton on a GPU, else reference), "
-                                                            "reference, triton, flex, flash (default {default})"))
+                                                            "reference, triton, flex, flash, gather (block-sparse in PyTorch ops, any device) "
+                                                            "(default {default})"))
 EVERY_COMMAND = {"quiet": (False, None)}  # options every subcommand takes
 
 
