@@ -126,30 +126,43 @@ def gather_attention(
 
 def _chunk(qc, kb, vb, real, tab, heads, kv_of, count, q0: int, bq: int, bk: int, scale: float, causal: bool,
            q_offset: int, sinks, softcap, dt):
-    """Output ``[B, Hq, nq, bq, Dv]`` of query blocks ``q0 .. q0 + nq`` (``qc [B, Hq, nq, bq, D]``)."""
+    """Output ``[B, Hq, nq, bq, Dv]`` of query blocks ``q0 .. q0 + nq`` (``qc [B, Hq, nq, bq, D]``). Few passes
+    over the scores (the CPU's memory bandwidth is what this path spends): one batched matmul, the mask filled in
+    place, the softmax, the matmul with the values; empty rows are mended only when there are any."""
     B, Hq, nq = qc.shape[:3]
+    dev, Dv = qc.device, vb.shape[-1]
     width = int(count.max())
     if width == 0:  # no kept block in these rows: zeros (a sink adds no value)
-        return qc.new_zeros(B, Hq, nq, bq, vb.shape[-1], dtype=dt)
+        return qc.new_zeros(B, Hq, nq, bq, Dv, dtype=dt)
     idx = tab["idx"][heads, q0:q0 + nq, :width]  # [Hq, nq, W] key blocks
-    valid = torch.arange(width, device=qc.device) < count[..., None]  # [Hq, nq, W] (padding slots are not)
-    kg = kb[:, kv_of[:, None, None], idx].to(dt)  # [B, Hq, nq, W, bk, D]
-    vg = vb[:, kv_of[:, None, None], idx].to(dt)
-    s = torch.einsum("bhqid,bhqwjd->bhqiwj", qc.to(dt), kg) * scale  # [B, Hq, nq, bq, W, bk]
-    s = soft_cap(s, softcap)
+    valid = torch.arange(width, device=dev) < count[..., None]  # [Hq, nq, W] (padding slots are not)
+    n = B * Hq * nq
+    kg = kb[:, kv_of[:, None, None], idx].to(dt).reshape(n, width * bk, -1)  # [n, W*bk, D]
+    vg = vb[:, kv_of[:, None, None], idx].to(dt).reshape(n, width * bk, Dv)
+    s = torch.bmm(qc.to(dt).reshape(n, bq, -1), kg.transpose(1, 2)).mul_(scale)  # [n, bq, W*bk]
     ok = (valid[..., None] & real[:, idx])[:, :, :, None]  # [B, Hq, nq, 1, W, bk]
     if tab["bits"] is not None:  # token bitmasks of partly kept blocks
         code = tab["code"][heads, q0:q0 + nq, :width]
-        elem = tab["bits"][code.clamp(min=0)]  # [Hq, nq, W, bq, bk]
-        elem = elem | (code < 0)[..., None, None]
+        elem = tab["bits"][code.clamp(min=0)] | (code < 0)[..., None, None]  # [Hq, nq, W, bq, bk]
         ok = ok & elem.permute(0, 1, 3, 2, 4)[None]
     if causal:
-        i = (q0 + torch.arange(nq, device=qc.device))[:, None] * bq + torch.arange(bq, device=qc.device)  # [nq, bq]
-        j = idx[..., None] * bk + torch.arange(bk, device=qc.device)  # [Hq, nq, W, bk]
+        i = (q0 + torch.arange(nq, device=dev))[:, None] * bq + torch.arange(bq, device=dev)  # [nq, bq]
+        j = idx[..., None] * bk + torch.arange(bk, device=dev)  # [Hq, nq, W, bk]
         ok = ok & (j[:, :, None] <= i[None, :, :, None, None] + q_offset)[None]
-    s = s.masked_fill(~ok, float("-inf")).reshape(B, Hq, nq * bq, width * bk)
-    some = ok.expand(B, Hq, nq, bq, width, bk).reshape(B, Hq, nq * bq, width * bk).any(-1, keepdim=True)
-    s = torch.where(some, s, torch.zeros((), dtype=dt, device=s.device))  # no NaN from empty rows
-    p = softmax_with_sinks(s, None if sinks is None else sinks.to(qc.device)) * some
-    p = p.view(B, Hq, nq, bq, width, bk)
-    return torch.einsum("bhqiwj,bhqwjd->bhqid", p, vg)
+    ok = ok.expand(B, Hq, nq, bq, width, bk).reshape(n, bq, width * bk)
+    if softcap is None:
+        s = s.masked_fill_(~ok, float("-inf"))
+    else:  # (tanh's backward reads its output: no in-place fill after it)
+        s = soft_cap(s, softcap).masked_fill(~ok, float("-inf"))
+    some = ok.any(-1, keepdim=True)  # [n, bq, 1]
+    empty = not bool(some.all())
+    if empty:  # rows with no allowed key: scores 0 instead of all -inf (no NaN), probabilities 0 below
+        s = torch.where(some, s, torch.zeros((), dtype=dt, device=dev))
+    if sinks is None:
+        p = torch.softmax(s, -1)
+    else:
+        s4 = s.view(B, Hq, nq * bq, width * bk)
+        p = softmax_with_sinks(s4, sinks.to(dev)).reshape(n, bq, width * bk)
+    if empty:
+        p = p * some
+    return torch.bmm(p, vg).view(B, Hq, nq, bq, Dv)
