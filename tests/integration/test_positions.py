@@ -142,6 +142,6 @@ def test_unknown_backend_lists_every_backend():
     from attnprune.errors import InvalidArgumentError
 
     model = _family("llama")
-    with pytest.raises(InvalidArgumentError, match="known: flash, flex, reference, triton"):
+    with pytest.raises(InvalidArgumentError, match="known: flash, flex, gather, reference, triton"):
         with apply(model, _mask(model), backend="nope"):
             pass
