@@ -28,12 +28,13 @@ __all__ = ["gather_attention"]
 CHUNK_ELEMENTS = 1 << 25
 
 
-def _tables(layout: BlockLayout) -> dict:
+def _tables(layout: BlockLayout, device: torch.device) -> dict:
     """Per (layout head, query block): the kept key blocks ``idx [H, Qb, K]`` (padded with 0), their bitmask
-    codes ``code [H, Qb, K]`` (-1: fully kept; padded with -1) and counts ``count [H, Qb]``; built once
-    per layout (cached in ``layout._cache``)."""
-    hit = layout._cache.get("gather")
+    codes ``code [H, Qb, K]`` (-1: fully kept; padded with -1) and counts ``count [H, Qb]``, on ``device``;
+    built on the CPU (every op there exists on every backend) once per layout and device (``layout._cache``)."""
+    hit = layout._cache.get(("gather", device))
     if hit is None:
+        orig, layout = layout, layout.to("cpu")
         H, Qb = layout.num_heads, layout.q_blocks
         rows = H * Qb
         count = torch.bincount(layout.row, minlength=rows)
@@ -46,7 +47,8 @@ def _tables(layout: BlockLayout) -> dict:
         code[layout.row, slot] = layout.code.long()
         hit = dict(idx=idx.view(H, Qb, -1), code=code.view(H, Qb, -1), count=count.view(H, Qb),
                    bits=_unpack_bits(layout.bits, layout.block[1]) if layout.num_partial else None)
-        layout._cache["gather"] = hit
+        hit = {name: None if t is None else t.to(device) for name, t in hit.items()}
+        orig._cache[("gather", device)] = hit
     return hit
 
 
@@ -98,7 +100,7 @@ def gather_attention(
         raise InvalidArgumentError(f"softcap must be positive, got {softcap}")
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    tab = _tables(layout.to(dev))
+    tab = _tables(layout, dev)
     heads = torch.arange(Hq, device=dev) if layout.num_heads == Hq else torch.zeros(Hq, dtype=torch.long, device=dev)
     kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
     pad = torch.nn.functional.pad
