@@ -31,16 +31,10 @@ def _padded_call(q, k, v, scale, key_padding, run) -> torch.Tensor:
 
 
 def _check_inputs(q, k, v) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Lk or Dk != D:
-        raise InvalidArgumentError(
-            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if Hq % Hkv:
-        raise InvalidArgumentError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    """:func:`_check_shapes`, then what the Triton kernels need: fp16/bf16/fp32, head dims up to 256, CUDA
+    (or the interpreter)."""
+    _check_shapes(q, k, v)
+    D = q.shape[3]
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidArgumentError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if max(D, v.shape[3]) > 256:
@@ -50,6 +44,20 @@ def _check_inputs(q, k, v) -> None:
             f"sparse_attention runs on CUDA tensors (got {q.device}); on the CPU use backend='reference' "
             "or set TRITON_INTERPRET=1 before importing triton (slow, for tests)"
         )
+
+
+def _check_shapes(q, k, v) -> None:
+    """4-D ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``v [B, Hkv, Lk, Dv]`` with ``Hq`` a multiple of ``Hkv``."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Lk or Dk != D:
+        raise InvalidArgumentError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if Hkv == 0 or Hq % Hkv:
+        raise InvalidArgumentError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
 
 
 def _scale(scale, D: int) -> float:

@@ -24,12 +24,11 @@ import torch
 from ..errors import InvalidArgumentError, MissingDependencyError
 from . import _split
 from ._inputs import _check_inputs, _padded_call, key_padding_bool  # noqa: F401 - key_padding_bool re-exported
-from .config import cap_args, get_config
+from .config import _LOG2E, cap_args, get_config
 from .layout import BlockLayout, LayoutPlan
 
 __all__ = ["sparse_attention", "attention_by_handle", "key_padding_bool"]
 
-_LOG2E = 1.4426950408889634
 
 
 def _kernels():

@@ -28,11 +28,10 @@ import math
 import torch
 
 from ..errors import InvalidArgumentError
-from .config import cap_args
+from .config import _LOG2E, cap_args
 
 __all__ = ["masked_decode", "masked_decode_reference", "usable", "MAX_QUERIES"]
 
-_LOG2E = 1.4426950408889634
 MAX_QUERIES = 16  # queries per call the kernel is meant for (decode steps; a prompt runs elsewhere)
 _SM_COUNT: dict = {}
 _PLANS: dict = {}  # call shapes -> checked launch parameters (masked_decode)
@@ -283,8 +282,7 @@ def _plan(q, k, v, pos, q_pos, keep, block, scale, window, q_len, k_len, splits,
     args = (Hkv, G, n, C, chunk, S, q_len, k_len, block, int(window) if window is not None else 0, scale * _LOG2E)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, DV=DV, DP=DP, DVP=DVP, HAS_WINDOW=window is not None,
                 SINGLE=single, IEEE=q.dtype == torch.float32, HAS_SINKS=bool(has_sinks))
-    if softcap is not None:
-        meta.update(cap_args(scale, softcap, q))
+    meta.update(cap_args(scale, softcap, q))
     if not interp:
         meta.update(num_warps=4, num_stages=2)
     return B, Hq, n, Hkv, DV, S, single, args, meta

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..softmax import soft_cap, softmax_with_sinks
-from ._inputs import _scale, key_padding_bool
+from ._inputs import _check_shapes, _key_padding_mask, _scale
 from .layout import BlockLayout, _unpack_bits
 
 __all__ = ["gather_attention"]
@@ -80,12 +80,9 @@ def gather_attention(
     Returns:
         ``[batch, q_heads, Lq, dv]`` in ``q``'s dtype; a row with no allowed key is 0.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise InvalidArgumentError("q, k, v must be 4-D: [batch, heads, length, head_dim]")
+    _check_shapes(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D or Hq % max(Hkv, 1):
-        raise InvalidArgumentError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidArgumentError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     bq, bk = layout.block
@@ -108,11 +105,9 @@ def gather_attention(
     kb = pad(k, (0, 0, 0, Kb * bk - Lk)).view(B, Hkv, Kb, bk, D)
     vb = pad(v, (0, 0, 0, Kb * bk - Lk)).view(B, Hkv, Kb, bk, Dv)
     real = torch.arange(Kb * bk, device=dev) < Lk  # [Kb*bk] keys inside the length
-    kp = key_padding_bool(key_padding, Lk, dev)
+    kp = _key_padding_mask(key_padding, B, Lk, dev)  # int8 [B, Lk] or None
     if kp is not None:
-        if kp.shape != (B, Lk):
-            raise InvalidArgumentError(f"key_padding must be [batch, Lk] = {(B, Lk)}, got {tuple(kp.shape)}")
-        real = real[None] & pad(kp.to(dev), (0, Kb * bk - Lk))
+        real = real[None] & pad(kp.bool(), (0, Kb * bk - Lk))
     real = real.expand(B, Kb * bk).reshape(B, Kb, bk)
     count = tab["count"][heads, :Qb]  # [Hq, Qb]
     widest = max(1, int(count.max()))
