@@ -116,6 +116,8 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(InvalidArgumentError, match="does not cover"):
         gather_attention(q, torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8), layout)
     with pytest.raises(InvalidArgumentError, match="shape mismatch"):
+        gather_attention(q, torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8), layout)
+    with pytest.raises(InvalidArgumentError, match="multiple of kv heads"):
         gather_attention(q, torch.randn(1, 3, 32, 8), torch.randn(1, 3, 32, 8), layout)
     with pytest.raises(InvalidArgumentError, match="key_padding"):
         gather_attention(q, q, q, layout, key_padding=torch.ones(2, 32, dtype=torch.bool))
