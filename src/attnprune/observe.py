@@ -60,6 +60,10 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
               removing the entry, and a block's sum is the first-order change of removing the whole
               block (magnitudes of entries that help and hurt do not add up, as with ``"influence"``).
               Negative where removing the entry lowers the loss; policies keep the highest first.
+            * ``"ablation"``: not per entry but per head, measured: the loss increase of restricting each
+              head alone to sink columns and a band of ``k`` block diagonals, for a grid of ``k``, spread
+              over the blocks (``granularity >= 2`` is the block side; many forwards per batch, see
+              :func:`attnprune.ablation.measure_bands`, which this calls with its defaults).
     Probabilities are recomputed in float32 (float64 for float64 inputs) from the call's q, k,
     scale, masks and causality, exactly as the model's attention defines them (logit soft-capping
     included; attention sinks in the denominators: the sink's share is not an entry, so such rows sum
@@ -77,6 +81,9 @@ def observe(model: nn.Module, batches: Iterable, *, granularity: int = 1, progre
         raise InvalidArgumentError(f"granularity must be a positive integer, got {granularity!r}")
     if score not in SCORES:
         raise InvalidArgumentError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score == "ablation":
+        from .ablation import measure_bands
+        return measure_bands(model, batches, granularity=granularity, progress=progress, description=description)
     from tqdm.auto import tqdm
 
     stats = AttentionStats([], granularity, model_name=model_name(model), description=description,
@@ -221,26 +228,9 @@ def explicit_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]
 
 def lm_loss_sum(out, args, kwargs) -> torch.Tensor:
     """Differentiable summed next-token NLL of a batch (as ``evaluate.token_nll`` counts it)."""
-    from .evaluate import _logits
+    from .ablation import lm_nll
 
-    logits = _logits(out)
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
-        raise InvalidArgumentError(
-            "score='influence' needs a causal LM: batches with input_ids [batch, seq] and a model returning "
-            f"logits [batch, seq, vocab] (got logits {tuple(logits.shape)})")
-    labels = kwargs.get("labels")
-    target = (labels if labels is not None else ids)[:, 1:]
-    valid = target != -100
-    am = kwargs.get("attention_mask")
-    if am is not None and am.dim() == 2 and tuple(am.shape) == tuple(ids.shape):
-        am = am.bool()
-        valid = valid & am[:, 1:] & am[:, :-1]
-    lg = logits[:, :-1]
-    lg = lg.to(torch.float64 if lg.dtype == torch.float64 else torch.float32)
-    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.clamp_min(0).reshape(-1).long(),
-                                            reduction="none")
-    return (nll * valid.reshape(-1).to(nll.dtype)).sum()
+    return lm_nll(out, args, kwargs)[0].sum()
 
 
 def _value_weighted(call: AttentionCall):

@@ -16,7 +16,9 @@ Version 1 files (no checksums) still load, with the value checks only.
 
 Scores: ``score`` says what was summed per entry (``observe(..., score=...)``): ``"prob"`` (attention
 probabilities, the default), ``"value"`` (probability times value norm), ``"influence"`` (absolute
-first-order loss change of removing the entry) or ``"loss"`` (the signed first-order loss change). The
+first-order loss change of removing the entry), ``"loss"`` (the signed first-order loss change) or
+``"ablation"`` (each head's measured loss increase under sinks + band restrictions, spread over blocks:
+:mod:`attnprune.ablation`). The
 header holds ``"score"`` only when it is not ``"prob"``, so probability files are unchanged and files
 without it load as ``"prob"``. For scores other than ``"prob"`` the ``sum <= count`` check does not
 apply (a score is not bounded by 1), and ``"loss"`` sums may be negative (``SCORE_RANGES``).
@@ -43,7 +45,8 @@ VERSION = 2
 # summed probabilities are float32 (or float64) softmax outputs, each at most 1 up to its rounding
 _SUM_SLACK = 4 * torch.finfo(torch.float32).eps
 # what each score's sums may hold: probabilities (0 <= sum <= count), non-negative, or either sign
-SCORE_RANGES = {"prob": "probability", "value": "non-negative", "influence": "non-negative", "loss": "signed"}
+SCORE_RANGES = {"prob": "probability", "value": "non-negative", "influence": "non-negative", "loss": "signed",
+                "ablation": "non-negative"}
 SCORES = tuple(SCORE_RANGES)
 
 

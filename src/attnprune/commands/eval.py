@@ -54,7 +54,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_list_argument(p, "--scores", item=_score, what="score", default=None,
                       help="what ranks the masks, each observed once: prob (the paper's mean attention), value "
                            "(probability x value norm), influence (|first-order loss change|; causal LMs), loss (the signed "
-                           "first-order loss change, the expected loss increase of removing an entry) (default prob)")
+                           "first-order loss change, the expected loss increase of removing an entry), ablation (each head's "
+                           "measured loss with only sinks + a band of k blocks, k on a grid: heads x widths forwards per "
+                           "calibration batch, so use a few windows; blocks only) (default prob)")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")

@@ -130,6 +130,9 @@ class SweepConfig:
         for b in self.blocks:
             if b is not None and int(b) < 1:
                 raise InvalidArgumentError(f"block size {b} must be a positive integer (or None for token level)")
+        if "ablation" in self.scores and observe_granularity(self.blocks) < 2:
+            raise InvalidArgumentError("score 'ablation' measures bands of blocks: give only block sizes (e.g. "
+                                       "--blocks 64 128), no token level, with a common divisor of at least 2")
 
 
 @dataclass
