@@ -71,7 +71,12 @@
 #               testfiles again after fixes (+ flash suites with FA4). Left: modelcompile with the flash backend (compiling
 #               the masked FA4 model under reduce-overhead took > 120 s), test_softmax_variants' compiled gpt-oss test
 #               (now with batched_mm experts), the last 5 tests of test_backend_flash.py (120 s limit).
-#   NEXT GPU SESSION, in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
+#   Twelfth session (2026-12-05): the `ablation` score (measured per-head band losses) at 8k and 2k:
+#     1. `stash1` (carry .gpu/w1); at once
+#     2. ABLATION_BATCHES=2 SCORES="ablation prob" POLICIES="elastic elastic-site layer streaming" TAG=-abl LONG_LIMIT=450
+#        `weights long8k pack abl8k` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl); at once
+#     3. ABLATION_BATCHES=2 (2 batches of 4 windows) ... TAG=-abl `long2k pack abl2k` (same carry).
+#   NEXT GPU SESSION (before the twelfth), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
 #   refused start costs ~90 s of it: wait several minutes between tries):
 #     1. `fa4stash` (carry .gpu-fa4/a) with TEST_FILES="tests/unit/test_softmax_variants.py" `testfiles`; at once
 #        `fa4 testsfa4` (carry .gpu-fa4/b; TESTSFA4_LIMIT=240) then MODELCOMPILE_LIMIT=400 MODELCOMPILE_BACKENDS=flash
@@ -188,7 +193,7 @@ while [ $# -gt 0 ]; do
             --scores ${SCORES:-prob value influence loss} \
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
-            --save-masks --no-heatmaps -o "$RUNS/$name" ;;
+            ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} --save-masks --no-heatmaps -o "$RUNS/$name" ;;
     recovery2k|recovery8k)  # masked fine-tuning at length with block masks, dense fine-tuned control (issue 11)
         case $1 in
             recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;

@@ -172,3 +172,21 @@ def test_default_widths_stay_below_the_grid():
     assert default_widths(5) == [1, 2, 3, 4]
     assert default_widths(64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
     assert default_widths(1) == []
+
+
+def test_sweep_profiles_only_the_first_ablation_batches():
+    from attnprune.experiments.sweep_loop import SweepConfig, sweep
+    from attnprune.models import load_model
+
+    lm = load_model("tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, lm.vocab_size, (n, 16), generator=g)} for n in (1, 2)]
+    test = [{"input_ids": torch.randint(3, lm.vocab_size, (2, 16), generator=g)}]
+    cfg = SweepConfig(sparsities=(0.5,), policies=("elastic",), blocks=(8,), scores=("ablation",), ablation_batches=1)
+    result, stats, _ = sweep(lm.model, calib, test, config=cfg, progress=False)
+    assert stats.score == "ablation" and stats.num_sequences == 1  # the second batch (2 sequences) not profiled
+    assert len(result.runs) == 1 and result.runs[0]["score"] == "ablation"
+    with pytest.raises(InvalidArgumentError, match="ablation_batches"):
+        SweepConfig(scores=("ablation",), blocks=(8,), ablation_batches=0)
+    with pytest.raises(InvalidArgumentError, match="only block sizes"):
+        SweepConfig(scores=("ablation",), blocks=(None, 8))

@@ -118,6 +118,7 @@ class SweepConfig:
     backend: str = "reference"
     beyond: str = "error"
     scores: tuple[str, ...] = ("prob",)
+    ablation_batches: int | None = None  # score "ablation" profiles the first N calibration batches (None: all)
 
     def __post_init__(self):
         from ..observe import SCORES
@@ -130,6 +131,9 @@ class SweepConfig:
         for b in self.blocks:
             if b is not None and int(b) < 1:
                 raise InvalidArgumentError(f"block size {b} must be a positive integer (or None for token level)")
+        n = self.ablation_batches
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise InvalidArgumentError(f"ablation_batches must be a positive integer (or None for all), got {n!r}")
         if "ablation" in self.scores and observe_granularity(self.blocks) < 2:
             raise InvalidArgumentError("score 'ablation' measures bands of blocks: give only block sizes (e.g. "
                                        "--blocks 64 128), no token level, with a common divisor of at least 2")
@@ -254,6 +258,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
             continue
         t0 = time.perf_counter()
         obs_batches = [model_inputs(b) for b in calib_batches]
+        if score == "ablation" and config.ablation_batches is not None:
+            obs_batches = obs_batches[:config.ablation_batches]
         observed[score] = observe(target, obs_batches, granularity=g, progress=progress,
                                   description=description, score=score)
         timings["observe_s" if score == "prob" else f"observe_{score}_s"] = time.perf_counter() - t0
