@@ -122,3 +122,34 @@ def test_recovery_epochs_reuse_the_train_windows(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         recovery.main(["--model", "no-such-model", "--epochs", "0", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_recovery_builds_masks_from_saved_stats(tmp_path, capsys):
+    """--stats: the masks come from a saved statistics file (its score recorded, nothing observed); a missing
+    file or a --block the file's granularity does not divide stops before the model loads."""
+    import torch
+
+    from attnprune.experiments import recovery
+    from attnprune.models import load_model
+    from attnprune.observe import observe
+
+    lm = tiny_lm_folder(tmp_path / "lm")
+    text = _notes(tmp_path)
+    model = load_model(f"hf:{lm}")
+    ids = torch.randint(3, model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    stats = observe(model.model, [{"input_ids": ids}], granularity=4, score="ablation", progress=False)
+    stats.save(tmp_path / "abl.safetensors")
+    out = tmp_path / "rec"
+    argv = ["--model", f"hf:{lm}", "--data", f"text:{text}", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--calib", "2", "--test", "2", "--sparsities", "0.5", "--policies", "elastic", "--block", "4",
+            "--stats", str(tmp_path / "abl.safetensors"), "--quiet", "--device", "cpu", "--out", str(out)]
+    assert recovery.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["score"] == "ablation" and sorted(doc["results"]) == ["dense", "elastic@0.5"]
+    assert abs(doc["results"]["elastic@0.5"]["achieved"] - 0.5) < 0.15
+    for bad, word in ((["--block", "6"], "multiple of 4"), (["--stats", str(tmp_path / "none.safetensors")], "none")):
+        with pytest.raises(SystemExit) as e:
+            recovery.main(["--model", "no-such-model", "--out", str(tmp_path / "x"),
+                           "--stats", str(tmp_path / "abl.safetensors"), "--block", "4", *bad])
+        assert e.value.code == 2 and word in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -33,6 +33,7 @@ from ..commands.common import add_list_argument
 from ..evaluate import perplexity
 from ..models import load_model
 from ..observe import observe
+from ..stats import AttentionStats
 from ..policies import make_mask
 from ..environment import environment
 from ..runtime import default_device
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
                    help="b x b block masks (observed at granularity b: memory bounded at long lengths); "
                         "default token level")
     p.add_argument("--score", default="prob", help="what ranks the masks (observe's score; default prob)")
+    p.add_argument("--stats", default=None, metavar="FILE",
+                   help="build the masks from these saved statistics (e.g. attnprune eval's stats-ablation.safetensors, "
+                        "observed on the same calibration windows) instead of observing; their score replaces --score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/recovery")
     p.add_argument("--quiet", action="store_true")
@@ -115,8 +119,12 @@ def run(a: argparse.Namespace, *, command: str = "", log=print) -> dict:
     log(f"data: {calib.shape[0]} calibration, {train.shape[0]} train, {test.shape[0]} test sequences of {L} tokens")
 
     orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    stats = observe(model, _batches(calib), granularity=a.block or 1, score=a.score, progress=not a.quiet,
-                    description=ds.describe("calibration"))
+    if a.stats:
+        stats = AttentionStats.load(a.stats)
+        a.score = stats.score
+    else:
+        stats = observe(model, _batches(calib), granularity=a.block or 1, score=a.score, progress=not a.quiet,
+                        description=ds.describe("calibration"))
     masks = {(s, pol): make_mask(stats, s, policy=pol, seed=a.seed, block=a.block)
              for s in a.sparsities for pol in a.policies}
     log("observed and built masks: " + ", ".join(f"{pol}@{s}: {m.sparsity:.3f}" for (s, pol), m in masks.items()))
@@ -225,6 +233,13 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--epochs must be a positive integer, got {a.epochs}")
     if a.block is not None and a.block < 1:
         p.error(f"--block must be a positive integer, got {a.block}")
+    if a.stats is not None:
+        try:
+            g = AttentionStats.load(a.stats).granularity
+        except (AttnPruneError, OSError) as e:
+            p.error(f"--stats {a.stats}: {e}")
+        if a.block is None and g > 1 or a.block is not None and a.block % g:
+            p.error(f"--stats {a.stats} holds {g}x{g}-block statistics: give --block as a multiple of {g}")
 
 
 def main(argv: list[str] | None = None) -> int:
