@@ -192,8 +192,9 @@ while [ $# -gt 0 ]; do
         stage "$name" ${LONG_LIMIT:-560} python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
             --scores ${SCORES:-prob value influence loss} \
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
-            --sparsities 0.8 0.9 0.95 --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
-            ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} --save-masks --no-heatmaps -o "$RUNS/$name" ;;
+            --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
+            ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} ${ABLATION_BASE:+--ablation-base $ABLATION_BASE} \
+            --sparsities ${SPARSITIES:-0.8 0.9 0.95} --save-masks --no-heatmaps -o "$RUNS/$name" ;;
     recovery2k|recovery8k)  # masked fine-tuning at length with block masks, dense fine-tuned control (issue 11)
         case $1 in
             recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -105,8 +105,8 @@ class _Profiler:
     """Intercept handler: every site's attention through SDPA (so dense and restricted forwards share
     one computation), with copy ``j``'s head restricted to ``plan[j] = (site, head, width)``."""
 
-    def __init__(self, g: int, sinks: int):
-        self.g, self.sinks = g, sinks
+    def __init__(self, g: int, sinks: int, base: int | None = None):
+        self.g, self.sinks, self.base = g, sinks, base
         self.plan: list[tuple[str, int, int]] = []
         self.rows = 0  # sequences per copy
         self.infos: dict[str, SiteInfo] = {}
@@ -130,7 +130,14 @@ class _Profiler:
         lq, lk = call.q.shape[-2], call.k.shape[-2]
         old = self.lengths.get(call.site, (0, 0))
         self.lengths[call.site] = (max(old[0], lq), max(old[1], lk))
-        out = attention_output(call)
+        if self.base is None:
+            out = attention_output(call)
+        else:  # every head restricted to the baseline band
+            keep = self.mask(lq, lk, self.base, call.kind == "causal", call.q.device)
+            if call.attn_mask is not None:
+                m = call.attn_mask
+                keep = keep & attendable(m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)))
+            out = attention_output(replace(call, attn_mask=keep, is_causal=False))
         hq, hkv = call.q.shape[1], call.k.shape[1]
         causal = call.kind == "causal"
         for j, (site, h, width) in enumerate(self.plan):
@@ -155,7 +162,8 @@ class BandProfile:
     """What ``profile_bands`` measured. ``delta[site]``: float64 ``[H, len(widths[site])]``, the mean
     next-token NLL increase (nats per counted token) with one head restricted to ``sinks`` block columns
     and a band of ``widths[site][i]`` block diagonals of side ``g``; ``infos`` / ``lengths`` (``(q_len,
-    k_len)``, the longest seen) per site in model order; ``tokens`` / ``sequences`` counted."""
+    k_len)``, the longest seen) per site in model order; ``tokens`` / ``sequences`` counted; ``base``: the
+    band every other head kept (None: dense)."""
 
     g: int
     sinks: int
@@ -165,32 +173,37 @@ class BandProfile:
     lengths: dict[str, tuple[int, int]]
     tokens: int
     sequences: int
+    base: int | None = None
 
     def stats(self, model_name: str = "", description: str = "") -> AttentionStats:
         """The profile as ``AttentionStats`` (``score == "ablation"``, granularity ``g``): ``band_scores`` per site."""
+        if self.base is not None:
+            description = f"{description}; ablation around a band of {self.base} blocks".lstrip("; ")
         stats = AttentionStats(self.infos.values(), self.g, model_name=model_name, description=description,
                                score="ablation")
         stats.num_sequences = self.sequences
         for site, info in self.infos.items():
             lq, lk = self.lengths[site]
-            s, c = band_scores(self.delta[site], self.widths[site], info.kind, lq, lk, self.g, self.sinks)
+            s, c = band_scores(self.delta[site], self.widths[site], info.kind, lq, lk, self.g, self.sinks,
+                               dense_end=self.base is None)
             stats.add(site, s, c, q_len=lq, k_len=lk)
         return stats
 
 
 def measure_bands(model: nn.Module, batches: Iterable, *, granularity: int, widths: Iterable[int] | None = None,
-                  configs_per_forward: int = 8, progress: bool = True, description: str = "") -> AttentionStats:
+                  base: int | None = None, configs_per_forward: int = 8, progress: bool = True,
+                  description: str = "") -> AttentionStats:
     """``profile_bands(...).stats()``: the measured table as ``AttentionStats`` with ``score == "ablation"``
     at ``granularity`` (see the module docs and ``profile_bands`` for the arguments)."""
     from .observe import model_name
 
-    prof = profile_bands(model, batches, granularity=granularity, widths=widths,
+    prof = profile_bands(model, batches, granularity=granularity, widths=widths, base=base,
                          configs_per_forward=configs_per_forward, progress=progress)
     return prof.stats(model_name(model), description)
 
 
 def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widths: Iterable[int] | None = None,
-                  configs_per_forward: int = 8, progress: bool = True) -> BandProfile:
+                  base: int | None = None, configs_per_forward: int = 8, progress: bool = True) -> BandProfile:
     """Measure every head's loss under sinks + band restrictions (see the module docs).
 
     Args:
@@ -200,6 +213,11 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
             runs ``1 + ceil(heads x widths / configs_per_forward)`` times, so keep it to a few windows.
         granularity: the block side ``g >= 2`` of the bands.
         widths: band widths (in blocks) to profile; default ``default_widths`` of each site's grid.
+        base: None to measure each head against the dense model; an int ``k0`` to measure around a pruned
+            model instead: every head of every site keeps the sinks and a band of ``k0`` blocks, the profiled
+            head its own width, and ``delta`` is the change from that baseline (negative for wider bands).
+            Around the operating point the heads' interactions are in the measurement (one head at a time
+            against a dense model misses them); choose ``k0`` near the width the target sparsity allows.
         configs_per_forward: restricted heads per forward (the batch is repeated that many times).
     """
     from tqdm.auto import tqdm
@@ -215,8 +233,10 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
     fixed = None if widths is None else sorted({int(w) for w in widths})
     if fixed is not None and (not fixed or fixed[0] < 1):
         raise InvalidArgumentError(f"widths must be positive block counts, got {widths!r}")
+    if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
+        raise InvalidArgumentError(f"base must be a positive band width in blocks (or None), got {base!r}")
     g = granularity
-    prof = _Profiler(g, max(1, math.ceil(SINK_TOKENS / g)))
+    prof = _Profiler(g, max(1, math.ceil(SINK_TOKENS / g)), base)
     device = next((p.device for p in model.parameters()), None)
     delta: dict[str, torch.Tensor] = {}  # site -> float64 [H, W] summed NLL increase
     grids: dict[str, list[int]] = {}
@@ -260,13 +280,15 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
     if tokens == 0:
         raise EmptyDatasetError("score 'ablation': the batches hold no counted token")
     return BandProfile(g, prof.sinks, {s: d / tokens for s, d in delta.items()}, grids, prof.infos,
-                       prof.lengths, tokens, sequences)
+                       prof.lengths, tokens, sequences, base)
 
 
 def band_scores(delta: torch.Tensor, widths: list[int], kind: str, lq: int, lk: int, g: int,
-                sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                sinks: int, dense_end: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block ``(sums [H, R, C], counts [R, C])`` whose per-block mass (``sum``) reproduces the measured
-    ``delta [H, len(widths)]`` (nats per token) as described in the module docs."""
+    ``delta [H, len(widths)]`` (nats per token) as described in the module docs. ``dense_end``: the full
+    band costs 0 (``delta`` measured against the dense model); False: it costs what the widest measured
+    width does (measured around a pruned baseline, beyond which nothing was measured)."""
     count = geometric_weight(kind, lq, lk, g)  # [R, C] attendable token entries
     R, C = count.shape
     H = delta.shape[0]
@@ -277,8 +299,9 @@ def band_scores(delta: torch.Tensor, widths: list[int], kind: str, lq: int, lk: 
     body = (torch.arange(C)[None, :] >= sinks) & (count > 0) & (dist >= 0)  # blocks outside the sink columns
     D = int(dist[body].max()) + 1 if bool(body.any()) else 1  # a band of D diagonals (+ sinks) keeps everything
     ks = [w for w in widths if w < D]
-    d = delta[:, [widths.index(w) for w in ks]].clamp_min(0.0)
-    d = torch.cat([d, torch.zeros(H, 1, dtype=d.dtype)], 1)  # the full band: dense
+    d = delta[:, [widths.index(w) for w in ks]].to(torch.float64)
+    end = torch.zeros(H, 1, dtype=d.dtype) if dense_end or not ks else d[:, -1:]
+    d = (torch.cat([d, end], 1) - end).clamp_min(0.0)  # the full band: 0
     d = d.flip(1).cummax(1).values.flip(1)  # non-increasing in the width
     edges = ks + [D]
     per_dist = torch.zeros(H, D, dtype=torch.float64)  # score mass of distance t

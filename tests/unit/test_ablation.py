@@ -48,44 +48,53 @@ def _infos(model, ids):
     return infos
 
 
-def _one_head_mask(infos, L, site, head, keep):
+def _one_head_mask(infos, L, site, head, keep, others):
     sms = []
     for name, info in infos.items():
-        k = torch.ones(info.num_heads, L, L, dtype=torch.bool).tril()
+        k = others.expand(info.num_heads, L, L).clone()
         if name == site:
             k[head] = keep
         sms.append(SiteMask(info, L, L, keep=k))
     return PruneMask(sms, {"model": {"name": "tiny"}})
 
 
-def test_profile_measures_each_heads_loss_increase():
-    """Every (site, head, width) of the profile equals the NLL increase of the model with that one head masked
-    by the band (through ``apply``'s reference backend, float64), whatever the batching of the configurations."""
+@pytest.mark.parametrize("base", [None, 1])
+def test_profile_measures_each_heads_loss_increase(base):
+    """Every (site, head, width) of the profile equals the NLL change of the model with that one head masked
+    by the band (through ``apply``'s reference backend, float64), the other heads dense (``base`` None) or
+    restricted to the baseline band, whatever the batching of the configurations."""
     torch.manual_seed(0)
     model = tm.llama(seed=3).double()
     L, g = 14, 4
     ids = [torch.randint(3, tm.VOCAB, (2, L)), torch.randint(3, tm.VOCAB, (1, L))]
     batches = [{"input_ids": x} for x in ids]
-    prof = profile_bands(model, batches, granularity=g, configs_per_forward=3, progress=False)
-    other = profile_bands(model, batches, granularity=g, configs_per_forward=1, progress=False)
+    prof = profile_bands(model, batches, granularity=g, base=base, configs_per_forward=3, progress=False)
+    other = profile_bands(model, batches, granularity=g, base=base, configs_per_forward=1, progress=False)
+    others = torch.ones(L, L, dtype=torch.bool).tril() if base is None else _band_brute(L, L, g, base, 1, True)
     infos = _infos(model, ids[0])
     assert list(prof.delta) == list(infos) and prof.widths[next(iter(infos))] == [1, 2, 3]
     assert prof.tokens == 3 * (L - 1) and prof.sequences == 3
     with torch.no_grad():
-        dense = sum(float(_nll_sum(model, x)) for x in ids)
+        if base is None:
+            dense = sum(float(_nll_sum(model, x)) for x in ids)
+        else:
+            with apply(model, _one_head_mask(infos, L, next(iter(infos)), 0, others, others), backend="reference"):
+                dense = sum(float(_nll_sum(model, x)) for x in ids)
         for site in infos:
             assert prof.delta[site].shape == (4, 3)
             for head in range(4):
                 for i, w in enumerate(prof.widths[site]):
-                    mask = _one_head_mask(infos, L, site, head, _band_brute(L, L, g, w, 1, True))
+                    mask = _one_head_mask(infos, L, site, head, _band_brute(L, L, g, w, 1, True), others)
                     with apply(model, mask, backend="reference"):
                         masked = sum(float(_nll_sum(model, x)) for x in ids)
                     want = (masked - dense) / prof.tokens
                     tol = 1e3 * EPS64 * max(1.0, dense / prof.tokens)
                     assert abs(float(prof.delta[site][head, i]) - want) <= tol, (site, head, w)
                     assert abs(float(other.delta[site][head, i]) - want) <= tol
-    # the widest band here (3 of 4 diagonals) changes something: the measurement is not all zeros
+    # the measurement is not all zeros; around the baseline band its own width changes nothing
     assert max(float(d.abs().max()) for d in prof.delta.values()) > 1e-6
+    if base is not None:
+        assert all(float(d[:, prof.widths[s].index(base)].abs().max()) <= tol for s, d in prof.delta.items())
 
 
 def _units_of(stats, block=None):
@@ -190,3 +199,18 @@ def test_sweep_profiles_only_the_first_ablation_batches():
         SweepConfig(scores=("ablation",), blocks=(8,), ablation_batches=0)
     with pytest.raises(InvalidArgumentError, match="only block sizes"):
         SweepConfig(scores=("ablation",), blocks=(None, 8))
+
+
+def test_band_scores_around_a_baseline_stop_at_the_widest_width():
+    """Measured around a pruned baseline (``dense_end=False``) the changes are relative to it (negative for
+    wider bands): band k keeps ``const - (delta[k] - delta[widest])``, and nothing past the widest width."""
+    delta = torch.tensor([[0.3, 0.0, -0.1, -0.15]], dtype=torch.float64)
+    widths = [1, 2, 3, 4]
+    sums, count = band_scores(delta, widths, "causal", 64, 64, 8, 1, dense_end=False)
+    r, c = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    kept = lambda k: float(sums[0][((r - c >= 0) & (r - c < k)) | (c < 1)].sum())
+    for w, d in zip(widths, [0.45, 0.15, 0.05, 0.0]):
+        assert math.isclose(kept(8) - kept(w), d, rel_tol=1e-12, abs_tol=1e-15)
+    with pytest.raises(InvalidArgumentError, match="base"):
+        profile_bands(tm.llama(), [{"input_ids": torch.ones(1, 8, dtype=torch.long)}], granularity=4, base=0,
+                      progress=False)

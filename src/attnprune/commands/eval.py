@@ -60,6 +60,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-batches", type=int, default=None, metavar="N",
                    help="score ablation: profile only the first N calibration batches (default all; each batch costs "
                         "heads x widths forwards)")
+    p.add_argument("--ablation-base", type=int, default=None, metavar="K",
+                   help="score ablation: measure each head around a pruned model (every head keeps the sinks and a band "
+                        "of K blocks) instead of the dense one; K near the width the target sparsity allows")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
@@ -112,7 +115,8 @@ def main(args) -> int:
         max_length=args.max_length, finetune=args.finetune, epochs=args.epochs, lr=args.lr,
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), policies=tuple(args.policies or DEFAULT_POLICIES),
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
-        scores=tuple(dict.fromkeys(args.scores or ("prob",))), ablation_batches=args.ablation_batches, ood_data=args.ood_data, ood_split=args.ood_split,
+        scores=tuple(dict.fromkeys(args.scores or ("prob",))), ablation_batches=args.ablation_batches,
+        ablation_base=args.ablation_base, ood_data=args.ood_data, ood_split=args.ood_split,
         beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
         save_masks=args.save_masks, dtype=args.dtype,
         progress=not args.quiet,

@@ -50,6 +50,7 @@ class EvalSettings:
     blocks: tuple[int | None, ...] = (None, 16)
     scores: tuple[str, ...] = ("prob",)  # what ranks the masks (observe's score); each observed once
     ablation_batches: int | None = None  # score "ablation": profile the first N calibration batches (None: all)
+    ablation_base: int | None = None  # score "ablation": around a band of this many blocks (None: the dense model)
     ood_data: str | None = None  # causal LM: a second data spec whose ood_split is measured too
     ood_split: str = "test"
     seed: int = 0
@@ -88,7 +89,8 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
         raise InvalidArgumentError(f"dtype {s.dtype!r}: use one of {', '.join(DTYPES)}")
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
                          blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond,
-                         scores=tuple(s.scores), ablation_batches=s.ablation_batches)
+                         scores=tuple(s.scores), ablation_batches=s.ablation_batches,
+                         ablation_base=s.ablation_base)
     device = usable_device(s.device) if s.device is not None or loaded is None else None
     if config.backend == "auto":  # recorded in the results as the backend that ran
         from ..backends import resolve_backend

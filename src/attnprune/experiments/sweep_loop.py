@@ -119,6 +119,7 @@ class SweepConfig:
     beyond: str = "error"
     scores: tuple[str, ...] = ("prob",)
     ablation_batches: int | None = None  # score "ablation" profiles the first N calibration batches (None: all)
+    ablation_base: int | None = None  # score "ablation" around a band of this many blocks (None: the dense model)
 
     def __post_init__(self):
         from ..observe import SCORES
@@ -134,6 +135,9 @@ class SweepConfig:
         n = self.ablation_batches
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise InvalidArgumentError(f"ablation_batches must be a positive integer (or None for all), got {n!r}")
+        b = self.ablation_base
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise InvalidArgumentError(f"ablation_base must be a positive band width in blocks (or None), got {b!r}")
         if "ablation" in self.scores and observe_granularity(self.blocks) < 2:
             raise InvalidArgumentError("score 'ablation' measures bands of blocks: give only block sizes (e.g. "
                                        "--blocks 64 128), no token level, with a common divisor of at least 2")
@@ -258,10 +262,14 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
             continue
         t0 = time.perf_counter()
         obs_batches = [model_inputs(b) for b in calib_batches]
-        if score == "ablation" and config.ablation_batches is not None:
-            obs_batches = obs_batches[:config.ablation_batches]
-        observed[score] = observe(target, obs_batches, granularity=g, progress=progress,
-                                  description=description, score=score)
+        if score == "ablation":
+            from ..ablation import measure_bands
+
+            observed[score] = measure_bands(target, obs_batches[:config.ablation_batches], granularity=g,
+                                            base=config.ablation_base, progress=progress, description=description)
+        else:
+            observed[score] = observe(target, obs_batches, granularity=g, progress=progress,
+                                      description=description, score=score)
         timings["observe_s" if score == "prob" else f"observe_{score}_s"] = time.perf_counter() - t0
         if on_stats is not None:
             on_stats(observed[score])
