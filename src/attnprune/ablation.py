@@ -253,7 +253,7 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
                 args, kwargs = _split(batch, device)
                 prof.rows, prof.plan = _batch_size(args, kwargs), []
                 sequences += prof.rows
-                base, counted = lm_nll(model(*args, **kwargs), args, kwargs)
+                ref, counted = lm_nll(model(*args, **kwargs), args, kwargs)
                 tokens += int(counted.sum())
                 configs = []
                 for site, info in prof.infos.items():
@@ -269,7 +269,7 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
                     prof.plan = [(s, h, grids[s][i]) for s, h, i in part]
                     rargs, rkwargs = _repeat(args, kwargs, len(part), prof.rows)
                     nll, _ = lm_nll(model(*rargs, **rkwargs), rargs, rkwargs)
-                    per_copy = nll.view(len(part), prof.rows).sum(1) - base.sum()
+                    per_copy = nll.view(len(part), prof.rows).sum(1) - ref.sum()
                     for (s, h, i), d in zip(part, per_copy.tolist()):
                         delta[s][h, i] += d
                     bar.update(1)

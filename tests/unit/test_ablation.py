@@ -72,6 +72,7 @@ def test_profile_measures_each_heads_loss_increase(base):
     other = profile_bands(model, batches, granularity=g, base=base, configs_per_forward=1, progress=False)
     others = torch.ones(L, L, dtype=torch.bool).tril() if base is None else _band_brute(L, L, g, base, 1, True)
     infos = _infos(model, ids[0])
+    assert prof.base == base and other.base == base
     assert list(prof.delta) == list(infos) and prof.widths[next(iter(infos))] == [1, 2, 3]
     assert prof.tokens == 3 * (L - 1) and prof.sequences == 3
     with torch.no_grad():
@@ -191,12 +192,16 @@ def test_sweep_profiles_only_the_first_ablation_batches():
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(3, lm.vocab_size, (n, 16), generator=g)} for n in (1, 2)]
     test = [{"input_ids": torch.randint(3, lm.vocab_size, (2, 16), generator=g)}]
-    cfg = SweepConfig(sparsities=(0.5,), policies=("elastic",), blocks=(8,), scores=("ablation",), ablation_batches=1)
+    cfg = SweepConfig(sparsities=(0.5,), policies=("elastic",), blocks=(8,), scores=("ablation",), ablation_batches=1,
+                      ablation_base=1, ablation_widths=(2,))
     result, stats, _ = sweep(lm.model, calib, test, config=cfg, progress=False)
     assert stats.score == "ablation" and stats.num_sequences == 1  # the second batch (2 sequences) not profiled
+    assert stats.description.endswith("around a band of 1 blocks")
     assert len(result.runs) == 1 and result.runs[0]["score"] == "ablation"
     with pytest.raises(InvalidArgumentError, match="ablation_batches"):
         SweepConfig(scores=("ablation",), blocks=(8,), ablation_batches=0)
+    with pytest.raises(InvalidArgumentError, match="ablation_widths"):
+        SweepConfig(scores=("ablation",), blocks=(8,), ablation_widths=(0, 2))
     with pytest.raises(InvalidArgumentError, match="only block sizes"):
         SweepConfig(scores=("ablation",), blocks=(None, 8))
 

@@ -63,6 +63,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-base", type=int, default=None, metavar="K",
                    help="score ablation: measure each head around a pruned model (every head keeps the sinks and a band "
                         "of K blocks) instead of the dense one; K near the width the target sparsity allows")
+    p.add_argument("--ablation-widths", type=int, nargs="+", default=None, metavar="K",
+                   help="score ablation: the band widths (blocks) to profile (default 1 2 3 4 6 8 12 16 24 32 48 ... below "
+                        "the site's size); fewer widths, fewer forwards")
     use_shared(p, seed=(0, "seed for the random policy and torch (default 0)"), backend="auto", device=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/eval-<model>-<data>)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the attention heatmap plots")
@@ -116,7 +119,8 @@ def main(args) -> int:
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), policies=tuple(args.policies or DEFAULT_POLICIES),
         blocks=tuple(args.blocks) if args.blocks else (None, 16), seed=args.seed, backend=args.backend,
         scores=tuple(dict.fromkeys(args.scores or ("prob",))), ablation_batches=args.ablation_batches,
-        ablation_base=args.ablation_base, ood_data=args.ood_data, ood_split=args.ood_split,
+        ablation_base=args.ablation_base,
+        ablation_widths=tuple(args.ablation_widths) if args.ablation_widths else None, ood_data=args.ood_data, ood_split=args.ood_split,
         beyond=args.beyond, device=args.device, stats=args.stats, heatmaps=not args.no_heatmaps,
         save_masks=args.save_masks, dtype=args.dtype,
         progress=not args.quiet,

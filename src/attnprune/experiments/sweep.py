@@ -51,6 +51,7 @@ class EvalSettings:
     scores: tuple[str, ...] = ("prob",)  # what ranks the masks (observe's score); each observed once
     ablation_batches: int | None = None  # score "ablation": profile the first N calibration batches (None: all)
     ablation_base: int | None = None  # score "ablation": around a band of this many blocks (None: the dense model)
+    ablation_widths: tuple[int, ...] | None = None  # score "ablation": band widths profiled (None: the default grid)
     ood_data: str | None = None  # causal LM: a second data spec whose ood_split is measured too
     ood_split: str = "test"
     seed: int = 0
@@ -90,7 +91,7 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     config = SweepConfig(sparsities=tuple(s.sparsities), policies=check_policies(s.policies),
                          blocks=tuple(s.blocks), seed=s.seed, backend=s.backend, beyond=s.beyond,
                          scores=tuple(s.scores), ablation_batches=s.ablation_batches,
-                         ablation_base=s.ablation_base)
+                         ablation_base=s.ablation_base, ablation_widths=s.ablation_widths)
     device = usable_device(s.device) if s.device is not None or loaded is None else None
     if config.backend == "auto":  # recorded in the results as the backend that ran
         from ..backends import resolve_backend

@@ -120,6 +120,7 @@ class SweepConfig:
     scores: tuple[str, ...] = ("prob",)
     ablation_batches: int | None = None  # score "ablation" profiles the first N calibration batches (None: all)
     ablation_base: int | None = None  # score "ablation" around a band of this many blocks (None: the dense model)
+    ablation_widths: tuple[int, ...] | None = None  # score "ablation": band widths profiled (None: ablation.GRID)
 
     def __post_init__(self):
         from ..observe import SCORES
@@ -138,6 +139,8 @@ class SweepConfig:
         b = self.ablation_base
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise InvalidArgumentError(f"ablation_base must be a positive band width in blocks (or None), got {b!r}")
+        if self.ablation_widths is not None and (not self.ablation_widths or min(self.ablation_widths) < 1):
+            raise InvalidArgumentError(f"ablation_widths must be positive block counts, got {self.ablation_widths!r}")
         if "ablation" in self.scores and observe_granularity(self.blocks) < 2:
             raise InvalidArgumentError("score 'ablation' measures bands of blocks: give only block sizes (e.g. "
                                        "--blocks 64 128), no token level, with a common divisor of at least 2")
@@ -266,7 +269,8 @@ def sweep(model: nn.Module, calib_batches: Sequence, test_batches: Sequence, *, 
             from ..ablation import measure_bands
 
             observed[score] = measure_bands(target, obs_batches[:config.ablation_batches], granularity=g,
-                                            base=config.ablation_base, progress=progress, description=description)
+                                            widths=config.ablation_widths, base=config.ablation_base,
+                                            progress=progress, description=description)
         else:
             observed[score] = observe(target, obs_batches, granularity=g, progress=progress,
                                       description=description, score=score)
