@@ -71,12 +71,17 @@
 #               testfiles again after fixes (+ flash suites with FA4). Left: modelcompile with the flash backend (compiling
 #               the masked FA4 model under reduce-overhead took > 120 s), test_softmax_variants' compiled gpt-oss test
 #               (now with batched_mm experts), the last 5 tests of test_backend_flash.py (120 s limit).
-#   Twelfth session (2026-12-05): the `ablation` score (measured per-head band losses) at 8k and 2k:
+#   Twelfth session (2026-12-05, H100): `stash1`; ABLATION_BATCHES=2 SCORES="ablation prob" POLICIES="elastic elastic-site
+#               layer streaming" TAG=-abl `weights long8k pack abl8k`; the same `long2k pack abl2k` (the ablation score
+#               against the dense model; RESULTS.md). Eight refused starts spent the rest of the budget.
+#   NEXT GPU SESSION: the ablation score around the operating point (--ablation-base), issue 11's two misses:
 #     1. `stash1` (carry .gpu/w1); at once
-#     2. ABLATION_BATCHES=2 SCORES="ablation prob" POLICIES="elastic elastic-site layer streaming" TAG=-abl LONG_LIMIT=450
-#        `weights long8k pack abl8k` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl); at once
-#     3. ABLATION_BATCHES=2 (2 batches of 4 windows) ... TAG=-abl `long2k pack abl2k` (same carry).
-#   NEXT GPU SESSION (before the twelfth), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
+#     2. ABLATION_BATCHES=2 ABLATION_BASE=3 SPARSITIES=0.9 SCORES=ablation POLICIES="elastic elastic-site streaming"
+#        TAG=-ablb3 LONG_LIMIT=250 `weights long8k` then ABLATION_BASE=3 SPARSITIES=0.8 ... `long2k`, then
+#        ABLATION_BASE=6 SPARSITIES=0.8 TAG=-ablb6 `long8k` if the call has time, `pack ablb` (carry .gpu/w2 .gpu/site
+#        .gpu/cache .gpu/bible-en.txt .whl). (k0: the whole diagonals the budget holds: 8k/128-blocks 90% -> 3,
+#        80% -> 6; 2k/64-blocks 80% -> 3.)
+#   Older plan (before the twelfth session), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
 #   refused start costs ~90 s of it: wait several minutes between tries):
 #     1. `fa4stash` (carry .gpu-fa4/a) with TEST_FILES="tests/unit/test_softmax_variants.py" `testfiles`; at once
 #        `fa4 testsfa4` (carry .gpu-fa4/b; TESTSFA4_LIMIT=240) then MODELCOMPILE_LIMIT=400 MODELCOMPILE_BACKENDS=flash
