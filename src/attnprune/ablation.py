@@ -7,9 +7,10 @@ perturbation. MoA and DuoAttention profile *heads* instead. ``ablation`` does th
 (in ``g``-blocks, ``g`` the stats' granularity), the calibration loss is computed with that one head
 restricted to the structure the ``elastic`` policy keeps (the first ``ceil(SINK_TOKENS / g)`` block
 columns and the ``k`` block diagonals nearest the main one; causal sites also keep their causal rule),
-every other head dense:
+every other head dense (or, with ``base=k0``, every other head restricted to ``k0`` diagonals: measured
+around the pruned model instead of the dense one, so the heads' interactions there are in the numbers):
 
-    delta[h, k] = (NLL with head h restricted to width k  -  dense NLL) / calibration tokens
+    delta[h, k] = (NLL with head h restricted to width k  -  reference NLL) / calibration tokens
 
 (next-token NLL summed over the calibration batches; nats per token). Many configurations run in one
 forward: the batch is repeated ``configs_per_forward`` times and each copy restricts its own head.
@@ -24,6 +25,8 @@ the sink columns, kept by every structure, get the head's highest per-entry scor
 diagonals keeps score mass ``const - delta[h, k]`` (interpolated between measured widths).
 
 Cost: ``heads x widths`` forwards of the calibration data (batched), so profile on a few windows.
+Measured (RESULTS.md): against the dense model, SmolLM2's profile allocated worse than the uniform band
+of ``streaming`` at 8k and 1k tokens: one head at a time underestimates what narrow bands cost together.
 Needs a causal LM (batches with ``input_ids``, logits out); cross-attention sites are refused.
 """
 
