@@ -133,25 +133,23 @@ class _Profiler:
         lq, lk = call.q.shape[-2], call.k.shape[-2]
         old = self.lengths.get(call.site, (0, 0))
         self.lengths[call.site] = (max(old[0], lq), max(old[1], lk))
+        causal = call.kind == "causal"
+        m = call.attn_mask
+        allowed = None if m is None else attendable(m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)))  # 4-D bool
         if self.base is None:
             out = attention_output(call)
         else:  # every head restricted to the baseline band
-            keep = self.mask(lq, lk, self.base, call.kind == "causal", call.q.device)
-            if call.attn_mask is not None:
-                m = call.attn_mask
-                keep = keep & attendable(m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)))
-            out = attention_output(replace(call, attn_mask=keep, is_causal=False))
+            keep = self.mask(lq, lk, self.base, causal, call.q.device)
+            out = attention_output(replace(call, attn_mask=keep if allowed is None else keep & allowed, is_causal=False))
         hq, hkv = call.q.shape[1], call.k.shape[1]
-        causal = call.kind == "causal"
         for j, (site, h, width) in enumerate(self.plan):
             if site != call.site:
                 continue
             rows = slice(j * self.rows, (j + 1) * self.rows)
             keep = self.mask(lq, lk, width, causal, call.q.device)
-            if call.attn_mask is not None:
-                m = call.attn_mask.reshape((1,) * (4 - call.attn_mask.dim()) + tuple(call.attn_mask.shape))
-                m = attendable(m)
-                keep = keep & m[rows if m.shape[0] > 1 else slice(None), h if m.shape[1] > 1 else 0][:, None]
+            if allowed is not None:
+                keep = keep & allowed[rows if allowed.shape[0] > 1 else slice(None),
+                                      h if allowed.shape[1] > 1 else 0][:, None]
             kv = h // (hq // hkv)
             sinks = None if call.sinks is None else call.sinks[h:h + 1]
             out[rows, h:h + 1] = dense_attention(
