@@ -198,7 +198,7 @@ while [ $# -gt 0 ]; do
             --scores ${SCORES:-prob value influence loss} \
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
-            ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} ${ABLATION_BASE:+--ablation-base $ABLATION_BASE} \
+            ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} ${ABLATION_BASE:+--ablation-base $ABLATION_BASE} ${ABLATION_WIDTHS:+--ablation-widths $ABLATION_WIDTHS} \
             --sparsities ${SPARSITIES:-0.8 0.9 0.95} --save-masks --no-heatmaps -o "$RUNS/$name" ;;
     recovery2k|recovery8k)  # masked fine-tuning at length with block masks, dense fine-tuned control (issue 11)
         case $1 in

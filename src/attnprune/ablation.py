@@ -21,7 +21,8 @@ under the model's budget, the allocation MoA solves: per head, ``delta`` is made
 ``k`` (what a wider band measured worse counts as the narrower one's loss) and clipped at 0; the drop
 between two measured widths is spread evenly over the block diagonals between them and, within a
 diagonal, over its blocks by their attendable entries (sink columns excluded); the main diagonal and
-the sink columns, kept by every structure, get the head's highest per-entry score. So a band of ``k``
+the sink columns, kept by every structure, get the head's highest per-entry score, and so do the
+diagonals inside the narrowest measured width (a grid without ``1`` says nothing about narrower bands). So a band of ``k``
 diagonals keeps score mass ``const - delta[h, k]`` (interpolated between measured widths).
 
 Cost: ``heads x widths`` forwards of the calibration data (batched), so profile on a few windows.
@@ -315,6 +316,7 @@ def band_scores(delta: torch.Tensor, widths: list[int], kind: str, lq: int, lk: 
     sums = per_dist[:, where.clamp(max=D - 1)] * share  # [H, R, C]
     dens = sums / count.clamp_min(1.0)
     top = dens.flatten(1).max(1).values.clamp_min(torch.finfo(torch.float64).tiny)  # [H]
-    fixed = ((dist == 0) | (torch.arange(C)[None, :] < sinks)) & (count > 0)
+    floor = ks[0] if ks else D  # the narrowest measured band: nothing narrower was measured, so kept as structure
+    fixed = ((dist < floor) & (dist >= 0) | (torch.arange(C)[None, :] < sinks)) & (count > 0)
     sums = torch.where(fixed, top[:, None, None] * count, sums)
     return sums, count

@@ -219,3 +219,23 @@ def test_band_scores_around_a_baseline_stop_at_the_widest_width():
     with pytest.raises(InvalidArgumentError, match="base"):
         profile_bands(tm.llama(), [{"input_ids": torch.ones(1, 8, dtype=torch.long)}], granularity=4, base=0,
                       progress=False)
+
+
+def test_band_scores_keep_what_is_narrower_than_the_grid():
+    """A grid that starts above 1 diagonal measured nothing narrower: the diagonals inside its narrowest
+    width are kept as structure (the head's top score per entry, like the main diagonal), not given zero
+    score (which let ``elastic`` cut the second diagonal and keep farther ones: SmolLM2 at 8k, x1.20)."""
+    delta = torch.tensor([[0.4, 0.1, 0.0], [0.02, 0.01, 0.0]], dtype=torch.float64)
+    widths = [3, 4, 6]
+    L, g, sinks = 64, 8, 1
+    sums, count = band_scores(delta, widths, "causal", L, L, g, sinks)
+    r, c = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    dens = sums / count.clamp_min(1)
+    inner = (r - c >= 0) & (r - c < 3) & (c >= sinks)
+    outer = (r - c >= 3) & (c >= sinks)
+    for h in range(2):
+        assert torch.all(dens[h][inner] == dens[h][(r == c)].max())
+        assert torch.all(dens[h][inner].min() >= dens[h][outer].max())
+        kept = lambda k: float(sums[h][((r - c >= 0) & (r - c < k)) | (c < sinks)].sum())
+        for w, d in zip(widths, delta[h].tolist()):  # the measured widths still reproduce their losses
+            assert math.isclose(kept(8) - kept(w), d, rel_tol=1e-12, abs_tol=1e-15)
