@@ -310,7 +310,9 @@ def test_unusable_device(capsys, tmp_path, monkeypatch, no_model_load, command, 
 
 
 @pytest.mark.parametrize("bad,words", [(["--policies", "layer", "layr"], ["'layr'", "layer", "random"]),
-                                       (["--sparsities", "0.5", "1.5"], ["sparsity", "1.5"])])
+                                       (["--sparsities", "0.5", "1.5"], ["sparsity", "1.5"]),
+                                       (["--calib-split", "test"], ["'test'", "--calib-split"]),
+                                       (["--calib-split", "nosuch"], ["nosuch", "calibration"])])
 def test_eval_checks_the_sweep_first(capsys, tmp_path, no_model_load, bad, words):
     rc, _, err = run(capsys, "eval", "--model", "tiny-gpt2", "--data", "random", "-o", tmp_path / "run", *bad)
     assert_clean_error(rc, err, *words)

@@ -100,9 +100,11 @@ def register(sub) -> None:
     p.add_argument("--ood-split", default="test", help="the split of --ood-data to measure (default test)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="the model's weights during the run (default auto: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--calib-split", default="calibration")
-    p.add_argument("--test-split", default="test")
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--calib-split", default="calibration",
+                   help="the data's split attention is observed on (default calibration; e.g. train for more "
+                        "windows than the calibration split holds)")
+    p.add_argument("--test-split", default="test", help="the split quality is measured on (default test)")
+    p.add_argument("--train-split", default="train", help="classifier: the split the head is trained on (default train)")
     add_sweep_arguments(p)
     p.set_defaults(func=main)
 

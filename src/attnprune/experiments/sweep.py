@@ -104,6 +104,9 @@ def run_eval(s: EvalSettings, *, log=_log, loaded=None, dataset=None) -> dict:
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else D.load_dataset(s.data)
     log(f"loaded data {ds.describe()} in {time.perf_counter() - t0:.1f} s")
+    if s.calib_split == s.test_split:
+        raise InvalidArgumentError(f"the calibration and test splits are both {s.test_split!r}: masks would be "
+                                   "scored on the text they were made from; pick another --calib-split")
     for split in (s.calib_split, s.test_split):
         ds[split]  # an unknown split fails here, naming the splits there are
     ood = None
