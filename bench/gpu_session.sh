@@ -193,13 +193,13 @@ while [ $# -gt 0 ]; do
             long4k) args=(--seq-len 4096 --calib 16 --test 16 --batch-size 2 --blocks 64 128) ;;
             long8k) args=(--seq-len 8192 --calib 8 --test 8 --batch-size 1 --blocks 128) ;;
         esac
-        name=$1${TAG:-}  # SCORES / POLICIES / TAG (suffix of the run's folder) from the environment
+        name=$1${TAG:-}  # SCORES / POLICIES / TAG (suffix of the run's folder) / LONG_ARGS (more eval options) from the environment
         stage "$name" ${LONG_LIMIT:-560} python3 -m attnprune --quiet eval --model smollm2 --data austen "${args[@]}" \
             --scores ${SCORES:-prob value influence loss} \
             --policies ${POLICIES:-layer global structured structured-global streaming random} \
             --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
             ${ABLATION_BATCHES:+--ablation-batches $ABLATION_BATCHES} ${ABLATION_BASE:+--ablation-base $ABLATION_BASE} ${ABLATION_WIDTHS:+--ablation-widths $ABLATION_WIDTHS} \
-            --sparsities ${SPARSITIES:-0.8 0.9 0.95} --save-masks --no-heatmaps -o "$RUNS/$name" ;;
+            --sparsities ${SPARSITIES:-0.8 0.9 0.95} --save-masks --no-heatmaps -o "$RUNS/$name" ${LONG_ARGS:-} ;;
     recovery2k|recovery8k)  # masked fine-tuning at length with block masks, dense fine-tuned control (issue 11)
         case $1 in
             recovery2k) args=(--seq-len 2048 --batch-size 4 --calib 32 --test 32 --sparsities 0.8 --block 64) ;;
