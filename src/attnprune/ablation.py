@@ -28,6 +28,7 @@ diagonals keeps score mass ``const - delta[h, k]`` (interpolated between measure
 Cost: ``heads x widths`` forwards of the calibration data (batched), so profile on a few windows.
 Measured (RESULTS.md): against the dense model, SmolLM2's profile allocated worse than the uniform band
 of ``streaming`` at 8k and 1k tokens: one head at a time underestimates what narrow bands cost together.
+Around the operating point (``base``) it led ``streaming`` at 1k on the CPU, not at 2k or 8k on the GPU.
 Needs a causal LM (batches with ``input_ids``, logits out); cross-attention sites are refused.
 """
 
