@@ -74,13 +74,11 @@
 #   Twelfth session (2026-12-05, H100): `stash1`; ABLATION_BATCHES=2 SCORES="ablation prob" POLICIES="elastic elastic-site
 #               layer streaming" TAG=-abl `weights long8k pack abl8k`; the same `long2k pack abl2k` (the ablation score
 #               against the dense model; RESULTS.md). Eight refused starts spent the rest of the budget.
-#   NEXT GPU SESSION: the ablation score around the operating point (--ablation-base), issue 11's two misses:
-#     1. `stash1` (carry .gpu/w1); at once
-#     2. ABLATION_BATCHES=2 ABLATION_BASE=3 SPARSITIES=0.9 SCORES=ablation POLICIES="elastic elastic-site streaming"
-#        TAG=-ablb3 LONG_LIMIT=250 `weights long8k` then ABLATION_BASE=3 SPARSITIES=0.8 ... `long2k`, then
-#        ABLATION_BASE=6 SPARSITIES=0.8 TAG=-ablb6 `long8k` if the call has time, `pack ablb` (carry .gpu/w2 .gpu/site
-#        .gpu/cache .gpu/bible-en.txt .whl). (k0: the whole diagonals the budget holds: 8k/128-blocks 90% -> 3,
-#        80% -> 6; 2k/64-blocks 80% -> 3.)
+#   Thirteenth session (2026-12-05, H100): `stash1`; ABLATION_BASE=3 `weights long8k` (timed out in the profile) + `long2k`;
+#               8k with ABLATION_BATCHES=1 ABLATION_WIDTHS="1 2 3 4 6 8 12 16"; 8k/80% around 6 diagonals (widths 2-24: the
+#               grid-floor bug, then 1-24); `stash1`; LONG_ARGS="--calib-split train --calib 64" SCORES="prob loss" `weights
+#               long8k` (RESULTS.md). No GPU run is planned for issue 11: at 8k/90% no static block policy
+#               measured reached +10%, and the 8k/80% bar is below the calibration set's measured noise.
 #   Older plan (before the twelfth session), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
 #   refused start costs ~90 s of it: wait several minutes between tries):
 #     1. `fa4stash` (carry .gpu-fa4/a) with TEST_FILES="tests/unit/test_softmax_variants.py" `testfiles`; at once
