@@ -80,8 +80,10 @@ def markdown(result, *, title: str | None = None, env: dict | None = None, plots
         lines.append("Data: " + ", ".join(f"{k} = {v}" for k, v in r["data"].items()) + ".")
     unit = "predicted tokens" if metric == "perplexity" else "examples"
     lines += ["", f"**Dense: {_fmt(metric, dense)}** ({r['dense']['count']} test {unit}).", ""]
-    lines.append("Cells: metric (change from dense). Sparsity is the target share of *attendable* entries "
-                 "pruned (causal-future entries not counted); achieved values are in the last table.")
+    ratio = metric == "perplexity"  # a ratio to dense reads across lengths and test sets (log-perplexity gaps)
+    lines.append(f"Cells: metric (change from dense{', ratio to dense' if ratio else ''}). Sparsity is the target "
+                 "share of *attendable* entries pruned (causal-future entries not counted); achieved values are "
+                 "in the last table.")
     runs = r["runs"]
     blocks = list(dict.fromkeys(x["block"] for x in runs))
     extra = list(r.get("extra_dense") or {})
@@ -103,7 +105,8 @@ def markdown(result, *, title: str | None = None, env: dict | None = None, plots
                 for s in sps:
                     x = next((x for x in sub if run_label(x) == p and x["sparsity"] == s), None)
                     v = None if x is None else value(x)
-                    cells.append("-" if v is None else f"{_fmt(metric, v)} ({_fmt_delta(metric, v - ref)})")
+                    cells.append("-" if v is None else f"{_fmt(metric, v)} ({_fmt_delta(metric, v - ref)}"
+                                 + (f", x{v / ref:.3f})" if ratio and ref > 0 else ")"))
                 lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += ["", "## All runs", "",
               "| granularity | policy | target | achieved | paper convention | " + metric

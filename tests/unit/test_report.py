@@ -62,9 +62,10 @@ def test_write_report_files_and_numbers(tmp_path):
     md = files["markdown"].read_text()
     assert md.startswith("# unit")
     assert "**Dense: 10.000**" in md and "## token level" in md and "## 4x4 blocks" in md
-    # the layer row of the token table: sparsity 0.5 -> 10.5 (+0.5), 0.9 -> 10.9 (+0.9)
-    assert "| layer | 10.500 (+0.500) | 10.900 (+0.900) |" in md
-    assert "| random | 13.500 (+3.500) | 16.300 (+6.300) |" in md
+    # the layer row of the token table: sparsity 0.5 -> 10.5 (+0.5, 1.05 times dense), 0.9 -> 10.9 (+0.9)
+    assert "| layer | 10.500 (+0.500, x1.050) | 10.900 (+0.900, x1.090) |" in md
+    assert "| random | 13.500 (+3.500, x1.350) | 16.300 (+6.300, x1.630) |" in md
+    assert "| layer | 10.750 (+0.750, x1.075) | 11.150 (+1.150, x1.115) |" in md  # 4x4 blocks: +0.25
     assert "![quality_vs_sparsity.png](quality_vs_sparsity.png)" in md
 
 
