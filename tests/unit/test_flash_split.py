@@ -36,7 +36,7 @@ from attnprune.backends import flash  # noqa: E402
 from attnprune.backends.flash import fa4_block_tables, fa4_metadata  # noqa: E402
 from attnprune.errors import InvalidArgumentError  # noqa: E402
 from attnprune.kernels import BlockLayout, sparse_attention  # noqa: E402
-from test_kernels import allowed_mask, random_tokens, reference, rel  # noqa: E402
+from test_kernels import allowed_mask, random_tokens, reference, rel, tol  # noqa: E402
 
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -45,17 +45,6 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 
 
 # on a GPU, Triton's float32 dots run as TF32 (10 explicit mantissa bits): eps 2**-10 for the inputs' products
-TF32_EPS = 2.0 ** -10
-
-
-def tol(dtype, D, Lk, grad=False):
-    """``4 * (eps(dtype) + (D + Lk) * eps32)`` (see the module docstring), twice that for gradients; on a GPU
-    float32 inputs count with TF32's eps (the kernels' dots)."""
-    eps = TF32_EPS if (HAS_CUDA and dtype == torch.float32) else torch.finfo(dtype).eps
-    t = 4 * (eps + (D + Lk) * torch.finfo(torch.float32).eps)
-    return 2 * t if grad else t
-
-
 def causal_ok(lq, lk, off, device="cpu"):
     return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + off
 
