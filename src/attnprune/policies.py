@@ -46,7 +46,8 @@ Policies (registry ``POLICIES``)
   the main one until the site's budget (StreamingLLM's sink + recent window at equal budget).
 * ``elastic`` (``attnprune.policy_elastic``): structure only, as ``streaming``, but sized per head from
   the data: each head's sink columns and band width by one model-wide allocation of kept score mass;
-  ``elastic-site``: the same allocation within each site's own budget.
+  ``elastic-site``: the same allocation within each site's own budget; ``elastic-floor``: the
+  allocation above ``streaming``'s whole diagonals (no head narrower than its site's uniform band).
 
 Entries that are not attendable are never kept (``False``) in token-level masks. A kept block
 keeps all of its entries, causal-future ones on the diagonal included; the backend applies causality.
@@ -348,8 +349,8 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     stats: ``AttentionStats``; ``stats.mean(site)`` is float [H, Qg, Kg] at granularity g.
     sparsity: fraction of attendable entries to prune, in [0, 1).
     policy: a name of ``POLICIES``: ``"layer"`` (paper), ``"head"``, ``"global"``, ``"random"``,
-        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs), ``"elastic"``
-        (``attnprune.policy_elastic``).
+        ``"structured"``, ``"structured-global"``, ``"streaming"`` (see module docs), ``"elastic"``,
+        ``"elastic-site"``, ``"elastic-floor"`` (``attnprune.policy_elastic``).
     block: select whole ``block x block`` blocks (must be a multiple of ``stats.granularity``);
         default: token level for token stats, ``g`` for stats at granularity ``g > 1``.
     seed: seeds ``random``.
@@ -410,4 +411,4 @@ def make_mask(stats, sparsity: float, *, policy: str = "layer", block: int | Non
     return PruneMask(site_masks, meta)
 
 
-from . import policy_elastic  # noqa: E402,F401  (registers "elastic", "elastic-site")
+from . import policy_elastic  # noqa: E402,F401  (registers "elastic", "elastic-site", "elastic-floor")

@@ -18,6 +18,13 @@ MoA and DuoAttention do, but chooses it per head from the statistics:
 * the budget left by that discrete choice (at most one head's next step) goes to the highest-scoring
   remaining units of the model, as ``global`` would spend it.
 
+``elastic-floor``: the same allocation above ``streaming``'s structure: every head first keeps the
+whole diagonals (and the sink columns) that the uniform band of its site holds at this sparsity, and
+the model-wide allocation spends only what is left (wider bands, more sink columns, then single units).
+At 90% the free allocation narrows the heads the data call unimportant below the uniform band, and
+that band (``streaming``) beat it at 8k tokens (RESULTS.md); the floor keeps the band and lets the data
+place the remainder.
+
 Cross-attention sites have no diagonal: each gets ``layer``'s selection at the target sparsity on its
 own budget and takes no part in the allocation.
 """
@@ -88,6 +95,13 @@ def elastic_policy(units: list[Units], sparsity: float, gen: torch.Generator) ->
     return _elastic(units, sparsity)
 
 
+@POLICIES.register("elastic-floor")
+def elastic_floor_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """``elastic`` above ``streaming``'s whole diagonals: no head keeps a narrower band than its site's
+    uniform band (see the module docs)."""
+    return _elastic(units, sparsity, floor=True)
+
+
 @POLICIES.register("elastic-site")
 def elastic_site_policy(units: list[Units], sparsity: float, gen: torch.Generator) -> list[torch.Tensor]:
     """``elastic`` within each site: every site keeps its own budget (as ``streaming`` and ``layer``
@@ -95,8 +109,19 @@ def elastic_site_policy(units: list[Units], sparsity: float, gen: torch.Generato
     return [_elastic([u], sparsity)[0] for u in units]
 
 
-def _elastic(units: list[Units], sparsity: float) -> list[torch.Tensor]:
-    """Allocation over ``units`` on their joint budget at ``sparsity``."""
+def _floor(m: torch.Tensor, c: torch.Tensor, u: Units, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables without the options narrower than the whole diagonals ``K`` that the site's budget
+    holds with every head at the same band and the fewest sink columns (at least the diagonal)."""
+    per_k = c[:, :, 0].sum(0)  # [D]: the site's cost with every head at k = 1 .. D diagonals
+    K = max(1, int((per_k <= budget(_total(u.weight), sparsity)).sum()))  # per_k grows with k
+    m, c = m.clone(), c.clone()
+    m[:, :K - 1], c[:, :K - 1] = -math.inf, math.inf
+    return m, c
+
+
+def _elastic(units: list[Units], sparsity: float, floor: bool = False) -> list[torch.Tensor]:
+    """Allocation over ``units`` on their joint budget at ``sparsity``; ``floor``: no head below its
+    site's uniform band (``elastic-floor``)."""
     out: list[torch.Tensor | None] = [None] * len(units)
     own = [i for i, u in enumerate(units) if u.kind != "cross"]
     for i, u in enumerate(units):
@@ -111,6 +136,8 @@ def _elastic(units: list[Units], sparsity: float) -> list[torch.Tensor]:
         s0 = min(C, max(1, math.ceil(SINK_TOKENS / u.unit)))
         S = min(C, s0 + MAX_EXTRA_SINKS) - s0 + 1
         m, c = _tables(u, s0, S)
+        if floor:
+            m, c = _floor(m, c, u, sparsity)
         pad = (0, MAX_EXTRA_SINKS + 1 - S, 0, 0)  # one shape for every site: never-chosen options
         mass.append(torch.nn.functional.pad(m, pad, value=-math.inf))
         cost.append(torch.nn.functional.pad(c, pad, value=math.inf))

@@ -113,6 +113,29 @@ def test_elastic_keeps_more_mass_than_streaming_on_heterogeneous_heads():
         assert e > s * 1.02 > rnd, (sparsity, e, s, rnd)
 
 
+def test_elastic_floor_keeps_every_head_at_least_the_uniform_band():
+    """``elastic-floor``: no head narrower than the whole diagonals ``streaming`` gives every head of the
+    site (where plain ``elastic`` narrows the local heads below it), the budget holds, and the remainder
+    placed by the data keeps more mass than ``streaming``'s partial diagonal."""
+    L = 64
+    st = _stats({"a": ("causal", _rows(L, "causal", [3.0, 0.01, -0.5, 0.3])),
+                 "b": ("causal", _rows(L, "causal", [0.01, 0.01, 1.0, -2.0]))})
+    for sparsity in (0.6, 0.8):
+        masks = {p: make_mask(st, sparsity, policy=p) for p in ("streaming", "elastic", "elastic-floor")}
+        for p, m in masks.items():
+            assert abs(m.sparsity - sparsity) < 2e-3, (p, m.sparsity)
+        mass = {p: sum(float((torch.nan_to_num(st.mean(n)) * m.site(n).keep).sum()) for n in ("a", "b"))
+                for p, m in masks.items()}
+        assert mass["elastic-floor"] > mass["streaming"], mass
+        narrower = False
+        for n in ("a", "b"):
+            uniform = min(_parts(masks["streaming"].site(n).keep, "causal"))  # its whole diagonals
+            assert uniform >= 2
+            assert min(_parts(masks["elastic-floor"].site(n).keep, "causal")) >= uniform, (sparsity, n)
+            narrower |= min(_parts(masks["elastic"].site(n).keep, "causal")) < uniform
+        assert narrower  # without the floor the allocation does narrow some head below the uniform band
+
+
 def test_block_level_bidirectional_and_cross_sites():
     """Blocks of 8 on a bidirectional site: the spread head gets a wider band on both sides of the
     diagonal than the local one; a cross site in the same model gets layer's selection on its own budget."""
