@@ -79,6 +79,10 @@
 #               grid-floor bug, then 1-24); `stash1`; LONG_ARGS="--calib-split train --calib 64" SCORES="prob loss" `weights
 #               long8k` (RESULTS.md). No GPU run is planned for issue 11: at 8k/90% no static block policy
 #               measured reached +10%, and the 8k/80% bar is below the calibration set's measured noise.
+#   NEXT GPU SESSION (issue 11's 8k/90% miss; ~6 min of device time):
+#     1. `stash1` (carry .gpu/w1); at once
+#     2. SCORES="prob value loss" POLICIES="elastic-floor elastic streaming" SPARSITIES="0.8 0.9" TAG=-floor
+#        `weights long8k long2k tests pack floor` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl)
 #               NOT yet run on a GPU: tests/unit/test_kernels.py's derived tolerances (11ef27f; slightly tighter
 #               than the old 5e-3 for fp16 / TF32 at small shapes): next session, `tests` first.
 #   Older plan (before the twelfth session), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
