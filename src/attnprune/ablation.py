@@ -22,8 +22,9 @@ under the model's budget, the allocation MoA solves: per head, ``delta`` is made
 between two measured widths is spread evenly over the block diagonals between them and, within a
 diagonal, over its blocks by their attendable entries (sink columns excluded); the main diagonal and
 the sink columns, kept by every structure, get the head's highest per-entry score, and so do the
-diagonals inside the narrowest measured width (a grid without ``1`` says nothing about narrower bands). So a band of ``k``
-diagonals keeps score mass ``const - delta[h, k]`` (interpolated between measured widths).
+diagonals inside the narrowest measured width (a grid without ``1`` says nothing about narrower
+bands). So a band of ``k`` diagonals keeps score mass ``const - delta[h, k]`` (interpolated between
+measured widths).
 
 Cost: ``heads x widths`` forwards of the calibration data (batched), so profile on a few windows.
 Measured (RESULTS.md): against the dense model, SmolLM2's profile allocated worse than the uniform band

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("stats", help="stats file written by `attnprune observe`")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of attendable entries to prune, in [0, 1)")
     p.add_argument("--policy", default="layer", help="a mask policy: layer (the paper's, default), head, global, "
-                   "random, structured, structured-global, streaming, elastic, elastic-site, elastic-floor (attnprune.policies)")
+                   "random, structured, structured-global, streaming, elastic, elastic-site, elastic-floor "
+                   "(attnprune.policies)")
     p.add_argument("--block", type=int, default=None, help="select whole b x b blocks (for block kernels)")
     p.add_argument("--length-free", choices=("stats", "mask"), default="stats",
                    help="past the calibrated length (beyond='extend', PrunedKVCache) continue each head with sinks "
