@@ -206,6 +206,17 @@ def measure_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
     return prof.stats(model_name(model), description)
 
 
+def check_profile_arguments(base, widths, prefix: str = "") -> list[int] | None:
+    """``widths`` sorted without repeats (None stays None), after checking that ``base`` (None or a band
+    width) and ``widths`` are positive block counts; ``InvalidArgumentError`` naming ``prefix + name``."""
+    fixed = None if widths is None else sorted({int(w) for w in widths})
+    if fixed is not None and (not fixed or fixed[0] < 1):
+        raise InvalidArgumentError(f"{prefix}widths must be positive block counts, got {widths!r}")
+    if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
+        raise InvalidArgumentError(f"{prefix}base must be a positive band width in blocks (or None), got {base!r}")
+    return fixed
+
+
 def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widths: Iterable[int] | None = None,
                   base: int | None = None, configs_per_forward: int = 8, progress: bool = True) -> BandProfile:
     """Measure every head's loss under sinks + band restrictions (see the module docs).
@@ -234,11 +245,7 @@ def profile_bands(model: nn.Module, batches: Iterable, *, granularity: int, widt
                                    "give --blocks (e.g. 64 or 128)")
     if not isinstance(configs_per_forward, int) or isinstance(configs_per_forward, bool) or configs_per_forward < 1:
         raise InvalidArgumentError(f"configs_per_forward must be a positive integer, got {configs_per_forward!r}")
-    fixed = None if widths is None else sorted({int(w) for w in widths})
-    if fixed is not None and (not fixed or fixed[0] < 1):
-        raise InvalidArgumentError(f"widths must be positive block counts, got {widths!r}")
-    if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
-        raise InvalidArgumentError(f"base must be a positive band width in blocks (or None), got {base!r}")
+    fixed = check_profile_arguments(base, widths)
     g = granularity
     prof = _Profiler(g, max(1, math.ceil(SINK_TOKENS / g)), base)
     device = next((p.device for p in model.parameters()), None)

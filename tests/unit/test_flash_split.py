@@ -44,7 +44,6 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cov
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-# on a GPU, Triton's float32 dots run as TF32 (10 explicit mantissa bits): eps 2**-10 for the inputs' products
 def causal_ok(lq, lk, off, device="cpu"):
     return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + off
 

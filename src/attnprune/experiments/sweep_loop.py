@@ -123,6 +123,7 @@ class SweepConfig:
     ablation_widths: tuple[int, ...] | None = None  # score "ablation": band widths profiled (None: ablation.GRID)
 
     def __post_init__(self):
+        from ..ablation import check_profile_arguments
         from ..observe import SCORES
 
         for s in self.sparsities:
@@ -136,11 +137,7 @@ class SweepConfig:
         n = self.ablation_batches
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise InvalidArgumentError(f"ablation_batches must be a positive integer (or None for all), got {n!r}")
-        b = self.ablation_base
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-            raise InvalidArgumentError(f"ablation_base must be a positive band width in blocks (or None), got {b!r}")
-        if self.ablation_widths is not None and (not self.ablation_widths or min(self.ablation_widths) < 1):
-            raise InvalidArgumentError(f"ablation_widths must be positive block counts, got {self.ablation_widths!r}")
+        check_profile_arguments(self.ablation_base, self.ablation_widths, prefix="ablation_")
         if "ablation" in self.scores and observe_granularity(self.blocks) < 2:
             raise InvalidArgumentError("score 'ablation' measures bands of blocks: give only block sizes (e.g. "
                                        "--blocks 64 128), no token level, with a common divisor of at least 2")
