@@ -234,8 +234,9 @@ def test_band_scores_keep_what_is_narrower_than_the_grid():
     inner = (r - c >= 0) & (r - c < 3) & (c >= sinks)
     outer = (r - c >= 3) & (c >= sinks)
     for h in range(2):
-        assert torch.all(dens[h][inner] == dens[h][(r == c)].max())
-        assert torch.all(dens[h][inner].min() >= dens[h][outer].max())
+        top = dens[h][(r == c)].max()  # top * count / count: two roundings of float64 at most
+        torch.testing.assert_close(dens[h][inner], top.expand(int(inner.sum())), rtol=4 * EPS64, atol=0.0)
+        assert torch.all(dens[h][inner].min() >= dens[h][outer].max() * (1 - 4 * EPS64))
         kept = lambda k: float(sums[h][((r - c >= 0) & (r - c < k)) | (c < sinks)].sum())
         for w, d in zip(widths, delta[h].tolist()):  # the measured widths still reproduce their losses
             assert math.isclose(kept(8) - kept(w), d, rel_tol=1e-12, abs_tol=1e-15)
