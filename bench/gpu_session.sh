@@ -29,6 +29,7 @@
 #   recovery2k / recovery8k   scripts/recovery.sh at 2k (64-blocks, 80%) / 8k (128-blocks, 90%): K=80 masked
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
+#   maskbench_floor   the same with long8k / long2k's elastic-floor masks (TAG=-floor) next to streaming's
 #   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
 #   masks8k     attnprune eval at 8k (128-blocks, prob score): layer / structured / streaming 90% masks saved
 #               (no out-of-domain text; what maskbench_split times)
@@ -77,14 +78,12 @@
 #   Thirteenth session (2026-12-05, H100): `stash1`; ABLATION_BASE=3 `weights long8k` (timed out in the profile) + `long2k`;
 #               8k with ABLATION_BATCHES=1 ABLATION_WIDTHS="1 2 3 4 6 8 12 16"; 8k/80% around 6 diagonals (widths 2-24: the
 #               grid-floor bug, then 1-24); `stash1`; LONG_ARGS="--calib-split train --calib 64" SCORES="prob loss" `weights
-#               long8k` (RESULTS.md). No GPU run is planned for issue 11: at 8k/90% no static block policy
-#               measured reached +10%, and the 8k/80% bar is below the calibration set's measured noise.
-#   NEXT GPU SESSION (issue 11's 8k/90% miss; ~6 min of device time):
-#     1. `stash1` (carry .gpu/w1); at once
-#     2. SCORES="prob value loss" POLICIES="elastic-floor elastic streaming" SPARSITIES="0.8 0.9" TAG=-floor
-#        `weights long8k long2k tests pack floor` (carry .gpu/w2 .gpu/site .gpu/cache .gpu/bible-en.txt .whl)
-#               NOT yet run on a GPU: tests/unit/test_kernels.py's derived tolerances (11ef27f; slightly tighter
-#               than the old 5e-3 for fp16 / TF32 at small shapes): next session, `tests` first.
+#               long8k` (RESULTS.md).
+#   Fourteenth session (2026-12-05, H100, 17:30-17:46): `stash1`; SCORES="prob value loss" POLICIES="elastic-floor elastic
+#               streaming" SPARSITIES="0.8 0.9" TAG=-floor `weights long8k long2k tests`; then long8k (0.95, train-split
+#               calibration), long4k, recovery8k (two seeds) / recovery2k with elastic-floor, maskbench_floor (RESULTS.md,
+#               section "`elastic-floor` at 2k, 4k and 8k tokens on the GPU"). test_kernels' derived tolerances passed.
+#               No GPU run is planned for issue 11.
 #   Older plan (before the twelfth session), in this order (one device call per line, each under the 10-minute limit; 30 min budget; a
 #   refused start costs ~90 s of it: wait several minutes between tries):
 #     1. `fa4stash` (carry .gpu-fa4/a) with TEST_FILES="tests/unit/test_softmax_variants.py" `testfiles`; at once
@@ -221,6 +220,16 @@ while [ $# -gt 0 ]; do
             --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
             $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
+    maskbench_floor)  # the real elastic-floor masks of long8k / long2k with TAG=-floor (fourteenth session)
+        m8=${M8:-$RUNS/long8k-floor/masks} m2=${M2:-$RUNS/long2k-floor/masks}
+        stage maskbench_floor 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \
+            --lengths 8192 --sparsities 0.9 --masks $m8/value-elastic-floor-0.9-b128.safetensors \
+            $m8/prob-streaming-0.9-b128.safetensors --warmup 2 --reps 5 -o "$RUNS/maskbench_floor.json" \
+            --markdown "$RUNS/maskbench_floor.md"
+        stage maskbench2k_floor 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 16 \
+            --lengths 2048 --sparsities 0.8 --block 64 --masks $m2/loss-elastic-floor-0.8-b64.safetensors \
+            $m2/prob-streaming-0.8-b64.safetensors --warmup 2 --reps 5 -o "$RUNS/maskbench2k_floor.json" \
+            --markdown "$RUNS/maskbench2k_floor.md" ;;
     masks8k)
         stage masks8k 200 python3 -m attnprune --quiet eval --model smollm2 --data austen --seq-len 8192 --calib 8 \
             --test 8 --batch-size 1 --blocks 128 --scores prob --policies layer structured streaming --sparsities 0.9 \
