@@ -29,6 +29,7 @@
 #   recovery2k / recovery8k   scripts/recovery.sh at 2k (64-blocks, 80%) / 8k (128-blocks, 90%): K=80 masked
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
+#   demogpu     attnprune demo --preset gpu, as a user runs it
 #   maskbench_floor   the same with long8k / long2k's elastic-floor masks (TAG=-floor) next to streaming's
 #   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
 #   masks8k     attnprune eval at 8k (128-blocks, prob score): layer / structured / streaming 90% masks saved
@@ -220,6 +221,8 @@ while [ $# -gt 0 ]; do
             --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
             $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
+    demogpu)  # the user's path: attnprune demo --preset gpu (backend auto, 8k, 128-blocks, elastic-floor)
+        stage demogpu 400 python3 -m attnprune demo --preset gpu -o "$RUNS/demo-gpu" ;;
     maskbench_floor)  # the real elastic-floor masks of long8k / long2k with TAG=-floor (fourteenth session)
         m8=${M8:-$RUNS/long8k-floor/masks} m2=${M2:-$RUNS/long2k-floor/masks}
         stage maskbench_floor 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --batch 4 \

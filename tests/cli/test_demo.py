@@ -94,7 +94,7 @@ def test_gpu_preset_defaults_and_clean_error_without_a_gpu(capsys, tmp_path):
 
     s = demo_settings("gpu")
     assert (s.backend, s.device, s.seq_len, s.blocks) == ("auto", "cuda", 8192, (128,))
-    assert "structured" in s.policies and "layer" in s.policies
+    assert {"layer", "elastic-floor", "random"} <= set(s.policies) and "value" in s.scores  # the best 90% policy
     assert demo_settings("default").backend == "reference"  # the CPU presets keep the reference backend
     assert demo_settings("gpu", backend="triton", device="cuda:1").backend == "triton"
     if torch.cuda.is_available():

@@ -17,8 +17,8 @@ already converted, its 2 cores shared with other jobs (load average 2.3-4.5; 202
   and 32x32 blocks: roughly an hour on 2 cores, estimated (observation took 8 minutes and a
   masked evaluation about one; there are 40 of them).
 * ``gpu``:     8192-token sequences, 8 calibration / 8 test, 128x128 blocks (what the kernels skip),
-  policies layer structured streaming random at 80/90/95%, on CUDA with ``--backend auto``
-  (the same sweep as RESULTS.md's long-context section took 129 s on an H200 with three more scores).
+  policies layer streaming elastic-floor random at 80/90/95%, scores prob and value, on CUDA with
+  ``--backend auto``.
 """
 
 from __future__ import annotations
