@@ -30,6 +30,7 @@
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
 #   demogpu     attnprune demo --preset gpu, as a user runs it
+#   oracle      bench/oracle_calib.py: 8k masks calibrated on the test windows (the best any calibration set could do)
 #   maskbench_floor   the same with long8k / long2k's elastic-floor masks (TAG=-floor) next to streaming's
 #   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
 #   masks8k     attnprune eval at 8k (128-blocks, prob score): layer / structured / streaming 90% masks saved
@@ -221,6 +222,11 @@ while [ $# -gt 0 ]; do
             --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
             $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
+    oracle)  # bench/oracle_calib.py: masks calibrated on the 8k test windows themselves (issue 11's 8k/80% miss)
+        stage oracle 300 python3 bench/oracle_calib.py --seq-len 8192 --calib 8 --test 8 --blocks 128 \
+            --policies ${POLICIES:-layer elastic elastic-floor} --scores ${SCORES:-prob value loss} \
+            --sparsities ${SPARSITIES:-0.8 0.9} --ood-data text:.gpu/bible-en.txt --backend triton --device cuda \
+            -o "$RUNS/oracle" ;;
     demogpu)  # the user's path: attnprune demo --preset gpu (backend auto, 8k, 128-blocks, elastic-floor)
         stage demogpu 400 python3 -m attnprune demo --preset gpu -o "$RUNS/demo-gpu" ;;
     maskbench_floor)  # the real elastic-floor masks of long8k / long2k with TAG=-floor (fourteenth session)
