@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     from attnprune.experiments.sweep import EvalSettings, run_eval
 
     # the sweep refuses calibration windows that are also test windows; here that overlap is the point
-    sweep_loop.check_disjoint = lambda calib, test: None
-
+    check, sweep_loop.check_disjoint = sweep_loop.check_disjoint, lambda calib, test: None
     try:
         ds = D.load_dataset(a.data)
         oracle = dataclasses.replace(ds, splits={**ds.splits, "oracle": ds["test"]},
@@ -63,6 +62,8 @@ def main(argv=None) -> int:
     except InvalidArgumentError as e:
         print(f"oracle_calib: {e}", file=sys.stderr)
         return 2
+    finally:
+        sweep_loop.check_disjoint = check
     print("wrote", *(v for k, v in out.items() if k not in ("result", "seconds")), sep="\n  ")
     return 0
 
