@@ -43,7 +43,8 @@ def _ood(x, name):
 
 
 SCORE_ORDER = ("prob", "value", "influence", "loss")
-POLICY_ORDER = ("layer", "global", "structured", "structured-global", "streaming", "random", "elastic", "elastic-site")
+POLICY_ORDER = ("layer", "global", "structured", "structured-global", "streaming", "random", "elastic", "elastic-site",
+                "elastic-floor")
 
 
 def _ordered(g) -> list[str]:
@@ -93,6 +94,10 @@ def plot(groups, path) -> None:
 
     keys = sorted(groups)
     fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 7), squeeze=False)
+    # one colour per policy present (random omitted): the known order first, then any other, by name
+    found = {lab.partition(" (")[0] for g in groups.values() for lab, _ in g["runs"]} - {"random"}
+    shown = [p for p in POLICY_ORDER if p in found] + sorted(found - set(POLICY_ORDER))
+    colour = {p: f"C{i % 10}" for i, p in enumerate(shown)}
     for j, key in enumerate(keys):
         g = groups[key]
         for i, (what, dense) in enumerate((("in domain (Austen)", g["dense"]), ("out of domain (Bible)", g["ood_dense"]))):
@@ -104,7 +109,7 @@ def plot(groups, path) -> None:
                              for (lb, _), x in g["runs"].items() if lb == lab)
                 pol, _, sc = lab.partition(" (")
                 sc = sc.rstrip(")") or "prob"
-                color = f"C{POLICY_ORDER.index(pol) if pol in POLICY_ORDER else 9}"
+                color = colour[pol]
                 style = {"prob": "-", "value": "--", "influence": ":", "loss": "-."}.get(sc, "-")
                 ax.plot([100 * a for a, _ in pts], [v for _, v in pts], style, color=color, marker=".",
                         label=lab, lw=1.6 if sc == "prob" else 1.0)
@@ -116,9 +121,7 @@ def plot(groups, path) -> None:
                 ax.set_ylabel("perplexity / dense (log)")
     from matplotlib.lines import Line2D
 
-    shown = [p for p in POLICY_ORDER if p != "random" and any(lab.partition(" (")[0] == p for g in groups.values()
-                                                              for lab in _ordered(g))]
-    handles = [Line2D([], [], color=f"C{POLICY_ORDER.index(p)}", lw=2, label=p) for p in shown]
+    handles = [Line2D([], [], color=colour[p], lw=2, label=p) for p in shown]
     handles += [Line2D([], [], color="k", ls=ls, label=sc) for sc, ls in
                 (("prob", "-"), ("value", "--"), ("influence", ":"), ("loss", "-."))]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
