@@ -30,6 +30,8 @@
 #               fine-tuning steps per policy, the dense fine-tuned control (issue 11)
 #   maskbench   attnprune bench --model smollm2 with the real 90% masks of long8k (8k x 4) and long2k (2k x 16)
 #   demogpu     attnprune demo --preset gpu, as a user runs it
+#   kvfloor     attnprune bench --model-modes decode with long8k$TAG's real 90% masks (elastic-floor (value), streaming,
+#               layer): decode tok/s and the KV share PrunedKVCache holds; the masks are copied to $OUT/masks8k
 #   oracle      bench/oracle_calib.py: 8k masks calibrated on the test windows (the best any calibration set could do)
 #   maskbench_floor   the same with long8k / long2k's elastic-floor masks (TAG=-floor) next to streaming's
 #   quick       overhead.py (triton, 4k x 1) and decode_bench.py at 8k x 8 only (issues 9, 13)
@@ -222,6 +224,13 @@ while [ $# -gt 0 ]; do
             --lengths 2048 --sparsities 0.8 --masks $m2/prob-layer-0.8-b64.safetensors \
             $m2/influence-structured-global-0.8-b64.safetensors --block 64 \
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
+    kvfloor)  # decode (8k x 8, 64 new tokens) with long8k$TAG's real 90% masks: tok/s and PrunedKVCache's KV share
+        m=$RUNS/long8k${TAG:-}/masks
+        stage kvfloor 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --model-modes decode \
+            --lengths 8192 --batch 8 --new-tokens 64 --decode-variants dense masked pruned \
+            --masks $m/value-elastic-floor-0.9-b128.safetensors $m/prob-streaming-0.9-b128.safetensors \
+            $m/prob-layer-0.9-b128.safetensors -o "$RUNS/kvfloor.json" --markdown "$RUNS/kvfloor.md"
+        mkdir -p "$OUT/masks8k" && cp "$m"/*-0.[89]-b128.safetensors "$OUT/masks8k/" ;;
     oracle)  # bench/oracle_calib.py: masks calibrated on the 8k test windows themselves (issue 11's 8k/80% miss)
         stage oracle 300 python3 bench/oracle_calib.py --seq-len 8192 --calib 8 --test 8 --blocks 128 \
             --policies ${POLICIES:-layer elastic elastic-floor} --scores ${SCORES:-prob value loss} \
