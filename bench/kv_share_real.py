@@ -22,8 +22,8 @@ import torch  # noqa: E402
 import attnprune  # noqa: E402
 
 
-def _share(model, mask, ids: torch.Tensor, new: int) -> dict:
-    with torch.no_grad(), attnprune.apply(model, mask):
+def _share(model, mask, ids: torch.Tensor, new: int, backend: str = "auto") -> dict:
+    with torch.no_grad(), attnprune.apply(model, mask, backend=backend):
         cache = attnprune.PrunedKVCache(model, mask)
         model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        pad_token_id=0)
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--backend", default="auto", help="attnprune backend (gather: block-sparse on the CPU, faster at 8k)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from attnprune.data import load_dataset, lm_batches
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
                                max_sequences=1)))["input_ids"]
     rows = []
     for path, mask in masks:
-        first = _share(model, mask, ids, 1)
-        last = _share(model, mask, ids, a.new)
+        first = _share(model, mask, ids, 1, a.backend)
+        last = _share(model, mask, ids, a.new, a.backend)
         row = {"mask": os.path.basename(path), "policy": mask.meta.get("policy"), "sparsity": mask.sparsity,
                "block": mask.block, "share_after_prompt": first["share"], "share_at_end": last["share"],
                "held_mib_at_end": last["held"] / 2**20, "dense_mib_at_end": last["dense"] / 2**20}
