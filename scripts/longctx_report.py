@@ -87,7 +87,15 @@ def table(key, g) -> str:
     return "\n".join(lines)
 
 
-def plot(groups, path) -> None:
+def plot(groups, path, only=None) -> None:
+    """Perplexity ratio vs achieved sparsity per (length, granularity) and test set; ``only``: the row labels
+    to draw (e.g. ``["layer", "elastic-floor (value)"]``; None: every row but random)."""
+    if only:
+        missing = set(only) - {lab for g in groups.values() for lab, _ in g["runs"]}
+        if missing:
+            raise SystemExit(f"--plot-only: no rows labelled {sorted(missing)}")
+        groups = {k: {**g, "runs": {key: x for key, x in g["runs"].items() if key[0] in only}}
+                  for k, g in groups.items()}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,11 +143,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results.json files of attnprune eval runs")
     ap.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    ap.add_argument("--plot-only", nargs="+", default=None, metavar="LABEL",
+                    help='draw only these rows, labelled as in the tables (e.g. layer "elastic-floor (value)")')
     args = ap.parse_args()
     groups = load(args.results)
     print("\n\n".join(table(k, groups[k]) for k in sorted(groups)))
     if args.plot:
-        plot(groups, args.plot)
+        plot(groups, args.plot, args.plot_only)
 
 
 if __name__ == "__main__":
