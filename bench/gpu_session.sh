@@ -230,7 +230,7 @@ while [ $# -gt 0 ]; do
             --warmup 2 --reps 5 -o "$RUNS/maskbench2k.json" --markdown "$RUNS/maskbench2k.md" ;;
     kvfloor)  # decode (8k x 8, 64 new tokens) with long8k$TAG's real 90% masks: tok/s and PrunedKVCache's KV share
         m=$RUNS/long8k${TAG:-}/masks
-        stage kvfloor 200 python3 -m attnprune --quiet bench --model smollm2 --backend triton --model-modes decode \
+        stage kvfloor 360 python3 -m attnprune --quiet bench --model smollm2 --backend triton --model-modes decode \
             --lengths 8192 --batch 8 --new-tokens 64 --decode-variants dense masked pruned \
             --masks $m/value-elastic-floor-0.9-b128.safetensors $(ls "$m"/*-streaming-0.9-b128.safetensors | head -n 1) \
             $m/prob-layer-0.9-b128.safetensors -o "$RUNS/kvfloor.json" --markdown "$RUNS/kvfloor.md"
