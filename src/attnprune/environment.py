@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 ENV_KEYS = ("date_utc", "python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "cuda", "cudnn",
             "gpu", "gpu_count", "gpu_memory_gib", "triton", "transformers", "numpy", "attnprune", "device",
-            "git_commit", "switches")
+            "git_commit", "git_tree", "switches")
 """The keys of :func:`environment`, always all present (``None`` where a value does not apply or is unknown)."""
 
 
@@ -57,14 +58,41 @@ def _git_commit(where: Path | None = None) -> str | None:
     return sha + "+dirty" if dirty else sha
 
 
+def _git_tree(where: Path | None = None) -> str | None:
+    """The git tree id of the checkout's files as they are on disk (tracked and untracked, not ignored): equal to
+    ``git rev-parse C^{tree}`` for the commit ``C`` whose files these are, so a run from a copied or edited tree
+    (``git_commit`` ends in ``+dirty``) can still be traced: ``git log --all --format='%H %T' | grep TREE``.
+    Hashed through a throwaway index and object folder: the checkout is not written to. ``None`` outside git."""
+    where = where or Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where, capture_output=True, text=True,
+                             timeout=5)
+        if top.returncode != 0:
+            return None
+        gitdir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=where, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"), GIT_OBJECT_DIRECTORY=tmp,
+                       GIT_ALTERNATE_OBJECT_DIRECTORIES=os.path.join(gitdir, "objects"))
+            cwd = top.stdout.strip()
+            if subprocess.run(["git", "add", "-A"], cwd=cwd, env=env, capture_output=True, timeout=30).returncode:
+                return None
+            out = subprocess.run(["git", "write-tree"], cwd=cwd, env=env, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tree = out.stdout.strip()
+    return tree if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", tree) else None
+
+
 _AT_IMPORT: dict = {}
 
 
 def remember_commit() -> None:
-    """Read the source tree's commit now (``import attnprune`` calls this): the record of a run names the
-    code the process loaded, not the commit the tree has moved on to when a long run writes its results."""
+    """Read the source tree's commit and tree id now (``import attnprune`` calls this): the record of a run names
+    the code the process loaded, not the commit the tree has moved on to when a long run writes its results."""
     if "commit" not in _AT_IMPORT:
         _AT_IMPORT["commit"] = _git_commit()
+        _AT_IMPORT["tree"] = _git_tree()
 
 
 def environment(device=None) -> dict:
@@ -76,7 +104,10 @@ def environment(device=None) -> dict:
     version), ``cudnn``, ``gpu`` (name of the GPU used, or of GPU 0), ``gpu_count``, ``gpu_memory_gib``,
     ``triton``, ``transformers``, ``numpy``, ``attnprune``, ``device`` (the device the run used:
     ``device`` if given, else ``cuda`` when a GPU is there, else ``cpu``) and ``git_commit`` (the commit when
-    this process imported attnprune, see :func:`remember_commit`) and ``switches``: the ``ATTNPRUNE_*``
+    this process imported attnprune, see :func:`remember_commit`; ``+dirty`` when tracked files differ from it),
+    ``git_tree`` (the git tree id of the files as they were then, tracked and untracked: the commit they match
+    is ``git log --all --format='%H %T' | grep <git_tree>``, also when ``git_commit`` is a stale ``+dirty`` one,
+    as on a machine that got a copy of the tree) and ``switches``: the ``ATTNPRUNE_*``
     environment variables that change how attention is computed (``ATTNPRUNE_FA4_PARTIAL``,
     ``ATTNPRUNE_TRITON_BITS``, ...; all but ``ATTNPRUNE_CACHE``) as set for this process, ``{}`` when none
     is (every default then holds).
@@ -111,6 +142,7 @@ def environment(device=None) -> dict:
         "attnprune": _version("attnprune"),
         "device": str(dev),
         "git_commit": _AT_IMPORT["commit"] if "commit" in _AT_IMPORT else _git_commit(),
+        "git_tree": _AT_IMPORT["tree"] if "tree" in _AT_IMPORT else _git_tree(),
         "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATTNPRUNE_") and k != "ATTNPRUNE_CACHE"},
     }
     return env

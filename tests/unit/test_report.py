@@ -123,6 +123,7 @@ def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):
     assert env["torch"] == torch.__version__ and env["python"] and env["date_utc"].endswith(" UTC")
     assert env["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"])
+    assert env["git_tree"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_tree"])
     host = socket.gethostname()
     assert len(host) < 4 or all(host not in str(v) for v in env.values())
     # the device given is the device recorded; the keys stay the same
@@ -203,6 +204,42 @@ def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
     assert _git_commit(tmp_path) == sha
     (tmp_path / "f.py").write_text("a = 2\n")
     assert _git_commit(tmp_path) == sha + "+dirty"
+
+
+def test_git_tree_names_the_files_as_they_are_and_writes_nothing(tmp_path):
+    """``git_tree`` is the tree id a commit of exactly these files would have (tracked edits and untracked files
+    included, ignored ones not), so a ``+dirty`` record can be matched to its commit; computing it adds no object
+    to the checkout."""
+    import shutil
+    import subprocess
+
+    from attnprune.environment import _git_tree
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, env=env, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    assert _git_tree(tmp_path) == git("rev-parse", "HEAD^{tree}")
+    (tmp_path / "f.py").write_text("a = 2\n")  # a tracked edit, an untracked file, an ignored one
+    (tmp_path / "new.py").write_text("b = 1\n")
+    (tmp_path / "x.log").write_text("noise\n")
+    objects = git("count-objects", "-v")
+    tree = _git_tree(tmp_path)
+    assert git("count-objects", "-v") == objects  # nothing written into the checkout's object store
+    assert tree != git("rev-parse", "HEAD^{tree}")
+    git("add", "-A")
+    git("commit", "-qm", "two")
+    assert tree == git("rev-parse", "HEAD^{tree}")  # the commit of these files, ignored x.log left out
 
 
 def test_environment_records_the_kernel_switches_set(monkeypatch):
