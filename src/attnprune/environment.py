@@ -62,14 +62,18 @@ def _git_tree(where: Path | None = None) -> str | None:
     """The git tree id of the checkout's files as they are on disk (tracked and untracked, not ignored): equal to
     ``git rev-parse C^{tree}`` for the commit ``C`` whose files these are, so a run from a copied or edited tree
     (``git_commit`` ends in ``+dirty``) can still be traced: ``git log --all --format='%H %T' | grep TREE``.
-    Hashed through a throwaway index and object folder: the checkout is not written to. ``None`` outside git."""
-    where = where or Path(__file__).resolve().parent
+    Hashed through a throwaway index and object folder: the checkout is not written to. ``None`` outside git,
+    and by default (``where`` None) unless this package is the checkout's ``src/attnprune``: an installed copy
+    inside some other repository (a virtual environment in a project) must not hash that project."""
+    package = Path(__file__).resolve().parent
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where, capture_output=True, text=True,
-                             timeout=5)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where or package, capture_output=True,
+                             text=True, timeout=5)
         if top.returncode != 0:
             return None
-        gitdir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=where, capture_output=True,
+        if where is None and Path(top.stdout.strip()).resolve() / "src" / "attnprune" != package:
+            return None
+        gitdir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=where or package, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"), GIT_OBJECT_DIRECTORY=tmp,

@@ -124,6 +124,7 @@ def test_environment_has_fixed_keys_and_no_host_name(monkeypatch):
     assert env["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"])
     assert env["git_tree"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_tree"])
+    assert (env["git_tree"] is None) == (env["git_commit"] is None)  # this checkout: both, else neither
     host = socket.gethostname()
     assert len(host) < 4 or all(host not in str(v) for v in env.values())
     # the device given is the device recorded; the keys stay the same
