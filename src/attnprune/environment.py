@@ -67,21 +67,19 @@ def _git_tree(where: Path | None = None) -> str | None:
     inside some other repository (a virtual environment in a project) must not hash that project."""
     package = Path(__file__).resolve().parent
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where or package, capture_output=True,
-                             text=True, timeout=5)
-        if top.returncode != 0:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--absolute-git-dir"], cwd=where or package,
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
             return None
-        if where is None and Path(top.stdout.strip()).resolve() / "src" / "attnprune" != package:
+        top, gitdir = out.stdout.split("\n")[:2]
+        if where is None and Path(top).resolve() / "src" / "attnprune" != package:
             return None
-        gitdir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=where or package, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"), GIT_OBJECT_DIRECTORY=tmp,
                        GIT_ALTERNATE_OBJECT_DIRECTORIES=os.path.join(gitdir, "objects"))
-            cwd = top.stdout.strip()
-            if subprocess.run(["git", "add", "-A"], cwd=cwd, env=env, capture_output=True, timeout=30).returncode:
+            if subprocess.run(["git", "add", "-A"], cwd=top, env=env, capture_output=True, timeout=30).returncode:
                 return None
-            out = subprocess.run(["git", "write-tree"], cwd=cwd, env=env, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(["git", "write-tree"], cwd=top, env=env, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     tree = out.stdout.strip()

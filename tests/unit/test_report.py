@@ -183,23 +183,30 @@ def test_the_record_names_the_commit_read_when_attnprune_was_imported(monkeypatc
     assert E.environment("cpu")["git_commit"] == "a" * 40
 
 
-def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
-    """A copied or edited tree is not the commit it names: ``+dirty`` (as on the GPU machine, whose copy of the
-    tree carries an older ``.git``); untracked files do not count."""
+def _git_in(where):
+    """``git(*args) -> stdout`` in ``where`` with a throwaway identity (skips the test when git is missing)."""
     import shutil
     import subprocess
-
-    from attnprune.environment import _git_commit
 
     if shutil.which("git") is None:
         pytest.skip("no git")
     env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
-    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
-        if cmd[0] == "add":
-            (tmp_path / "f.py").write_text("a = 1\n")
-        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, env=env, capture_output=True)
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    return lambda *args: subprocess.run(["git", *args], cwd=where, check=True, env=env, capture_output=True,
+                                        text=True).stdout.strip()
+
+
+def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
+    """A copied or edited tree is not the commit it names: ``+dirty`` (as on the GPU machine, whose copy of the
+    tree carries an older ``.git``); untracked files do not count."""
+    from attnprune.environment import _git_commit
+
+    git = _git_in(tmp_path)
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    sha = git("rev-parse", "HEAD")
     assert _git_commit(tmp_path) == sha
     (tmp_path / "new.py").write_text("")
     assert _git_commit(tmp_path) == sha
@@ -211,20 +218,9 @@ def test_git_tree_names_the_files_as_they_are_and_writes_nothing(tmp_path):
     """``git_tree`` is the tree id a commit of exactly these files would have (tracked edits and untracked files
     included, ignored ones not), so a ``+dirty`` record can be matched to its commit; computing it adds no object
     to the checkout."""
-    import shutil
-    import subprocess
-
     from attnprune.environment import _git_tree
 
-    if shutil.which("git") is None:
-        pytest.skip("no git")
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, env=env, capture_output=True,
-                              text=True).stdout.strip()
-
+    git = _git_in(tmp_path)
     git("init", "-q")
     (tmp_path / "f.py").write_text("a = 1\n")
     (tmp_path / ".gitignore").write_text("*.log\n")
