@@ -51,7 +51,11 @@ def test_oracle_calibrates_on_the_test_windows_and_restores_the_overlap_check(tm
     run_eval(EvalSettings(out=str(honest), **{**COMMON, "blocks": (8,)}), log=lambda *a, **k: None)
     oracle, ref, cal = (_means(p / "stats.safetensors") for p in (tmp_path / "oracle", tmp_path / "ref", honest))
     assert oracle.keys() == ref.keys()
-    for n in oracle:  # same windows, same model, same code: equal up to float summation order (none here)
-        torch.testing.assert_close(oracle[n], ref[n], rtol=0, atol=0, equal_nan=True)  # NaN: never attended
-    # and not the calibration split's windows
-    assert any(not torch.equal(oracle[n].nan_to_num(), cal[n].nan_to_num()) for n in oracle)
+    # same windows, same model, same code: equal but for float32 summation order, which a CPU library may vary
+    # between calls. Each mean is a sum of positive probabilities from dot products over the hidden size (32)
+    # and softmax sums over 32 keys, through 2 layers: relative error at most 2 * 4 * (32 + 32) * eps32
+    tol = 2 * 4 * (32 + 32) * torch.finfo(torch.float32).eps
+    for n in oracle:
+        torch.testing.assert_close(oracle[n], ref[n], rtol=tol, atol=0, equal_nan=True)  # NaN: never attended
+    # and not the calibration split's windows: relative differences far beyond that
+    assert any(((oracle[n] - cal[n]).abs() / cal[n]).nan_to_num().max() > 10 * tol for n in oracle)
